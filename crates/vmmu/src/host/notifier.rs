@@ -1,0 +1,35 @@
+//! MMU notifiers: how the host tells a secondary MMU (KVM) that mappings are changing.
+
+use super::mm::Hva;
+
+/// A half-open range of host virtual addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HvaRange {
+    /// First address.
+    pub start: Hva,
+    /// One past the last address.
+    pub end: Hva,
+}
+
+/// Why a range is being invalidated (Linux's `mmu_notifier_event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmuNotifyEvent {
+    /// munmap.
+    Unmap,
+    /// MADV_DONTNEED and similar: the pages are dropped, the VMA stays.
+    Clear,
+    /// A copy-on-write (for example the shared zero page replaced by a private page).
+    Cow,
+}
+
+/// A secondary MMU that mirrors the host page tables.
+///
+/// `invalidate_range_start` is called before the host changes or drops mappings in the range
+/// and `invalidate_range_end` after; between the two the secondary MMU must not establish new
+/// mappings of the range.
+pub trait MmuNotifier: Send + Sync {
+    /// The mappings of `range` are about to change.
+    fn invalidate_range_start(&self, range: HvaRange, event: MmuNotifyEvent);
+    /// The change announced by `invalidate_range_start` is complete.
+    fn invalidate_range_end(&self, range: HvaRange, event: MmuNotifyEvent);
+}

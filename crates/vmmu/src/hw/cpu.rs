@@ -1,0 +1,524 @@
+//! The software vCPU: registers, TLB, page walks (native 1D or 2D over EPT/NPT), data
+//! accesses on real bytes, exceptions and VM exits.
+
+use super::tlb::{class, Tlb};
+use crate::host::PhysMem;
+use crate::sync::Arc;
+use std::convert::Infallible;
+use x86_paging::access::{check_access, Access, AccessKind, PagePerms, PfErrorCode};
+use x86_paging::addr::{Gpa, Gva, Hpa};
+use x86_paging::ept::{HostPhys, TdpExit};
+use x86_paging::mode::{PagingMode, PagingState, PdptrError};
+use x86_paging::regs::{Cr0, Cr4, Efer};
+use x86_paging::walk::{walk, GuestPhys, NoObserver, WalkError, WalkOptions};
+use x86_paging::ept::EptAccess;
+use x86_paging::walk2d::{walk_2d, Tdp, Walk2dError};
+
+impl HostPhys for PhysMem {
+    #[inline]
+    fn read_u64(&self, hpa: Hpa) -> u64 {
+        self.load(hpa)
+    }
+    #[inline]
+    fn cmpxchg_u64(&self, hpa: Hpa, old: u64, new: u64) -> bool {
+        self.cmpxchg(hpa, old, new).is_ok()
+    }
+}
+
+/// Guest-physical memory of a machine without a hypervisor: gpa = hpa. Addresses beyond
+/// memory read as all ones and ignore writes (open bus), so a guest table pointing there sees
+/// an entry with reserved bits set.
+pub struct NativeMem<'a>(pub &'a PhysMem);
+
+impl GuestPhys for NativeMem<'_> {
+    type Error = Infallible;
+    #[inline]
+    fn read_pte(&mut self, gpa: Gpa, size: u8, _gva: Gva) -> Result<u64, Infallible> {
+        Ok(if self.0.contains(Hpa::new(gpa.raw()), u64::from(size)) {
+            self.0.read(Hpa::new(gpa.raw()), size)
+        } else {
+            u64::MAX >> (64 - 8 * u32::from(size))
+        })
+    }
+    #[inline]
+    fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, _gva: Gva) -> Result<bool, Infallible> {
+        let hpa = Hpa::new(gpa.raw());
+        if !self.0.contains(hpa, u64::from(size)) {
+            return Ok(true);
+        }
+        if size == 8 {
+            return Ok(self.0.cmpxchg(hpa, old, new).is_ok());
+        }
+        // A 4-byte entry: compare-exchange the aligned word holding it.
+        let word = Hpa::new(hpa.raw() & !7);
+        let shift = (hpa.raw() & 7) * 8;
+        let cur = self.0.load(word);
+        if (cur >> shift) as u32 != old as u32 {
+            return Ok(false);
+        }
+        let m = 0xffff_ffffu64 << shift;
+        let next = (cur & !m) | ((new & 0xffff_ffff) << shift);
+        Ok(self.0.cmpxchg(word, cur, next).is_ok())
+    }
+}
+
+/// How guest-physical addresses reach host memory.
+#[derive(Debug, Clone)]
+pub enum CpuMode {
+    /// No hypervisor: the guest's page tables are walked directly and gpa = hpa (the oracle).
+    Native,
+    /// Two-dimensional paging over the hypervisor's EPT or NPT tables.
+    Tdp(Tdp),
+}
+
+/// A guest exception, delivered to the guest model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exception {
+    /// #PF with CR2 and the error code.
+    PageFault {
+        /// Faulting linear address.
+        cr2: u64,
+        /// Error code.
+        error_code: PfErrorCode,
+    },
+    /// #GP (non-canonical address, bad PDPTE on a CR3 load).
+    GeneralProtection,
+}
+
+/// Why the vCPU stopped executing an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest takes an exception.
+    Exception(Exception),
+    /// A VM exit to the hypervisor; the operation is retried after it is handled.
+    Exit(TdpExit),
+}
+
+/// Hardware event counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct HwCounters {
+    /// Guest accesses performed (reads, writes, fetches).
+    pub accesses: u64,
+    /// Page walks (TLB misses).
+    pub walks: u64,
+    /// Memory references made by page walks.
+    pub walk_mem_refs: u64,
+}
+
+// Perm-table index bits.
+const PB_W: usize = 1;
+const PB_U: usize = 2;
+const PB_NX: usize = 4;
+const PB_D: usize = 8;
+const PB_PKAD: usize = 16;
+const PB_PKWD: usize = 32;
+
+/// The software vCPU.
+pub struct Cpu {
+    mem: Arc<PhysMem>,
+    st: PagingState,
+    cpl: u8,
+    eflags_ac: bool,
+    /// CR2 as last written by a #PF.
+    pub cr2: u64,
+    vpid: u16,
+    mode: CpuMode,
+    tlb: Tlb,
+    perm_table: [u16; 64],
+    /// Counters.
+    pub counters: HwCounters,
+}
+
+fn kind_index(k: AccessKind) -> usize {
+    match k {
+        AccessKind::Read => 0,
+        AccessKind::Write => 1,
+        AccessKind::Fetch => 2,
+    }
+}
+
+fn kind_mask(k: usize) -> u16 {
+    class::bit(k, 0) | class::bit(k, 1) | class::bit(k, 2)
+}
+
+impl Cpu {
+    /// A vCPU in real mode (paging off) over `mem`, tagged with `vpid`.
+    pub fn new(mem: Arc<PhysMem>, mode: CpuMode, vpid: u16, maxphyaddr: u8) -> Self {
+        let mut c = Cpu {
+            mem,
+            st: PagingState { maxphyaddr, ..PagingState::default() },
+            cpl: 0,
+            eflags_ac: false,
+            cr2: 0,
+            vpid,
+            mode,
+            tlb: Tlb::new(),
+            perm_table: [0; 64],
+            counters: HwCounters::default(),
+        };
+        c.recompute_perm_table();
+        c
+    }
+
+    /// The paging registers.
+    pub fn paging(&self) -> &PagingState {
+        &self.st
+    }
+
+    /// Current privilege level.
+    pub fn cpl(&self) -> u8 {
+        self.cpl
+    }
+
+    /// The TLB (for counters and tests).
+    pub fn tlb(&self) -> &Tlb {
+        &self.tlb
+    }
+
+    /// The translation mode.
+    pub fn mode(&self) -> &CpuMode {
+        &self.mode
+    }
+
+    /// Host memory the vCPU reads.
+    pub fn mem(&self) -> &Arc<PhysMem> {
+        &self.mem
+    }
+
+    /// Sets the TDP tables (the hypervisor loads an EPTP / nCR3). Hardware does not flush on
+    /// this; the hypervisor flushes as it needs.
+    pub fn set_mode(&mut self, mode: CpuMode) {
+        self.mode = mode;
+    }
+
+    /// Sets CPL (a privilege change; no TLB effect).
+    pub fn set_cpl(&mut self, cpl: u8) {
+        self.cpl = cpl & 3;
+    }
+
+    /// Sets EFLAGS.AC (STAC/CLAC).
+    pub fn set_ac(&mut self, ac: bool) {
+        self.eflags_ac = ac;
+    }
+
+    fn recompute_perm_table(&mut self) {
+        let paging = self.st.mode() != PagingMode::NonPaging;
+        for idx in 0..64usize {
+            if !paging {
+                self.perm_table[idx] = class::ALL;
+                continue;
+            }
+            let perms = PagePerms {
+                writable: idx & PB_W != 0,
+                user: idx & PB_U != 0,
+                nx: idx & PB_NX != 0,
+                global: false,
+                pkey: 1,
+                dirty: idx & PB_D != 0,
+            };
+            let mut st = self.st;
+            st.pkru = ((idx & PB_PKAD != 0) as u32) << 2 | ((idx & PB_PKWD != 0) as u32) << 3;
+            let mut allow = 0u16;
+            for mode in 0..3usize {
+                for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
+                    let access = Access { kind, cpl: if mode == 2 { 3 } else { 0 }, implicit_supervisor: false, eflags_ac: mode == 1 };
+                    if check_access(&perms, &st, &access).is_ok() && (kind != AccessKind::Write || perms.dirty) {
+                        allow |= class::bit(kind_index(kind), mode);
+                    }
+                }
+            }
+            self.perm_table[idx] = allow;
+        }
+    }
+
+    fn perm_index(&self, p: &PagePerms) -> usize {
+        let pk = (self.st.pkru >> (2 * u32::from(p.pkey & 15))) as usize & 3;
+        (p.writable as usize) * PB_W
+            | (p.user as usize) * PB_U
+            | (p.nx as usize) * PB_NX
+            | (p.dirty as usize) * PB_D
+            | (pk & 1) * PB_PKAD
+            | (pk >> 1) * PB_PKWD
+    }
+
+    #[inline]
+    fn ctx(&self) -> u32 {
+        let pcid = if self.st.cr4.contains(Cr4::PCIDE) { (self.st.cr3 & 0xfff) as u32 } else { 0 };
+        (u32::from(self.vpid) << 16) | pcid
+    }
+
+    #[inline]
+    fn mode_index(&self) -> usize {
+        if self.cpl == 3 {
+            2
+        } else {
+            self.eflags_ac as usize
+        }
+    }
+
+    /// Translates `gva` for an access of `kind`: the TLB, else a page walk that fills it.
+    #[inline]
+    pub fn translate(&mut self, gva: Gva, kind: AccessKind) -> Result<Hpa, Stop> {
+        let bit = class::bit(kind_index(kind), self.mode_index());
+        let vpn = gva.raw() >> 12;
+        if let Some(page) = self.tlb.lookup(vpn, self.ctx(), bit) {
+            return Ok(Hpa::new(page | (gva.raw() & 0xfff)));
+        }
+        self.translate_slow(gva, kind)
+    }
+
+    #[cold]
+    fn translate_slow(&mut self, gva: Gva, kind: AccessKind) -> Result<Hpa, Stop> {
+        let access = Access { kind, cpl: self.cpl, implicit_supervisor: false, eflags_ac: self.eflags_ac };
+        self.counters.walks += 1;
+        let (hpa, perms, shift, host_allow) = match &self.mode {
+            CpuMode::Native => {
+                let t = loop {
+                    match walk(&mut NativeMem(&self.mem), &self.st, gva, &access, WalkOptions { set_ad: true }, &mut NoObserver) {
+                        Ok(t) => break t,
+                        // Another CPU kept changing the entries: walk again.
+                        Err(WalkError::Contended) => continue,
+                        Err(WalkError::PageFault(ec)) => return Err(self.page_fault(gva, ec)),
+                        Err(WalkError::NonCanonical) => return Err(Stop::Exception(Exception::GeneralProtection)),
+                        Err(WalkError::Mem(never)) => match never {},
+                    }
+                };
+                self.counters.walk_mem_refs += u64::from(self.st.mode().levels());
+                if !self.mem.contains(Hpa::new(t.gpa.raw()), 1) {
+                    // Open bus: serve the access but never cache it.
+                    return Ok(Hpa::new(t.gpa.raw()));
+                }
+                (Hpa::new(t.gpa.raw()), t.perms, t.size.shift() as u8, class::ALL)
+            }
+            CpuMode::Tdp(tdp) => {
+                let t = loop {
+                    match walk_2d(&*self.mem, tdp, &self.st, gva, &access, &mut NoObserver) {
+                        Ok(t) => break t,
+                        Err(Walk2dError::Contended) => continue,
+                        Err(Walk2dError::Guest(ec)) => return Err(self.page_fault(gva, ec)),
+                        Err(Walk2dError::NonCanonical) => return Err(Stop::Exception(Exception::GeneralProtection)),
+                        Err(Walk2dError::Exit(x)) => return Err(Stop::Exit(x)),
+                    }
+                };
+                self.counters.walk_mem_refs += u64::from(t.mem_refs);
+                let mut allow = kind_mask(0);
+                if t.host_writable && t.host_dirty {
+                    allow |= kind_mask(1);
+                }
+                if t.host_exec {
+                    allow |= kind_mask(2);
+                }
+                let shift = t.guest.size.shift().min(t.host_size.shift()) as u8;
+                (t.hpa, t.guest.perms, shift, allow)
+            }
+        };
+        let allow = self.perm_table[self.perm_index(&perms)] & host_allow;
+        self.tlb.fill(gva.raw() >> 12, self.ctx(), perms.global && self.st.cr4.contains(Cr4::PGE), shift, hpa.raw() & !0xfff, allow);
+        Ok(hpa)
+    }
+
+    fn page_fault(&self, gva: Gva, ec: PfErrorCode) -> Stop {
+        Stop::Exception(Exception::PageFault { cr2: gva.raw(), error_code: ec })
+    }
+
+    #[inline]
+    fn data_read(&self, hpa: Hpa, size: u8) -> u64 {
+        if self.mem.contains(hpa, u64::from(size)) {
+            self.mem.read(hpa, size)
+        } else {
+            u64::MAX >> (64 - 8 * u32::from(size))
+        }
+    }
+
+    #[inline]
+    fn data_write(&self, hpa: Hpa, size: u8, val: u64) {
+        if self.mem.contains(hpa, u64::from(size)) {
+            self.mem.write(hpa, size, val)
+        }
+    }
+
+    /// Translates the one or two pages an access touches, before touching any byte.
+    #[inline]
+    fn translate_span(&mut self, gva: Gva, size: u8, kind: AccessKind) -> Result<(Hpa, Option<(Hpa, u8)>), Stop> {
+        assert!((1..=8).contains(&size), "access size {size} must be 1..=8 bytes");
+        let first = self.translate(gva, kind)?;
+        let in_page = 4096 - (gva.raw() & 0xfff);
+        if u64::from(size) <= in_page {
+            return Ok((first, None));
+        }
+        let second = self.translate(Gva::new(gva.raw() + in_page), kind)?;
+        Ok((first, Some((second, in_page as u8))))
+    }
+
+    /// Reads `size` (1..=8) bytes at `gva`.
+    #[inline]
+    pub fn read(&mut self, gva: Gva, size: u8) -> Result<u64, Stop> {
+        self.load(gva, size, AccessKind::Read)
+    }
+
+    /// Fetches `size` (1..=8) instruction bytes at `gva`.
+    pub fn fetch(&mut self, gva: Gva, size: u8) -> Result<u64, Stop> {
+        self.load(gva, size, AccessKind::Fetch)
+    }
+
+    #[inline]
+    fn load(&mut self, gva: Gva, size: u8, kind: AccessKind) -> Result<u64, Stop> {
+        let (a, split) = self.translate_span(gva, size, kind)?;
+        self.counters.accesses += 1;
+        Ok(match split {
+            None => self.data_read(a, size),
+            Some((b, n)) => self.data_read(a, n) | (self.data_read(b, size - n) << (8 * u32::from(n))),
+        })
+    }
+
+    /// Writes `size` (1..=8) bytes at `gva`.
+    #[inline]
+    pub fn write(&mut self, gva: Gva, size: u8, val: u64) -> Result<(), Stop> {
+        let (a, split) = self.translate_span(gva, size, AccessKind::Write)?;
+        self.counters.accesses += 1;
+        match split {
+            None => self.data_write(a, size, val),
+            Some((b, n)) => {
+                self.data_write(a, n, val);
+                self.data_write(b, size - n, val >> (8 * u32::from(n)));
+            }
+        }
+        Ok(())
+    }
+
+    fn load_pdptrs(&mut self) -> Result<(), Stop> {
+        let r = match &self.mode {
+            CpuMode::Native => self.st.load_pdptrs(&mut NativeMem(&self.mem)).map_err(|e| match e {
+                PdptrError::Reserved { .. } => Stop::Exception(Exception::GeneralProtection),
+                PdptrError::Mem(never) => match never {},
+            }),
+            CpuMode::Tdp(tdp) => {
+                let tdp = tdp.clone();
+                let mut m = TdpPhys { mem: &self.mem, tdp: &tdp };
+                self.st.load_pdptrs(&mut m).map_err(|e| match e {
+                    PdptrError::Reserved { .. } => Stop::Exception(Exception::GeneralProtection),
+                    PdptrError::Mem(x) => Stop::Exit(x),
+                })
+            }
+        };
+        r
+    }
+
+    fn pae_paging(&self) -> bool {
+        self.st.mode() == PagingMode::Pae
+    }
+
+    fn regs_changed(&mut self) -> Result<(), Stop> {
+        if self.st.efer.contains(Efer::LME) && self.st.cr0.contains(Cr0::PG) {
+            self.st.efer |= Efer::LMA;
+        } else {
+            self.st.efer.remove(Efer::LMA);
+        }
+        if self.pae_paging() {
+            self.load_pdptrs()?;
+        }
+        self.recompute_perm_table();
+        // Flushing more than required is always allowed; these writes are rare.
+        self.tlb.flush_vpid(self.vpid);
+        Ok(())
+    }
+
+    /// MOV to CR0.
+    pub fn write_cr0(&mut self, v: Cr0) -> Result<(), Stop> {
+        let old = self.st;
+        self.st.cr0 = v;
+        self.regs_changed().inspect_err(|_| self.st = old)
+    }
+
+    /// MOV to CR4.
+    pub fn write_cr4(&mut self, v: Cr4) -> Result<(), Stop> {
+        let old = self.st;
+        self.st.cr4 = v;
+        self.regs_changed().inspect_err(|_| self.st = old)
+    }
+
+    /// WRMSR IA32_EFER (LMA is computed, as hardware does).
+    pub fn write_efer(&mut self, v: Efer) -> Result<(), Stop> {
+        let old = self.st;
+        self.st.efer = v - Efer::LMA;
+        self.regs_changed().inspect_err(|_| self.st = old)
+    }
+
+    /// WRPKRU. (This TLB caches PKRU-derived rights, so it flushes; allowed, not required.)
+    pub fn write_pkru(&mut self, v: u32) {
+        self.st.pkru = v;
+        self.tlb.flush_vpid(self.vpid);
+    }
+
+    /// MOV to CR3: loads PDPTRs in PAE mode; flushes non-global translations of the new PCID
+    /// unless CR4.PCIDE and bit 63 (no-flush) are set.
+    pub fn write_cr3(&mut self, v: u64) -> Result<(), Stop> {
+        let pcide = self.st.cr4.contains(Cr4::PCIDE);
+        let noflush = pcide && v & (1 << 63) != 0;
+        let old = self.st;
+        self.st.cr3 = v & !(1 << 63);
+        if self.pae_paging() {
+            self.load_pdptrs().inspect_err(|_| self.st = old)?;
+        }
+        if !noflush {
+            if pcide {
+                self.tlb.flush_pcid(self.vpid, (self.st.cr3 & 0xfff) as u16, false);
+            } else {
+                self.tlb.flush_vpid_nonglobal(self.vpid, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// INVLPG: drops the translations of the page holding `gva` for the current PCID, and
+    /// global ones. A non-canonical address is a no-op.
+    pub fn invlpg(&mut self, gva: Gva) {
+        let pcid = (self.ctx() & 0xfff) as u16;
+        self.tlb.flush_addr(self.vpid, Some(pcid), gva.raw());
+    }
+
+    /// INVPCID of `kind` 0 (individual address), 1 (single context), 2 (all contexts with
+    /// globals) or 3 (all contexts except globals).
+    pub fn invpcid(&mut self, kind: u8, pcid: u16, gva: Gva) -> Result<(), Stop> {
+        match kind {
+            0 => self.tlb.flush_addr(self.vpid, Some(pcid & 0xfff), gva.raw()),
+            1 => self.tlb.flush_pcid(self.vpid, pcid & 0xfff, false),
+            2 => self.tlb.flush_vpid_nonglobal(self.vpid, true),
+            3 => self.tlb.flush_vpid_nonglobal(self.vpid, false),
+            _ => return Err(Stop::Exception(Exception::GeneralProtection)),
+        }
+        Ok(())
+    }
+
+    /// Flushes every translation of this vCPU's VPID (what KVM's TLB flush requests do:
+    /// INVEPT / INVVPID of the current context).
+    pub fn flush_tlb_current(&mut self) {
+        self.tlb.flush_vpid(self.vpid);
+    }
+
+    /// Flushes the whole TLB.
+    pub fn flush_tlb_all(&mut self) {
+        self.tlb.flush_all();
+    }
+}
+
+/// Guest-physical memory as seen through the TDP tables, for accesses the CPU makes outside a
+/// linear-address walk (the PDPTE loads of MOV CR3 in PAE mode).
+struct TdpPhys<'a> {
+    mem: &'a PhysMem,
+    tdp: &'a Tdp,
+}
+
+impl GuestPhys for TdpPhys<'_> {
+    type Error = TdpExit;
+    fn read_pte(&mut self, gpa: Gpa, size: u8, _gva: Gva) -> Result<u64, TdpExit> {
+        let acc = EptAccess { kind: AccessKind::Read, gva: None, paging_structure: true };
+        let t = self.tdp.walk(self.mem, gpa, &acc)?;
+        Ok(self.mem.read(t.hpa, size))
+    }
+    fn cmpxchg_pte(&mut self, gpa: Gpa, _size: u8, old: u64, new: u64, _gva: Gva) -> Result<bool, TdpExit> {
+        let acc = EptAccess { kind: AccessKind::Write, gva: None, paging_structure: true };
+        let t = self.tdp.walk(self.mem, gpa, &acc)?;
+        Ok(self.mem.cmpxchg(t.hpa, old, new).is_ok())
+    }
+}

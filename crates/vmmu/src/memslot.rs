@@ -1,0 +1,313 @@
+//! Memslots: the guest-physical ranges the VMM backs with its own memory
+//! (KVM_SET_USER_MEMORY_REGION), and the per-slot metadata the MMU keeps (lpage_info).
+//!
+//! The MMU reaches guest memory only through a memslot: gfn -> hva -> host page.
+
+use crate::host::Hva;
+use crate::sync::{Arc, AtomicU32, Ordering};
+use x86_paging::addr::Gfn;
+
+bitflags::bitflags! {
+    /// Memslot flags, with KVM's values.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct MemslotFlags: u32 {
+        /// KVM_MEM_LOG_DIRTY_PAGES.
+        const LOG_DIRTY_PAGES = 1 << 0;
+        /// KVM_MEM_READONLY.
+        const READONLY = 1 << 1;
+    }
+}
+
+/// The argument of KVM_SET_USER_MEMORY_REGION.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserspaceMemoryRegion {
+    /// Slot id.
+    pub slot: u32,
+    /// Flags.
+    pub flags: MemslotFlags,
+    /// First guest physical address (4 KiB aligned).
+    pub guest_phys_addr: u64,
+    /// Size in bytes (4 KiB multiple); 0 deletes the slot.
+    pub memory_size: u64,
+    /// Host virtual address of the backing memory (4 KiB aligned).
+    pub userspace_addr: Hva,
+}
+
+/// Errors of memslot updates, as KVM's -EINVAL / -EEXIST cases.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MemslotError {
+    /// Misaligned address or size.
+    #[error("memslot {slot}: {what} {value:#x} is not 4 KiB aligned")]
+    Misaligned {
+        /// Slot id.
+        slot: u32,
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// Overlaps another slot.
+    #[error("memslot {slot} [{start:#x}, {end:#x}) overlaps memslot {other}")]
+    Overlap {
+        /// Slot id.
+        slot: u32,
+        /// First gpa.
+        start: u64,
+        /// End gpa.
+        end: u64,
+        /// The slot it overlaps.
+        other: u32,
+    },
+    /// Deleting a slot that does not exist.
+    #[error("memslot {0} does not exist")]
+    NoSuchSlot(u32),
+    /// Beyond the guest physical address width.
+    #[error("memslot {slot} ends at gpa {end:#x}, beyond the {maxphyaddr}-bit guest physical address space")]
+    TooHigh {
+        /// Slot id.
+        slot: u32,
+        /// End gpa.
+        end: u64,
+        /// MAXPHYADDR.
+        maxphyaddr: u8,
+    },
+    /// A flag this build does not implement.
+    #[error("memslot {slot}: flag {flag} is not supported yet")]
+    Unsupported {
+        /// Slot id.
+        slot: u32,
+        /// The flag's name.
+        flag: &'static str,
+    },
+}
+
+/// Huge-page levels with lpage_info (2 MiB and 1 GiB).
+pub const LPAGE_LEVELS: [u8; 2] = [2, 3];
+
+/// One memslot with its MMU metadata (`struct kvm_memory_slot` + `kvm_arch_memory_slot`).
+#[derive(Debug)]
+pub struct Memslot {
+    /// Slot id.
+    pub id: u32,
+    /// First gfn.
+    pub base_gfn: Gfn,
+    /// Number of 4 KiB pages.
+    pub npages: u64,
+    /// Backing host address.
+    pub userspace_addr: Hva,
+    /// Flags.
+    pub flags: MemslotFlags,
+    /// `lpage_info[level-2][index]`: a count of reasons a huge page may not map there.
+    lpage_info: [Box<[AtomicU32]>; 2],
+}
+
+/// Pages per mapping at `level` (1 = 4 KiB).
+#[inline]
+pub const fn pages_per_level(level: u8) -> u64 {
+    1 << (9 * (level as u32 - 1))
+}
+
+impl Memslot {
+    fn new(r: &UserspaceMemoryRegion) -> Self {
+        let base = r.guest_phys_addr >> 12;
+        let npages = r.memory_size >> 12;
+        let hva_pfn = r.userspace_addr.raw() >> 12;
+        let lpage_info = LPAGE_LEVELS.map(|level| {
+            let per = pages_per_level(level);
+            let first = base / per;
+            let last = (base + npages - 1) / per;
+            let n = (last - first + 1) as usize;
+            let v: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+            // A huge page can only map a range wholly inside the slot, and only if the guest
+            // and host addresses agree modulo the huge page size.
+            if base % per != 0 {
+                v[0].fetch_add(1, Ordering::Relaxed);
+            }
+            if (base + npages) % per != 0 {
+                v[n - 1].fetch_add(1, Ordering::Relaxed);
+            }
+            if (base ^ hva_pfn) % per != 0 {
+                for e in &v {
+                    e.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            v.into_boxed_slice()
+        });
+        Memslot { id: r.slot, base_gfn: Gfn::new(base), npages, userspace_addr: r.userspace_addr, flags: r.flags, lpage_info }
+    }
+
+    /// One past the last gfn.
+    pub fn end_gfn(&self) -> Gfn {
+        Gfn::new(self.base_gfn.raw() + self.npages)
+    }
+
+    /// Whether `gfn` is in the slot.
+    #[inline]
+    pub fn contains(&self, gfn: Gfn) -> bool {
+        gfn >= self.base_gfn && gfn.raw() < self.base_gfn.raw() + self.npages
+    }
+
+    /// `__gfn_to_hva_memslot`.
+    #[inline]
+    pub fn gfn_to_hva(&self, gfn: Gfn) -> Hva {
+        Hva(self.userspace_addr.raw() + ((gfn.raw() - self.base_gfn.raw()) << 12))
+    }
+
+    /// Whether the slot is read-only for the guest.
+    pub fn readonly(&self) -> bool {
+        self.flags.contains(MemslotFlags::READONLY)
+    }
+
+    fn lpage_index(&self, gfn: Gfn, level: u8) -> usize {
+        let per = pages_per_level(level);
+        (gfn.raw() / per - self.base_gfn.raw() / per) as usize
+    }
+
+    /// Whether a huge page at `level` (2 or 3) covering `gfn` is disallowed by lpage_info.
+    #[inline]
+    pub fn lpage_disallowed(&self, gfn: Gfn, level: u8) -> bool {
+        let i = self.lpage_index(gfn, level);
+        self.lpage_info[usize::from(level) - 2][i].load(Ordering::Relaxed) != 0
+    }
+
+    /// Adds (`delta` = 1) or drops (-1) a reason to disallow huge pages over `gfn` at every
+    /// huge level (`update_gfn_disallow_lpage_count`).
+    pub fn update_disallow_lpage(&self, gfn: Gfn, delta: i32) {
+        for level in LPAGE_LEVELS {
+            let i = self.lpage_index(gfn, level);
+            let e = &self.lpage_info[usize::from(level) - 2][i];
+            if delta >= 0 {
+                e.fetch_add(delta as u32, Ordering::Relaxed);
+            } else {
+                e.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The set of memslots of one address space, with its generation.
+#[derive(Debug, Default, Clone)]
+pub struct Memslots {
+    slots: Vec<Arc<Memslot>>,
+    generation: u64,
+}
+
+/// What a memslot update did, as KVM's `enum kvm_mr_change`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemslotChange {
+    /// A new slot.
+    Create,
+    /// A slot removed.
+    Delete,
+    /// A slot moved to another gpa.
+    Move,
+    /// Only the flags changed.
+    FlagsOnly,
+}
+
+impl Memslots {
+    /// The memslot generation (bumped on every update).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// All slots, sorted by base gfn.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
+        self.slots.iter()
+    }
+
+    /// Total pages over all slots.
+    pub fn total_pages(&self) -> u64 {
+        self.slots.iter().map(|s| s.npages).sum()
+    }
+
+    /// The slot holding `gfn` (`gfn_to_memslot`).
+    #[inline]
+    pub fn find(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
+        let i = self.slots.partition_point(|s| s.end_gfn() <= gfn);
+        self.slots.get(i).filter(|s| s.contains(gfn))
+    }
+
+    /// The slot with id `id`.
+    pub fn by_id(&self, id: u32) -> Option<&Arc<Memslot>> {
+        self.slots.iter().find(|s| s.id == id)
+    }
+
+    /// Applies KVM_SET_USER_MEMORY_REGION; returns the new set, the change and the old slot.
+    pub fn update(
+        &self,
+        r: &UserspaceMemoryRegion,
+        maxphyaddr: u8,
+    ) -> Result<(Memslots, MemslotChange, Option<Arc<Memslot>>), MemslotError> {
+        for (what, value) in [("guest_phys_addr", r.guest_phys_addr), ("memory_size", r.memory_size), ("userspace_addr", r.userspace_addr.raw())] {
+            if value % 4096 != 0 {
+                return Err(MemslotError::Misaligned { slot: r.slot, what, value });
+            }
+        }
+        let old = self.by_id(r.slot).cloned();
+        let mut slots: Vec<Arc<Memslot>> = self.slots.iter().filter(|s| s.id != r.slot).cloned().collect();
+        let change = if r.memory_size == 0 {
+            if old.is_none() {
+                return Err(MemslotError::NoSuchSlot(r.slot));
+            }
+            MemslotChange::Delete
+        } else {
+            let end = r.guest_phys_addr.checked_add(r.memory_size).unwrap_or(u64::MAX);
+            if end > 1u64 << maxphyaddr {
+                return Err(MemslotError::TooHigh { slot: r.slot, end, maxphyaddr });
+            }
+            let (start_gfn, end_gfn) = (r.guest_phys_addr >> 12, end >> 12);
+            if let Some(o) = slots.iter().find(|s| s.base_gfn.raw() < end_gfn && s.end_gfn().raw() > start_gfn) {
+                return Err(MemslotError::Overlap { slot: r.slot, start: r.guest_phys_addr, end, other: o.id });
+            }
+            slots.push(Arc::new(Memslot::new(r)));
+            match &old {
+                None => MemslotChange::Create,
+                Some(o) if o.base_gfn.raw() != start_gfn => MemslotChange::Move,
+                Some(_) => MemslotChange::FlagsOnly,
+            }
+        };
+        slots.sort_by_key(|s| s.base_gfn);
+        Ok((Memslots { slots, generation: self.generation + 1 }, change, old))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(slot: u32, gpa: u64, size: u64, hva: u64) -> UserspaceMemoryRegion {
+        UserspaceMemoryRegion { slot, flags: MemslotFlags::empty(), guest_phys_addr: gpa, memory_size: size, userspace_addr: Hva(hva) }
+    }
+
+    #[test]
+    fn lookup_and_overlap() {
+        let s = Memslots::default();
+        let (s, c, _) = s.update(&region(0, 0, 1 << 30, 1 << 30), 46).unwrap();
+        assert_eq!(c, MemslotChange::Create);
+        let (s, _, _) = s.update(&region(1, 4 << 30, 1 << 20, 8 << 30), 46).unwrap();
+        assert_eq!(s.find(Gfn::new(5)).unwrap().id, 0);
+        assert_eq!(s.find(Gfn::new((4 << 30 >> 12) + 3)).unwrap().id, 1);
+        assert!(s.find(Gfn::new(1 << 20)).is_none());
+        assert!(matches!(s.update(&region(2, 1 << 29, 1 << 30, 0), 46), Err(MemslotError::Overlap { other: 0, .. })));
+        assert!(matches!(s.update(&region(2, 1 << 46, 4096, 0), 46), Err(MemslotError::TooHigh { .. })));
+        assert!(matches!(s.update(&region(2, 100, 4096, 0), 46), Err(MemslotError::Misaligned { .. })));
+        let (s, c, old) = s.update(&region(1, 0, 0, 0), 46).unwrap();
+        assert_eq!(c, MemslotChange::Delete);
+        assert_eq!(old.unwrap().id, 1);
+        assert_eq!(s.generation(), 3);
+    }
+
+    #[test]
+    fn lpage_info_follows_alignment() {
+        // Slot starting at 1 MiB: the first 2 MiB region is partial -> disallowed.
+        let s = Memslot::new(&region(0, 1 << 20, 8 << 20, (1 << 30) + (1 << 20)));
+        assert!(s.lpage_disallowed(Gfn::new(256), 2));
+        assert!(!s.lpage_disallowed(Gfn::new(512), 2));
+        assert!(s.lpage_disallowed(Gfn::new(512), 3), "1 GiB never fits in 8 MiB");
+        // Guest and host addresses misaligned modulo 2 MiB: everything disallowed.
+        let m = Memslot::new(&region(0, 0, 8 << 20, (1 << 30) + 4096));
+        assert!(m.lpage_disallowed(Gfn::new(512), 2));
+        m.update_disallow_lpage(Gfn::new(0), -1);
+    }
+}

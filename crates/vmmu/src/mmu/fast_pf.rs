@@ -1,0 +1,104 @@
+//! `fast_page_fault`: fixes a fault without taking `mmu_lock` when only the SPTE's
+//! permission bits need to change — a write-protected but MMU-writable SPTE, or an
+//! access-tracked one — by compare-exchange; or finds the fault spurious.
+
+use super::page_fault::{KvmPageFault, RetPf};
+use super::spte::{restore_acc_track_spte, Spte, PT_WRITABLE};
+use super::tdp_mmu;
+use crate::sync::Ordering;
+use crate::vm::{mode, Vcpu};
+
+/// Retries of the compare-exchange loop.
+const FAST_PF_MAX_RETRIES: u32 = 4;
+
+/// `page_fault_can_be_fast`.
+fn page_fault_can_be_fast(vcpu: &Vcpu, fault: &KvmPageFault) -> bool {
+    if fault.rsvd {
+        return false;
+    }
+    if !fault.present {
+        // Only an access-tracked SPTE (A/D disabled) can be fixed from "not present".
+        return !vcpu.kvm.config().ad_enabled();
+    }
+    fault.write
+}
+
+/// `is_access_allowed`.
+fn is_access_allowed(vcpu: &Vcpu, fault: &KvmPageFault, spte: Spte) -> bool {
+    let m = &vcpu.kvm.mmu().masks;
+    if fault.exec {
+        spte.is_executable(m)
+    } else if fault.write {
+        spte.is_writable()
+    } else {
+        spte.0 & 1 != 0
+    }
+}
+
+/// `fast_page_fault`.
+pub fn fast_page_fault(vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
+    let kvm = vcpu.kvm.clone();
+    let _f = kvm.tracer.func(vcpu.id, "fast_page_fault");
+    if !page_fault_can_be_fast(vcpu, fault) {
+        return RetPf::Invalid;
+    }
+    let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Invalid };
+    let m = kvm.mmu().masks;
+    // walk_shadow_page_lockless_begin: remote flushes wait for us before freeing tables.
+    vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::SeqCst);
+    let mut ret = RetPf::Invalid;
+    let mut retries = 0;
+    let (mut sptep, mut spte);
+    loop {
+        let (p, s, level) = tdp_mmu::fast_pf_get_last_sptep(&kvm, &root, fault.gfn);
+        (sptep, spte) = (p, s);
+        if !spte.is_shadow_present() || !spte.is_last(level) {
+            break;
+        }
+        if is_access_allowed(vcpu, fault, spte) {
+            ret = RetPf::Spurious;
+            break;
+        }
+        let mut new = spte;
+        if !spte.ad_enabled(&m) && spte.is_access_track(&m) {
+            new = restore_acc_track_spte(new);
+        }
+        if fault.write && spte.is_mmu_writable(&m) {
+            new = Spte(new.0 | PT_WRITABLE);
+        }
+        if new == spte || !is_access_allowed(vcpu, fault, new) {
+            break;
+        }
+        // fast_pf_fix_direct_spte.
+        if kvm.mem().cmpxchg(sptep, spte.0, new.0).is_ok() {
+            ret = RetPf::Fixed;
+            break;
+        }
+        retries += 1;
+        if retries > FAST_PF_MAX_RETRIES {
+            break;
+        }
+    }
+    vcpu.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
+    if kvm.tracer.events_on() {
+        kvm.tracer.event(
+            vcpu.id,
+            "fast_page_fault",
+            format_args!(
+                "vcpu {} gva {:x} error_code {} sptep {:016x} old {:#x} new {:x} spurious {} fixed {}",
+                vcpu.id,
+                fault.addr.raw(),
+                super::mmio::pferr_flags(fault.error_code),
+                sptep.raw(),
+                spte.0,
+                kvm.mem().load(sptep),
+                (ret == RetPf::Spurious) as u8,
+                (ret == RetPf::Fixed) as u8
+            ),
+        );
+    }
+    if ret != RetPf::Invalid {
+        vcpu.stat.pf_fast += 1;
+    }
+    ret
+}

@@ -1,0 +1,74 @@
+//! MMIO SPTEs: `handle_mmio_page_fault`, `check_mmio_spte` and the cached MMIO info.
+//!
+//! An access to a gfn outside every memslot leaves an MMIO SPTE behind (an EPT
+//! misconfiguration value, or reserved bit 51 for NPT) that records the gfn and the memslot
+//! generation; the next access exits with "reserved"/misconfig and is sent to emulation
+//! without a page-table walk, unless the generation changed since.
+
+use super::page_fault::RetPf;
+use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
+use super::tdp_iter::TdpIter;
+use crate::vm::Vcpu;
+use x86_paging::addr::{Gfn, Gpa};
+
+/// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
+pub fn pferr_flags(ec: u64) -> String {
+    let names = [(0, "P"), (1, "W"), (2, "U"), (5, "PK"), (6, "SS"), (15, "SGX"), (3, "RSVD"), (4, "F")];
+    let v: Vec<&str> = names.iter().filter(|(b, _)| ec & (1 << b) != 0).map(|(_, n)| *n).collect();
+    v.join("|")
+}
+
+/// `check_mmio_spte`: whether the SPTE's generation is the memslots' current one.
+fn check_mmio_spte(vcpu: &Vcpu, spte: Spte) -> bool {
+    let kvm_gen = vcpu.slots.generation() & MMIO_SPTE_GEN_MASK;
+    let spte_gen = spte.mmio_gen();
+    let kvm = &vcpu.kvm;
+    if kvm.tracer.events_on() {
+        kvm.tracer.event(vcpu.id, "check_mmio_spte", format_args!("spte {:x} kvm_gen {:x} spte-gen {:x} valid {}", spte.0, kvm_gen, spte_gen, (kvm_gen == spte_gen) as u8));
+    }
+    kvm_gen == spte_gen
+}
+
+/// `handle_mmio_page_fault` for a direct (TDP) MMU.
+pub fn handle_mmio_page_fault(vcpu: &mut Vcpu, gpa: Gpa) -> RetPf {
+    let kvm = vcpu.kvm.clone();
+    let _f = kvm.tracer.func(vcpu.id, "handle_mmio_page_fault");
+    vcpu.refresh_memslots();
+    // mmio_info_in_cache.
+    if vcpu.mmu.mmio_gfn == Some((gpa.gfn().raw(), vcpu.slots.generation())) {
+        return RetPf::Emulate;
+    }
+    let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Retry };
+    let m = kvm.mmu().masks;
+    // get_mmio_spte: the lockless walk to the last SPTE.
+    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gpa.gfn(), Gfn::new(gpa.gfn().raw() + 1));
+    let mut spte = it.old_spte;
+    while it.valid {
+        spte = it.old_spte;
+        it.next();
+    }
+    if spte.is_mmio(&m) {
+        let gfn = spte.mmio_gfn(&m);
+        let access = spte.mmio_access(&m);
+        if !check_mmio_spte(vcpu, spte) {
+            return RetPf::Invalid;
+        }
+        if kvm.tracer.events_on() {
+            kvm.tracer.event(vcpu.id, "handle_mmio_page_fault", format_args!("addr:{:x} gfn {:x} access {:x}", 0, gfn.raw(), access));
+        }
+        vcpu.mmu.mmio_gfn = Some((gfn.raw(), vcpu.slots.generation()));
+        return RetPf::Emulate;
+    }
+    // The SPTE was zapped by someone else: let the vCPU fault again.
+    RetPf::Retry
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_print_like_the_kernel() {
+        assert_eq!(super::pferr_flags(0x3), "P|W");
+        assert_eq!(super::pferr_flags(0x1c), "U|RSVD|F");
+        assert_eq!(super::pferr_flags(0), "");
+    }
+}

@@ -1,0 +1,329 @@
+//! The TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c): roots, the fault-path map, atomic SPTE
+//! updates with `handle_changed_spte`, huge-page splitting and zapping.
+//!
+//! Faults run under `mmu_lock` held for read and install SPTEs by compare-exchange, retrying
+//! the fault when another vCPU got there first; zaps of whole ranges run under the write
+//! lock.
+
+use super::page_fault::{KvmPageFault, RetPf};
+use super::role::Role;
+use super::spte::{self, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_spte, Spte, SpteRequest, ACC_ALL, FROZEN_SPTE};
+use super::tdp_iter::{pages_at, TdpIter};
+use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering};
+use crate::vm::{Kvm, Vcpu};
+use x86_paging::addr::{Gfn, Hpa, Pfn};
+
+/// A TDP MMU root (a `kvm_mmu_page` on `tdp_mmu_roots`).
+#[derive(Debug)]
+pub struct TdpRoot {
+    /// The root table.
+    pub hpa: Hpa,
+    /// Its role.
+    pub role: Role,
+    /// `tdp_mmu_root_count`: vCPU references plus the TDP MMU's own.
+    pub refcount: AtomicU32,
+    /// `role.invalid` (obsolete after kvm_mmu_zap_all_fast).
+    pub invalid: AtomicBool,
+    /// Whether its contents have been zapped after invalidation.
+    pub zapped: AtomicBool,
+}
+
+impl TdpRoot {
+    /// Level of the root table.
+    pub fn level(&self) -> u8 {
+        self.role.level() as u8
+    }
+
+    /// Whether the root is invalid (obsolete).
+    pub fn is_invalid(&self) -> bool {
+        self.invalid.load(Ordering::Acquire)
+    }
+}
+
+/// Initializes a table frame to all-non-present.
+pub(crate) fn init_table(kvm: &Kvm, pfn: Pfn) {
+    let mem = kvm.mem();
+    for i in 0..512 {
+        mem.store(Hpa::new(pfn.hpa().raw() + i * 8), Spte::NONPRESENT.0);
+    }
+}
+
+/// `kvm_tdp_mmu_alloc_root`: a valid root with `role`, shared with other vCPUs if one exists.
+pub fn kvm_tdp_mmu_alloc_root(kvm: &Kvm, role: Role) -> Result<Arc<TdpRoot>, crate::host::HostError> {
+    let mut roots = kvm.mmu.roots.lock();
+    if let Some(r) = roots.iter().find(|r| r.role == role && !r.is_invalid()) {
+        r.refcount.fetch_add(1, Ordering::AcqRel);
+        return Ok(r.clone());
+    }
+    let pfn = kvm.frames().alloc_4k()?;
+    init_table(kvm, pfn);
+    kvm.mmu.tdp_mmu_pages.fetch_add(1, Ordering::Relaxed);
+    let root = Arc::new(TdpRoot { hpa: pfn.hpa(), role, refcount: AtomicU32::new(2), invalid: AtomicBool::new(false), zapped: AtomicBool::new(false) });
+    roots.push(root.clone());
+    Ok(root)
+}
+
+/// `kvm_tdp_mmu_put_root`: drops a reference; the last one (only possible for an invalid
+/// root) unlinks the root and frees its (already zapped) table.
+pub fn kvm_tdp_mmu_put_root(kvm: &Kvm, root: &Arc<TdpRoot>) {
+    if root.refcount.fetch_sub(1, Ordering::AcqRel) != 1 {
+        return;
+    }
+    kvm.mmu.roots.lock().retain(|r| !Arc::ptr_eq(r, root));
+    if !root.zapped.swap(true, Ordering::AcqRel) {
+        let _w = kvm.mmu.mmu_lock.write();
+        tdp_mmu_zap_root(kvm, root, false);
+    }
+    kvm.mmu.tdp_mmu_pages.fetch_sub(1, Ordering::Relaxed);
+    kvm.mmu.deferred_free.lock().push(root.hpa.pfn());
+}
+
+/// `tdp_mmu_set_spte_atomic`: installs `new` if the entry still holds `iter.old_spte`; on
+/// failure refreshes `iter.old_spte` and returns `Err`.
+pub(crate) fn tdp_mmu_set_spte_atomic(kvm: &Kvm, cpu: u32, iter: &mut TdpIter<'_>, new: Spte) -> Result<(), ()> {
+    debug_assert!(!iter.old_spte.is_frozen());
+    match kvm.mem().cmpxchg(iter.sptep, iter.old_spte.0, new.0) {
+        Ok(_) => {
+            handle_changed_spte(kvm, cpu, iter.gfn, iter.old_spte, new, iter.level, true);
+            iter.old_spte = new;
+            Ok(())
+        }
+        Err(cur) => {
+            iter.old_spte = Spte(cur);
+            Err(())
+        }
+    }
+}
+
+/// `tdp_mmu_iter_set_spte` under the write lock (exchange, so hardware A/D updates made
+/// meanwhile are not lost).
+pub(crate) fn tdp_mmu_set_spte(kvm: &Kvm, cpu: u32, iter: &mut TdpIter<'_>, new: Spte) {
+    let old = Spte(kvm.mem().word(iter.sptep).swap(new.0, Ordering::AcqRel));
+    handle_changed_spte(kvm, cpu, iter.gfn, old, new, iter.level, false);
+    iter.old_spte = new;
+}
+
+/// `handle_changed_spte`: the bookkeeping after any SPTE change — the tracepoint, page
+/// stats, and tearing down a page table that was unlinked.
+pub(crate) fn handle_changed_spte(kvm: &Kvm, cpu: u32, gfn: Gfn, old: Spte, new: Spte, level: u8, shared: bool) {
+    if kvm.tracer.events_on() {
+        kvm.tracer.event(cpu, "kvm_tdp_mmu_spte_changed", format_args!("as id 0 gfn {:x} level {} old_spte {:x} new_spte {:x}", gfn.raw(), level, old.0, new.0));
+    }
+    let was_present = old.is_shadow_present();
+    let is_present = new.is_shadow_present();
+    let was_leaf = was_present && old.is_last(level);
+    let is_leaf = is_present && new.is_last(level);
+    debug_assert!(!(was_leaf && is_leaf && old.pfn() != new.pfn()), "a present leaf SPTE changed pfn: gfn {gfn} {old:?} -> {new:?}");
+    if was_leaf != is_leaf {
+        kvm.stats.update_page_stats(level, if is_leaf { 1 } else { -1 });
+    }
+    if was_present && !was_leaf && (is_leaf || !is_present) {
+        handle_removed_pt(kvm, cpu, old.child(), level - 1, gfn, shared);
+    }
+}
+
+/// `handle_removed_pt`: a table was unlinked; freeze each entry, account what it mapped and
+/// free the table once no walker can see it.
+fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared: bool) {
+    kvm.mmu.tdp_mmu_pages.fetch_sub(1, Ordering::Relaxed);
+    let mem = kvm.mem();
+    for i in 0..512u64 {
+        let sptep = Hpa::new(pt.raw() + i * 8);
+        let gfn = Gfn::new(base.raw() + i * pages_at(level));
+        let old = if shared {
+            loop {
+                let o = Spte(mem.word(sptep).swap(FROZEN_SPTE, Ordering::AcqRel));
+                if !o.is_frozen() {
+                    break o;
+                }
+                std::hint::spin_loop();
+            }
+        } else {
+            let o = Spte(mem.load(sptep));
+            mem.store(sptep, FROZEN_SPTE);
+            o
+        };
+        if old.is_shadow_present() || old.is_mmio(&kvm.mmu.masks) {
+            handle_changed_spte(kvm, cpu, gfn, old, Spte(FROZEN_SPTE), level, shared);
+        }
+    }
+    kvm.mmu.deferred_free.lock().push(pt.pfn());
+}
+
+/// `kvm_tdp_mmu_map`: walks from the root to the goal level, linking new tables on the way,
+/// and installs the leaf.
+pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
+    let kvm = vcpu.kvm.clone();
+    let _f = kvm.tracer.func(vcpu.id, "kvm_tdp_mmu_map");
+    super::page_fault::kvm_mmu_hugepage_adjust(vcpu, fault);
+    if kvm.tracer.events_on() {
+        kvm.tracer.event(vcpu.id, "kvm_mmu_spte_requested", format_args!("gfn {:x} pfn {:x} level {}", fault.gfn.raw(), fault.pfn.raw() | (fault.gfn.raw() & (pages_at(fault.goal_level) - 1)), fault.goal_level));
+    }
+    let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Retry };
+    let masks = kvm.mmu.masks;
+    let ad_disabled = root.role.ad_disabled() != 0;
+    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
+    while it.valid {
+        if fault.nx_huge_page_workaround_enabled {
+            disallowed_hugepage_adjust(&kvm, fault, it.old_spte, it.level);
+        }
+        if it.old_spte.is_frozen() {
+            return RetPf::Retry;
+        }
+        if it.level == fault.goal_level {
+            return tdp_mmu_map_handle_target_level(vcpu, fault, &mut it);
+        }
+        if it.old_spte.is_shadow_present() && !it.old_spte.is_large() {
+            it.next();
+            continue;
+        }
+        // Install a new table here: link it, or split the huge page that is in the way.
+        let Some(sp) = vcpu.mmu.shadow_page_cache.pop() else { return RetPf::Retry };
+        let split = it.old_spte.is_shadow_present();
+        if split {
+            for i in 0..512u64 {
+                let child = make_small_spte(&masks, it.old_spte, it.level, i, kvm.nx_huge_pages());
+                kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
+            }
+        }
+        let link = make_nonleaf_spte(&masks, sp.hpa(), ad_disabled);
+        let level = it.level;
+        if tdp_mmu_set_spte_atomic(&kvm, vcpu.id, &mut it, link).is_err() {
+            init_table(&kvm, sp);
+            vcpu.mmu.shadow_page_cache.push(sp);
+            return RetPf::Retry;
+        }
+        kvm.mmu.tdp_mmu_pages.fetch_add(1, Ordering::Relaxed);
+        if split {
+            kvm.stats.update_page_stats(level - 1, 512);
+            if kvm.tracer.events_on() {
+                kvm.tracer.event(vcpu.id, "kvm_mmu_split_huge_page", format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), link.0, level));
+            }
+        }
+        if fault.huge_page_disallowed && fault.req_level >= level {
+            // track_possible_nx_huge_page: this table exists only because of the mitigation.
+            kvm.stats.nx_lpage_splits.fetch_add(1, Ordering::Relaxed);
+        }
+        it.next();
+    }
+    RetPf::Retry
+}
+
+/// `disallowed_hugepage_adjust`: under the NX mitigation, do not replace a table that was
+/// split for an executable mapping by a huge page again.
+fn disallowed_hugepage_adjust(kvm: &Kvm, fault: &mut KvmPageFault, spte: Spte, level: u8) {
+    let _ = kvm;
+    if level == fault.goal_level && fault.goal_level > 1 && spte.is_shadow_present() && !spte.is_large() && fault.exec {
+        fault.goal_level -= 1;
+        let pages = pages_at(fault.goal_level);
+        fault.pfn = Pfn::new(fault.pfn.raw() | (fault.gfn.raw() & (pages_at(level) - 1) & !(pages - 1)));
+    }
+}
+
+/// `tdp_mmu_map_handle_target_level`: builds and installs the leaf (or MMIO) SPTE.
+fn tdp_mmu_map_handle_target_level(vcpu: &mut Vcpu, fault: &mut KvmPageFault, it: &mut TdpIter<'_>) -> RetPf {
+    let kvm = vcpu.kvm.clone();
+    let masks = kvm.mmu.masks;
+    let new = if fault.slot.is_none() {
+        make_mmio_spte(&masks, it.gfn, ACC_ALL, vcpu.slots.generation())
+    } else {
+        let req = SpteRequest {
+            level: it.level,
+            pfn: fault.pfn,
+            access: ACC_ALL,
+            prefetch: false,
+            synchronizing: false,
+            host_writable: fault.map_writable,
+            nx_huge_pages: kvm.nx_huge_pages(),
+            ad_disabled: vcpu.mmu.root.as_ref().is_some_and(|r| r.role.ad_disabled() != 0),
+        };
+        make_spte(&masks, &req, it.old_spte, || true).0
+    };
+    if new == it.old_spte {
+        return RetPf::Spurious;
+    }
+    let was_nonleaf = it.old_spte.is_shadow_present() && !it.old_spte.is_last(it.level);
+    if tdp_mmu_set_spte_atomic(&kvm, vcpu.id, it, new).is_err() {
+        return RetPf::Retry;
+    }
+    if was_nonleaf {
+        // A table was replaced by a huge page: other vCPUs may cache its translations.
+        kvm.flush_remote_tlbs(Some(vcpu.id));
+    }
+    if new.is_mmio(&masks) {
+        vcpu.stat.pf_mmio_spte_created += 1;
+        if kvm.tracer.events_on() {
+            kvm.tracer.event(vcpu.id, "mark_mmio_spte", format_args!("sptep:{:016x} gfn {:x} access {:x} gen {:x}", it.sptep.raw(), it.gfn.raw(), spte::ACC_ALL, new.mmio_gen()));
+        }
+        return RetPf::Emulate;
+    }
+    RetPf::Fixed
+}
+
+/// Zaps every leaf SPTE of `root` mapping a gfn in [start, end) (`tdp_mmu_zap_leafs`);
+/// returns whether a TLB flush is needed. Caller holds `mmu_lock` for write.
+pub fn tdp_mmu_zap_leafs(kvm: &Kvm, cpu: u32, root: &TdpRoot, start: Gfn, end: Gfn) -> bool {
+    let mut flush = false;
+    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
+    while it.valid {
+        let s = it.old_spte;
+        if (s.is_shadow_present() && s.is_last(it.level)) || s.is_mmio(&kvm.mmu.masks) {
+            // A huge leaf only partly inside the range goes whole: the rest faults back in.
+            let present = s.is_shadow_present();
+            tdp_mmu_set_spte(kvm, cpu, &mut it, Spte::NONPRESENT);
+            flush |= present;
+            it.next_skip_children();
+        } else {
+            it.next();
+        }
+    }
+    flush
+}
+
+/// Zaps a whole root (`tdp_mmu_zap_root`): every top-level entry, tearing down all tables.
+pub fn tdp_mmu_zap_root(kvm: &Kvm, root: &TdpRoot, shared: bool) {
+    let mem = kvm.mem();
+    let level = root.level();
+    for i in 0..512u64 {
+        let sptep = Hpa::new(root.hpa.raw() + i * 8);
+        let old = Spte(mem.word(sptep).swap(Spte::NONPRESENT.0, Ordering::AcqRel));
+        if old.is_shadow_present() || old.is_mmio(&kvm.mmu.masks) {
+            handle_changed_spte(kvm, u32::MAX, Gfn::new(i * pages_at(level)), old, Spte::NONPRESENT, level, shared);
+        }
+    }
+}
+
+/// `kvm_tdp_mmu_invalidate_all_roots`: marks every root invalid (obsolete); vCPUs drop them
+/// on KVM_REQ_MMU_FREE_OBSOLETE_ROOTS. Caller holds `mmu_lock` for write.
+pub fn kvm_tdp_mmu_invalidate_all_roots(kvm: &Kvm) {
+    for r in kvm.mmu.roots.lock().iter() {
+        r.invalid.store(true, Ordering::Release);
+    }
+}
+
+/// `kvm_tdp_mmu_zap_invalidated_roots`: zaps invalid roots and drops the TDP MMU's own
+/// reference to each.
+pub fn kvm_tdp_mmu_zap_invalidated_roots(kvm: &Kvm) {
+    let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| r.is_invalid() && !r.zapped.load(Ordering::Acquire)).cloned().collect();
+    for r in roots {
+        {
+            let _r = kvm.mmu.mmu_lock.read();
+            if !r.zapped.swap(true, Ordering::AcqRel) {
+                tdp_mmu_zap_root(kvm, &r, true);
+            }
+        }
+        kvm_tdp_mmu_put_root(kvm, &r);
+    }
+}
+
+/// `kvm_tdp_mmu_fast_pf_get_last_sptep`: the last SPTE on the path to `gfn` (a leaf, or the
+/// first non-present entry), read without locks.
+pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: &TdpRoot, gfn: Gfn) -> (Hpa, Spte, u8) {
+    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gfn, Gfn::new(gfn.raw() + 1));
+    let mut last = (it.sptep, it.old_spte, it.level);
+    while it.valid {
+        last = (it.sptep, it.old_spte, it.level);
+        it.next();
+    }
+    last
+}

@@ -1,0 +1,164 @@
+//! Statistics with KVM's exact names, split as KVM splits them into VM-wide counters
+//! (`struct kvm_vm_stat`, updated from any thread) and per-vCPU counters
+//! (`struct kvm_vcpu_stat`, updated only by the vCPU's own thread).
+
+use crate::sync::{AtomicI64, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+
+macro_rules! vm_stats {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// VM-wide statistics (`struct kvm_vm_stat`).
+        #[derive(Debug, Default)]
+        pub struct VmStats {
+            $($(#[$doc])* pub $name: AtomicI64,)*
+        }
+
+        impl VmStats {
+            /// Every counter by its KVM name.
+            pub fn snapshot(&self) -> BTreeMap<&'static str, i64> {
+                let mut m = BTreeMap::new();
+                $(m.insert(stringify!($name), self.$name.load(Ordering::Relaxed));)*
+                m
+            }
+        }
+    };
+}
+
+vm_stats! {
+    /// `kvm_flush_remote_tlbs` calls that flushed.
+    remote_tlb_flush,
+    /// `kvm_flush_remote_tlbs` calls.
+    remote_tlb_flush_requests,
+    /// Shadow pages zapped.
+    mmu_shadow_zapped,
+    /// Emulated writes to shadowed guest page tables.
+    mmu_pte_write,
+    /// Non-leaf SPTEs zapped by such writes.
+    mmu_pde_zapped,
+    /// Shadow pages zapped for write flooding or misaligned writes.
+    mmu_flooded,
+    /// Shadow pages recycled to stay under the page limit.
+    mmu_recycled,
+    /// Shadow-page cache misses.
+    mmu_cache_miss,
+    /// Unsync shadow pages.
+    mmu_unsync,
+    /// Leaf SPTEs mapping 4 KiB.
+    pages_4k,
+    /// Leaf SPTEs mapping 2 MiB.
+    pages_2m,
+    /// Leaf SPTEs mapping 1 GiB.
+    pages_1g,
+    /// Huge pages split because of the NX huge page mitigation.
+    nx_lpage_splits,
+    /// Peak rmap length.
+    max_mmu_rmap_size,
+    /// Peak shadow-page hash collisions.
+    max_mmu_page_hash_collisions,
+}
+
+impl VmStats {
+    /// Adds `delta` to the page counter of `level` (`kvm_update_page_stats`).
+    #[inline]
+    pub fn update_page_stats(&self, level: u8, delta: i64) {
+        let c = match level {
+            1 => &self.pages_4k,
+            2 => &self.pages_2m,
+            _ => &self.pages_1g,
+        };
+        c.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Raises a peak counter to at least `v`.
+    pub fn update_peak(c: &AtomicI64, v: i64) {
+        c.fetch_max(v, Ordering::Relaxed);
+    }
+}
+
+macro_rules! vcpu_stats {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Per-vCPU statistics (`struct kvm_vcpu_stat`).
+        #[derive(Debug, Default, Clone, PartialEq, Eq)]
+        pub struct VcpuStats {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl VcpuStats {
+            /// Every counter by its KVM name.
+            pub fn snapshot(&self) -> BTreeMap<&'static str, i64> {
+                let mut m = BTreeMap::new();
+                $(m.insert(stringify!($name), self.$name as i64);)*
+                m
+            }
+        }
+    };
+}
+
+vcpu_stats! {
+    /// Page faults handled by the MMU.
+    pf_taken,
+    /// Faults that installed a mapping.
+    pf_fixed,
+    /// Faults fixed (or found spurious) by the lockless fast path.
+    pf_fast,
+    /// Faults that found the mapping already there.
+    pf_spurious,
+    /// Faults that needed instruction emulation.
+    pf_emulate,
+    /// MMIO SPTEs created.
+    pf_mmio_spte_created,
+    /// Page faults injected into the guest.
+    pf_guest,
+    /// Local TLB flushes.
+    tlb_flush,
+    /// INVLPG / INVPCID handled.
+    invlpg,
+    /// VM exits.
+    exits,
+    /// Exits to the VMM for MMIO.
+    mmio_exits,
+}
+
+/// A monotonic counter readable from other threads (used for values the vCPU shares).
+#[derive(Debug, Default)]
+pub struct SharedCounter(AtomicU64);
+
+impl SharedCounter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Merges stat maps by summing values of equal names.
+pub fn sum_into(acc: &mut BTreeMap<&'static str, i64>, add: &BTreeMap<&'static str, i64>) {
+    for (k, v) in add {
+        *acc.entry(k).or_insert(0) += v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_kvms() {
+        let vm = VmStats::default();
+        vm.update_page_stats(2, 3);
+        let s = vm.snapshot();
+        assert_eq!(s["pages_2m"], 3);
+        for n in ["remote_tlb_flush", "remote_tlb_flush_requests", "pages_4k", "pages_1g", "mmu_cache_miss"] {
+            assert!(s.contains_key(n), "{n}");
+        }
+        let v = VcpuStats { pf_fixed: 2, ..Default::default() };
+        let s = v.snapshot();
+        for n in ["pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate", "pf_mmio_spte_created", "tlb_flush", "exits"] {
+            assert!(s.contains_key(n), "{n}");
+        }
+        assert_eq!(s["pf_fixed"], 2);
+    }
+}

@@ -1,0 +1,227 @@
+//! Tracing in the kernel's formats: tracepoints (`--trace events`, one line per event in the
+//! layout of the kernel's trace output, with the kvmmmu print formats) and the
+//! function_graph tracer (`--trace function_graph`, nested calls with durations).
+//!
+//! Off by default; when off, an event or a function costs one relaxed load.
+
+use crate::sync::{AtomicBool, Mutex, Ordering};
+use std::fmt::Write as _;
+use std::time::Instant;
+
+/// One recorded trace item.
+#[derive(Debug, Clone)]
+enum Rec {
+    Event { name: &'static str, text: String },
+    Enter(&'static str),
+    Exit(&'static str),
+}
+
+#[derive(Debug, Clone)]
+struct Record {
+    ns: u64,
+    cpu: u32,
+    rec: Rec,
+}
+
+/// The trace buffer of one VM.
+pub struct Tracer {
+    events: AtomicBool,
+    graph: AtomicBool,
+    start: Instant,
+    buf: Mutex<Vec<Record>>,
+}
+
+impl Default for Tracer {
+    fn default() -> Self {
+        Tracer { events: AtomicBool::new(false), graph: AtomicBool::new(false), start: Instant::now(), buf: Mutex::new(Vec::new()) }
+    }
+}
+
+/// Leaves a traced function when dropped.
+pub struct FnGuard<'a> {
+    tracer: &'a Tracer,
+    cpu: u32,
+    name: &'static str,
+}
+
+impl Drop for FnGuard<'_> {
+    fn drop(&mut self) {
+        self.tracer.push(self.cpu, Rec::Exit(self.name));
+    }
+}
+
+impl Tracer {
+    /// Turns tracepoints on or off.
+    pub fn set_events(&self, on: bool) {
+        self.events.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns the function_graph tracer on or off.
+    pub fn set_function_graph(&self, on: bool) {
+        self.graph.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether tracepoints are on.
+    #[inline]
+    pub fn events_on(&self) -> bool {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    fn push(&self, cpu: u32, rec: Rec) {
+        let ns = self.start.elapsed().as_nanos() as u64;
+        self.buf.lock().push(Record { ns, cpu, rec });
+    }
+
+    /// Records tracepoint `name` with its already formatted text (call only when
+    /// [`Tracer::events_on`]).
+    pub fn event(&self, cpu: u32, name: &'static str, args: std::fmt::Arguments<'_>) {
+        self.push(cpu, Rec::Event { name, text: args.to_string() });
+    }
+
+    /// Enters traced function `name`; the guard records its exit.
+    #[inline]
+    pub fn func(&self, cpu: u32, name: &'static str) -> Option<FnGuard<'_>> {
+        if !self.graph.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.push(cpu, Rec::Enter(name));
+        Some(FnGuard { tracer: self, cpu, name })
+    }
+
+    /// Drops everything recorded.
+    pub fn clear(&self) {
+        self.buf.lock().clear();
+    }
+
+    /// Number of recorded items.
+    pub fn len(&self) -> usize {
+        self.buf.lock().len()
+    }
+
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Renders the tracepoints as the kernel's `trace` file does.
+    pub fn render_events(&self) -> String {
+        let buf = self.buf.lock();
+        let mut out = String::from(
+            "# tracer: nop\n#\n#                                _-----=> irqs-off/BH-disabled\n#                               / _----=> need-resched\n#                              | / _---=> hardirq/softirq\n#                              || / _--=> preempt-depth\n#                              ||| / _-=> migrate-disable\n#                              |||| /     delay\n#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION\n#              | |         |   |||||     |         |\n",
+        );
+        for r in buf.iter() {
+            if let Rec::Event { name, text } = &r.rec {
+                let task = format!("vcpu-{}", r.cpu);
+                let _ = writeln!(
+                    out,
+                    "{:>16}-{:<7} [{:03}] ..... {:>6}.{:06}: {}: {}",
+                    task,
+                    1000 + r.cpu,
+                    r.cpu,
+                    r.ns / 1_000_000_000,
+                    (r.ns / 1000) % 1_000_000,
+                    name,
+                    text
+                );
+            }
+        }
+        out
+    }
+
+    /// Renders the function_graph trace as the kernel's function_graph tracer does: per
+    /// CPU, nested calls with braces, durations on the closing line (or on the line of a
+    /// leaf call).
+    pub fn render_function_graph(&self) -> String {
+        let buf = self.buf.lock();
+        let mut out = String::from("# tracer: function_graph\n#\n# CPU  DURATION                  FUNCTION CALLS\n# |     |   |                     |   |   |   |\n");
+        let recs: Vec<&Record> = buf.iter().filter(|r| !matches!(r.rec, Rec::Event { .. })).collect();
+        render_graph(&mut out, &recs);
+        out
+    }
+}
+
+/// Renders function entry/exit records: per CPU a stack of open calls; a call whose next
+/// record on the same CPU is its own exit is a leaf and prints on one line.
+fn render_graph(out: &mut String, recs: &[&Record]) {
+    let mut stacks: std::collections::BTreeMap<u32, Vec<(&'static str, u64)>> = Default::default();
+    let mut i = 0;
+    let mut consumed = vec![false; recs.len()];
+    while i < recs.len() {
+        if consumed[i] {
+            i += 1;
+            continue;
+        }
+        let r = recs[i];
+        let stack = stacks.entry(r.cpu).or_default();
+        match r.rec {
+            Rec::Enter(name) => {
+                let next = recs[i + 1..].iter().enumerate().find(|(k, n)| !consumed[i + 1 + k] && n.cpu == r.cpu).map(|(k, _)| i + 1 + k);
+                match next.map(|j| (j, &recs[j].rec)) {
+                    Some((j, Rec::Exit(n2))) if *n2 == name => {
+                        let d = recs[j].ns.saturating_sub(r.ns);
+                        let _ = writeln!(out, "{:>2}) {} |  {}{}();", r.cpu, duration(d), "  ".repeat(stack.len()), name);
+                        consumed[j] = true;
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{:>2}) {:>13} |  {}{}() {{", r.cpu, "", "  ".repeat(stack.len()), name);
+                        stack.push((name, r.ns));
+                    }
+                }
+            }
+            Rec::Exit(_) => {
+                if let Some((_, t0)) = stack.pop() {
+                    let _ = writeln!(out, "{:>2}) {} |  {}}}", r.cpu, duration(r.ns.saturating_sub(t0)), "  ".repeat(stack.len()));
+                }
+            }
+            Rec::Event { .. } => {}
+        }
+        i += 1;
+    }
+}
+
+/// A duration in the function_graph column format ("  1.234 us   ").
+fn duration(ns: u64) -> String {
+    format!("{:>8}.{:03} us", ns / 1000, ns % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_render_in_kernel_layout() {
+        let t = Tracer::default();
+        t.set_events(true);
+        if t.events_on() {
+            t.event(0, "kvm_mmu_spte_requested", format_args!("gfn {:x} pfn {:x} level {}", 0x100, 0x2a3f, 1));
+        }
+        let s = t.render_events();
+        let line = s.lines().last().unwrap();
+        assert!(line.contains("[000] ....."), "{line}");
+        assert!(line.ends_with("kvm_mmu_spte_requested: gfn 100 pfn 2a3f level 1"), "{line}");
+    }
+
+    #[test]
+    fn function_graph_nests_and_folds_leaves() {
+        let t = Tracer::default();
+        t.set_function_graph(true);
+        {
+            let _a = t.func(0, "kvm_tdp_page_fault");
+            {
+                let _b = t.func(0, "fast_page_fault");
+            }
+            {
+                let _c = t.func(0, "kvm_tdp_mmu_map");
+                let _d = t.func(0, "tdp_mmu_set_spte_atomic");
+            }
+        }
+        let s = t.render_function_graph();
+        let body: Vec<&str> = s.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(body[0].ends_with("|  kvm_tdp_page_fault() {"), "{s}");
+        assert!(body[1].contains(" us ") && body[1].ends_with("|    fast_page_fault();"), "{s}");
+        assert!(body[2].ends_with("|    kvm_tdp_mmu_map() {"), "{s}");
+        assert!(body[3].ends_with("|      tdp_mmu_set_spte_atomic();"), "{s}");
+        assert!(body[4].contains(" us ") && body[4].ends_with("|    }"), "{s}");
+        assert!(body[5].ends_with("|  }"), "{s}");
+    }
+}

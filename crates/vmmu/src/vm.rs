@@ -1,0 +1,748 @@
+//! The KVM-shaped API: a VM created from a config carrying KVM's module parameters,
+//! memslots (KVM_SET_USER_MEMORY_REGION), vCPUs and their run loop, vCPU requests and remote
+//! TLB flushes.
+//!
+//! A vCPU runs guest operations (loads, stores, fetches, CR writes, INVLPG) on the hardware
+//! model; VM exits go to the MMU (`kvm_mmu_page_fault`), and accesses the MMU cannot map are
+//! emulated and, for MMIO, handed to the VMM's devices.
+
+use crate::host::{FrameAllocator, HostError, HostMm, MmuNotifier, PhysMem};
+use crate::hw::cpu::{Cpu, CpuMode, Exception, Stop};
+use crate::memslot::{MemslotChange, MemslotError, MemslotFlags, Memslots, UserspaceMemoryRegion};
+use crate::mmio_bus::{MmioBus, MmioDevice};
+use crate::mmu::role::Role;
+use crate::mmu::spte::SpteMasks;
+use crate::mmu::tdp_mmu::{self, TdpRoot};
+use crate::mmu::{KvmMmu, MmuError, RetPf};
+use crate::stats::{VcpuStats, VmStats};
+use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, Mutex, Ordering, RwLock};
+use crate::trace::Tracer;
+use std::collections::BTreeMap;
+use x86_paging::access::AccessKind;
+use x86_paging::addr::{Gpa, Gva, Pfn};
+use x86_paging::ept::{EptConfig, EptQual, NptConfig, TdpExit};
+use x86_paging::regs::{Cr0, Cr4, Efer};
+use x86_paging::walk2d::Tdp;
+
+/// Which MMU the VM uses (the `tdp_mmu` and `ept`/`npt` module parameters together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MmuKind {
+    /// Two-dimensional paging with the TDP MMU (tdp_mmu=Y).
+    Tdp,
+    /// Shadow paging (ept=N / npt=N).
+    Shadow,
+    /// Two-dimensional paging with the legacy MMU (tdp_mmu=N).
+    LegacyTdp,
+}
+
+/// The TDP flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TdpKind {
+    /// Intel EPT.
+    Ept,
+    /// AMD NPT.
+    Npt,
+}
+
+/// A VM's configuration: KVM's module parameters and VM settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// MMU.
+    pub mmu: MmuKind,
+    /// EPT or NPT.
+    pub tdp: TdpKind,
+    /// kvm_intel.eptad: EPT A/D bits (else access tracking).
+    pub eptad: bool,
+    /// Largest TDP level the "hardware" supports (4 or 5).
+    pub max_tdp_level: u8,
+    /// Guest MAXPHYADDR (CPUID).
+    pub maxphyaddr: u8,
+    /// kvm.nx_huge_pages.
+    pub nx_huge_pages: bool,
+    /// kvm.mmio_caching.
+    pub mmio_caching: bool,
+    /// Largest huge page the TDP MMU maps (2 = 2 MiB, 3 = 1 GiB).
+    pub tdp_huge_page_level: u8,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig { mmu: MmuKind::Tdp, tdp: TdpKind::Ept, eptad: true, max_tdp_level: 4, maxphyaddr: 46, nx_huge_pages: false, mmio_caching: true, tdp_huge_page_level: 3 }
+    }
+}
+
+impl VmConfig {
+    /// `kvm_mmu_get_tdp_level`: 4-level unless 5-level is supported and MAXPHYADDR > 48.
+    pub fn tdp_level(&self) -> u8 {
+        if self.max_tdp_level == 5 && self.maxphyaddr <= 48 {
+            4
+        } else {
+            self.max_tdp_level
+        }
+    }
+
+    /// `kvm_ad_enabled`.
+    pub fn ad_enabled(&self) -> bool {
+        self.tdp == TdpKind::Npt || self.eptad
+    }
+}
+
+/// Errors of the VM API.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum VmError {
+    /// A bad memslot update.
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+    /// The host failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The MMU failed (KVM_RUN would return an error).
+    #[error(transparent)]
+    Mmu(#[from] MmuError),
+    /// A configuration this build does not implement.
+    #[error("unsupported configuration: {0}")]
+    Unsupported(String),
+    /// A bad configuration value.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// An access kept exiting without progress.
+    #[error("vCPU {vcpu} made no progress on an access at gva {gva:#x} after {exits} exits (last exit: {last})")]
+    Stuck {
+        /// vCPU id.
+        vcpu: u32,
+        /// The access.
+        gva: u64,
+        /// Exits taken.
+        exits: u32,
+        /// The last exit.
+        last: String,
+    },
+}
+
+/// What stops a guest operation: an exception for the guest, or a VM failure.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum GuestError {
+    /// The guest takes an exception (its kernel handles it).
+    #[error("guest exception {0:?}")]
+    Exception(Exception),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// Bit numbers of vCPU requests (KVM_REQ_*).
+pub mod req {
+    /// KVM_REQ_TLB_FLUSH.
+    pub const TLB_FLUSH: u64 = 1 << 0;
+    /// KVM_REQ_MMU_SYNC.
+    pub const MMU_SYNC: u64 = 1 << 3;
+    /// KVM_REQ_LOAD_MMU_PGD.
+    pub const LOAD_MMU_PGD: u64 = 1 << 5;
+    /// KVM_REQ_TLB_FLUSH_CURRENT.
+    pub const TLB_FLUSH_CURRENT: u64 = 1 << 26;
+    /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS.
+    pub const MMU_FREE_OBSOLETE_ROOTS: u64 = 1 << 31;
+}
+
+/// vCPU modes (`vcpu->mode`).
+pub mod mode {
+    /// Not running guest code.
+    pub const OUTSIDE_GUEST_MODE: u8 = 0;
+    /// Running guest code (the hardware may walk SPTEs and use its TLB).
+    pub const IN_GUEST_MODE: u8 = 1;
+    /// In a lockless walk of the SPTEs (fast page fault).
+    pub const READING_SHADOW_PAGE_TABLES: u8 = 3;
+}
+
+/// What other threads may see of a vCPU: its mode and pending requests.
+#[derive(Debug, Default)]
+pub struct VcpuShared {
+    /// vCPU id.
+    pub id: u32,
+    /// `vcpu->mode`.
+    pub mode: AtomicU8,
+    /// `vcpu->requests`.
+    pub requests: AtomicU64,
+}
+
+/// A VM (`struct kvm`).
+pub struct Kvm {
+    pub(crate) config: VmConfig,
+    pub(crate) host: Arc<HostMm>,
+    pub(crate) mmu: KvmMmu,
+    /// VM-wide statistics.
+    pub stats: VmStats,
+    /// Trace buffer.
+    pub tracer: Tracer,
+    memslots: RwLock<Arc<Memslots>>,
+    memslots_gen: AtomicU64,
+    slots_lock: Mutex<()>,
+    vcpus: RwLock<Vec<Arc<VcpuShared>>>,
+    mmio: RwLock<MmioBus>,
+    next_vcpu: AtomicU32,
+    n_vcpus_live: AtomicU32,
+    notifier: Mutex<Option<Arc<dyn MmuNotifier>>>,
+}
+
+struct Notifier(std::sync::Weak<Kvm>);
+
+impl MmuNotifier for Notifier {
+    fn invalidate_range_start(&self, range: crate::host::HvaRange, _ev: crate::host::MmuNotifyEvent) {
+        if let Some(kvm) = self.0.upgrade() {
+            crate::mmu::mmu_notifier::invalidate_range_start(&kvm, range);
+        }
+    }
+    fn invalidate_range_end(&self, range: crate::host::HvaRange, _ev: crate::host::MmuNotifyEvent) {
+        if let Some(kvm) = self.0.upgrade() {
+            crate::mmu::mmu_notifier::invalidate_range_end(&kvm, range);
+        }
+    }
+}
+
+impl Kvm {
+    /// KVM_CREATE_VM: a VM whose guest memory will come from `host`.
+    pub fn new(config: VmConfig, host: Arc<HostMm>) -> Result<Arc<Kvm>, VmError> {
+        match config.mmu {
+            MmuKind::Tdp => {}
+            MmuKind::Shadow => return Err(VmError::Unsupported("shadow paging (--mmu shadow) is not implemented yet; see issue #3".into())),
+            MmuKind::LegacyTdp => return Err(VmError::Unsupported("the legacy TDP MMU (--mmu legacy-tdp) is not implemented yet; see issue #3".into())),
+        }
+        if !(36..=52).contains(&config.maxphyaddr) {
+            return Err(VmError::InvalidConfig(format!("maxphyaddr {} is outside 36..=52", config.maxphyaddr)));
+        }
+        if !matches!(config.max_tdp_level, 4 | 5) {
+            return Err(VmError::InvalidConfig(format!("max_tdp_level {} must be 4 or 5", config.max_tdp_level)));
+        }
+        if !(1..=3).contains(&config.tdp_huge_page_level) {
+            return Err(VmError::InvalidConfig(format!("tdp_huge_page_level {} must be 1, 2 or 3", config.tdp_huge_page_level)));
+        }
+        let masks = match config.tdp {
+            TdpKind::Ept => SpteMasks::ept(config.eptad),
+            TdpKind::Npt => SpteMasks::x86_64(),
+        };
+        let kvm = Arc::new(Kvm {
+            config,
+            host,
+            mmu: KvmMmu::new(masks),
+            stats: VmStats::default(),
+            tracer: Tracer::default(),
+            memslots: RwLock::new(Arc::new(Memslots::default())),
+            memslots_gen: AtomicU64::new(0),
+            slots_lock: Mutex::new(()),
+            vcpus: RwLock::new(Vec::new()),
+            mmio: RwLock::new(MmioBus::default()),
+            next_vcpu: AtomicU32::new(0),
+            n_vcpus_live: AtomicU32::new(0),
+            notifier: Mutex::new(None),
+        });
+        let n: Arc<dyn MmuNotifier> = Arc::new(Notifier(Arc::downgrade(&kvm)));
+        kvm.host.register_notifier(n.clone());
+        *kvm.notifier.lock() = Some(n);
+        Ok(kvm)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The VMM's address space.
+    pub fn host(&self) -> &Arc<HostMm> {
+        &self.host
+    }
+
+    /// Host physical memory.
+    #[inline]
+    pub(crate) fn mem(&self) -> &PhysMem {
+        self.host.frames().mem()
+    }
+
+    pub(crate) fn frames(&self) -> &FrameAllocator {
+        self.host.frames()
+    }
+
+    pub(crate) fn nx_huge_pages(&self) -> bool {
+        self.config.nx_huge_pages
+    }
+
+    /// The current memslots.
+    pub fn memslots(&self) -> Arc<Memslots> {
+        self.memslots.read().clone()
+    }
+
+    /// The MMU state (for the audit and reports).
+    pub fn mmu(&self) -> &KvmMmu {
+        &self.mmu
+    }
+
+    /// Places an MMIO device at [gpa, gpa+len).
+    pub fn register_mmio(&self, gpa: Gpa, len: u64, dev: Arc<dyn MmioDevice>) {
+        self.mmio.write().register(gpa, len, dev);
+    }
+
+    pub(crate) fn mmio_bus(&self) -> MmioBus {
+        self.mmio.read().clone()
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION.
+    pub fn set_user_memory_region(&self, r: UserspaceMemoryRegion) -> Result<(), VmError> {
+        let _s = self.slots_lock.lock();
+        if r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
+            return Err(MemslotError::Unsupported { slot: r.slot, flag: "KVM_MEM_LOG_DIRTY_PAGES (dirty logging, issue #4)" }.into());
+        }
+        let cur = self.memslots();
+        if let Some(old) = cur.by_id(r.slot) {
+            if r.memory_size != 0 && old.flags.contains(MemslotFlags::READONLY) != r.flags.contains(MemslotFlags::READONLY) {
+                return Err(VmError::InvalidConfig(format!("memslot {}: KVM_MEM_READONLY cannot change on an existing slot", r.slot)));
+            }
+        }
+        let (new, change, _old) = cur.update(&r, self.config.maxphyaddr)?;
+        *self.memslots.write() = Arc::new(new);
+        self.memslots_gen.fetch_add(1, Ordering::AcqRel);
+        if matches!(change, MemslotChange::Delete | MemslotChange::Move) {
+            // kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast.
+            self.kvm_mmu_zap_all_fast();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn memslots_generation(&self) -> u64 {
+        self.memslots_gen.load(Ordering::Acquire)
+    }
+
+    /// KVM_CREATE_VCPU.
+    pub fn create_vcpu(self: &Arc<Self>) -> Result<Vcpu, VmError> {
+        let id = self.next_vcpu.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(VcpuShared { id, ..Default::default() });
+        self.vcpus.write().push(shared.clone());
+        self.n_vcpus_live.fetch_add(1, Ordering::Relaxed);
+        let cpu = Cpu::new(self.host.frames().mem().clone(), CpuMode::Native, (id + 1) as u16, self.config.maxphyaddr);
+        Ok(Vcpu {
+            kvm: self.clone(),
+            id,
+            cpu,
+            shared,
+            mmu: VcpuMmu::default(),
+            stat: VcpuStats::default(),
+            slots: self.memslots(),
+            in_guest: false,
+        })
+    }
+
+    /// `kvm_make_all_cpus_request`.
+    pub(crate) fn make_all_cpus_request(&self, r: u64) {
+        for v in self.vcpus.read().iter() {
+            v.requests.fetch_or(r, Ordering::SeqCst);
+        }
+    }
+
+    /// `kvm_flush_remote_tlbs`: asks every vCPU to flush its TLB and waits until each one
+    /// that is running guest code (or walking SPTEs locklessly) has seen the request.
+    /// `me` is the calling vCPU, which flushes on its next entry.
+    pub fn flush_remote_tlbs(&self, me: Option<u32>) {
+        self.stats.remote_tlb_flush_requests.fetch_add(1, Ordering::Relaxed);
+        let vcpus = self.vcpus.read().clone();
+        for v in &vcpus {
+            v.requests.fetch_or(req::TLB_FLUSH, Ordering::SeqCst);
+        }
+        for v in &vcpus {
+            if Some(v.id) == me {
+                continue;
+            }
+            let mut spins = 0u32;
+            while v.requests.load(Ordering::SeqCst) & req::TLB_FLUSH != 0 && matches!(v.mode.load(Ordering::SeqCst), mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES) {
+                spins += 1;
+                if spins > 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        self.stats.remote_tlb_flush.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frees page-table frames unlinked earlier, after a remote flush. The caller holds
+    /// `mmu_lock` for write, so no fault-path walker holds a pointer into them; the flush
+    /// guarantees no vCPU is still walking them in hardware or in fast page fault.
+    pub(crate) fn flush_and_free_deferred(&self, me: Option<u32>, need_flush: bool) {
+        let pending = std::mem::take(&mut *self.mmu.deferred_free.lock());
+        if need_flush || !pending.is_empty() {
+            self.flush_remote_tlbs(me);
+        }
+        for p in pending {
+            self.frames().free_4k(p);
+        }
+    }
+
+    /// `kvm_mmu_zap_all_fast`: makes every root obsolete, has the vCPUs drop them and zaps
+    /// their contents (memslot delete/move).
+    pub fn kvm_mmu_zap_all_fast(&self) {
+        {
+            let _w = self.mmu.mmu_lock.write();
+            let gen = self.mmu.mmu_valid_gen.fetch_xor(1, Ordering::AcqRel) ^ 1;
+            if self.tracer.events_on() {
+                self.tracer.event(u32::MAX, "kvm_mmu_zap_all_fast", format_args!("kvm-mmu-valid-gen {} used_pages {:x}", gen, 0));
+            }
+            tdp_mmu::kvm_tdp_mmu_invalidate_all_roots(self);
+            self.make_all_cpus_request(req::MMU_FREE_OBSOLETE_ROOTS);
+        }
+        tdp_mmu::kvm_tdp_mmu_zap_invalidated_roots(self);
+        let _w = self.mmu.mmu_lock.write();
+        self.flush_and_free_deferred(None, true);
+    }
+
+    /// VM statistics by KVM name.
+    pub fn vm_stats(&self) -> BTreeMap<&'static str, i64> {
+        let mut m = self.stats.snapshot();
+        m.insert("tdp_mmu_pages", self.mmu.tdp_mmu_pages.load(Ordering::Relaxed));
+        m
+    }
+
+    /// Checks the MMU's invariants (see [`crate::mmu::audit`]).
+    pub fn audit(&self) -> Result<crate::mmu::audit::AuditReport, crate::mmu::audit::AuditError> {
+        crate::mmu::audit::audit(self)
+    }
+}
+
+impl Drop for Kvm {
+    fn drop(&mut self) {
+        // kvm_mmu_zap_all on teardown (mmu_notifier release): return every table to the host.
+        let roots: Vec<Arc<TdpRoot>> = std::mem::take(&mut *self.mmu.roots.lock());
+        for r in &roots {
+            if !r.zapped.swap(true, Ordering::AcqRel) {
+                tdp_mmu::tdp_mmu_zap_root(self, r, false);
+            }
+            self.frames().free_4k(r.hpa.pfn());
+        }
+        for p in std::mem::take(&mut *self.mmu.deferred_free.lock()) {
+            self.frames().free_4k(p);
+        }
+        if let Some(n) = self.notifier.lock().take() {
+            self.host.unregister_notifier(&n);
+        }
+    }
+}
+
+/// A vCPU's MMU state (`vcpu->arch.mmu` and its memory caches).
+#[derive(Default)]
+pub struct VcpuMmu {
+    /// The current root.
+    pub root: Option<Arc<TdpRoot>>,
+    /// `mmu_shadow_page_cache`: zeroed (non-present) table frames ready for the fault path.
+    pub shadow_page_cache: Vec<Pfn>,
+    /// Cached MMIO info (`vcpu->arch.mmio_gfn` and its generation).
+    pub mmio_gfn: Option<(u64, u64)>,
+}
+
+/// KVM's per-vCPU cache capacity (`KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE`).
+const MEMORY_CACHE_CAPACITY: usize = 40;
+/// Minimum table frames before taking mmu_lock.
+const SHADOW_PAGE_CACHE_MIN: usize = 5;
+/// Exits one access may take before the VM is declared stuck.
+const MAX_EXITS_PER_ACCESS: u32 = 10_000;
+
+/// A vCPU: the hardware model plus KVM's per-vCPU state.
+pub struct Vcpu {
+    pub(crate) kvm: Arc<Kvm>,
+    pub(crate) id: u32,
+    pub(crate) cpu: Cpu,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) mmu: VcpuMmu,
+    /// Per-vCPU statistics.
+    pub stat: VcpuStats,
+    pub(crate) slots: Arc<Memslots>,
+    in_guest: bool,
+}
+
+enum ExitAction {
+    Resume,
+    Emulate,
+}
+
+impl Vcpu {
+    /// vCPU id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The VM.
+    pub fn kvm(&self) -> &Arc<Kvm> {
+        &self.kvm
+    }
+
+    /// The hardware model (registers, TLB, counters).
+    pub fn cpu(&self) -> &Cpu {
+        &self.cpu
+    }
+
+    /// Statistics of this vCPU by KVM name.
+    pub fn stats(&self) -> BTreeMap<&'static str, i64> {
+        self.stat.snapshot()
+    }
+
+    /// `mmu_topup_memory_caches`.
+    pub(crate) fn mmu_topup_memory_caches(&mut self) -> Result<(), HostError> {
+        if self.mmu.shadow_page_cache.len() >= SHADOW_PAGE_CACHE_MIN {
+            return Ok(());
+        }
+        while self.mmu.shadow_page_cache.len() < MEMORY_CACHE_CAPACITY {
+            let p = self.kvm.frames().alloc_4k()?;
+            tdp_mmu::init_table(&self.kvm, p);
+            self.mmu.shadow_page_cache.push(p);
+        }
+        Ok(())
+    }
+
+    /// `kvm_mmu_load`: allocates (or shares) the root and points the hardware at it.
+    fn kvm_mmu_load(&mut self) -> Result<(), VmError> {
+        self.mmu_topup_memory_caches()?;
+        let cfg = &self.kvm.config;
+        let role = Role(0).with_level(u32::from(cfg.tdp_level())).with_direct(1).with_access(7).with_cr0_wp(1).with_efer_nx(1).with_ad_disabled(u32::from(!cfg.ad_enabled()));
+        let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&self.kvm, role)?;
+        let tdp = match cfg.tdp {
+            TdpKind::Ept => Tdp::Ept(EptConfig { root: root.hpa, levels: root.level(), ad_enabled: cfg.eptad, execute_only: true, gbpages: true, maxphyaddr: 46 }),
+            TdpKind::Npt => Tdp::Npt(NptConfig { root: root.hpa, levels: root.level(), nxe: true, gbpages: true, maxphyaddr: 46 }),
+        };
+        self.cpu.set_mode(CpuMode::Tdp(tdp));
+        self.mmu.root = Some(root);
+        self.cpu.flush_tlb_current();
+        Ok(())
+    }
+
+    /// The requests `vcpu_enter_guest` services before entering the guest.
+    fn service_requests(&mut self) {
+        let r = self.shared.requests.swap(0, Ordering::AcqRel);
+        if r & req::MMU_FREE_OBSOLETE_ROOTS != 0 {
+            if let Some(root) = self.mmu.root.take_if(|r| r.is_invalid()) {
+                tdp_mmu::kvm_tdp_mmu_put_root(&self.kvm, &root);
+            }
+        }
+        if r & req::TLB_FLUSH != 0 {
+            self.stat.tlb_flush += 1;
+            self.cpu.flush_tlb_all();
+        }
+        if r & req::TLB_FLUSH_CURRENT != 0 {
+            self.stat.tlb_flush += 1;
+            self.cpu.flush_tlb_current();
+        }
+    }
+
+    #[inline]
+    fn enter(&mut self) -> Result<(), VmError> {
+        if !self.in_guest || self.shared.requests.load(Ordering::Relaxed) != 0 {
+            self.enter_slow()?;
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn enter_slow(&mut self) -> Result<(), VmError> {
+        loop {
+            self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
+            self.service_requests();
+            if self.mmu.root.is_none() {
+                self.kvm_mmu_load()?;
+            }
+            self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::SeqCst);
+            if self.shared.requests.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+        }
+        self.in_guest = true;
+        Ok(())
+    }
+
+    /// Leaves guest mode (a vCPU thread about to block on something else calls this, so
+    /// that remote TLB flushes do not wait for it).
+    pub fn exit_guest(&mut self) {
+        self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
+        self.in_guest = false;
+    }
+
+    pub(crate) fn refresh_memslots(&mut self) {
+        if self.slots.generation() != self.kvm.memslots_generation() {
+            self.slots = self.kvm.memslots();
+        }
+    }
+
+    fn handle_exit(&mut self, x: TdpExit) -> Result<ExitAction, VmError> {
+        self.stat.exits += 1;
+        self.refresh_memslots();
+        let (gpa, ec) = match x {
+            TdpExit::EptViolation { gpa, qualification, .. } => (gpa, ept_violation_error_code(qualification)),
+            TdpExit::EptMisconfig { gpa } => (gpa, crate::mmu::page_fault::PFERR_RSVD),
+            TdpExit::Npf { gpa, error_code } => (gpa, error_code),
+            TdpExit::Contended { .. } => return Ok(ExitAction::Resume),
+        };
+        let r = crate::mmu::page_fault::kvm_mmu_page_fault(self, gpa, ec)?;
+        Ok(if r == RetPf::Emulate { ExitAction::Emulate } else { ExitAction::Resume })
+    }
+
+    /// Runs a hardware operation, handling exits until it completes; `emulate` performs it
+    /// in software when the MMU says so.
+    #[inline]
+    fn run_op<T>(
+        &mut self,
+        gva: u64,
+        mut op: impl FnMut(&mut Cpu) -> Result<T, Stop>,
+        emulate: impl FnOnce(&mut Self) -> Result<T, GuestError>,
+    ) -> Result<T, GuestError> {
+        self.enter()?;
+        match op(&mut self.cpu) {
+            Ok(v) => Ok(v),
+            Err(stop) => self.run_op_slow(gva, stop, op, emulate),
+        }
+    }
+
+    #[cold]
+    fn run_op_slow<T>(
+        &mut self,
+        gva: u64,
+        mut stop: Stop,
+        mut op: impl FnMut(&mut Cpu) -> Result<T, Stop>,
+        emulate: impl FnOnce(&mut Self) -> Result<T, GuestError>,
+    ) -> Result<T, GuestError> {
+        let mut exits = 0u32;
+        loop {
+            match stop {
+                Stop::Exception(e) => {
+                    if let Exception::PageFault { cr2, .. } = e {
+                        self.cpu.cr2 = cr2;
+                    }
+                    return Err(GuestError::Exception(e));
+                }
+                Stop::Exit(x) => {
+                    self.exit_guest();
+                    exits += 1;
+                    if exits > MAX_EXITS_PER_ACCESS {
+                        return Err(VmError::Stuck { vcpu: self.id, gva, exits, last: x.to_string() }.into());
+                    }
+                    if let ExitAction::Emulate = self.handle_exit(x)? {
+                        return emulate(self);
+                    }
+                }
+            }
+            self.enter()?;
+            match op(&mut self.cpu) {
+                Ok(v) => return Ok(v),
+                Err(s) => stop = s,
+            }
+        }
+    }
+
+    /// A guest load of `size` (1..=8) bytes.
+    #[inline]
+    pub fn read(&mut self, gva: Gva, size: u8) -> Result<u64, GuestError> {
+        self.run_op(gva.raw(), |c| c.read(gva, size), |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Read, 0))
+    }
+
+    /// A guest store of `size` (1..=8) bytes.
+    #[inline]
+    pub fn write(&mut self, gva: Gva, size: u8, val: u64) -> Result<(), GuestError> {
+        self.run_op(gva.raw(), |c| c.write(gva, size, val), |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Write, val).map(|_| ()))
+    }
+
+    /// A guest instruction fetch of `size` bytes.
+    pub fn fetch(&mut self, gva: Gva, size: u8) -> Result<u64, GuestError> {
+        self.run_op(gva.raw(), |c| c.fetch(gva, size), |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Fetch, 0))
+    }
+
+    fn gp<T>(_: &mut Self) -> Result<T, GuestError> {
+        // The PDPT of a PAE guest lies outside guest RAM: KVM's load_pdptrs fails -> #GP.
+        Err(GuestError::Exception(Exception::GeneralProtection))
+    }
+
+    /// MOV to CR0.
+    pub fn write_cr0(&mut self, v: Cr0) -> Result<(), GuestError> {
+        self.run_op(0, |c| c.write_cr0(v), Self::gp)
+    }
+
+    /// MOV to CR4.
+    pub fn write_cr4(&mut self, v: Cr4) -> Result<(), GuestError> {
+        self.run_op(0, |c| c.write_cr4(v), Self::gp)
+    }
+
+    /// WRMSR EFER.
+    pub fn write_efer(&mut self, v: Efer) -> Result<(), GuestError> {
+        self.run_op(0, |c| c.write_efer(v), Self::gp)
+    }
+
+    /// MOV to CR3.
+    pub fn write_cr3(&mut self, v: u64) -> Result<(), GuestError> {
+        self.run_op(0, |c| c.write_cr3(v), Self::gp)
+    }
+
+    /// WRPKRU.
+    pub fn write_pkru(&mut self, v: u32) {
+        self.cpu.write_pkru(v)
+    }
+
+    /// Sets CPL (a privilege transition).
+    pub fn set_cpl(&mut self, cpl: u8) {
+        self.cpu.set_cpl(cpl)
+    }
+
+    /// STAC / CLAC.
+    pub fn set_ac(&mut self, ac: bool) {
+        self.cpu.set_ac(ac)
+    }
+
+    /// INVLPG (not intercepted with TDP: the hardware flushes its own TLB).
+    pub fn invlpg(&mut self, gva: Gva) {
+        self.cpu.invlpg(gva)
+    }
+
+    /// INVPCID.
+    pub fn invpcid(&mut self, kind: u8, pcid: u16, gva: Gva) -> Result<(), GuestError> {
+        self.cpu.invpcid(kind, pcid, gva).map_err(|s| match s {
+            Stop::Exception(e) => GuestError::Exception(e),
+            Stop::Exit(_) => GuestError::Exception(Exception::GeneralProtection),
+        })
+    }
+
+    /// CR2.
+    pub fn cr2(&self) -> u64 {
+        self.cpu.cr2
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        self.exit_guest();
+        if let Some(root) = self.mmu.root.take() {
+            tdp_mmu::kvm_tdp_mmu_put_root(&self.kvm, &root);
+        }
+        for p in self.mmu.shadow_page_cache.drain(..) {
+            self.kvm.frames().free_4k(p);
+        }
+        self.kvm.vcpus.write().retain(|v| v.id != self.id);
+        self.kvm.n_vcpus_live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `handle_ept_violation`: the page-fault error code KVM derives from the exit
+/// qualification (EPT read -> PFERR_USER, the entry's R/W/X -> PFERR_PRESENT, final
+/// translation vs paging-structure access -> PFERR_GUEST_FINAL / PFERR_GUEST_PAGE).
+pub fn ept_violation_error_code(q: EptQual) -> u64 {
+    use crate::mmu::page_fault::*;
+    let mut ec = 0;
+    if q.contains(EptQual::READ) {
+        ec |= PFERR_USER;
+    }
+    if q.contains(EptQual::WRITE) {
+        ec |= PFERR_WRITE;
+    }
+    if q.contains(EptQual::FETCH) {
+        ec |= PFERR_FETCH;
+    }
+    if q.intersects(EptQual::READABLE | EptQual::WRITABLE | EptQual::EXECUTABLE) {
+        ec |= PFERR_PRESENT;
+    }
+    if q.contains(EptQual::GVA_VALID) {
+        ec |= if q.contains(EptQual::GVA_TRANSLATED) { PFERR_GUEST_FINAL } else { PFERR_GUEST_PAGE };
+    }
+    ec
+}

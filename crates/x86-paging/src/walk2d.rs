@@ -1,0 +1,570 @@
+//! The two-dimensional walk: a guest walk whose every guest-physical access is
+//! itself translated by a TDP (EPT or NPT) walk, as the hardware does with
+//! nested paging.
+
+use crate::access::{Access, AccessKind, PfErrorCode};
+use crate::addr::{Gpa, Gva, Hpa, PageSize};
+use crate::ept::{
+    ept_walk, npt_walk, EptAccess, EptConfig, EptTranslation, HostPhys, NptConfig, TdpExit,
+};
+use crate::mode::PagingState;
+use crate::walk::{walk, GuestPhys, Translation, WalkError, WalkObserver, WalkOptions};
+
+/// The second dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tdp {
+    /// Intel EPT.
+    Ept(EptConfig),
+    /// AMD nested paging.
+    Npt(NptConfig),
+}
+
+impl Tdp {
+    /// Translates `gpa` with [`ept_walk`] or [`npt_walk`].
+    #[inline]
+    pub fn walk<H: HostPhys>(
+        &self,
+        h: &H,
+        gpa: Gpa,
+        acc: &EptAccess,
+    ) -> Result<EptTranslation, TdpExit> {
+        match self {
+            Tdp::Ept(cfg) => ept_walk(h, cfg, gpa, acc),
+            Tdp::Npt(cfg) => npt_walk(h, cfg, gpa, acc),
+        }
+    }
+
+    /// The number of levels of the TDP tables.
+    #[inline]
+    pub const fn levels(&self) -> u8 {
+        match self {
+            Tdp::Ept(c) => c.walk_levels(),
+            Tdp::Npt(c) => {
+                if c.levels == 5 {
+                    5
+                } else {
+                    4
+                }
+            }
+        }
+    }
+}
+
+/// A successful 2D translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Translation2d {
+    /// The host-physical address of the accessed byte.
+    pub hpa: Hpa,
+    /// The guest-physical address of the accessed byte.
+    pub gpa: Gpa,
+    /// The guest dimension.
+    pub guest: Translation,
+    /// The host (TDP) page size of the final translation.
+    pub host_size: PageSize,
+    /// The final guest-physical page is writable in the TDP tables.
+    pub host_writable: bool,
+    /// The final guest-physical page is executable in the TDP tables.
+    pub host_exec: bool,
+    /// The TDP leaf is dirty (always true for EPT without A/D).
+    pub host_dirty: bool,
+    /// Memory references: guest entry reads and A/D updates, plus every TDP
+    /// entry read and TDP A/D update on the way (24 for a 4-level guest on
+    /// 4-level EPT with nothing cached and no A/D update).
+    pub mem_refs: u32,
+}
+
+/// Why a 2D walk failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Walk2dError {
+    /// Inject `#PF` into the guest with this error code.
+    #[error("guest page fault, error code {0}")]
+    Guest(PfErrorCode),
+    /// The linear address is not canonical (`#GP`).
+    #[error("non-canonical address")]
+    NonCanonical,
+    /// The TDP walk exited (EPT violation / misconfiguration, NPF).
+    #[error(transparent)]
+    Exit(TdpExit),
+    /// Guest or TDP entries kept changing under the walker (see
+    /// [`WalkError::Contended`]); retry the access.
+    #[error("paging entries kept changing under the walker")]
+    Contended,
+}
+
+impl From<TdpExit> for Walk2dError {
+    fn from(e: TdpExit) -> Self {
+        match e {
+            TdpExit::Contended { .. } => Walk2dError::Contended,
+            e => Walk2dError::Exit(e),
+        }
+    }
+}
+
+/// Guest memory seen through the TDP tables.
+struct Nested<'a, H: ?Sized> {
+    h: &'a H,
+    tdp: &'a Tdp,
+    refs: u32,
+}
+
+impl<H: HostPhys + ?Sized> Nested<'_, H> {
+    #[inline]
+    fn translate(&mut self, gpa: Gpa, kind: AccessKind, gva: Gva) -> Result<Hpa, TdpExit> {
+        let t = self
+            .tdp
+            .walk(&self.h, gpa, &EptAccess::guest_table(kind, gva))?;
+        self.refs += t.refs;
+        Ok(t.hpa)
+    }
+}
+
+impl<H: HostPhys + ?Sized> GuestPhys for Nested<'_, H> {
+    type Error = TdpExit;
+
+    #[inline]
+    fn read_pte(&mut self, gpa: Gpa, size: u8, gva: Gva) -> Result<u64, TdpExit> {
+        let hpa = self.translate(gpa, AccessKind::Read, gva)?;
+        self.refs += 1;
+        let word = self.h.read_u64(Hpa(hpa.0 & !7));
+        Ok(if size == 4 {
+            (word >> ((hpa.0 & 4) * 8)) & 0xffff_ffff
+        } else {
+            word
+        })
+    }
+
+    #[inline]
+    fn cmpxchg_pte(
+        &mut self,
+        gpa: Gpa,
+        size: u8,
+        old: u64,
+        new: u64,
+        gva: Gva,
+    ) -> Result<bool, TdpExit> {
+        let hpa = self.translate(gpa, AccessKind::Write, gva)?;
+        let aligned = Hpa(hpa.0 & !7);
+        self.refs += 1;
+        if size != 4 {
+            return Ok(self.h.cmpxchg_u64(aligned, old, new));
+        }
+        // A 4-byte entry: compare-and-exchange the containing quadword.
+        let shift = (hpa.0 & 4) * 8;
+        let word = self.h.read_u64(aligned);
+        if (word >> shift) & 0xffff_ffff != old & 0xffff_ffff {
+            return Ok(false);
+        }
+        self.refs += 1;
+        let new_word = (word & !(0xffff_ffffu64 << shift)) | ((new & 0xffff_ffff) << shift);
+        Ok(self.h.cmpxchg_u64(aligned, word, new_word))
+    }
+}
+
+/// The 2D walk with the architectural A/D updates (see [`walk_2d_with`]).
+pub fn walk_2d<H: HostPhys, O: WalkObserver>(
+    h: &H,
+    tdp: &Tdp,
+    st: &PagingState,
+    gva: Gva,
+    access: &Access,
+    obs: &mut O,
+) -> Result<Translation2d, Walk2dError> {
+    walk_2d_with(h, tdp, st, gva, access, WalkOptions::ARCH, obs)
+}
+
+/// Translates `gva` through the guest tables (`st`) and the TDP tables.
+///
+/// Every guest paging-structure read goes through the TDP walk as
+/// `EptAccess { kind: Read, gva: Some(gva), paging_structure: true }` and every
+/// guest A/D update as the same with `kind: Write`; the final guest-physical
+/// address goes through the TDP walk with the access's real kind and
+/// `paging_structure: false`. Guest faults come back as
+/// [`Walk2dError::Guest`], TDP exits as [`Walk2dError::Exit`].
+///
+/// With `opts.set_ad == false` the guest A/D flags are left alone (TDP A/D
+/// flags are still updated, as the TDP walks always do when enabled).
+pub fn walk_2d_with<H: HostPhys, O: WalkObserver>(
+    h: &H,
+    tdp: &Tdp,
+    st: &PagingState,
+    gva: Gva,
+    access: &Access,
+    opts: WalkOptions,
+    obs: &mut O,
+) -> Result<Translation2d, Walk2dError> {
+    let mut nested = Nested { h, tdp, refs: 0 };
+    let guest = walk(&mut nested, st, gva, access, opts, obs).map_err(|e| match e {
+        WalkError::PageFault(ec) => Walk2dError::Guest(ec),
+        WalkError::NonCanonical => Walk2dError::NonCanonical,
+        WalkError::Mem(exit) => exit.into(),
+        WalkError::Contended => Walk2dError::Contended,
+    })?;
+    let host = tdp.walk(h, guest.gpa, &EptAccess::final_gpa(access.kind, Some(gva)))?;
+    Ok(Translation2d {
+        hpa: host.hpa,
+        gpa: guest.gpa,
+        guest,
+        host_size: host.size,
+        host_writable: host.w,
+        host_exec: host.x,
+        host_dirty: host.dirty,
+        mem_refs: nested.refs + host.refs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::EptEntry;
+    use crate::ept::{EptQual, NPF_GUEST_FINAL, NPF_GUEST_PAGE};
+    use crate::mode::PagingMode;
+    use crate::testutil::{fixture, table, Fix, HostTables, A, D, EPT_RWX, EPT_WB, P, RW, US};
+    use crate::walk::NoObserver;
+
+    /// Guest-physical [0, 2M) lives at host 4M; the 2M guest region holding the
+    /// data page lives at host 6M.
+    const GUEST_BASE: u64 = 0x40_0000;
+    const DATA_BASE: u64 = 0x60_0000;
+    const REGION: u64 = 0x20_0000;
+
+    struct TwoD {
+        host: HostTables,
+        tdp: Tdp,
+        fix: Fix,
+        /// host entries of the TDP mapping of each guest-physical 2M region by level
+        tdp_root: u64,
+        tdp_levels: u8,
+        npt: bool,
+    }
+
+    impl TwoD {
+        fn new(mode: PagingMode, guest_leaf: u8, tdp_leaf: u8, tdp_levels: u8, npt: bool) -> Self {
+            let fix = fixture(mode, guest_leaf);
+            let mut host = HostTables::new(0x80_0000);
+            let root = host.alloc();
+            let (nonleaf, leaf) = if npt {
+                (P | RW | US, P | RW | US)
+            } else {
+                (EPT_RWX, EPT_RWX | EPT_WB)
+            };
+            let data_region = fix.expected_gpa().0 & !(REGION - 1);
+            for (g, h) in [(0, GUEST_BASE), (data_region, DATA_BASE)] {
+                let step = if tdp_leaf == 2 { REGION } else { 0x1000 };
+                let mut off = 0;
+                while off < REGION {
+                    host.map(root, tdp_levels, g + off, h + off, tdp_leaf, nonleaf, leaf);
+                    off += step;
+                }
+            }
+            // Copy the guest's tables into host memory.
+            let mut a = 0;
+            while a < fix.mem.len() {
+                let v = fix.mem.load_u64(a).unwrap();
+                host.mem.store_u64(GUEST_BASE + a, v).unwrap();
+                a += 8;
+            }
+            let tdp = if npt {
+                let mut c = NptConfig::new(Hpa(root));
+                c.levels = tdp_levels;
+                Tdp::Npt(c)
+            } else {
+                let mut c = EptConfig::new(Hpa(root));
+                c.levels = tdp_levels;
+                Tdp::Ept(c)
+            };
+            TwoD {
+                host,
+                tdp,
+                fix,
+                tdp_root: root,
+                tdp_levels,
+                npt,
+            }
+        }
+
+        fn go(&self, access: Access) -> Result<Translation2d, Walk2dError> {
+            walk_2d(
+                &self.host.mem,
+                &self.tdp,
+                &self.fix.st,
+                self.fix.gva,
+                &access,
+                &mut NoObserver,
+            )
+        }
+
+        /// The guest entry at `level`, as stored in host memory.
+        fn guest_entry(&self, level: u8) -> u64 {
+            let at = GUEST_BASE + self.fix.at[usize::from(level - 1)];
+            if self.fix.mode == PagingMode::Bits32 {
+                u64::from(self.host.mem.load_u32(at).unwrap())
+            } else {
+                self.host.mem.load_u64(at).unwrap()
+            }
+        }
+
+        fn set_guest_entry(&self, level: u8, v: u64) {
+            let at = GUEST_BASE + self.fix.at[usize::from(level - 1)];
+            if self.fix.mode == PagingMode::Bits32 {
+                self.host.mem.store_u32(at, v as u32).unwrap();
+            } else {
+                self.host.mem.store_u64(at, v).unwrap();
+            }
+        }
+
+        /// Rewrites the TDP leaf mapping guest-physical `gpa` (4K TDP pages only).
+        fn tdp_leaf_at(&self, gpa: u64) -> u64 {
+            let mut t = self.tdp_root;
+            for level in (2..=self.tdp_levels).rev() {
+                let idx = (gpa >> (12 + 9 * (u32::from(level) - 1))) & 511;
+                t = self.host.mem.load_u64(t + idx * 8).unwrap() & 0x000f_ffff_ffff_f000;
+            }
+            t + ((gpa >> 12) & 511) * 8
+        }
+
+        fn expected_hpa(&self) -> Hpa {
+            let gpa = self.fix.expected_gpa().0;
+            Hpa(DATA_BASE + (gpa & (REGION - 1)))
+        }
+    }
+
+    #[test]
+    fn four_by_four_makes_24_references() {
+        for npt in [false, true] {
+            let w = TwoD::new(PagingMode::Level4, 1, 1, 4, npt);
+            let t = w.go(Access::read(3)).unwrap();
+            assert_eq!(t.gpa, w.fix.expected_gpa());
+            assert_eq!(t.hpa, w.expected_hpa());
+            assert_eq!(t.guest.level, 1);
+            assert_eq!(t.host_size, PageSize::Size4K);
+            assert!(t.host_writable && t.host_exec);
+            if !npt {
+                assert_eq!(
+                    t.mem_refs, 24,
+                    "4 guest reads x (4 EPT reads + 1) + 4 EPT reads"
+                );
+            }
+            // Once every A flag is set (NPT sets them on first use), it is 24 again.
+            let t = w.go(Access::read(3)).unwrap();
+            assert_eq!(t.mem_refs, 24, "npt={npt}");
+        }
+    }
+
+    #[test]
+    fn large_pages_make_fewer_references() {
+        // (guest mode, guest leaf, TDP leaf, TDP levels, refs)
+        for (mode, gl, hl, hlv, refs) in [
+            (PagingMode::Level4, 2, 1, 4, 3 * 5 + 4),
+            (PagingMode::Level4, 1, 2, 4, 4 * 4 + 3),
+            (PagingMode::Level4, 2, 2, 4, 3 * 4 + 3),
+            (PagingMode::Level4, 3, 2, 4, 2 * 4 + 3),
+            (PagingMode::Level5, 1, 1, 5, 5 * 6 + 5),
+            (PagingMode::Level5, 1, 1, 4, 5 * 5 + 4),
+            (PagingMode::Pae, 1, 1, 4, 2 * 5 + 4),
+            (PagingMode::Bits32, 1, 1, 4, 2 * 5 + 4),
+            (PagingMode::Bits32, 2, 2, 4, 4 + 3),
+            (PagingMode::NonPaging, 0, 1, 4, 4),
+        ] {
+            let w = TwoD::new(mode, gl.max(1), hl, hlv, false);
+            let t = w
+                .go(Access::read(0))
+                .unwrap_or_else(|e| panic!("{mode} {gl} {hl}: {e:?}"));
+            assert_eq!(
+                t.mem_refs, refs,
+                "{mode} guest leaf {gl} tdp leaf {hl} tdp levels {hlv}"
+            );
+            assert_eq!(t.hpa, w.expected_hpa(), "{mode}");
+        }
+    }
+
+    #[test]
+    fn guest_faults_are_injected() {
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        w.set_guest_entry(1, w.guest_entry(1) & !RW);
+        assert_eq!(
+            w.go(Access::write(3)),
+            Err(Walk2dError::Guest(PfErrorCode(0b111)))
+        );
+        w.set_guest_entry(2, 0);
+        assert_eq!(
+            w.go(Access::read(3)),
+            Err(Walk2dError::Guest(PfErrorCode(0b100)))
+        );
+        let mut w = w;
+        w.fix.gva = Gva(0x0000_8000_0000_0000);
+        assert_eq!(w.go(Access::read(3)), Err(Walk2dError::NonCanonical));
+    }
+
+    #[test]
+    fn ept_violation_on_a_guest_page_table() {
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        // Unmap the guest page directory's page in EPT.
+        let leaf = w.tdp_leaf_at(table(2));
+        w.host.mem.store_u64(leaf, 0).unwrap();
+        match w.go(Access::read(3)) {
+            Err(Walk2dError::Exit(TdpExit::EptViolation {
+                gpa,
+                gva,
+                qualification,
+            })) => {
+                assert_eq!(gpa, Gpa(w.fix.at[1]));
+                assert_eq!(gva, Some(w.fix.gva));
+                assert_eq!(qualification, EptQual::READ | EptQual::GVA_VALID);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ept_violation_on_the_final_access() {
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        let leaf = w.tdp_leaf_at(w.fix.expected_gpa().0);
+        let v = w.host.mem.load_u64(leaf).unwrap();
+        w.host.mem.store_u64(leaf, v & !EptEntry::WRITE).unwrap();
+        let t = w.go(Access::read(3)).unwrap();
+        assert!(!t.host_writable);
+        match w.go(Access::write(3)) {
+            Err(Walk2dError::Exit(TdpExit::EptViolation {
+                gpa, qualification, ..
+            })) => {
+                assert_eq!(gpa, w.fix.expected_gpa());
+                assert_eq!(
+                    qualification,
+                    EptQual::WRITE
+                        | EptQual::READABLE
+                        | EptQual::EXECUTABLE
+                        | EptQual::GVA_VALID
+                        | EptQual::GVA_TRANSLATED
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Misconfiguration comes back as an exit too.
+        w.host.mem.store_u64(leaf, v & !EptEntry::READ).unwrap();
+        assert!(matches!(
+            w.go(Access::read(3)),
+            Err(Walk2dError::Exit(TdpExit::EptMisconfig { .. }))
+        ));
+    }
+
+    #[test]
+    fn guest_ad_updates_go_through_the_tdp() {
+        for mode in [PagingMode::Level4, PagingMode::Bits32] {
+            let w = TwoD::new(mode, 1, 1, 4, false);
+            let levels = mode.levels();
+            for l in 1..=levels {
+                w.set_guest_entry(l, w.guest_entry(l) & !(A | D));
+            }
+            let t = w.go(Access::write(3)).unwrap();
+            for l in 1..=levels {
+                assert_ne!(w.guest_entry(l) & A, 0, "{mode} level {l}");
+            }
+            assert_ne!(w.guest_entry(1) & D, 0);
+            assert!(t.guest.perms.dirty);
+            let per_update = if mode == PagingMode::Bits32 {
+                4 + 2
+            } else {
+                4 + 1
+            };
+            let reads = u32::from(levels) * 5 + 4;
+            assert_eq!(t.mem_refs, reads + u32::from(levels) * per_update, "{mode}");
+        }
+    }
+
+    #[test]
+    fn ept_ad_marks_guest_tables_dirty() {
+        let mut w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        if let Tdp::Ept(c) = &mut w.tdp {
+            c.ad_enabled = true;
+        }
+        let t = w.go(Access::read(3)).unwrap();
+        assert!(!t.host_dirty, "the data page was only read");
+        let m = EptEntry::ACCESSED | EptEntry::DIRTY;
+        for l in 1..=4u8 {
+            let pt_leaf = w.tdp_leaf_at(w.fix.at[usize::from(l - 1)] & !0xfff);
+            assert_eq!(
+                w.host.mem.load_u64(pt_leaf).unwrap() & m,
+                m,
+                "guest table level {l}"
+            );
+        }
+        let data_leaf = w.tdp_leaf_at(w.fix.expected_gpa().0);
+        assert_eq!(
+            w.host.mem.load_u64(data_leaf).unwrap() & m,
+            EptEntry::ACCESSED
+        );
+        let t = w.go(Access::write(3)).unwrap();
+        assert!(t.host_dirty);
+        assert_eq!(
+            t.mem_refs,
+            24 + 1,
+            "only the data page's D flag was left to set"
+        );
+    }
+
+    #[test]
+    fn npt_fault_bits() {
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, true);
+        let leaf = w.tdp_leaf_at(table(3));
+        w.host.mem.store_u64(leaf, 0).unwrap();
+        match w.go(Access::read(0)) {
+            Err(Walk2dError::Exit(TdpExit::Npf { gpa, error_code })) => {
+                assert_eq!(gpa, Gpa(w.fix.at[2]));
+                assert_eq!(error_code, NPF_GUEST_PAGE | 0b110);
+            }
+            other => panic!("{other:?}"),
+        }
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, true);
+        let leaf = w.tdp_leaf_at(w.fix.expected_gpa().0);
+        w.host.mem.store_u64(leaf, 0).unwrap();
+        match w.go(Access::fetch(0)) {
+            Err(Walk2dError::Exit(TdpExit::Npf { gpa, error_code })) => {
+                assert_eq!(gpa, w.fix.expected_gpa());
+                assert_eq!(error_code, NPF_GUEST_FINAL | 0b10100);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(w.npt);
+    }
+
+    #[test]
+    fn peek_leaves_guest_flags_alone() {
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        w.set_guest_entry(1, w.guest_entry(1) & !(A | D));
+        let before = w.guest_entry(1);
+        let t = walk_2d_with(
+            &w.host.mem,
+            &w.tdp,
+            &w.fix.st,
+            w.fix.gva,
+            &Access::write(3),
+            WalkOptions::PEEK,
+            &mut NoObserver,
+        )
+        .unwrap();
+        assert_eq!(w.guest_entry(1), before);
+        assert_eq!(t.mem_refs, 24);
+    }
+
+    #[test]
+    #[ignore]
+    fn time_2d_tmp() {
+        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        let n = 2_000_000u32;
+        let mut acc = 0u64;
+        let t0 = std::time::Instant::now();
+        for i in 0..n {
+            let t = w.go(Access::read(3)).unwrap();
+            acc = acc.wrapping_add(t.hpa.0 ^ u64::from(i));
+        }
+        let dt = t0.elapsed();
+        let mut f = fixture(PagingMode::Level4, 1);
+        let t1 = std::time::Instant::now();
+        for _ in 0..n {
+            let t = f.walk(Access::read(3)).unwrap();
+            acc = acc.wrapping_add(t.gpa.0);
+        }
+        let dt1 = t1.elapsed();
+        println!("2d: {:?}/walk, 1d: {:?}/walk ({acc})", dt / n, dt1 / n);
+    }
+}
