@@ -12,6 +12,7 @@
 pub mod emulate;
 pub mod host;
 pub mod hw;
+pub mod machine;
 pub mod memslot;
 pub mod mmio_bus;
 pub mod mmu;

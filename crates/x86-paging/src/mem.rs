@@ -86,6 +86,7 @@ impl VecMem {
     }
 
     /// Reads the little-endian `u64` at `addr` (atomic when 8-aligned).
+    #[inline]
     pub fn load_u64(&self, addr: impl Into<u64>) -> Result<u64, OutOfRange> {
         let addr = addr.into();
         if addr & 7 == 0 {
@@ -97,6 +98,7 @@ impl VecMem {
     }
 
     /// Writes the little-endian `u64` at `addr` (atomic when 8-aligned).
+    #[inline]
     pub fn store_u64(&self, addr: impl Into<u64>, v: u64) -> Result<(), OutOfRange> {
         let addr = addr.into();
         if addr & 7 == 0 {
@@ -107,6 +109,7 @@ impl VecMem {
     }
 
     /// Reads the little-endian `u32` at `addr` (atomic when 4-aligned).
+    #[inline]
     pub fn load_u32(&self, addr: impl Into<u64>) -> Result<u32, OutOfRange> {
         let addr = addr.into();
         if addr & 3 == 0 {
@@ -119,6 +122,7 @@ impl VecMem {
     }
 
     /// Writes the little-endian `u32` at `addr` (atomic when 4-aligned).
+    #[inline]
     pub fn store_u32(&self, addr: impl Into<u64>, v: u32) -> Result<(), OutOfRange> {
         let addr = addr.into();
         if addr & 3 == 0 {
@@ -135,6 +139,7 @@ impl VecMem {
 
     /// Compare-and-exchange of the 8-aligned `u64` at `addr`: `Ok(true)` if it
     /// held `old` and now holds `new`.
+    #[inline]
     pub fn cmpxchg_u64_at(
         &self,
         addr: impl Into<u64>,
@@ -153,6 +158,7 @@ impl VecMem {
 
     /// Compare-and-exchange of the 4-aligned `u32` at `addr` (the other half of
     /// the containing word may change concurrently without failing it).
+    #[inline]
     pub fn cmpxchg_u32_at(
         &self,
         addr: impl Into<u64>,

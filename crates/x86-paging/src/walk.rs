@@ -13,7 +13,7 @@ use crate::addr::{Gpa, Gva, PageSize};
 use crate::bits;
 use crate::entry::{Pte32, ADDR_MASK_1G, ADDR_MASK_2M, ADDR_MASK_4K};
 use crate::mode::{PagingMode, PagingState};
-use crate::regs::{cr3_base, Cr4};
+use crate::regs::{cr3_base, Cr4, Efer};
 
 /// How many times a walk is restarted after losing an A/D compare-and-exchange
 /// race before it gives up with [`WalkError::Contended`].
@@ -204,11 +204,7 @@ impl Rsvd {
     #[inline]
     fn new(st: &PagingState, mode: PagingMode) -> Self {
         let m = st.maxphy();
-        let no_nx = if st.efer.contains(crate::regs::Efer::NXE) {
-            0
-        } else {
-            NX
-        };
+        let no_nx = if st.efer.contains(Efer::NXE) { 0 } else { NX };
         let base = match mode {
             PagingMode::Pae => bits(m, 62) | no_nx,
             PagingMode::Level4 | PagingMode::Level5 => bits(m, 51) | no_nx,
@@ -357,7 +353,7 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
         _ => (cr3_base(st.cr3, mode), mode.levels()),
     };
 
-    let nx_on = wide && st.efer.contains(crate::regs::Efer::NXE);
+    let nx_on = wide && st.efer.contains(Efer::NXE);
     let (mut writable, mut user, mut nx) = (true, true, false);
     let mut level = top;
     let leaf_pte = loop {
@@ -382,32 +378,19 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
         if leaf {
             break pte;
         }
-        table = if wide {
-            pte & ADDR_MASK_4K
-        } else {
-            pte & 0xffff_f000
-        };
+        table = pte & ADDR_MASK_4K;
         level -= 1;
     };
 
-    let (gpa, size) = match (wide, level) {
-        (_, 1) => (
-            (leaf_pte & ADDR_MASK_4K & if wide { u64::MAX } else { 0xffff_f000 }) | (va & 0xfff),
-            PageSize::Size4K,
-        ),
-        (true, 2) => (
-            (leaf_pte & ADDR_MASK_2M) | (va & 0x1f_ffff),
-            PageSize::Size2M,
-        ),
-        (true, _) => (
-            (leaf_pte & ADDR_MASK_1G) | (va & 0x3fff_ffff),
-            PageSize::Size1G,
-        ),
-        (false, _) => (
-            Pte32(leaf_pte as u32).addr_4m() | (va & 0x3f_ffff),
-            PageSize::Size4M,
-        ),
+    // A 32-bit entry read as u64 has nothing above bit 31, so the 64-bit
+    // 4 KiB mask serves both formats.
+    let (base, size) = match (wide, level) {
+        (_, 1) => (leaf_pte & ADDR_MASK_4K, PageSize::Size4K),
+        (true, 2) => (leaf_pte & ADDR_MASK_2M, PageSize::Size2M),
+        (true, _) => (leaf_pte & ADDR_MASK_1G, PageSize::Size1G),
+        (false, _) => (Pte32(leaf_pte as u32).addr_4m(), PageSize::Size4M),
     };
+    let gpa = base | (va & size.offset_mask());
     t.gpa = Gpa(gpa);
     t.size = size;
     t.level = level;
@@ -1044,8 +1027,9 @@ mod tests {
         kind: AccessKind,
     }
 
-    /// An independent statement of SDM vol. 3 §4.6/§4.7 for a 4-level or PAE
-    /// walk whose upper levels are P|RW|US, written as a table of cases.
+    /// An independent statement of SDM vol. 3 §4.6/§4.7 for a 2-entry walk
+    /// (PDE then PTE; any upper levels are P|RW|US), written as a table of
+    /// cases. `pae_format`: PAE/4-level (XD bit, ID with NXE) vs 32-bit paging.
     fn oracle(pde: Flags, pte: Flags, c: Cfg, pae_format: bool) -> Result<(), u32> {
         const PRESENT: u32 = 1;
         const WRITE: u32 = 2;
@@ -1105,11 +1089,13 @@ mod tests {
     #[test]
     fn exhaustive_permissions_against_oracle() {
         let mut checked = 0u32;
-        for mode in [PagingMode::Level4, PagingMode::Pae] {
+        for mode in [PagingMode::Level4, PagingMode::Pae, PagingMode::Bits32] {
+            let pae_format = mode != PagingMode::Bits32;
             let mut f = fixture(mode, 1);
-            for pde in all_flags() {
+            // 32-bit entries have no XD bit.
+            for pde in all_flags().filter(|e| pae_format || !e.nx) {
                 f.set_flags(2, pde.bits());
-                for pte in all_flags() {
+                for pte in all_flags().filter(|e| pae_format || !e.nx) {
                     f.set_flags(1, pte.bits());
                     for cfg_bits in 0..32u8 {
                         let b = |i: u8| cfg_bits & (1 << i) != 0;
@@ -1134,7 +1120,7 @@ mod tests {
                                     WalkError::PageFault(ec) => ec.0,
                                     other => panic!("{other:?}"),
                                 });
-                                let want = oracle(pde, pte, c, true);
+                                let want = oracle(pde, pte, c, pae_format);
                                 assert_eq!(got, want, "{mode} pde={pde:?} pte={pte:?} {c:?}");
                                 checked += 1;
                             }
@@ -1143,7 +1129,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 2 * 16 * 16 * 32 * 6);
+        assert_eq!(checked, (2 * 16 * 16 + 8 * 8) * 32 * 6);
     }
 
     #[test]

@@ -545,26 +545,4 @@ mod tests {
         assert_eq!(w.guest_entry(1), before);
         assert_eq!(t.mem_refs, 24);
     }
-
-    #[test]
-    #[ignore]
-    fn time_2d_tmp() {
-        let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
-        let n = 2_000_000u32;
-        let mut acc = 0u64;
-        let t0 = std::time::Instant::now();
-        for i in 0..n {
-            let t = w.go(Access::read(3)).unwrap();
-            acc = acc.wrapping_add(t.hpa.0 ^ u64::from(i));
-        }
-        let dt = t0.elapsed();
-        let mut f = fixture(PagingMode::Level4, 1);
-        let t1 = std::time::Instant::now();
-        for _ in 0..n {
-            let t = f.walk(Access::read(3)).unwrap();
-            acc = acc.wrapping_add(t.gpa.0);
-        }
-        let dt1 = t1.elapsed();
-        println!("2d: {:?}/walk, 1d: {:?}/walk ({acc})", dt / n, dt1 / n);
-    }
 }
