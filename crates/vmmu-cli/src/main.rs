@@ -1,1 +1,155 @@
-fn main(){}
+//! `vmmu`: run scenarios on the KVM MMU model and report KVM's statistics and traces.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use vmmu_cli::runner::{self, RunError, RunOptions, TraceMode};
+use vmmu_cli::scenario::Scenario;
+use vmmu_cli::{report, DEFAULT_SCENARIO};
+
+#[derive(Parser)]
+#[command(name = "vmmu", version, about = "The Linux KVM x86 MMU as a program you can run, trace and measure")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Trace {
+    Events,
+    FunctionGraph,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a scenario (the embedded default when no file is given).
+    Run {
+        /// Scenario file (TOML).
+        scenario: Option<PathBuf>,
+        /// MMU: tdp, shadow or legacy-tdp.
+        #[arg(long)]
+        mmu: Option<String>,
+        /// Replace the phases with two passes of this workload (first-touch, re-touch,
+        /// read-then-write, read, random, zipf).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Pages for --workload.
+        #[arg(long)]
+        pages: Option<u64>,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Trace the run: kernel tracepoints or the function_graph tracer.
+        #[arg(long, value_enum)]
+        trace: Option<Trace>,
+        /// Write the trace to this file instead of standard output.
+        #[arg(long)]
+        trace_out: Option<PathBuf>,
+    },
+    /// Print the embedded default scenario.
+    DefaultScenario,
+    /// Run the micro-benchmarks of the MMU's hot paths.
+    Bench {
+        /// Iterations per benchmark.
+        #[arg(long, default_value_t = 200_000)]
+        iters: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.cmd {
+        Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out } => run(scenario, RunOptions { mmu, workload, pages, trace: match trace { None => TraceMode::Off, Some(Trace::Events) => TraceMode::Events, Some(Trace::FunctionGraph) => TraceMode::FunctionGraph } }, json, trace_out),
+        Cmd::DefaultScenario => {
+            print!("{DEFAULT_SCENARIO}");
+            ExitCode::SUCCESS
+        }
+        Cmd::Bench { iters, json } => match vmmu_cli::bench::run_all(iters) {
+            Ok(r) => {
+                println!("{}", if json { vmmu_cli::bench::json(&r) } else { vmmu_cli::bench::text(&r) });
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmmu: bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(path: Option<PathBuf>, opts: RunOptions, json: bool, trace_out: Option<PathBuf>) -> ExitCode {
+    let (name, text) = match &path {
+        None => ("<default scenario>".to_string(), DEFAULT_SCENARIO.to_string()),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => (p.display().to_string(), t),
+            Err(e) => {
+                eprintln!("vmmu: {}: cannot read: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let scenario = match Scenario::parse(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmmu: {name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let show_progress = !json && std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let mut shown = false;
+    let result = runner::run(&scenario, &opts, |phase, frac| {
+        if show_progress && t0.elapsed().as_secs_f64() > 1.0 {
+            eprint!("\r  {phase}: {:>3.0}%   ", frac * 100.0);
+            shown = true;
+        }
+    });
+    if shown {
+        eprint!("\r{:40}\r", "");
+    }
+    match result {
+        Ok(r) => {
+            if let Err(e) = output(&r, &scenario, json, trace_out) {
+                eprintln!("vmmu: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(RunError::Config(e)) => {
+            eprintln!("vmmu: {name}: {e}");
+            ExitCode::from(2)
+        }
+        Err(RunError::Failed(e)) => {
+            eprintln!("vmmu: {name}: run failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn output(r: &runner::RunResult, s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> anyhow::Result<()> {
+    if json {
+        println!("{}", report::json(r));
+    } else {
+        print!("{}", report::text(r, &s.description));
+    }
+    if let Some(t) = &r.trace {
+        match trace_out {
+            Some(p) => std::fs::write(&p, t).with_context(|| format!("writing the trace to {}", p.display()))?,
+            None => print!("{t}"),
+        }
+    }
+    Ok(())
+}

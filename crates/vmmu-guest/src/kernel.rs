@@ -22,10 +22,14 @@ pub const USER_BASE: u64 = 0x4000_0000;
 const LOW_RESERVED: u64 = 1 << 20;
 
 /// Kernel configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelConfig {
-    /// Guest RAM size (from gpa 0).
+    /// End of guest RAM (the direct map covers [0, mem_size)).
     pub mem_size: u64,
+    /// Memory nodes (gpa ranges of RAM, e.g. one per memslot); empty = one node
+    /// [0, mem_size). Process `n` allocates from node `(n - 1) % nodes`, like NUMA
+    /// first-touch placement.
+    pub nodes: Vec<(u64, u64)>,
     /// Page size of the direct map: 12 (4 KiB) or 21 (2 MiB).
     pub direct_map_shift: u32,
     /// Paging levels: 4 or 5.
@@ -36,7 +40,7 @@ pub struct KernelConfig {
 
 impl Default for KernelConfig {
     fn default() -> Self {
-        KernelConfig { mem_size: 1 << 30, direct_map_shift: 21, levels: 4, pcid: false }
+        KernelConfig { mem_size: 1 << 30, nodes: Vec::new(), direct_map_shift: 21, levels: 4, pcid: false }
     }
 }
 
@@ -91,6 +95,15 @@ pub struct Process {
     pub vmas: Vec<Vma>,
     /// PCID (when enabled).
     pub pcid: u16,
+    /// Memory node its pages come from.
+    pub node: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    next: u64,
+    end: u64,
+    free: Vec<u64>,
 }
 
 /// What the kernel did.
@@ -112,8 +125,7 @@ pub struct KernelStats {
 pub struct GuestKernel {
     cfg: KernelConfig,
     kernel_root: Gpa,
-    next_frame: u64,
-    free_frames: Vec<u64>,
+    nodes: Vec<Node>,
     processes: Vec<Process>,
     current: Option<usize>,
     /// Counters.
@@ -136,6 +148,12 @@ impl GuestKernel {
         flags.dirty = true;
         b.map_range(&mut alloc, DIRECT_MAP, 0, cfg.mem_size, cfg.direct_map_shift, flags).map_err(KernelError::Boot)?;
         let root = b.root;
+        let tables_end = alloc.next();
+        let ranges = if cfg.nodes.is_empty() { vec![(0, cfg.mem_size)] } else { cfg.nodes.clone() };
+        let nodes = ranges
+            .iter()
+            .map(|&(s, e)| Node { next: s.max(LOW_RESERVED).max(if s <= tables_end && tables_end < e { tables_end } else { 0 }).next_multiple_of(4096), end: e.min(cfg.mem_size), free: Vec::new() })
+            .collect();
         let mut cr4 = Cr4::PAE | Cr4::PGE;
         if cfg.levels == 5 {
             cr4 |= Cr4::LA57;
@@ -148,12 +166,17 @@ impl GuestKernel {
         cpu.write_efer(Efer::LME | Efer::NXE | Efer::SCE)?;
         cpu.write_cr3(root.raw())?;
         cpu.write_cr0(Cr0::PE | Cr0::WP | Cr0::PG)?;
-        Ok(GuestKernel { cfg, kernel_root: root, next_frame: alloc.next(), free_frames: Vec::new(), processes: Vec::new(), current: None, stats: KernelStats::default() })
+        Ok(GuestKernel { cfg, kernel_root: root, nodes, processes: Vec::new(), current: None, stats: KernelStats::default() })
     }
 
     /// The kernel's own top-level table.
     pub fn kernel_root(&self) -> Gpa {
         self.kernel_root
+    }
+
+    /// The current process.
+    pub fn current_pid(&self) -> Option<u32> {
+        self.current.map(|i| self.processes[i].pid)
     }
 
     /// The process list.
@@ -170,18 +193,20 @@ impl GuestKernel {
     }
 
     /// Allocates a frame and clears it with stores (clear_page).
-    fn alloc_frame<C: GuestCpu>(&mut self, cpu: &mut C) -> Result<u64, KernelError> {
-        let f = match self.free_frames.pop() {
-            Some(f) => f,
-            None => {
-                if self.next_frame + 4096 > self.cfg.mem_size {
-                    return Err(KernelError::OutOfMemory(self.cfg.mem_size));
-                }
-                let f = self.next_frame;
-                self.next_frame += 4096;
-                f
-            }
-        };
+    fn alloc_frame<C: GuestCpu>(&mut self, cpu: &mut C, node: usize) -> Result<u64, KernelError> {
+        let n = self.nodes.len();
+        let f = (0..n)
+            .map(|i| (node + i) % n)
+            .find_map(|i| {
+                let nd = &mut self.nodes[i];
+                nd.free.pop().or_else(|| {
+                    (nd.next + 4096 <= nd.end).then(|| {
+                        nd.next += 4096;
+                        nd.next - 4096
+                    })
+                })
+            })
+            .ok_or(KernelError::OutOfMemory(self.cfg.mem_size))?;
         for off in (0..4096).step_by(8) {
             Self::kwrite(cpu, f + off, 0)?;
         }
@@ -191,7 +216,8 @@ impl GuestKernel {
     /// Creates a process sharing the kernel half of the address space.
     pub fn create_process<C: GuestCpu>(&mut self, cpu: &mut C) -> Result<u32, KernelError> {
         let prev = self.enter_kernel(cpu);
-        let root = self.alloc_frame(cpu)?;
+        let node = self.processes.len() % self.nodes.len();
+        let root = self.alloc_frame(cpu, node)?;
         self.stats.pt_pages += 1;
         for i in 256..512u64 {
             let e = Self::kread(cpu, self.kernel_root.raw() + i * 8)?;
@@ -202,7 +228,7 @@ impl GuestKernel {
         cpu.set_cpl(prev);
         let pid = self.processes.len() as u32 + 1;
         let pcid = if self.cfg.pcid { (pid % 4095 + 1) as u16 } else { 0 };
-        self.processes.push(Process { pid, root: Gpa::new(root), vmas: Vec::new(), pcid });
+        self.processes.push(Process { pid, root: Gpa::new(root), vmas: Vec::new(), pcid, node });
         Ok(pid)
     }
 
@@ -270,7 +296,7 @@ impl GuestKernel {
         cpu.set_cpl(0);
         self.stats.page_faults += 1;
         let p = &self.processes[i];
-        let pid = p.pid;
+        let (pid, node) = (p.pid, p.node);
         let vma = p.vmas.iter().find(|v| cr2 >= v.start && cr2 < v.end).copied();
         let segv = KernelError::Segfault { pid, va: cr2, kind, error_code: ec };
         let Some(vma) = vma else { return Err(segv) };
@@ -283,7 +309,7 @@ impl GuestKernel {
             let idx = (cr2 >> (12 + 9 * (u32::from(level) - 1))) & 511;
             let e = Self::kread(cpu, table + idx * 8)?;
             table = if e & 1 == 0 {
-                let t = self.alloc_frame(cpu)?;
+                let t = self.alloc_frame(cpu, node)?;
                 self.stats.pt_pages += 1;
                 Self::kwrite(cpu, table + idx * 8, t | 0x7)?;
                 t
@@ -292,7 +318,7 @@ impl GuestKernel {
             };
         }
         let idx = (cr2 >> 12) & 511;
-        let frame = self.alloc_frame(cpu)?;
+        let frame = self.alloc_frame(cpu, node)?;
         self.stats.pages_allocated += 1;
         let w = if vma.writable { 2 } else { 0 };
         Self::kwrite(cpu, table + idx * 8, frame | 0x5 | w | (1 << 63))?;
@@ -312,7 +338,9 @@ impl GuestKernel {
                 let e = Self::kread(cpu, pte_at)?;
                 if e & 1 != 0 {
                     Self::kwrite(cpu, pte_at, 0)?;
-                    self.free_frames.push(e & ADDR & !(1 << 63));
+                    let f = e & ADDR;
+                    let node = self.nodes.iter().position(|n| f < n.end).unwrap_or(0);
+                    self.nodes[node].free.push(f);
                     freed += 1;
                     if self.current == Some(i) {
                         cpu.invlpg(Gva::new(va));

@@ -204,6 +204,7 @@ impl MmuNotifier for Notifier {
 impl Kvm {
     /// KVM_CREATE_VM: a VM whose guest memory will come from `host`.
     pub fn new(config: VmConfig, host: Arc<HostMm>) -> Result<Arc<Kvm>, VmError> {
+        crate::sync::barrier::init();
         match config.mmu {
             MmuKind::Tdp => {}
             MmuKind::Shadow => return Err(VmError::Unsupported("shadow paging (--mmu shadow) is not implemented yet; see issue #3".into())),
@@ -327,7 +328,6 @@ impl Kvm {
             mmu: VcpuMmu::default(),
             stat: VcpuStats::default(),
             slots: self.memslots(),
-            in_guest: false,
         })
     }
 
@@ -347,6 +347,9 @@ impl Kvm {
         for v in &vcpus {
             v.requests.fetch_or(req::TLB_FLUSH, Ordering::SeqCst);
         }
+        // Every vCPU thread now either shows us IN_GUEST_MODE / READING_SHADOW_PAGE_TABLES,
+        // or will see the request before its next access (the "IPI").
+        crate::sync::barrier::heavy_barrier();
         for v in &vcpus {
             if Some(v.id) == me {
                 continue;
@@ -392,6 +395,17 @@ impl Kvm {
         tdp_mmu::kvm_tdp_mmu_zap_invalidated_roots(self);
         let _w = self.mmu.mmu_lock.write();
         self.flush_and_free_deferred(None, true);
+    }
+
+    /// Write-protects every mapping of memslot `slot` (`kvm_mmu_slot_remove_write_access`,
+    /// what enabling dirty logging does first): writes then take fast page faults.
+    pub fn mmu_slot_remove_write_access(&self, slot: u32) -> Result<(), VmError> {
+        let slots = self.memslots();
+        let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
+        if tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, s.base_gfn, s.end_gfn()) {
+            self.flush_remote_tlbs(None);
+        }
+        Ok(())
     }
 
     /// VM statistics by KVM name.
@@ -454,7 +468,6 @@ pub struct Vcpu {
     /// Per-vCPU statistics.
     pub stat: VcpuStats,
     pub(crate) slots: Arc<Memslots>,
-    in_guest: bool,
 }
 
 enum ExitAction {
@@ -530,9 +543,13 @@ impl Vcpu {
         }
     }
 
+    /// Enters guest mode for one operation (`vcpu_enter_guest`): publish IN_GUEST_MODE,
+    /// then look at requests; anything pending is serviced outside guest mode first.
     #[inline]
     fn enter(&mut self) -> Result<(), VmError> {
-        if !self.in_guest || self.shared.requests.load(Ordering::Relaxed) != 0 {
+        self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::Relaxed);
+        crate::sync::barrier::light_barrier();
+        if self.shared.requests.load(Ordering::Relaxed) != 0 || self.mmu.root.is_none() {
             self.enter_slow()?;
         }
         Ok(())
@@ -548,18 +565,21 @@ impl Vcpu {
             }
             self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::SeqCst);
             if self.shared.requests.load(Ordering::SeqCst) == 0 {
-                break;
+                return Ok(());
             }
         }
-        self.in_guest = true;
-        Ok(())
     }
 
-    /// Leaves guest mode (a vCPU thread about to block on something else calls this, so
-    /// that remote TLB flushes do not wait for it).
+    /// Leaves guest mode after an operation.
+    #[inline]
+    fn leave(&mut self) {
+        self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::Release);
+    }
+
+    /// Leaves guest mode. vCPUs are in guest mode only while an operation runs, so this is
+    /// only needed by code that keeps a vCPU in guest mode by hand; kept for API users.
     pub fn exit_guest(&mut self) {
-        self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
-        self.in_guest = false;
+        self.leave();
     }
 
     pub(crate) fn refresh_memslots(&mut self) {
@@ -591,7 +611,9 @@ impl Vcpu {
         emulate: impl FnOnce(&mut Self) -> Result<T, GuestError>,
     ) -> Result<T, GuestError> {
         self.enter()?;
-        match op(&mut self.cpu) {
+        let r = op(&mut self.cpu);
+        self.leave();
+        match r {
             Ok(v) => Ok(v),
             Err(stop) => self.run_op_slow(gva, stop, op, emulate),
         }
@@ -615,7 +637,6 @@ impl Vcpu {
                     return Err(GuestError::Exception(e));
                 }
                 Stop::Exit(x) => {
-                    self.exit_guest();
                     exits += 1;
                     if exits > MAX_EXITS_PER_ACCESS {
                         return Err(VmError::Stuck { vcpu: self.id, gva, exits, last: x.to_string() }.into());
@@ -626,7 +647,9 @@ impl Vcpu {
                 }
             }
             self.enter()?;
-            match op(&mut self.cpu) {
+            let r = op(&mut self.cpu);
+            self.leave();
+            match r {
                 Ok(v) => return Ok(v),
                 Err(s) => stop = s,
             }

@@ -45,7 +45,8 @@ pub fn fast_page_fault(vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
     let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Invalid };
     let m = kvm.mmu().masks;
     // walk_shadow_page_lockless_begin: remote flushes wait for us before freeing tables.
-    vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::SeqCst);
+    vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
+    crate::sync::barrier::light_barrier();
     let mut ret = RetPf::Invalid;
     let mut retries = 0;
     let (mut sptep, mut spte);
@@ -79,7 +80,7 @@ pub fn fast_page_fault(vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
             break;
         }
     }
-    vcpu.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
+    vcpu.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::Release);
     if kvm.tracer.events_on() {
         kvm.tracer.event(
             vcpu.id,

@@ -327,3 +327,28 @@ pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: &TdpRoot, gfn: Gfn) -> (Hpa, Spte
     }
     last
 }
+
+/// `kvm_tdp_mmu_wrprot_slot`: clears W on every leaf SPTE mapping a gfn in [start, end),
+/// keeping MMU-writable so the next write is fixed by fast page fault (the first step of
+/// dirty logging in write-protect mode). Runs under `mmu_lock` for read with
+/// compare-exchange; returns whether any SPTE changed (a TLB flush is needed).
+pub fn kvm_tdp_mmu_wrprot_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
+    let _r = kvm.mmu.mmu_lock.read();
+    let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
+    let mut changed = false;
+    for root in roots {
+        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
+        while it.valid {
+            let s = it.old_spte;
+            if s.is_shadow_present() && s.is_last(it.level) && s.is_writable() {
+                let new = Spte(s.0 & !spte::PT_WRITABLE);
+                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, new).is_err() {
+                    continue; // re-examine the refreshed value
+                }
+                changed = true;
+            }
+            it.next();
+        }
+    }
+    changed
+}

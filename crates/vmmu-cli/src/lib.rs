@@ -1,0 +1,12 @@
+//! The library behind the `vmmu` command: scenario files, the runner that builds a VM from
+//! one and drives the guest through its phases, and the reports.
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod size;
+
+/// The scenario `vmmu run` runs when given no file.
+pub const DEFAULT_SCENARIO: &str = include_str!("../../../scenarios/default.toml");

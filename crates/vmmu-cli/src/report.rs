@@ -1,0 +1,86 @@
+//! Reports: a readable table, or one JSON object (`--json`, the contract in DESIGN §5).
+
+use crate::runner::RunResult;
+use std::fmt::Write as _;
+
+/// The statistics the table always shows, in this order.
+const COLUMNS: &[&str] = &["pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate", "pf_mmio_spte_created", "exits", "mmio_exits", "tlb_flush", "remote_tlb_flush", "pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages"];
+
+fn human_ns(ns: u64) -> String {
+    match ns {
+        0..=9_999 => format!("{ns} ns"),
+        10_000..=9_999_999 => format!("{:.1} us", ns as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+/// The readable report.
+pub fn text(r: &RunResult, description: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "vmmu run: scenario \"{}\", mmu {}", r.scenario, r.mmu);
+    if !description.is_empty() {
+        for line in textwrap(description, 92) {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    let _ = writeln!(out);
+    let mut header = format!("{:<12} {:>10} {:>10}", "phase", "wall", "accesses");
+    for c in COLUMNS {
+        let _ = write!(header, " {:>w$}", c, w = c.len().max(6));
+    }
+    let _ = writeln!(out, "{header}");
+    for p in &r.phases {
+        let mut line = format!("{:<12} {:>10} {:>10}", p.name, human_ns(p.wall_ns), p.accesses);
+        for c in COLUMNS {
+            let _ = write!(line, " {:>w$}", p.stats.get(*c).copied().unwrap_or(0), w = c.len().max(6));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out);
+    for p in &r.phases {
+        let taken = p.stats.get("pf_taken").copied().unwrap_or(0);
+        let mut extras: Vec<String> = p.stats.iter().filter(|(k, v)| **v != 0 && !COLUMNS.contains(&k.as_str())).map(|(k, v)| format!("{k}={v}")).collect();
+        if taken > 0 {
+            extras.push(format!("wall per fault {}", human_ns(p.wall_ns / taken as u64)));
+        }
+        if p.accesses > 0 {
+            extras.push(format!("{:.1} M accesses/s", p.accesses as f64 * 1e3 / p.wall_ns.max(1) as f64));
+        }
+        extras.push(format!("tlb hits {} misses {} walk refs {}", p.hw.tlb_hits, p.hw.tlb_misses, p.hw.walk_mem_refs));
+        let _ = writeln!(out, "{:<12} {}", p.name, extras.join(", "));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "host: {} 4 KiB frames + {} 2 MiB frames in use, {} host page-table pages, MMU tables {} KiB",
+        r.host.frames_4k,
+        r.host.frames_2m,
+        r.host.host_pt_pages,
+        r.host.mmu_table_bytes / 1024
+    );
+    out
+}
+
+fn textwrap(s: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for w in s.split_whitespace() {
+        if !cur.is_empty() && cur.len() + 1 + w.len() > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(w);
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
+/// The `--json` object.
+pub fn json(r: &RunResult) -> String {
+    serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

@@ -1,0 +1,445 @@
+//! Runs a scenario: builds the host, the VM, its memslots and vCPUs, boots the guest and
+//! drives it through the phases, collecting KVM's statistics per phase.
+
+use crate::scenario::{page_shift, Op, Scenario};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
+use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+use vmmu::mmio_bus::LatchDevice;
+use vmmu::x86_paging::addr::{Gpa, Gva};
+use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
+use vmmu::{Kvm, MmuKind, TdpKind, Vcpu, VmConfig};
+use vmmu_guest::kernel::{KernelConfig, KernelError};
+use vmmu_guest::pagetable::{FrameBump, PageTableBuilder, PteFlags};
+use vmmu_guest::workload::{self, FlatSpace, KernelSpace, Workload};
+use vmmu_guest::GuestKernel;
+
+/// Which tracer to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceMode {
+    /// No tracing.
+    Off,
+    /// Tracepoints.
+    Events,
+    /// The function_graph tracer.
+    FunctionGraph,
+}
+
+/// Command-line overrides.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--mmu`.
+    pub mmu: Option<String>,
+    /// `--workload` (replaces the phases with two passes of it).
+    pub workload: Option<String>,
+    /// `--pages`.
+    pub pages: Option<u64>,
+    /// `--trace`.
+    pub trace: TraceMode,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off }
+    }
+}
+
+/// Hardware counters of a phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HwSummary {
+    /// TLB hits.
+    pub tlb_hits: u64,
+    /// TLB misses.
+    pub tlb_misses: u64,
+    /// Page walks.
+    pub walks: u64,
+    /// Memory references made by page walks.
+    pub walk_mem_refs: u64,
+}
+
+/// One phase's result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PhaseResult {
+    /// Name.
+    pub name: String,
+    /// Wall time.
+    pub wall_ns: u64,
+    /// Guest accesses made by the workload ops (not counting the guest kernel's own).
+    pub accesses: u64,
+    /// KVM statistics: counters as deltas over the phase, gauges (pages_*, tdp_mmu_pages)
+    /// as values at its end.
+    pub stats: BTreeMap<String, i64>,
+    /// Hardware-model counters.
+    pub hw: HwSummary,
+}
+
+/// A whole run's result (the `--json` object).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunResult {
+    /// Scenario name.
+    pub scenario: String,
+    /// MMU.
+    pub mmu: String,
+    /// Phases.
+    pub phases: Vec<PhaseResult>,
+    /// Statistics at the end of the run (including boot).
+    pub stats: BTreeMap<String, i64>,
+    /// Host-side accounting.
+    pub host: HostSummary,
+    /// Rendered trace, if tracing.
+    #[serde(skip)]
+    pub trace: Option<String>,
+}
+
+/// What the host spent.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct HostSummary {
+    /// 4 KiB host frames in use (guest memory, page tables, MMU tables).
+    pub frames_4k: u64,
+    /// 2 MiB host frames in use.
+    pub frames_2m: u64,
+    /// Host page-table pages of the VMM's address space.
+    pub host_pt_pages: u64,
+    /// MMU page-table pages (tdp_mmu_pages) as bytes.
+    pub mmu_table_bytes: u64,
+}
+
+/// A run failure (bad configuration, or the guest or VM failed).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The scenario asks for something invalid or unsupported.
+    #[error("{0}")]
+    Config(String),
+    /// The run itself failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+const GAUGES: &[&str] = &["pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages", "mmu_unsync", "nx_lpage_splits", "max_mmu_rmap_size", "max_mmu_page_hash_collisions"];
+
+fn cfg_err(e: impl std::fmt::Display) -> RunError {
+    RunError::Config(e.to_string())
+}
+
+fn run_err(e: impl std::fmt::Display) -> RunError {
+    RunError::Failed(e.to_string())
+}
+
+/// The guest as set up for the run.
+enum Guest {
+    Kernel(Box<GuestKernel>),
+    Identity,
+}
+
+/// A built VM with its vCPUs and booted guest.
+pub struct Machine {
+    /// The VM.
+    pub kvm: Arc<Kvm>,
+    /// Its vCPUs.
+    pub vcpus: Vec<Vcpu>,
+    /// Memslots: (gpa, size, hva).
+    pub slots: Vec<(u64, u64, Hva)>,
+    guest: Guest,
+    /// Where workload data starts (identity: after the page tables; kernel: USER_BASE).
+    pub data_start: u64,
+}
+
+fn vm_config(s: &Scenario, mmu: &str) -> Result<VmConfig, RunError> {
+    let v = &s.vm;
+    Ok(VmConfig {
+        mmu: match mmu {
+            "tdp" => MmuKind::Tdp,
+            "shadow" => MmuKind::Shadow,
+            "legacy-tdp" => MmuKind::LegacyTdp,
+            m => return Err(RunError::Config(format!("--mmu: `{m}` is not one of tdp, shadow, legacy-tdp"))),
+        },
+        tdp: if v.tdp == "npt" { TdpKind::Npt } else { TdpKind::Ept },
+        eptad: v.eptad,
+        max_tdp_level: v.max_tdp_level,
+        maxphyaddr: v.maxphyaddr,
+        nx_huge_pages: v.nx_huge_pages,
+        mmio_caching: v.mmio_caching,
+        tdp_huge_page_level: ((page_shift(&v.tdp_huge_page).unwrap_or(30) - 12) / 9 + 1) as u8,
+    })
+}
+
+fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
+    let (base, size, _) = m.slots[0];
+    let total_pages: u64 = s.memslots.iter().map(|x| x.size.0 / 4096).sum();
+    let table_bytes = (total_pages / 512 + total_pages / (512 * 512) + 64) * 4096;
+    let start = base + (1 << 20);
+    let end = start + table_bytes;
+    if end > base + size {
+        return Err(RunError::Config(format!("memslot[0] is too small for the identity page tables ({table_bytes} bytes after its first MiB)")));
+    }
+    let levels = if s.guest.paging == "5-level" { 5 } else { 4 };
+    let mut alloc = FrameBump::new(start, end);
+    let mut b = PageTableBuilder::new(&*m.kvm, &mut alloc, levels).map_err(cfg_err)?;
+    let preset = s.guest.accessed_dirty == "preset";
+    b.accessed = preset;
+    let flags = PteFlags { writable: true, user: s.guest.user, nx: false, global: false, accessed: preset, dirty: preset };
+    for (i, ms) in s.memslots.iter().enumerate() {
+        let shift = page_shift(ms.guest_page_size.as_deref().unwrap_or(&s.guest.page_size)).unwrap_or(12);
+        let step = 1u64 << shift;
+        if ms.gpa.0 % step != 0 || ms.size.0 % step != 0 {
+            return Err(RunError::Config(format!("memslot[{i}]: gpa and size must be multiples of its guest page size for the identity layout")));
+        }
+        b.map_range(&mut alloc, ms.gpa.0, ms.gpa.0, ms.size.0, shift, flags).map_err(cfg_err)?;
+    }
+    for mm in &s.mmio {
+        b.map_range(&mut alloc, mm.gpa.0 & !4095, mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12, flags).map_err(cfg_err)?;
+    }
+    let root = b.root.raw();
+    for v in m.vcpus.iter_mut() {
+        let mut cr4 = Cr4::PAE | Cr4::PGE;
+        if levels == 5 {
+            cr4 |= Cr4::LA57;
+        }
+        v.write_cr4(cr4).map_err(run_err)?;
+        v.write_efer(Efer::LME | Efer::NXE).map_err(run_err)?;
+        v.write_cr3(root).map_err(run_err)?;
+        v.write_cr0(Cr0::PE | Cr0::WP | Cr0::PG).map_err(run_err)?;
+        v.set_cpl(if s.guest.user { 3 } else { 0 });
+    }
+    m.data_start = (end + (16 << 20) - 1) & !((16 << 20) - 1);
+    Ok(())
+}
+
+/// Builds the host, the VM, memslots and vCPUs, and boots the guest.
+pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
+    let mmu = opts.mmu.clone().unwrap_or_else(|| s.vm.mmu.clone());
+    let cfg = vm_config(s, &mmu)?;
+    let frames = Arc::new(FrameAllocator::new(s.vm.host_memory.0).map_err(cfg_err)?);
+    let host = Arc::new(HostMm::new(frames).map_err(cfg_err)?);
+    let kvm = Kvm::new(cfg, host.clone()).map_err(cfg_err)?;
+    let mut slots = Vec::new();
+    for (i, ms) in s.memslots.iter().enumerate() {
+        let backing = if ms.backing == "thp" { Backing::Thp } else { Backing::Anon4k };
+        let hva = host.mmap(ms.size.0, backing, true, ms.prefault).map_err(|e| RunError::Config(format!("memslot[{i}]: {e}")))?;
+        let flags = if ms.readonly { MemslotFlags::READONLY } else { MemslotFlags::empty() };
+        kvm.set_user_memory_region(UserspaceMemoryRegion { slot: i as u32, flags, guest_phys_addr: ms.gpa.0, memory_size: ms.size.0, userspace_addr: hva }).map_err(|e| RunError::Config(format!("memslot[{i}]: {e}")))?;
+        slots.push((ms.gpa.0, ms.size.0, hva));
+    }
+    for mm in &s.mmio {
+        kvm.register_mmio(Gpa::new(mm.gpa.0), mm.size.0, Arc::new(LatchDevice::default()));
+    }
+    let mut vcpus = Vec::new();
+    for _ in 0..s.guest.vcpus {
+        vcpus.push(kvm.create_vcpu().map_err(cfg_err)?);
+    }
+    let mut m = Machine { kvm: kvm.clone(), vcpus, slots, guest: Guest::Identity, data_start: 16 << 20 };
+    if s.guest.layout == "kernel" {
+        let mem_size = s.memslots.iter().map(|x| x.gpa.0 + x.size.0).max().unwrap_or(0);
+        let kc = KernelConfig {
+            mem_size,
+            nodes: s.memslots.iter().filter(|x| !x.readonly).map(|x| (x.gpa.0, x.gpa.0 + x.size.0)).collect(),
+            direct_map_shift: page_shift(&s.guest.page_size).unwrap_or(21),
+            levels: if s.guest.paging == "5-level" { 5 } else { 4 },
+            pcid: s.guest.pcid,
+        };
+        let mut k = GuestKernel::boot(&*kvm, &mut m.vcpus[0], kc).map_err(run_err)?;
+        for _ in 0..s.guest.processes {
+            k.create_process(&mut m.vcpus[0]).map_err(run_err)?;
+        }
+        k.switch_to(&mut m.vcpus[0], 1).map_err(run_err)?;
+        m.guest = Guest::Kernel(Box::new(k));
+        m.data_start = vmmu_guest::kernel::USER_BASE;
+    } else {
+        boot_identity(&mut m, s)?;
+    }
+    Ok(m)
+}
+
+fn stats_now(m: &Machine) -> (BTreeMap<String, i64>, HwSummary) {
+    let mut st: BTreeMap<String, i64> = m.kvm.vm_stats().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut hw = HwSummary::default();
+    for v in &m.vcpus {
+        for (k, x) in v.stats() {
+            *st.entry(k.to_string()).or_insert(0) += x;
+        }
+        let c = v.cpu();
+        hw.tlb_hits += c.tlb().counters.hits;
+        hw.tlb_misses += c.tlb().counters.misses;
+        hw.walks += c.counters.walks;
+        hw.walk_mem_refs += c.counters.walk_mem_refs;
+    }
+    (st, hw)
+}
+
+/// Runs one workload over [start, start+pages) on the guest.
+fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<u64, RunError> {
+    match &mut m.guest {
+        Guest::Kernel(k) => {
+            let pid = current_pid(k);
+            ensure_mapped(k, pid, start, pages)?;
+            let st = workload::run(w, &mut KernelSpace { kernel: k, cpu: &mut m.vcpus[0] }, start, pages).map_err(run_err)?;
+            Ok(st.accesses)
+        }
+        Guest::Identity => {
+            let n = m.vcpus.len() as u64;
+            if n == 1 {
+                let st = workload::run(w, &mut FlatSpace { cpu: &mut m.vcpus[0] }, start, pages).map_err(run_err)?;
+                return Ok(st.accesses);
+            }
+            let per = pages.div_ceil(n);
+            let results: Vec<Result<u64, KernelError>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = m
+                    .vcpus
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        sc.spawn(move || {
+                            let s0 = i as u64 * per;
+                            let cnt = per.min(pages.saturating_sub(s0));
+                            let r = if cnt == 0 { Ok(0) } else { workload::run(w, &mut FlatSpace { cpu: &mut *v }, start + s0 * 4096, cnt).map(|s| s.accesses) };
+                            v.exit_guest();
+                            r
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KernelError::Invalid("vCPU thread panicked".into())))).collect()
+            });
+            let mut total = 0;
+            for r in results {
+                total += r.map_err(run_err)?;
+            }
+            Ok(total)
+        }
+    }
+}
+
+fn current_pid(k: &GuestKernel) -> u32 {
+    k.current_pid().unwrap_or(1)
+}
+
+fn ensure_mapped(k: &mut GuestKernel, pid: u32, start: u64, pages: u64) -> Result<(), RunError> {
+    let end = start + pages * 4096;
+    let covered = k.processes().iter().find(|p| p.pid == pid).is_some_and(|p| p.vmas.iter().any(|v| v.start <= start && v.end >= end));
+    if !covered {
+        k.mmap(pid, start & !4095, end - (start & !4095), true).map_err(run_err)?;
+    }
+    Ok(())
+}
+
+fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
+    match op {
+        Op::Write { start, pages } => run_workload(m, Workload::FirstTouch, start.0, *pages),
+        Op::Read { start, pages } => run_workload(m, Workload::Read, start.0, *pages),
+        Op::ReadThenWrite { start, pages } => run_workload(m, Workload::ReadThenWrite, start.0, *pages),
+        Op::Workload { name, start, pages, accesses, seed } => {
+            let mut w = Workload::parse(name, *pages).ok_or_else(|| RunError::Config(format!("unknown workload `{name}`")))?;
+            match &mut w {
+                Workload::Random { accesses: a, seed: s } | Workload::Zipf { accesses: a, seed: s, .. } => {
+                    if let Some(x) = accesses {
+                        *a = *x;
+                    }
+                    if let Some(x) = seed {
+                        *s = *x;
+                    }
+                }
+                _ => {}
+            }
+            run_workload(m, w, start.0, *pages)
+        }
+        Op::Switch { process } => {
+            if let Guest::Kernel(k) = &mut m.guest {
+                k.switch_to(&mut m.vcpus[0], *process).map_err(run_err)?;
+            }
+            Ok(0)
+        }
+        Op::Munmap { start, pages } => {
+            if let Guest::Kernel(k) = &mut m.guest {
+                let pid = current_pid(k);
+                k.munmap(&mut m.vcpus[0], pid, start.0, pages * 4096).map_err(run_err)?;
+            }
+            Ok(0)
+        }
+        Op::Invlpg { addr } => {
+            for v in m.vcpus.iter_mut() {
+                v.invlpg(Gva::new(addr.0));
+            }
+            Ok(0)
+        }
+        Op::MadviseDontneed { slot, offset, size } => {
+            let (_, len, hva) = m.slots[*slot as usize];
+            if offset.0 + size.0 > len {
+                return Err(RunError::Config(format!("madvise-dontneed: range {:#x}+{:#x} is beyond memslot {slot}", offset.0, size.0)));
+            }
+            for v in m.vcpus.iter_mut() {
+                v.exit_guest();
+            }
+            m.kvm.host().madvise_dontneed(Hva(hva.raw() + offset.0), size.0).map_err(run_err)?;
+            Ok(0)
+        }
+        Op::Audit => {
+            for v in m.vcpus.iter_mut() {
+                v.exit_guest();
+            }
+            m.kvm.audit().map_err(run_err)?;
+            Ok(0)
+        }
+    }
+}
+
+/// The phases to run: the scenario's, or two passes of `--workload`.
+fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenario::Phase> {
+    match (&opts.workload, opts.pages) {
+        (None, None) => s.phases.clone(),
+        (w, p) => {
+            let name = w.clone().unwrap_or_else(|| "first-touch".into());
+            let pages = p.unwrap_or(16384);
+            let second = if name == "first-touch" { "re-touch".to_string() } else { name.clone() };
+            let op = |n: &str| Op::Workload { name: n.to_string(), start: crate::scenario::Size(data_start), pages, accesses: None, seed: None };
+            vec![crate::scenario::Phase { name: "pass1".into(), ops: vec![op(&name)] }, crate::scenario::Phase { name: "pass2".into(), ops: vec![op(&second)] }]
+        }
+    }
+}
+
+/// Runs `s`; `progress` is called with (phase name, fraction done) as ops complete.
+pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64)) -> Result<RunResult, RunError> {
+    if let Some(w) = &opts.workload {
+        if Workload::parse(w, 1).is_none() {
+            return Err(RunError::Config(format!("--workload: `{w}` is not one of {}", Workload::NAMES.join(", "))));
+        }
+    }
+    if opts.pages == Some(0) {
+        return Err(RunError::Config("--pages: must be > 0".into()));
+    }
+    let mut m = build(s, opts)?;
+    let tracer = &m.kvm.tracer;
+    match opts.trace {
+        TraceMode::Events => tracer.set_events(true),
+        TraceMode::FunctionGraph => tracer.set_function_graph(true),
+        TraceMode::Off => {}
+    }
+    let mut results = Vec::new();
+    for ph in phases(s, opts, m.data_start) {
+        let (before, hw0) = stats_now(&m);
+        let t0 = Instant::now();
+        let mut accesses = 0;
+        let n = ph.ops.len().max(1);
+        for (i, op) in ph.ops.iter().enumerate() {
+            accesses += run_op(&mut m, op)?;
+            progress(&ph.name, (i + 1) as f64 / n as f64);
+        }
+        let wall_ns = t0.elapsed().as_nanos() as u64;
+        let (after, hw1) = stats_now(&m);
+        let stats = after.iter().map(|(k, v)| (k.clone(), if GAUGES.contains(&k.as_str()) { *v } else { v - before.get(k).copied().unwrap_or(0) })).collect();
+        let hw = HwSummary { tlb_hits: hw1.tlb_hits - hw0.tlb_hits, tlb_misses: hw1.tlb_misses - hw0.tlb_misses, walks: hw1.walks - hw0.walks, walk_mem_refs: hw1.walk_mem_refs - hw0.walk_mem_refs };
+        results.push(PhaseResult { name: ph.name.clone(), wall_ns, accesses, stats, hw });
+    }
+    for v in m.vcpus.iter_mut() {
+        v.exit_guest();
+    }
+    let (stats, _) = stats_now(&m);
+    let counts = m.kvm.host().frames().counts();
+    let host = HostSummary { frames_4k: counts.frames_4k, frames_2m: counts.frames_2m, host_pt_pages: m.kvm.host().pt_pages(), mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096 };
+    let trace = match opts.trace {
+        TraceMode::Events => Some(m.kvm.tracer.render_events()),
+        TraceMode::FunctionGraph => Some(m.kvm.tracer.render_function_graph()),
+        TraceMode::Off => None,
+    };
+    Ok(RunResult { scenario: s.name.clone(), mmu: opts.mmu.clone().unwrap_or_else(|| s.vm.mmu.clone()), phases: results, stats, host, trace })
+}

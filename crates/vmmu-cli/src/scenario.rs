@@ -1,0 +1,388 @@
+//! Scenario files (TOML): what VM, what memory, what guest, then phases of operations.
+//! The schema is documented in docs/scenarios.md.
+
+use crate::size::parse_size;
+use serde::{Deserialize, Deserializer};
+
+/// A size or address: an integer or a string like "16MiB" or "0x1000".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Str(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A whole scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name.
+    pub name: String,
+    /// What it shows.
+    #[serde(default)]
+    pub description: String,
+    /// VM configuration.
+    #[serde(default)]
+    pub vm: VmSection,
+    /// Guest memory.
+    #[serde(rename = "memslot", default)]
+    pub memslots: Vec<MemslotSection>,
+    /// MMIO devices.
+    #[serde(rename = "mmio", default)]
+    pub mmio: Vec<MmioSection>,
+    /// The guest.
+    #[serde(default)]
+    pub guest: GuestSection,
+    /// Phases.
+    #[serde(rename = "phase", default)]
+    pub phases: Vec<Phase>,
+}
+
+/// `[vm]`: KVM's module parameters and VM settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSection {
+    /// tdp | shadow | legacy-tdp.
+    pub mmu: String,
+    /// ept | npt.
+    pub tdp: String,
+    /// EPT A/D bits.
+    pub eptad: bool,
+    /// 4 or 5.
+    pub max_tdp_level: u8,
+    /// Guest MAXPHYADDR.
+    pub maxphyaddr: u8,
+    /// kvm.nx_huge_pages.
+    pub nx_huge_pages: bool,
+    /// kvm.mmio_caching.
+    pub mmio_caching: bool,
+    /// Largest TDP page: "4k", "2m" or "1g".
+    pub tdp_huge_page: String,
+    /// Host physical memory to model.
+    pub host_memory: Size,
+}
+
+impl Default for VmSection {
+    fn default() -> Self {
+        VmSection {
+            mmu: "tdp".into(),
+            tdp: "ept".into(),
+            eptad: true,
+            max_tdp_level: 4,
+            maxphyaddr: 46,
+            nx_huge_pages: false,
+            mmio_caching: true,
+            tdp_huge_page: "1g".into(),
+            host_memory: Size(16 << 30),
+        }
+    }
+}
+
+/// `[[memslot]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemslotSection {
+    /// First gpa.
+    pub gpa: Size,
+    /// Size.
+    pub size: Size,
+    /// "4k" or "thp".
+    #[serde(default = "default_backing")]
+    pub backing: String,
+    /// Allocate all host memory up front.
+    #[serde(default)]
+    pub prefault: bool,
+    /// KVM_MEM_READONLY.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Guest page size of the identity map over this slot ("4k", "2m", "1g"); default
+    /// `guest.page_size`.
+    #[serde(default)]
+    pub guest_page_size: Option<String>,
+}
+
+fn default_backing() -> String {
+    "4k".into()
+}
+
+/// `[[mmio]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmioSection {
+    /// First gpa.
+    pub gpa: Size,
+    /// Window size.
+    pub size: Size,
+    /// "latch": every register reads back the last value written.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "latch".into()
+}
+
+/// `[guest]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestSection {
+    /// "4-level" or "5-level".
+    pub paging: String,
+    /// "kernel" (the guest kernel demand-pages a process) or "identity" (gva = gpa tables
+    /// built by the VMM before the run).
+    pub layout: String,
+    /// Page size: of the identity map, or of the kernel's direct map ("4k", "2m").
+    pub page_size: String,
+    /// Identity layout: "clear" or "preset" A/D bits.
+    pub accessed_dirty: String,
+    /// Identity layout: pages are user pages and the guest runs at CPL 3.
+    pub user: bool,
+    /// Number of vCPUs (identity layout: the ops' pages are split among them, each on its
+    /// own thread).
+    pub vcpus: u32,
+    /// Kernel layout: number of processes.
+    pub processes: u32,
+    /// Kernel layout: use PCIDs.
+    pub pcid: bool,
+}
+
+impl Default for GuestSection {
+    fn default() -> Self {
+        GuestSection { paging: "4-level".into(), layout: "kernel".into(), page_size: "4k".into(), accessed_dirty: "clear".into(), user: false, vcpus: 1, processes: 1, pcid: false }
+    }
+}
+
+/// `[[phase]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    /// Name.
+    pub name: String,
+    /// Operations, in order.
+    pub ops: Vec<Op>,
+}
+
+/// One operation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    /// Write one byte in each of `pages` pages from `start`.
+    Write {
+        /// First address (gva).
+        start: Size,
+        /// Pages.
+        pages: u64,
+    },
+    /// Read 8 bytes from each page.
+    Read {
+        /// First address.
+        start: Size,
+        /// Pages.
+        pages: u64,
+    },
+    /// Read each page, then write each page.
+    ReadThenWrite {
+        /// First address.
+        start: Size,
+        /// Pages.
+        pages: u64,
+    },
+    /// A named workload (first-touch, re-touch, read-then-write, read, random, zipf).
+    Workload {
+        /// Workload name.
+        name: String,
+        /// First address.
+        start: Size,
+        /// Pages.
+        pages: u64,
+        /// Accesses (random, zipf).
+        #[serde(default)]
+        accesses: Option<u64>,
+        /// Seed.
+        #[serde(default)]
+        seed: Option<u64>,
+    },
+    /// Kernel layout: switch to process `process` (1-based).
+    Switch {
+        /// Process number.
+        process: u32,
+    },
+    /// Kernel layout: munmap in the current process.
+    Munmap {
+        /// First address.
+        start: Size,
+        /// Pages.
+        pages: u64,
+    },
+    /// INVLPG.
+    Invlpg {
+        /// Address.
+        addr: Size,
+    },
+    /// The VMM drops part of a memslot's host memory (MADV_DONTNEED).
+    MadviseDontneed {
+        /// Memslot index.
+        slot: u32,
+        /// Offset into the slot.
+        offset: Size,
+        /// Bytes.
+        size: Size,
+    },
+    /// Check the MMU's invariants; the run fails if they do not hold.
+    Audit,
+}
+
+/// A scenario problem: the field and what is wrong with it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct ScenarioError {
+    /// Which field.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ScenarioError {
+    ScenarioError { field: field.into(), problem: problem.into() }
+}
+
+/// Parses a page size name to its shift.
+pub fn page_shift(s: &str) -> Option<u32> {
+    match s.to_ascii_lowercase().as_str() {
+        "4k" | "4kib" => Some(12),
+        "2m" | "2mib" => Some(21),
+        "1g" | "1gib" => Some(30),
+        _ => None,
+    }
+}
+
+impl Scenario {
+    /// Parses TOML text; the error is one line (it may name a line and column).
+    pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| {
+            let msg = e.message().replace('\n', " ");
+            let at = e.span().map(|sp| {
+                let line = text[..sp.start].matches('\n').count() + 1;
+                format!("line {line}")
+            });
+            err(at.unwrap_or_else(|| "file".into()), msg)
+        })?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks what the schema cannot.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        if !["tdp", "shadow", "legacy-tdp"].contains(&self.vm.mmu.as_str()) {
+            return Err(err("vm.mmu", format!("`{}` is not one of tdp, shadow, legacy-tdp", self.vm.mmu)));
+        }
+        if !["ept", "npt"].contains(&self.vm.tdp.as_str()) {
+            return Err(err("vm.tdp", format!("`{}` is not one of ept, npt", self.vm.tdp)));
+        }
+        if page_shift(&self.vm.tdp_huge_page).is_none() {
+            return Err(err("vm.tdp_huge_page", format!("`{}` is not one of 4k, 2m, 1g", self.vm.tdp_huge_page)));
+        }
+        if self.memslots.is_empty() {
+            return Err(err("memslot", "a scenario needs at least one [[memslot]]"));
+        }
+        for (i, m) in self.memslots.iter().enumerate() {
+            if m.size.0 == 0 || m.size.0 % 4096 != 0 || m.gpa.0 % 4096 != 0 {
+                return Err(err(format!("memslot[{i}]"), "gpa and size must be non-zero multiples of 4 KiB"));
+            }
+            if !["4k", "thp"].contains(&m.backing.as_str()) {
+                return Err(err(format!("memslot[{i}].backing"), format!("`{}` is not one of 4k, thp", m.backing)));
+            }
+            if let Some(p) = &m.guest_page_size {
+                if page_shift(p).is_none() {
+                    return Err(err(format!("memslot[{i}].guest_page_size"), format!("`{p}` is not one of 4k, 2m, 1g")));
+                }
+            }
+        }
+        for (i, m) in self.mmio.iter().enumerate() {
+            if m.device != "latch" {
+                return Err(err(format!("mmio[{i}].device"), format!("`{}` is not a known device (latch)", m.device)));
+            }
+        }
+        let g = &self.guest;
+        if !["4-level", "5-level"].contains(&g.paging.as_str()) {
+            return Err(err("guest.paging", format!("`{}`: scenario guests use 4-level or 5-level paging (the walker supports every mode; the scenario layouts build 64-bit tables)", g.paging)));
+        }
+        if !["kernel", "identity"].contains(&g.layout.as_str()) {
+            return Err(err("guest.layout", format!("`{}` is not one of kernel, identity", g.layout)));
+        }
+        if page_shift(&g.page_size).is_none() || (g.layout == "kernel" && g.page_size == "1g") {
+            return Err(err("guest.page_size", format!("`{}` is not a page size this layout supports (4k, 2m{})", g.page_size, if g.layout == "identity" { ", 1g" } else { "" })));
+        }
+        if !["clear", "preset"].contains(&g.accessed_dirty.as_str()) {
+            return Err(err("guest.accessed_dirty", format!("`{}` is not one of clear, preset", g.accessed_dirty)));
+        }
+        if g.vcpus == 0 || g.vcpus > 64 {
+            return Err(err("guest.vcpus", "must be 1..=64"));
+        }
+        if g.layout == "kernel" && g.vcpus != 1 {
+            return Err(err("guest.vcpus", "the kernel layout runs one vCPU"));
+        }
+        if g.layout == "kernel" && self.memslots[0].gpa.0 != 0 {
+            return Err(err("memslot[0].gpa", "the kernel layout needs guest RAM at gpa 0 in the first memslot"));
+        }
+        if g.processes == 0 {
+            return Err(err("guest.processes", "must be at least 1"));
+        }
+        for (pi, p) in self.phases.iter().enumerate() {
+            for (oi, op) in p.ops.iter().enumerate() {
+                let f = |x: &str| format!("phase[{pi}].ops[{oi}].{x}");
+                match op {
+                    Op::Write { pages, .. } | Op::Read { pages, .. } | Op::ReadThenWrite { pages, .. } | Op::Munmap { pages, .. } if *pages == 0 => return Err(err(f("pages"), "must be > 0")),
+                    Op::Workload { name, pages, .. } => {
+                        if vmmu_guest::Workload::parse(name, *pages).is_none() {
+                            return Err(err(f("name"), format!("`{name}` is not one of {}", vmmu_guest::Workload::NAMES.join(", "))));
+                        }
+                        if *pages == 0 {
+                            return Err(err(f("pages"), "must be > 0"));
+                        }
+                    }
+                    Op::Switch { process } if *process == 0 || *process > g.processes => return Err(err(f("process"), format!("must be 1..={}", g.processes))),
+                    Op::Switch { .. } | Op::Munmap { .. } if g.layout != "kernel" => return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout")),
+                    Op::MadviseDontneed { slot, .. } if *slot as usize >= self.memslots.len() => return Err(err(f("slot"), "no such memslot")),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_scenario_parses() {
+        let s = Scenario::parse(crate::DEFAULT_SCENARIO).unwrap();
+        assert!(!s.phases.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Scenario::parse("name = \"x\"\n[vm]\nmmu = \"hyper\"\n[[memslot]]\ngpa = 0\nsize = \"1GiB\"\n").unwrap_err();
+        assert_eq!(e.field, "vm.mmu");
+        let e = Scenario::parse("name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"12 parsecs\"\n").unwrap_err();
+        assert!(e.to_string().contains("parsecs"), "{e}");
+        assert!(e.field.starts_with("line 4"), "{e}");
+        let e = Scenario::parse("name = \"x\"\nbogus = 1\n").unwrap_err();
+        assert!(e.problem.contains("bogus"), "{e}");
+        let e = Scenario::parse("name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"1MiB\"\n[[phase]]\nname = \"p\"\nops = [{ op = \"write\", start = 0, pages = 0 }]\n").unwrap_err();
+        assert_eq!(e.field, "phase[0].ops[0].pages");
+    }
+}

@@ -1,0 +1,1043 @@
+//! Transparency (DESIGN's oracle #1): for any guest state and access sequence, running
+//! under the TDP MMU gives the same architectural results as running natively
+//! ([`NativeMachine`]: no hypervisor, the same walker over the guest's own tables).
+//!
+//! Each case writes random guest page tables (32-bit with and without PSE, PAE, 4-level and
+//! 5-level; 4 KiB / 2 MiB / 4 MiB / 1 GiB leaves; not-present and reserved-bit entries,
+//! addresses above MAXPHYADDR, NX with EFER.NXE=0, U/S, R/W and NX mixes) into the
+//! guest-physical memory of both machines with identical bytes, loads the same registers
+//! (CR0.WP, CR4.PSE/PGE/SMEP/SMAP, EFER.NXE, CPL 0/3, EFLAGS.AC) and runs the same random
+//! sequence of reads, writes and fetches (1, 2, 4, 8 bytes, some crossing a page boundary),
+//! interleaved with guest-PTE rewrites made by the VMM and followed by INVLPG or a full
+//! flush. Every result (the value, or the exception with CR2 and error code) must match;
+//! at the end every page-table page and every data page touched must hold the same bytes
+//! (so the guest A/D bits match), and the MMU audit must pass. The VM side varies EPT
+//! (A/D on and off) / NPT, 4 KiB / THP backing, the TDP huge-page level and the TDP depth.
+//!
+//! Bugs found in the existing code while writing this test are reproduced by the
+//! `#[ignore]`d `known_bug_*` tests at the end, and kept out of the random generator
+//! (see [`KNOWN_BUGS_AVOIDED`]) so the property keeps guarding everything else.
+
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use vmmu::host::{Backing, FrameAllocator, HostMm};
+use vmmu::hw::cpu::Exception;
+use vmmu::machine::{GuestCpu, NativeMachine};
+use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+use vmmu::x86_paging::addr::{Gpa, Gva, Hpa};
+use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
+use vmmu::{GuestError, Kvm, TdpKind, Vcpu, VmConfig};
+use vmmu_guest::boot::BootMem;
+
+/// Guest RAM (one memslot at gpa 0; the native machine has the same amount).
+const MEM: u64 = 8 << 20;
+/// Page tables live in [TABLES_START, TABLES_END); data pages never overlap them.
+const TABLES_START: u64 = 0x1000;
+const TABLES_END: u64 = 1 << 20;
+const DATA_FIRST_PAGE: u64 = TABLES_END >> 12;
+const DATA_PAGES: u64 = (MEM >> 12) - DATA_FIRST_PAGE;
+
+/// The generator steers clear of two bugs (see the `known_bug_*` tests): the emulator
+/// ignores EFLAGS.AC, and INVLPG misses TLB entries of a guest huge page that the TDP
+/// tables map with small pages. Set to false to let the property find them again.
+const KNOWN_BUGS_AVOIDED: bool = true;
+
+// ------------------------------------------------------------------------------------
+// The case description (what proptest generates and shrinks).
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Bits32,
+    Pae,
+    Level4,
+    Level5,
+}
+
+#[derive(Clone, Debug)]
+struct Regs {
+    mode: Mode,
+    pse: bool,
+    pge: bool,
+    wp: bool,
+    smep: bool,
+    smap: bool,
+    nxe: bool,
+    cpl3: bool,
+    ac: bool,
+    maxphy: u8,
+    /// PAE: which 32-byte slot of the PDPT page CR3 names; 4/5-level: PWT/PCD bits.
+    cr3_low: u8,
+    /// Keep the case away from the known bugs (see [`KNOWN_BUGS_AVOIDED`]).
+    avoid_bugs: bool,
+}
+
+#[derive(Clone, Debug)]
+struct VmVariant {
+    tdp: TdpKind,
+    eptad: bool,
+    thp: bool,
+    tdp_huge_page_level: u8,
+    max_tdp_level: u8,
+}
+
+/// One mapping to insert: per-level table indices, leaf level, target, flags per level.
+#[derive(Clone, Debug)]
+struct MapSpec {
+    idx: [u16; 5],
+    leaf: u8,
+    target: u16,
+    /// 0..=4 in memory, 5 just past memory (open bus / MMIO), 6 a high legal address,
+    /// 7 above MAXPHYADDR.
+    place: u8,
+    /// Per level (index = level - 1): W=1 U=2 NX=4 A=8 D=16 G=32 PWT=64 IGN=128.
+    flags: [u8; 5],
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// An access through mapping `map` (modulo the number of mappings).
+    Access { kind: u8, map: u16, sub: u16, off: u16, size: u8, val: u64 },
+    /// An access at an arbitrary address.
+    Raw { kind: u8, gva: u64, size: u8, val: u64 },
+    /// The VMM rewrites a guest paging entry, then the guest flushes.
+    Rewrite { entry: u16, xor: u8, p_toggle: bool, retarget: Option<u16>, rsvd: Option<u8>, flush: u16 },
+    SetCpl3(bool),
+    SetAc(bool),
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    regs: Regs,
+    vm: VmVariant,
+    maps: Vec<MapSpec>,
+    corrupt: Vec<(u16, u8)>,
+    ops: Vec<Op>,
+}
+
+// ------------------------------------------------------------------------------------
+// Strategies.
+
+fn regs_strategy(modes: Vec<Mode>) -> impl Strategy<Value = Regs> {
+    (
+        proptest::sample::select(modes),
+        any::<[bool; 9]>(),
+        proptest::sample::select(vec![36u8, 39, 40, 46, 52]),
+        any::<u8>(),
+    )
+        .prop_map(|(mode, b, maxphy, cr3_low)| Regs {
+            mode,
+            pse: b[0],
+            pge: b[1],
+            wp: b[2],
+            smep: b[3],
+            smap: b[4],
+            nxe: b[5],
+            cpl3: b[6],
+            ac: b[7] && b[8],
+            maxphy,
+            cr3_low,
+            avoid_bugs: KNOWN_BUGS_AVOIDED,
+        })
+}
+
+fn vm_strategy() -> impl Strategy<Value = VmVariant> {
+    (any::<bool>(), any::<bool>(), any::<bool>(), 1u8..=3, any::<bool>()).prop_map(|(npt, eptad, thp, huge, five)| VmVariant {
+        tdp: if npt { TdpKind::Npt } else { TdpKind::Ept },
+        eptad,
+        thp,
+        tdp_huge_page_level: huge,
+        max_tdp_level: if five { 5 } else { 4 },
+    })
+}
+
+fn map_strategy() -> impl Strategy<Value = MapSpec> {
+    (any::<[u16; 5]>(), 1u8..=3, any::<u16>(), any::<u8>(), any::<[u8; 5]>()).prop_map(|(idx, leaf, target, place, flags)| MapSpec {
+        idx,
+        leaf,
+        target,
+        place: place % 8,
+        flags,
+    })
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        12 => (0u8..3, any::<u16>(), any::<u16>(), any::<u16>(), 0u8..4, any::<u64>())
+            .prop_map(|(kind, map, sub, off, size, val)| Op::Access { kind, map, sub, off, size: 1 << size, val }),
+        1 => (0u8..3, any::<u64>(), 0u8..4, any::<u64>()).prop_map(|(kind, gva, size, val)| Op::Raw { kind, gva, size: 1 << size, val }),
+        3 => (any::<u16>(), any::<u8>(), proptest::bool::weighted(0.2), proptest::option::weighted(0.3, any::<u16>()), proptest::option::weighted(0.15, 0u8..6), any::<u16>())
+            .prop_map(|(entry, xor, p_toggle, retarget, rsvd, flush)| Op::Rewrite { entry, xor, p_toggle, retarget, rsvd, flush }),
+        1 => any::<bool>().prop_map(Op::SetCpl3),
+        1 => any::<bool>().prop_map(Op::SetAc),
+    ]
+}
+
+fn case_strategy(modes: Vec<Mode>) -> impl Strategy<Value = Case> {
+    (
+        regs_strategy(modes),
+        vm_strategy(),
+        proptest::collection::vec(map_strategy(), 1..10),
+        proptest::collection::vec((any::<u16>(), 0u8..6), 0..3),
+        proptest::collection::vec(op_strategy(), 1..40),
+    )
+        .prop_map(|(regs, mut vm, maps, corrupt, ops)| {
+            if regs.avoid_bugs && regs.maxphy > 48 {
+                // Known bug: a 4-level TDP aliases guest-physical addresses above 48 bits.
+                vm.max_tdp_level = 5;
+            }
+            Case { regs, vm, maps, corrupt, ops }
+        })
+}
+
+// ------------------------------------------------------------------------------------
+// Building the guest page tables (a model of the bytes; written to both machines).
+
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const PWT: u64 = 1 << 3;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const G: u64 = 1 << 8;
+const IGN: u64 = 1 << 9;
+const NX: u64 = 1 << 63;
+
+#[derive(Clone, Debug)]
+struct Ent {
+    level: u8,
+    leaf: bool,
+    pdpte: bool,
+    /// First linear address the entry covers.
+    va_base: u64,
+    val: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Mapping {
+    va: u64,
+    shift: u32,
+    /// Where the leaf entry lives.
+    leaf_at: u64,
+}
+
+struct Built {
+    cr3: u64,
+    /// Entry gpa -> entry.
+    ents: BTreeMap<u64, Ent>,
+    /// Table pages allocated.
+    tables: Vec<u64>,
+    maps: Vec<Mapping>,
+}
+
+impl Regs {
+    /// Whether every data page must be guest RAM (see [`KNOWN_BUGS_AVOIDED`]).
+    fn no_mmio_data(&self) -> bool {
+        self.avoid_bugs && self.smap
+    }
+    fn wide(&self) -> bool {
+        self.mode != Mode::Bits32
+    }
+    fn esize(&self) -> u8 {
+        if self.wide() {
+            8
+        } else {
+            4
+        }
+    }
+    fn top(&self) -> u8 {
+        match self.mode {
+            Mode::Bits32 => 2,
+            Mode::Pae => 3,
+            Mode::Level4 => 4,
+            Mode::Level5 => 5,
+        }
+    }
+    fn index_bits(&self) -> u32 {
+        if self.wide() {
+            9
+        } else {
+            10
+        }
+    }
+    fn shift_of(&self, level: u8) -> u32 {
+        12 + self.index_bits() * u32::from(level - 1)
+    }
+    fn max_leaf(&self) -> u8 {
+        match self.mode {
+            Mode::Bits32 => {
+                if self.pse {
+                    2
+                } else {
+                    1
+                }
+            }
+            Mode::Pae => 2,
+            Mode::Level4 | Mode::Level5 => 3,
+        }
+    }
+    fn cr0(&self) -> Cr0 {
+        let mut v = Cr0::PE | Cr0::PG | Cr0::ET;
+        if self.wp {
+            v |= Cr0::WP;
+        }
+        v
+    }
+    fn cr4(&self) -> Cr4 {
+        let mut v = Cr4::empty();
+        if self.pse {
+            v |= Cr4::PSE;
+        }
+        if self.pge {
+            v |= Cr4::PGE;
+        }
+        if self.smep {
+            v |= Cr4::SMEP;
+        }
+        if self.smap {
+            v |= Cr4::SMAP;
+        }
+        if self.mode != Mode::Bits32 {
+            v |= Cr4::PAE;
+        }
+        if self.mode == Mode::Level5 {
+            v |= Cr4::LA57;
+        }
+        v
+    }
+    fn efer(&self) -> Efer {
+        let mut v = Efer::SCE;
+        if self.nxe {
+            v |= Efer::NXE;
+        }
+        if matches!(self.mode, Mode::Level4 | Mode::Level5) {
+            v |= Efer::LME;
+        }
+        v
+    }
+}
+
+/// Spreads a u16 over a table index: mostly tiny indices (so mappings share tables and sit
+/// next to each other), sometimes anything.
+fn pick_index(x: u16, bits: u32) -> u64 {
+    if x < 0xc000 {
+        u64::from(x % 4)
+    } else {
+        u64::from(x) & ((1 << bits) - 1)
+    }
+}
+
+fn sign_extend(va: u64, bits: u32) -> u64 {
+    let sh = 64 - bits;
+    (((va << sh) as i64) >> sh) as u64
+}
+
+/// The target guest-physical address of a leaf of `1 << shift` bytes.
+fn target_gpa(r: &Regs, shift: u32, target: u16, place: u8) -> u64 {
+    let t = u64::from(target);
+    // Steer clear of the emulator's EFLAGS.AC bug: no data outside guest RAM under SMAP.
+    let place = if r.no_mmio_data() && (place < 7 || (r.wide() && r.maxphy >= 52)) { 0 } else { place };
+    let in_mem = match shift {
+        12 => (DATA_FIRST_PAGE + t % DATA_PAGES) << 12,
+        21 => (1 + t % 3) << 21,
+        22 => 1 << 22,
+        _ => 0,
+    };
+    let align = 1u64 << shift;
+    let max32 = !r.wide() && shift == 12;
+    match place {
+        0..=4 => in_mem,
+        5 => MEM.next_multiple_of(align) + (t % 4) * align,
+        6 => {
+            if max32 {
+                1 << 31
+            } else {
+                (1u64 << (r.maxphy - 1)).max(align)
+            }
+        }
+        _ => {
+            if max32 {
+                if r.no_mmio_data() {
+                    in_mem
+                } else {
+                    0x8000_0000 | in_mem
+                }
+            } else {
+                (1u64 << r.maxphy.min(51)) | in_mem
+            }
+        }
+    }
+}
+
+/// A leaf entry's bits for `flags` (see [`MapSpec::flags`]).
+fn leaf_bits(r: &Regs, level: u8, gpa: u64, flags: u8) -> u64 {
+    let mut v = P;
+    if flags & 1 != 0 {
+        v |= RW;
+    }
+    if flags & 2 != 0 {
+        v |= US;
+    }
+    if flags & 8 != 0 {
+        v |= A;
+    }
+    if flags & 16 != 0 {
+        v |= D;
+    }
+    if flags & 32 != 0 {
+        v |= G;
+    }
+    if flags & 64 != 0 {
+        v |= PWT;
+    }
+    if flags & 128 != 0 {
+        v |= IGN;
+    }
+    if level > 1 {
+        v |= PS;
+    }
+    if r.wide() {
+        if flags & 4 != 0 {
+            v |= NX;
+        }
+        v | (gpa & 0x000f_ffff_ffff_f000)
+    } else if level == 2 {
+        // 4 MiB PDE: bits 31:22, and PSE-36 address bits 39:32 at 20:13.
+        v | (gpa & 0xffc0_0000) | (((gpa >> 32) & 0xff) << 13)
+    } else {
+        v | (gpa & 0xffff_f000)
+    }
+}
+
+fn table_bits(r: &Regs, table: u64, flags: u8) -> u64 {
+    let mut v = P | table;
+    if flags & 1 != 0 {
+        v |= RW;
+    }
+    if flags & 2 != 0 {
+        v |= US;
+    }
+    if flags & 8 != 0 {
+        v |= A;
+    }
+    if flags & 64 != 0 {
+        v |= PWT;
+    }
+    if flags & 128 != 0 {
+        v |= IGN;
+    }
+    if r.wide() && flags & 4 != 0 {
+        v |= NX;
+    }
+    v
+}
+
+/// A reserved (or, where none applies, ignored) bit of kind `k` for entry `e`.
+fn rsvd_bit(r: &Regs, e: &Ent, k: u8) -> u64 {
+    if e.pdpte {
+        return [1 << 1, 1 << 2, 1 << 5, 1 << 8, 1u64 << r.maxphy.min(51), NX][usize::from(k % 6)];
+    }
+    if !r.wide() {
+        // 32-bit: only a 4 MiB PDE has reserved bits (21, or PSE-36 bits above MAXPHYADDR).
+        return if e.leaf && e.level == 2 { [1 << 21, 1 << (13 + (r.maxphy.min(40) - 32)) as u64][usize::from(k % 2)] } else { 1 << 10 };
+    }
+    match k % 6 {
+        // With MAXPHYADDR 52, bit 51 is a legal address bit: open bus / MMIO data.
+        0 | 3 if r.no_mmio_data() && r.maxphy >= 52 => 1 << 10,
+        0 => 1u64 << r.maxphy.min(51),
+        1 => NX,
+        2 if e.level >= 4 => PS,
+        2 if e.leaf && e.level > 1 => 1 << 13,
+        3 => 1 << 51,
+        4 if e.leaf && e.level == 3 => 1 << 29,
+        4 if e.leaf && e.level == 2 => 1 << 20,
+        _ => 1 << 10,
+    }
+}
+
+fn build(c: &Case) -> Built {
+    let r = &c.regs;
+    let mut next = TABLES_START;
+    let mut alloc = |tables: &mut Vec<u64>| -> Option<u64> {
+        if next >= TABLES_END {
+            return None;
+        }
+        let t = next;
+        next += 4096;
+        tables.push(t);
+        Some(t)
+    };
+    let mut tables = Vec::new();
+    let root = alloc(&mut tables).unwrap();
+    let cr3 = match r.mode {
+        Mode::Pae => root + 0x20 * u64::from(r.cr3_low % 128),
+        Mode::Bits32 => root | (u64::from(r.cr3_low) & 0x18),
+        _ => root | (u64::from(r.cr3_low) & 0x18),
+    };
+    let mut ents: BTreeMap<u64, Ent> = BTreeMap::new();
+    let mut maps = Vec::new();
+    let top = r.top();
+    'maps: for m in &c.maps {
+        let leaf = 1 + (m.leaf - 1) % r.max_leaf();
+        let mut va = 0u64;
+        for l in 1..=top {
+            let bits = if r.mode == Mode::Pae && l == 3 { 2 } else { r.index_bits() };
+            va |= pick_index(m.idx[usize::from(l - 1)], bits) << r.shift_of(l);
+        }
+        va = match r.mode {
+            Mode::Level4 => sign_extend(va, 48),
+            Mode::Level5 => sign_extend(va, 57),
+            _ => va,
+        };
+        // Walk down, creating tables.
+        let mut table = if r.mode == Mode::Pae { cr3 & !0x1f } else { root };
+        for l in (leaf..=top).rev() {
+            let idx_bits = if r.mode == Mode::Pae && l == 3 { 2 } else { r.index_bits() };
+            let idx = (va >> r.shift_of(l)) & ((1 << idx_bits) - 1);
+            let at = table + idx * u64::from(r.esize());
+            let va_base = va & !((1u64 << r.shift_of(l)) - 1);
+            if l == leaf {
+                if ents.contains_key(&at) {
+                    continue 'maps;
+                }
+                let shift = if !r.wide() && l == 2 { 22 } else { r.shift_of(l) };
+                let gpa = target_gpa(r, shift, m.target, m.place);
+                let val = leaf_bits(r, l, gpa, m.flags[usize::from(l - 1)]);
+                ents.insert(at, Ent { level: l, leaf: true, pdpte: false, va_base, val });
+                maps.push(Mapping { va: va & !((1u64 << shift) - 1), shift, leaf_at: at });
+                break;
+            }
+            match ents.get(&at) {
+                Some(e) if e.leaf => continue 'maps,
+                Some(e) => table = e.val & 0x000f_ffff_ffff_f000 & if r.wide() { !0 } else { 0xffff_f000 },
+                None => {
+                    let Some(t) = alloc(&mut tables) else { continue 'maps };
+                    let pdpte = r.mode == Mode::Pae && l == 3;
+                    let val = if pdpte { P | t | (u64::from(m.flags[2]) & 0x18) } else { table_bits(r, t, m.flags[usize::from(l - 1)]) };
+                    ents.insert(at, Ent { level: l, leaf: false, pdpte, va_base, val });
+                    table = t;
+                }
+            }
+        }
+    }
+    let keys: Vec<u64> = ents.keys().copied().collect();
+    for &(pick, kind) in &c.corrupt {
+        let at = keys[usize::from(pick) % keys.len()];
+        let e = ents.get_mut(&at).unwrap();
+        if kind == 0 {
+            e.val &= !P;
+        } else {
+            let bit = rsvd_bit(r, e, kind);
+            e.val |= bit;
+        }
+    }
+    Built { cr3, ents, tables, maps }
+}
+
+// ------------------------------------------------------------------------------------
+// The two machines.
+
+struct Vm {
+    kvm: Arc<Kvm>,
+    vcpu: Vcpu,
+}
+
+fn make_vm(v: &VmVariant, maxphy: u8) -> Vm {
+    let frames = Arc::new(FrameAllocator::new(4 * MEM).unwrap());
+    let host = Arc::new(HostMm::new(frames).unwrap());
+    let cfg = VmConfig { tdp: v.tdp, eptad: v.eptad, max_tdp_level: v.max_tdp_level, maxphyaddr: maxphy, tdp_huge_page_level: v.tdp_huge_page_level, ..VmConfig::default() };
+    let kvm = Kvm::new(cfg, host.clone()).unwrap();
+    let hva = host.mmap(MEM, if v.thp { Backing::Thp } else { Backing::Anon4k }, true, false).unwrap();
+    kvm.set_user_memory_region(UserspaceMemoryRegion { slot: 0, flags: MemslotFlags::empty(), guest_phys_addr: 0, memory_size: MEM, userspace_addr: hva }).unwrap();
+    let vcpu = kvm.create_vcpu().unwrap();
+    Vm { kvm, vcpu }
+}
+
+/// Reads a guest page of the VM without faulting anything in (untouched pages read 0).
+fn vm_page(kvm: &Kvm, gpa: u64) -> Vec<u64> {
+    let slots = kvm.memslots();
+    let slot = slots.find(Gpa::new(gpa).gfn()).expect("gpa in memslot");
+    let hva = slot.gfn_to_hva(Gpa::new(gpa).gfn());
+    match kvm.host().get_user_page_fast_only(hva, false) {
+        None => vec![0; 512],
+        Some(p) => {
+            let mem = kvm.host().frames().mem();
+            (0..512).map(|i| mem.load(Hpa::new(p.pfn.hpa().raw() + i * 8))).collect()
+        }
+    }
+}
+
+fn native_page(n: &NativeMachine, gpa: u64) -> Vec<u64> {
+    (0..512).map(|i| n.mem().load(Hpa::new(gpa + i * 8))).collect()
+}
+
+fn write_entry(m: &(impl BootMem + ?Sized), r: &Regs, at: u64, val: u64) -> Result<(), String> {
+    m.write_phys(Gpa::new(at), r.esize(), if r.wide() { val } else { val & 0xffff_ffff })
+}
+
+type Res = Result<u64, GuestError>;
+
+/// Runs one step on both machines.
+fn both(n: &mut NativeMachine, v: &mut Vcpu, f: impl Fn(&mut dyn GuestCpu) -> Res) -> (Res, Res) {
+    (f(n), f(v))
+}
+
+fn kind_name(k: u8) -> &'static str {
+    ["read", "write", "fetch"][usize::from(k % 3)]
+}
+
+fn access(cpu: &mut dyn GuestCpu, kind: u8, gva: u64, size: u8, val: u64) -> Res {
+    let g = Gva::new(gva);
+    match kind % 3 {
+        0 => cpu.read(g, size),
+        1 => cpu.write(g, size, val).map(|()| 0),
+        _ => cpu.fetch(g, size),
+    }
+}
+
+fn describe(c: &Case, b: &Built) -> String {
+    let r = &c.regs;
+    let mut s = String::new();
+    let _ = writeln!(s, "mode {:?} cr0 {:?} cr4 {:?} efer {:?} cr3 {:#x} maxphyaddr {} cpl3 {} ac {}", r.mode, r.cr0(), r.cr4(), r.efer(), b.cr3, r.maxphy, r.cpl3, r.ac);
+    let _ = writeln!(s, "vm {:?}", c.vm);
+    let _ = writeln!(s, "tables (gpa: level leaf va_base value):");
+    for (at, e) in &b.ents {
+        let _ = writeln!(s, "  {at:#08x}: L{} {} va {:#x} = {:#x}", e.level, if e.leaf { "leaf" } else if e.pdpte { "pdpte" } else { "table" }, e.va_base, e.val);
+    }
+    for m in &b.maps {
+        let _ = writeln!(s, "  mapping va {:#x} size 1<<{} leaf at {:#x}", m.va, m.shift, m.leaf_at);
+    }
+    s
+}
+
+/// What a case did (for the tests that check the generator's reach).
+struct Ran {
+    /// Results of the accesses through mappings.
+    results: Vec<Res>,
+    /// Accesses the MMU handed to the emulator.
+    emulated: u64,
+    /// Huge leaves the TDP MMU installed at the end (2 MiB + 1 GiB).
+    tdp_huge: i64,
+}
+
+/// Runs a case on both machines; Err describes the first difference.
+fn run_case(c: &Case) -> Result<Ran, String> {
+    let r = &c.regs;
+    let b = build(c);
+    let mut native = NativeMachine::new(MEM, r.maxphy).map_err(|e| e.to_string())?;
+    let Vm { kvm, mut vcpu } = make_vm(&c.vm, r.maxphy);
+    let ctx = |what: String| format!("{what}\n{}", describe(c, &b));
+
+    // Load the tables, identically.
+    for (&at, e) in &b.ents {
+        write_entry(&native, r, at, e.val).map_err(&ctx)?;
+        write_entry(&*kvm, r, at, e.val).map_err(&ctx)?;
+    }
+    // Seed the data the accesses will hit, and remember the pages to compare at the end.
+    let mut data_pages = BTreeSet::new();
+    let mut ents = b.ents.clone();
+    let gva_of = |op: &Op| -> Option<(u64, u64)> {
+        let Op::Access { map, sub, off, size, .. } = op else { return None };
+        if b.maps.is_empty() {
+            return None;
+        }
+        let m = &b.maps[usize::from(*map) % b.maps.len()];
+        let pages = 1u64 << (m.shift - 12);
+        let mut sub = u64::from(*sub) % pages;
+        if m.shift == 30 {
+            // The 1 GiB page at gpa 0 covers the tables: stay in the data area.
+            sub = DATA_FIRST_PAGE + sub % (DATA_PAGES + if r.no_mmio_data() { 0 } else { 16 });
+        }
+        let off = if off & 0x8000 != 0 { 4096 - u64::from(off % 8).min(u64::from(*size)) } else { u64::from(*off) % 4096 };
+        let off = off.min(4095);
+        Some((m.va + (sub << 12) + off, sub))
+    };
+    for op in &c.ops {
+        if let Some((gva, sub)) = gva_of(op) {
+            let m = &b.maps[match op {
+                Op::Access { map, .. } => usize::from(*map) % b.maps.len(),
+                _ => unreachable!(),
+            }];
+            // Guess the gpa from the initial leaf (an exact record is not needed: it only
+            // decides which bytes are seeded and compared).
+            let leaf = b.ents[&m.leaf_at].val;
+            let base = if r.wide() {
+                leaf & 0x000f_ffff_ffff_f000 & !((1u64 << m.shift) - 1)
+            } else if m.shift == 22 {
+                leaf & 0xffc0_0000
+            } else {
+                leaf & 0xffff_f000
+            };
+            let gpa = base + (sub << 12) + (gva & 0xfff);
+            for p in [gpa >> 12, (gpa >> 12) + 1] {
+                if (DATA_FIRST_PAGE..MEM >> 12).contains(&p) {
+                    data_pages.insert(p << 12);
+                }
+            }
+            if (TABLES_END..MEM - 16).contains(&gpa) {
+                let w = gpa & !7;
+                for (i, a) in [w, w + 8].into_iter().enumerate() {
+                    let val = a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64;
+                    native.write_phys(Gpa::new(a), 8, val).map_err(&ctx)?;
+                    kvm.write_phys(Gpa::new(a), 8, val).map_err(&ctx)?;
+                }
+            }
+        }
+    }
+
+    // Registers, in the order a kernel sets them.
+    let setup: [(&str, Box<dyn Fn(&mut dyn GuestCpu) -> Res>); 4] = [
+        ("write_cr4", Box::new(|cpu| cpu.write_cr4(r.cr4()).map(|()| 0))),
+        ("write_efer", Box::new(|cpu| cpu.write_efer(r.efer()).map(|()| 0))),
+        ("write_cr3", Box::new(|cpu| cpu.write_cr3(b.cr3).map(|()| 0))),
+        ("write_cr0", Box::new(|cpu| cpu.write_cr0(r.cr0()).map(|()| 0))),
+    ];
+    for (name, f) in &setup {
+        let (a, v) = both(&mut native, &mut vcpu, f);
+        if a != v {
+            return Err(ctx(format!("{name}: native {a:?} vs tdp {v:?}")));
+        }
+    }
+    for cpu in [&mut native as &mut dyn GuestCpu, &mut vcpu] {
+        cpu.set_cpl(if r.cpl3 { 3 } else { 0 });
+        cpu.set_ac(r.ac);
+    }
+    if native.paging() != vcpu.paging() {
+        return Err(ctx(format!("paging state differs: native {:?} vs tdp {:?}", native.paging(), vcpu.paging())));
+    }
+    let (mut cpl3, mut ac) = (r.cpl3, r.ac);
+    let keys: Vec<u64> = ents.keys().copied().collect();
+    let mut results = Vec::new();
+
+    for (i, op) in c.ops.iter().enumerate() {
+        match op {
+            Op::Access { kind, size, val, .. } => {
+                let Some((gva, _)) = gva_of(op) else { continue };
+                let (a, v) = both(&mut native, &mut vcpu, |cpu| access(cpu, *kind, gva, *size, *val));
+                if a != v {
+                    return Err(ctx(format!("op {i}: {} of {size} bytes at {gva:#x} (cpl3 {cpl3}, ac {ac}): native {a:?} vs tdp {v:?}", kind_name(*kind))));
+                }
+                results.push(a);
+            }
+            Op::Raw { kind, gva, size, val } => {
+                let (a, v) = both(&mut native, &mut vcpu, |cpu| access(cpu, *kind, *gva, *size, *val));
+                if a != v {
+                    return Err(ctx(format!("op {i}: raw {} of {size} bytes at {gva:#x}: native {a:?} vs tdp {v:?}", kind_name(*kind))));
+                }
+            }
+            Op::SetCpl3(x) => {
+                cpl3 = *x;
+                native.set_cpl(if *x { 3 } else { 0 });
+                vcpu.set_cpl(if *x { 3 } else { 0 });
+            }
+            Op::SetAc(x) => {
+                ac = *x;
+                native.set_ac(*x);
+                vcpu.set_ac(*x);
+            }
+            Op::Rewrite { entry, xor, p_toggle, retarget, rsvd, flush } => {
+                let at = keys[usize::from(*entry) % keys.len()];
+                let e = ents.get_mut(&at).unwrap();
+                let before = e.val;
+                let mut val = e.val;
+                if !e.pdpte {
+                    let mut t = 0u64;
+                    for (bit, mask) in [(1u8, RW), (2, US), (8, A), (64, PWT), (128, IGN)] {
+                        if xor & bit != 0 {
+                            t |= mask;
+                        }
+                    }
+                    if e.leaf {
+                        if xor & 16 != 0 {
+                            t |= D;
+                        }
+                        if xor & 32 != 0 {
+                            t |= G;
+                        }
+                    }
+                    if r.wide() && xor & 4 != 0 {
+                        t |= NX;
+                    }
+                    val ^= t;
+                }
+                if *p_toggle {
+                    val ^= P;
+                }
+                if let Some(tg) = retarget {
+                    if e.leaf {
+                        let shift = if !r.wide() && e.level == 2 { 22 } else { r.shift_of(e.level) };
+                        let flags_only = if r.wide() {
+                            val & !0x000f_ffff_ffff_f000
+                        } else if e.level == 2 {
+                            val & 0x1fff
+                        } else {
+                            val & 0xfff
+                        };
+                        val = leaf_bits(r, e.level, target_gpa(r, shift, *tg, (tg % 8) as u8), 0) & !(P | PS) | flags_only;
+                    } else if !r.no_mmio_data() {
+                        // A table pointer may only move out of memory (open bus): never onto data.
+                        val = (val & !0x000f_ffff_ffff_f000) | if r.wide() { MEM } else { MEM & 0xffff_f000 };
+                    }
+                }
+                if let Some(k) = rsvd {
+                    val |= rsvd_bit(r, e, *k);
+                }
+                e.val = val;
+                write_entry(&native, r, at, val).map_err(&ctx)?;
+                write_entry(&*kvm, r, at, val).map_err(&ctx)?;
+                // The flush: INVLPG of a page the leaf maps, or a full flush.
+                let leaf_pages = if e.leaf { 1u64 << (if !r.wide() && e.level == 2 { 22 } else { r.shift_of(e.level) } - 12) } else { 0 };
+                let invlpg_ok = e.leaf && !(r.avoid_bugs && leaf_pages > 1);
+                let (what, a, v) = if invlpg_ok && flush % 2 == 0 {
+                    let g = e.va_base + ((u64::from(flush / 2) % leaf_pages) << 12);
+                    native.invlpg(Gva::new(g));
+                    vcpu.invlpg(Gva::new(g));
+                    (format!("invlpg {g:#x}"), Ok(0), Ok(0))
+                } else if r.pge || flush % 4 == 1 {
+                    let cr4 = r.cr4();
+                    let f = |cpu: &mut dyn GuestCpu| {
+                        cpu.write_cr4(cr4 ^ Cr4::PGE)?;
+                        cpu.write_cr4(cr4).map(|()| 0)
+                    };
+                    let (a, v) = both(&mut native, &mut vcpu, f);
+                    ("CR4.PGE toggle".to_string(), a, v)
+                } else {
+                    let (a, v) = both(&mut native, &mut vcpu, |cpu| cpu.write_cr3(b.cr3).map(|()| 0));
+                    ("CR3 reload".to_string(), a, v)
+                };
+                if a != v {
+                    return Err(ctx(format!("op {i}: rewrite of {at:#x} to {val:#x}, then {what}: native {a:?} vs tdp {v:?}")));
+                }
+                if a.is_err() {
+                    // The flush faulted (#GP: a PAE PDPTE with reserved bits), so nothing was
+                    // flushed and either translation may be used: put the entry back.
+                    e.val = before;
+                    write_entry(&native, r, at, before).map_err(&ctx)?;
+                    write_entry(&*kvm, r, at, before).map_err(&ctx)?;
+                }
+            }
+        }
+    }
+
+    // Final memory comparison: every table page and every data page touched.
+    for &t in b.tables.iter() {
+        let (a, v) = (native_page(&native, t), vm_page(&kvm, t));
+        if a != v {
+            let diff: Vec<String> = a.iter().zip(&v).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (x, y))| format!("{:#x}: native {x:#x} tdp {y:#x}", t + 8 * i as u64)).collect();
+            return Err(ctx(format!("table page {t:#x} differs at the end:\n  {}", diff.join("\n  "))));
+        }
+    }
+    for &p in &data_pages {
+        let (a, v) = (native_page(&native, p), vm_page(&kvm, p));
+        if a != v {
+            let diff: Vec<String> = a.iter().zip(&v).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (x, y))| format!("{:#x}: native {x:#x} tdp {y:#x}", p + 8 * i as u64)).collect();
+            return Err(ctx(format!("data page {p:#x} differs at the end:\n  {}", diff.join("\n  "))));
+        }
+    }
+    if let Err(e) = kvm.audit() {
+        return Err(ctx(format!("audit: {e}")));
+    }
+    let st = kvm.vm_stats();
+    let ran = Ran { results, emulated: vcpu.stat.pf_emulate, tdp_huge: st["pages_2m"] + st["pages_1g"] };
+    drop(vcpu);
+    Ok(ran)
+}
+
+fn check(c: &Case) -> Result<(), TestCaseError> {
+    run_case(c).map(drop).map_err(TestCaseError::fail)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn transparent_32bit(c in case_strategy(vec![Mode::Bits32])) {
+        check(&c)?;
+    }
+
+    #[test]
+    fn transparent_pae(c in case_strategy(vec![Mode::Pae])) {
+        check(&c)?;
+    }
+
+    #[test]
+    fn transparent_4level(c in case_strategy(vec![Mode::Level4])) {
+        check(&c)?;
+    }
+
+    #[test]
+    fn transparent_5level(c in case_strategy(vec![Mode::Level5])) {
+        check(&c)?;
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Fixed cases: each paging mode's happy path, so a broken generator cannot pass vacuously.
+
+fn simple_case(mode: Mode, leaf: u8, vm: VmVariant) -> Case {
+    Case {
+        regs: Regs { mode, pse: true, pge: false, wp: true, smep: false, smap: false, nxe: true, cpl3: false, ac: false, maxphy: 46, cr3_low: 0, avoid_bugs: false },
+        vm,
+        maps: vec![MapSpec { idx: [1, 1, 1, 1, 1], leaf, target: 7, place: 0, flags: [0x1b; 5] }],
+        corrupt: vec![],
+        ops: vec![
+            Op::Access { kind: 1, map: 0, sub: 3, off: 0x10, size: 8, val: 0x1122_3344_5566_7788 },
+            Op::Access { kind: 0, map: 0, sub: 3, off: 0x10, size: 8, val: 0 },
+            Op::Access { kind: 2, map: 0, sub: 3, off: 0x12, size: 2, val: 0 },
+        ],
+    }
+}
+
+#[test]
+fn every_mode_translates_and_matches() {
+    let vms = [
+        VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 },
+        VmVariant { tdp: TdpKind::Ept, eptad: false, thp: true, tdp_huge_page_level: 2, max_tdp_level: 5 },
+        VmVariant { tdp: TdpKind::Npt, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 4 },
+    ];
+    for vm in vms {
+        for (mode, leaves) in [(Mode::Bits32, 1..=2), (Mode::Pae, 1..=2), (Mode::Level4, 1..=3), (Mode::Level5, 1..=3)] {
+            for leaf in leaves {
+                let c = simple_case(mode, leaf, vm.clone());
+                let b = build(&c);
+                assert_eq!(b.maps.len(), 1, "{mode:?} leaf {leaf}");
+                let res = run_case(&c).unwrap_or_else(|e| panic!("{e}")).results;
+                // The store landed and reads back; the fetch sees the same bytes.
+                assert_eq!(res, vec![Ok(0), Ok(0x1122_3344_5566_7788), Ok(0x5566)], "{mode:?} leaf {leaf} {vm:?}");
+            }
+        }
+    }
+}
+
+/// The generator reaches every kind of outcome: data, not-present, reserved-bit and
+/// protection faults, #GP, emulated (MMIO) accesses and TDP huge pages, in every mode.
+#[test]
+fn generator_reaches_every_outcome() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    for mode in [Mode::Bits32, Mode::Pae, Mode::Level4, Mode::Level5] {
+        let strat = case_strategy(vec![mode]);
+        let mut seen = BTreeMap::<&str, u32>::new();
+        for _ in 0..300 {
+            let c = strat.new_tree(&mut runner).unwrap().current();
+            let ran = run_case(&c).unwrap_or_else(|e| panic!("{e}"));
+            for r in &ran.results {
+                let k = match r {
+                    Ok(_) => "ok",
+                    Err(GuestError::Exception(Exception::PageFault { error_code, .. })) if error_code.is_rsvd() => "pf-rsvd",
+                    Err(GuestError::Exception(Exception::PageFault { error_code, .. })) if error_code.is_present() => "pf-prot",
+                    Err(GuestError::Exception(Exception::PageFault { .. })) => "pf-not-present",
+                    Err(GuestError::Exception(Exception::GeneralProtection)) => "gp",
+                    Err(GuestError::Vm(_)) => "vm-error",
+                };
+                *seen.entry(k).or_default() += 1;
+            }
+            *seen.entry("emulated").or_default() += u32::from(ran.emulated > 0);
+            *seen.entry("tdp-huge").or_default() += u32::from(ran.tdp_huge > 0);
+        }
+        eprintln!("{mode:?}: {seen:?}");
+        for k in ["ok", "pf-rsvd", "pf-prot", "pf-not-present", "emulated", "tdp-huge"] {
+            assert!(seen.get(k).copied().unwrap_or(0) >= 5, "{mode:?}: too few {k}: {seen:?}");
+        }
+        assert!(!seen.contains_key("vm-error"), "{seen:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Known bugs (see the report); un-ignore once fixed.
+
+/// Native and TDP runs of `c` must agree.
+fn assert_transparent(c: &Case) {
+    if let Err(e) = run_case(c) {
+        panic!("{e}");
+    }
+}
+
+/// The emulator (`vmmu::emulate::emulate_access`) walks with `eflags_ac: false`, so a
+/// supervisor access to a user page under SMAP with EFLAGS.AC=1 that the MMU emulates
+/// (the data page is outside every memslot: MMIO / open bus) takes a #PF under TDP but
+/// succeeds natively.
+#[test]
+#[ignore = "known bug: emulate_access ignores EFLAGS.AC"]
+fn known_bug_emulator_ignores_eflags_ac() {
+    let mut c = simple_case(Mode::Level4, 1, VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 });
+    c.regs.smap = true;
+    c.regs.ac = true;
+    c.regs.avoid_bugs = false;
+    c.maps[0].place = 5; // just past guest RAM: MMIO under TDP, open bus natively
+    c.maps[0].flags = [0x0b | 2; 5]; // user page
+    c.ops = vec![Op::Access { kind: 0, map: 0, sub: 0, off: 0, size: 8, val: 0 }];
+    assert_transparent(&c);
+}
+
+/// INVLPG leaves stale translations of a guest huge page that the TDP tables map with
+/// 4 KiB pages: the hardware model fills the TLB with `min(guest, host)` page size (one
+/// 4 KiB entry per page touched), and `Tlb::flush_addr` drops only the entry of the
+/// INVLPG's own 4 KiB page plus entries whose *own* size covers the address. The guest
+/// invalidated the whole 2 MiB page (SDM: INVLPG invalidates the page "for any page size"),
+/// but keeps using the old translation for the other 4 KiB pages it had touched.
+#[test]
+#[ignore = "known bug: INVLPG misses fractured TLB entries of guest huge pages under TDP"]
+fn known_bug_invlpg_misses_fractured_huge_page() {
+    let mut c = simple_case(Mode::Level4, 2, VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 });
+    c.regs.pge = false;
+    // Touch 4 KiB page 1 of the 2 MiB page, make the leaf not present, INVLPG page 0,
+    // touch page 1 again: natively #PF, under TDP the stale 4 KiB entry is used.
+    c.ops = vec![
+        Op::Access { kind: 0, map: 0, sub: 1, off: 0, size: 8, val: 0 },
+        Op::Rewrite { entry: 0, xor: 0, p_toggle: true, retarget: None, rsvd: None, flush: 0 },
+        Op::Access { kind: 0, map: 0, sub: 1, off: 0, size: 8, val: 0 },
+    ];
+    // entry 0 in BTreeMap order must be the leaf: find its index.
+    let b = build(&c);
+    let leaf_at = b.maps[0].leaf_at;
+    let idx = b.ents.keys().position(|k| *k == leaf_at).unwrap();
+    c.ops[1] = Op::Rewrite { entry: idx as u16, xor: 0, p_toggle: true, retarget: None, rsvd: None, flush: 0 };
+    // invlpg is only generated for huge leaves when the known bugs are not avoided:
+    // drive the scenario by hand.
+    let r = &c.regs;
+    let mut native = NativeMachine::new(MEM, r.maxphy).unwrap();
+    let Vm { kvm, mut vcpu } = make_vm(&c.vm, r.maxphy);
+    for (&at, e) in &b.ents {
+        write_entry(&native, r, at, e.val).unwrap();
+        write_entry(&*kvm, r, at, e.val).unwrap();
+    }
+    for cpu in [&mut native as &mut dyn GuestCpu, &mut vcpu] {
+        cpu.write_cr4(r.cr4()).unwrap();
+        cpu.write_efer(r.efer()).unwrap();
+        cpu.write_cr3(b.cr3).unwrap();
+        cpu.write_cr0(r.cr0()).unwrap();
+    }
+    let va = b.maps[0].va;
+    let page1 = Gva::new(va + 0x1000);
+    assert_eq!(native.read(page1, 8), vcpu.read(page1, 8));
+    let e = &b.ents[&leaf_at];
+    write_entry(&native, r, leaf_at, e.val & !P).unwrap();
+    write_entry(&*kvm, r, leaf_at, e.val & !P).unwrap();
+    native.invlpg(Gva::new(va));
+    vcpu.invlpg(Gva::new(va));
+    let a = native.read(page1, 8);
+    assert!(matches!(a, Err(GuestError::Exception(Exception::PageFault { .. }))), "{a:?}");
+    assert_eq!(a, vcpu.read(page1, 8), "after INVLPG of the 2 MiB page, the TDP vCPU still uses the old translation");
+}
+
+/// `VmConfig` accepts a guest MAXPHYADDR above 48 with a 4-level TDP (`max_tdp_level: 4`,
+/// `tdp_level()` = 4), but a 4-level EPT/NPT walk only decodes gpa bits 47:0: a guest PTE
+/// pointing at gpa `1 << 51` (legal with MAXPHYADDR 52, outside guest RAM: open bus
+/// natively) reaches gpa 0 of guest RAM under TDP. (KVM never advertises a MAXPHYADDR the
+/// TDP cannot map; `Kvm::new` should reject the combination, or the guest's MAXPHYADDR
+/// be capped at 48.)
+#[test]
+#[ignore = "known bug: 4-level TDP with guest MAXPHYADDR > 48 aliases guest-physical addresses"]
+fn known_bug_gpa_above_48_bits_aliases_under_4level_tdp() {
+    // THP backing: the 2 MiB SPTE that maps the guest's tables also maps gpa 0.
+    let mut c = simple_case(Mode::Level4, 1, VmVariant { tdp: TdpKind::Ept, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 4 });
+    c.regs.maxphy = 52;
+    c.maps[0].place = 6; // gpa 1 << 51
+    c.ops = vec![Op::Access { kind: 0, map: 0, sub: 0, off: 0, size: 8, val: 0 }];
+    assert_transparent(&c);
+}
