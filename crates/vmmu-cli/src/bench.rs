@@ -68,7 +68,12 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
         Ok(())
     })?;
     std::hint::black_box(sum);
-    out.push(BenchResult { name: "access, TLB miss (2D walk, 4-level x 4-level)", ns_per_op: t / n as f64, ops: n, target_ns: 25.0 });
+    out.push(BenchResult {
+        name: "access, TLB miss (2D walk, 4-level x 4-level)",
+        ns_per_op: t / n as f64,
+        ops: n,
+        target_ns: 25.0,
+    });
 
     // Fast page fault: write-protect the slot (as dirty logging does), then write each page.
     m.kvm.mmu_slot_remove_write_access(0).map_err(|e| e.to_string())?;
@@ -81,14 +86,21 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
         Ok(())
     })?;
     let fixed = (v.stat.pf_fast - before).max(1);
-    out.push(BenchResult { name: "fast page fault (write-protect fix), end to end", ns_per_op: t / fixed as f64, ops: fixed, target_ns: 60.0 });
+    out.push(BenchResult {
+        name: "fast page fault (write-protect fix), end to end",
+        ns_per_op: t / fixed as f64,
+        ops: fixed,
+        target_ns: 60.0,
+    });
     drop(m);
 
     // First-touch TDP fault with the host memory already populated, and with the host
     // allocating on the fault.
-    for (name, prefault) in [("first-touch TDP fault, host memory populated", true), ("first-touch TDP fault, host allocates", false)] {
+    for (name, prefault) in
+        [("first-touch TDP fault, host memory populated", true), ("first-touch TDP fault, host allocates", false)]
+    {
         let pages = iters.clamp(4096, 262_144);
-        let mem = format!("{}MiB", (pages * 4096 >> 20) + 64);
+        let mem = format!("{}MiB", ((pages * 4096) >> 20) + 64);
         let mut m = machine("4k", prefault, &mem)?;
         let base = m.data_start;
         let v = &mut m.vcpus[0];

@@ -19,7 +19,10 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Trace {
+    /// Tracepoints, one line each.
     Events,
+    /// Nested calls with durations.
+    #[value(name = "function_graph", alias = "function-graph")]
     FunctionGraph,
 }
 
@@ -72,7 +75,21 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out } => run(scenario, RunOptions { mmu, workload, pages, trace: match trace { None => TraceMode::Off, Some(Trace::Events) => TraceMode::Events, Some(Trace::FunctionGraph) => TraceMode::FunctionGraph } }, json, trace_out),
+        Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out } => run(
+            scenario,
+            RunOptions {
+                mmu,
+                workload,
+                pages,
+                trace: match trace {
+                    None => TraceMode::Off,
+                    Some(Trace::Events) => TraceMode::Events,
+                    Some(Trace::FunctionGraph) => TraceMode::FunctionGraph,
+                },
+            },
+            json,
+            trace_out,
+        ),
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS

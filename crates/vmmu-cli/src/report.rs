@@ -4,7 +4,22 @@ use crate::runner::RunResult;
 use std::fmt::Write as _;
 
 /// The statistics the table always shows, in this order.
-const COLUMNS: &[&str] = &["pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate", "pf_mmio_spte_created", "exits", "mmio_exits", "tlb_flush", "remote_tlb_flush", "pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages"];
+const COLUMNS: &[&str] = &[
+    "pf_taken",
+    "pf_fixed",
+    "pf_fast",
+    "pf_spurious",
+    "pf_emulate",
+    "pf_mmio_spte_created",
+    "exits",
+    "mmio_exits",
+    "tlb_flush",
+    "remote_tlb_flush",
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+    "tdp_mmu_pages",
+];
 
 fn human_ns(ns: u64) -> String {
     match ns {
@@ -40,7 +55,12 @@ pub fn text(r: &RunResult, description: &str) -> String {
     let _ = writeln!(out);
     for p in &r.phases {
         let taken = p.stats.get("pf_taken").copied().unwrap_or(0);
-        let mut extras: Vec<String> = p.stats.iter().filter(|(k, v)| **v != 0 && !COLUMNS.contains(&k.as_str())).map(|(k, v)| format!("{k}={v}")).collect();
+        let mut extras: Vec<String> = p
+            .stats
+            .iter()
+            .filter(|(k, v)| **v != 0 && !COLUMNS.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         if taken > 0 {
             extras.push(format!("wall per fault {}", human_ns(p.wall_ns / taken as u64)));
         }

@@ -117,7 +117,16 @@ pub enum RunError {
     Failed(String),
 }
 
-const GAUGES: &[&str] = &["pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages", "mmu_unsync", "nx_lpage_splits", "max_mmu_rmap_size", "max_mmu_page_hash_collisions"];
+const GAUGES: &[&str] = &[
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+    "tdp_mmu_pages",
+    "mmu_unsync",
+    "nx_lpage_splits",
+    "max_mmu_rmap_size",
+    "max_mmu_page_hash_collisions",
+];
 
 fn cfg_err(e: impl std::fmt::Display) -> RunError {
     RunError::Config(e.to_string())
@@ -172,24 +181,30 @@ fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
     let start = base + (1 << 20);
     let end = start + table_bytes;
     if end > base + size {
-        return Err(RunError::Config(format!("memslot[0] is too small for the identity page tables ({table_bytes} bytes after its first MiB)")));
+        return Err(RunError::Config(format!(
+            "memslot[0] is too small for the identity page tables ({table_bytes} bytes after its first MiB)"
+        )));
     }
     let levels = if s.guest.paging == "5-level" { 5 } else { 4 };
     let mut alloc = FrameBump::new(start, end);
     let mut b = PageTableBuilder::new(&*m.kvm, &mut alloc, levels).map_err(cfg_err)?;
     let preset = s.guest.accessed_dirty == "preset";
     b.accessed = preset;
-    let flags = PteFlags { writable: true, user: s.guest.user, nx: false, global: false, accessed: preset, dirty: preset };
+    let flags =
+        PteFlags { writable: true, user: s.guest.user, nx: false, global: false, accessed: preset, dirty: preset };
     for (i, ms) in s.memslots.iter().enumerate() {
         let shift = page_shift(ms.guest_page_size.as_deref().unwrap_or(&s.guest.page_size)).unwrap_or(12);
         let step = 1u64 << shift;
         if ms.gpa.0 % step != 0 || ms.size.0 % step != 0 {
-            return Err(RunError::Config(format!("memslot[{i}]: gpa and size must be multiples of its guest page size for the identity layout")));
+            return Err(RunError::Config(format!(
+                "memslot[{i}]: gpa and size must be multiples of its guest page size for the identity layout"
+            )));
         }
         b.map_range(&mut alloc, ms.gpa.0, ms.gpa.0, ms.size.0, shift, flags).map_err(cfg_err)?;
     }
     for mm in &s.mmio {
-        b.map_range(&mut alloc, mm.gpa.0 & !4095, mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12, flags).map_err(cfg_err)?;
+        b.map_range(&mut alloc, mm.gpa.0 & !4095, mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12, flags)
+            .map_err(cfg_err)?;
     }
     let root = b.root.raw();
     for v in m.vcpus.iter_mut() {
@@ -217,9 +232,18 @@ pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
     let mut slots = Vec::new();
     for (i, ms) in s.memslots.iter().enumerate() {
         let backing = if ms.backing == "thp" { Backing::Thp } else { Backing::Anon4k };
-        let hva = host.mmap(ms.size.0, backing, true, ms.prefault).map_err(|e| RunError::Config(format!("memslot[{i}]: {e}")))?;
+        let hva = host
+            .mmap(ms.size.0, backing, true, ms.prefault)
+            .map_err(|e| RunError::Config(format!("memslot[{i}]: {e}")))?;
         let flags = if ms.readonly { MemslotFlags::READONLY } else { MemslotFlags::empty() };
-        kvm.set_user_memory_region(UserspaceMemoryRegion { slot: i as u32, flags, guest_phys_addr: ms.gpa.0, memory_size: ms.size.0, userspace_addr: hva }).map_err(|e| RunError::Config(format!("memslot[{i}]: {e}")))?;
+        kvm.set_user_memory_region(UserspaceMemoryRegion {
+            slot: i as u32,
+            flags,
+            guest_phys_addr: ms.gpa.0,
+            memory_size: ms.size.0,
+            userspace_addr: hva,
+        })
+        .map_err(|e| RunError::Config(format!("memslot[{i}]: {e}")))?;
         slots.push((ms.gpa.0, ms.size.0, hva));
     }
     for mm in &s.mmio {
@@ -274,7 +298,8 @@ fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<
         Guest::Kernel(k) => {
             let pid = current_pid(k);
             ensure_mapped(k, pid, start, pages)?;
-            let st = workload::run(w, &mut KernelSpace { kernel: k, cpu: &mut m.vcpus[0] }, start, pages).map_err(run_err)?;
+            let st = workload::run(w, &mut KernelSpace { kernel: k, cpu: &mut m.vcpus[0] }, start, pages)
+                .map_err(run_err)?;
             Ok(st.accesses)
         }
         Guest::Identity => {
@@ -293,13 +318,20 @@ fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<
                         sc.spawn(move || {
                             let s0 = i as u64 * per;
                             let cnt = per.min(pages.saturating_sub(s0));
-                            let r = if cnt == 0 { Ok(0) } else { workload::run(w, &mut FlatSpace { cpu: &mut *v }, start + s0 * 4096, cnt).map(|s| s.accesses) };
+                            let r = if cnt == 0 {
+                                Ok(0)
+                            } else {
+                                workload::run(w, &mut FlatSpace { cpu: &mut *v }, start + s0 * 4096, cnt)
+                                    .map(|s| s.accesses)
+                            };
                             v.exit_guest();
                             r
                         })
                     })
                     .collect();
-                hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KernelError::Invalid("vCPU thread panicked".into())))).collect()
+                hs.into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(KernelError::Invalid("vCPU thread panicked".into()))))
+                    .collect()
             });
             let mut total = 0;
             for r in results {
@@ -316,7 +348,11 @@ fn current_pid(k: &GuestKernel) -> u32 {
 
 fn ensure_mapped(k: &mut GuestKernel, pid: u32, start: u64, pages: u64) -> Result<(), RunError> {
     let end = start + pages * 4096;
-    let covered = k.processes().iter().find(|p| p.pid == pid).is_some_and(|p| p.vmas.iter().any(|v| v.start <= start && v.end >= end));
+    let covered = k
+        .processes()
+        .iter()
+        .find(|p| p.pid == pid)
+        .is_some_and(|p| p.vmas.iter().any(|v| v.start <= start && v.end >= end));
     if !covered {
         k.mmap(pid, start & !4095, end - (start & !4095), true).map_err(run_err)?;
     }
@@ -329,7 +365,8 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
         Op::Read { start, pages } => run_workload(m, Workload::Read, start.0, *pages),
         Op::ReadThenWrite { start, pages } => run_workload(m, Workload::ReadThenWrite, start.0, *pages),
         Op::Workload { name, start, pages, accesses, seed } => {
-            let mut w = Workload::parse(name, *pages).ok_or_else(|| RunError::Config(format!("unknown workload `{name}`")))?;
+            let mut w =
+                Workload::parse(name, *pages).ok_or_else(|| RunError::Config(format!("unknown workload `{name}`")))?;
             match &mut w {
                 Workload::Random { accesses: a, seed: s } | Workload::Zipf { accesses: a, seed: s, .. } => {
                     if let Some(x) = accesses {
@@ -365,7 +402,10 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
         Op::MadviseDontneed { slot, offset, size } => {
             let (_, len, hva) = m.slots[*slot as usize];
             if offset.0 + size.0 > len {
-                return Err(RunError::Config(format!("madvise-dontneed: range {:#x}+{:#x} is beyond memslot {slot}", offset.0, size.0)));
+                return Err(RunError::Config(format!(
+                    "madvise-dontneed: range {:#x}+{:#x} is beyond memslot {slot}",
+                    offset.0, size.0
+                )));
             }
             for v in m.vcpus.iter_mut() {
                 v.exit_guest();
@@ -391,8 +431,17 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
             let name = w.clone().unwrap_or_else(|| "first-touch".into());
             let pages = p.unwrap_or(16384);
             let second = if name == "first-touch" { "re-touch".to_string() } else { name.clone() };
-            let op = |n: &str| Op::Workload { name: n.to_string(), start: crate::scenario::Size(data_start), pages, accesses: None, seed: None };
-            vec![crate::scenario::Phase { name: "pass1".into(), ops: vec![op(&name)] }, crate::scenario::Phase { name: "pass2".into(), ops: vec![op(&second)] }]
+            let op = |n: &str| Op::Workload {
+                name: n.to_string(),
+                start: crate::scenario::Size(data_start),
+                pages,
+                accesses: None,
+                seed: None,
+            };
+            vec![
+                crate::scenario::Phase { name: "pass1".into(), ops: vec![op(&name)] },
+                crate::scenario::Phase { name: "pass2".into(), ops: vec![op(&second)] },
+            ]
         }
     }
 }
@@ -426,8 +475,18 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         }
         let wall_ns = t0.elapsed().as_nanos() as u64;
         let (after, hw1) = stats_now(&m);
-        let stats = after.iter().map(|(k, v)| (k.clone(), if GAUGES.contains(&k.as_str()) { *v } else { v - before.get(k).copied().unwrap_or(0) })).collect();
-        let hw = HwSummary { tlb_hits: hw1.tlb_hits - hw0.tlb_hits, tlb_misses: hw1.tlb_misses - hw0.tlb_misses, walks: hw1.walks - hw0.walks, walk_mem_refs: hw1.walk_mem_refs - hw0.walk_mem_refs };
+        let stats = after
+            .iter()
+            .map(|(k, v)| {
+                (k.clone(), if GAUGES.contains(&k.as_str()) { *v } else { v - before.get(k).copied().unwrap_or(0) })
+            })
+            .collect();
+        let hw = HwSummary {
+            tlb_hits: hw1.tlb_hits - hw0.tlb_hits,
+            tlb_misses: hw1.tlb_misses - hw0.tlb_misses,
+            walks: hw1.walks - hw0.walks,
+            walk_mem_refs: hw1.walk_mem_refs - hw0.walk_mem_refs,
+        };
         results.push(PhaseResult { name: ph.name.clone(), wall_ns, accesses, stats, hw });
     }
     for v in m.vcpus.iter_mut() {
@@ -435,11 +494,23 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
     }
     let (stats, _) = stats_now(&m);
     let counts = m.kvm.host().frames().counts();
-    let host = HostSummary { frames_4k: counts.frames_4k, frames_2m: counts.frames_2m, host_pt_pages: m.kvm.host().pt_pages(), mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096 };
+    let host = HostSummary {
+        frames_4k: counts.frames_4k,
+        frames_2m: counts.frames_2m,
+        host_pt_pages: m.kvm.host().pt_pages(),
+        mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096,
+    };
     let trace = match opts.trace {
         TraceMode::Events => Some(m.kvm.tracer.render_events()),
         TraceMode::FunctionGraph => Some(m.kvm.tracer.render_function_graph()),
         TraceMode::Off => None,
     };
-    Ok(RunResult { scenario: s.name.clone(), mmu: opts.mmu.clone().unwrap_or_else(|| s.vm.mmu.clone()), phases: results, stats, host, trace })
+    Ok(RunResult {
+        scenario: s.name.clone(),
+        mmu: opts.mmu.clone().unwrap_or_else(|| s.vm.mmu.clone()),
+        phases: results,
+        stats,
+        host,
+        trace,
+    })
 }

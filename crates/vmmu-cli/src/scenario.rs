@@ -159,7 +159,16 @@ pub struct GuestSection {
 
 impl Default for GuestSection {
     fn default() -> Self {
-        GuestSection { paging: "4-level".into(), layout: "kernel".into(), page_size: "4k".into(), accessed_dirty: "clear".into(), user: false, vcpus: 1, processes: 1, pcid: false }
+        GuestSection {
+            paging: "4-level".into(),
+            layout: "kernel".into(),
+            page_size: "4k".into(),
+            accessed_dirty: "clear".into(),
+            user: false,
+            vcpus: 1,
+            processes: 1,
+            pcid: false,
+        }
     }
 }
 
@@ -305,7 +314,10 @@ impl Scenario {
             }
             if let Some(p) = &m.guest_page_size {
                 if page_shift(p).is_none() {
-                    return Err(err(format!("memslot[{i}].guest_page_size"), format!("`{p}` is not one of 4k, 2m, 1g")));
+                    return Err(err(
+                        format!("memslot[{i}].guest_page_size"),
+                        format!("`{p}` is not one of 4k, 2m, 1g"),
+                    ));
                 }
             }
         }
@@ -322,7 +334,14 @@ impl Scenario {
             return Err(err("guest.layout", format!("`{}` is not one of kernel, identity", g.layout)));
         }
         if page_shift(&g.page_size).is_none() || (g.layout == "kernel" && g.page_size == "1g") {
-            return Err(err("guest.page_size", format!("`{}` is not a page size this layout supports (4k, 2m{})", g.page_size, if g.layout == "identity" { ", 1g" } else { "" })));
+            return Err(err(
+                "guest.page_size",
+                format!(
+                    "`{}` is not a page size this layout supports (4k, 2m{})",
+                    g.page_size,
+                    if g.layout == "identity" { ", 1g" } else { "" }
+                ),
+            ));
         }
         if !["clear", "preset"].contains(&g.accessed_dirty.as_str()) {
             return Err(err("guest.accessed_dirty", format!("`{}` is not one of clear, preset", g.accessed_dirty)));
@@ -343,18 +362,34 @@ impl Scenario {
             for (oi, op) in p.ops.iter().enumerate() {
                 let f = |x: &str| format!("phase[{pi}].ops[{oi}].{x}");
                 match op {
-                    Op::Write { pages, .. } | Op::Read { pages, .. } | Op::ReadThenWrite { pages, .. } | Op::Munmap { pages, .. } if *pages == 0 => return Err(err(f("pages"), "must be > 0")),
+                    Op::Write { pages, .. }
+                    | Op::Read { pages, .. }
+                    | Op::ReadThenWrite { pages, .. }
+                    | Op::Munmap { pages, .. }
+                        if *pages == 0 =>
+                    {
+                        return Err(err(f("pages"), "must be > 0"))
+                    }
                     Op::Workload { name, pages, .. } => {
                         if vmmu_guest::Workload::parse(name, *pages).is_none() {
-                            return Err(err(f("name"), format!("`{name}` is not one of {}", vmmu_guest::Workload::NAMES.join(", "))));
+                            return Err(err(
+                                f("name"),
+                                format!("`{name}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
+                            ));
                         }
                         if *pages == 0 {
                             return Err(err(f("pages"), "must be > 0"));
                         }
                     }
-                    Op::Switch { process } if *process == 0 || *process > g.processes => return Err(err(f("process"), format!("must be 1..={}", g.processes))),
-                    Op::Switch { .. } | Op::Munmap { .. } if g.layout != "kernel" => return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout")),
-                    Op::MadviseDontneed { slot, .. } if *slot as usize >= self.memslots.len() => return Err(err(f("slot"), "no such memslot")),
+                    Op::Switch { process } if *process == 0 || *process > g.processes => {
+                        return Err(err(f("process"), format!("must be 1..={}", g.processes)))
+                    }
+                    Op::Switch { .. } | Op::Munmap { .. } if g.layout != "kernel" => {
+                        return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout"))
+                    }
+                    Op::MadviseDontneed { slot, .. } if *slot as usize >= self.memslots.len() => {
+                        return Err(err(f("slot"), "no such memslot"))
+                    }
                     _ => {}
                 }
             }
@@ -375,7 +410,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = Scenario::parse("name = \"x\"\n[vm]\nmmu = \"hyper\"\n[[memslot]]\ngpa = 0\nsize = \"1GiB\"\n").unwrap_err();
+        let e = Scenario::parse("name = \"x\"\n[vm]\nmmu = \"hyper\"\n[[memslot]]\ngpa = 0\nsize = \"1GiB\"\n")
+            .unwrap_err();
         assert_eq!(e.field, "vm.mmu");
         let e = Scenario::parse("name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"12 parsecs\"\n").unwrap_err();
         assert!(e.to_string().contains("parsecs"), "{e}");

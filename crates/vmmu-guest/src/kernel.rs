@@ -137,9 +137,16 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 impl GuestKernel {
     /// Boots: the boot loader (a VMM write) builds the direct map of all RAM, then the
     /// kernel turns on 4/5-level paging with NX, WP and global pages.
-    pub fn boot<M: BootMem + ?Sized, C: GuestCpu>(mem: &M, cpu: &mut C, cfg: KernelConfig) -> Result<Self, KernelError> {
+    pub fn boot<M: BootMem + ?Sized, C: GuestCpu>(
+        mem: &M,
+        cpu: &mut C,
+        cfg: KernelConfig,
+    ) -> Result<Self, KernelError> {
         if !matches!(cfg.direct_map_shift, 12 | 21) || !matches!(cfg.levels, 4 | 5) {
-            return Err(KernelError::Invalid(format!("unsupported kernel layout: direct map shift {}, {} levels", cfg.direct_map_shift, cfg.levels)));
+            return Err(KernelError::Invalid(format!(
+                "unsupported kernel layout: direct map shift {}, {} levels",
+                cfg.direct_map_shift, cfg.levels
+            )));
         }
         let mut alloc = FrameBump::new(LOW_RESERVED, cfg.mem_size);
         let mut b = PageTableBuilder::new(mem, &mut alloc, cfg.levels).map_err(KernelError::Boot)?;
@@ -152,7 +159,14 @@ impl GuestKernel {
         let ranges = if cfg.nodes.is_empty() { vec![(0, cfg.mem_size)] } else { cfg.nodes.clone() };
         let nodes = ranges
             .iter()
-            .map(|&(s, e)| Node { next: s.max(LOW_RESERVED).max(if s <= tables_end && tables_end < e { tables_end } else { 0 }).next_multiple_of(4096), end: e.min(cfg.mem_size), free: Vec::new() })
+            .map(|&(s, e)| Node {
+                next: s
+                    .max(LOW_RESERVED)
+                    .max(if s <= tables_end && tables_end < e { tables_end } else { 0 })
+                    .next_multiple_of(4096),
+                end: e.min(cfg.mem_size),
+                free: Vec::new(),
+            })
             .collect();
         let mut cr4 = Cr4::PAE | Cr4::PGE;
         if cfg.levels == 5 {
@@ -166,7 +180,14 @@ impl GuestKernel {
         cpu.write_efer(Efer::LME | Efer::NXE | Efer::SCE)?;
         cpu.write_cr3(root.raw())?;
         cpu.write_cr0(Cr0::PE | Cr0::WP | Cr0::PG)?;
-        Ok(GuestKernel { cfg, kernel_root: root, nodes, processes: Vec::new(), current: None, stats: KernelStats::default() })
+        Ok(GuestKernel {
+            cfg,
+            kernel_root: root,
+            nodes,
+            processes: Vec::new(),
+            current: None,
+            stats: KernelStats::default(),
+        })
     }
 
     /// The kernel's own top-level table.
@@ -233,12 +254,15 @@ impl GuestKernel {
     }
 
     fn proc_index(&self, pid: u32) -> Result<usize, KernelError> {
-        self.processes.iter().position(|p| p.pid == pid).ok_or_else(|| KernelError::Invalid(format!("no process {pid}")))
+        self.processes
+            .iter()
+            .position(|p| p.pid == pid)
+            .ok_or_else(|| KernelError::Invalid(format!("no process {pid}")))
     }
 
     /// Adds an anonymous mapping [start, start+len) to a process (no pages yet).
     pub fn mmap(&mut self, pid: u32, start: u64, len: u64, writable: bool) -> Result<(), KernelError> {
-        if start % 4096 != 0 || len == 0 || start.checked_add(len).is_none_or(|e| e > 1 << 47) {
+        if !start.is_multiple_of(4096) || len == 0 || start.checked_add(len).is_none_or(|e| e > 1 << 47) {
             return Err(KernelError::Invalid(format!("bad mmap range {start:#x}+{len:#x}")));
         }
         let i = self.proc_index(pid)?;
@@ -270,7 +294,14 @@ impl GuestKernel {
 
     /// A user-mode access by the current process, with demand paging: a #PF inside a VMA
     /// is handled and the access retried.
-    pub fn access<C: GuestCpu>(&mut self, cpu: &mut C, va: u64, kind: AccessKind, size: u8, val: u64) -> Result<u64, KernelError> {
+    pub fn access<C: GuestCpu>(
+        &mut self,
+        cpu: &mut C,
+        va: u64,
+        kind: AccessKind,
+        size: u8,
+        val: u64,
+    ) -> Result<u64, KernelError> {
         let i = self.current.ok_or_else(|| KernelError::Invalid("no current process".into()))?;
         cpu.set_cpl(3);
         for _ in 0..8 {
@@ -292,7 +323,14 @@ impl GuestKernel {
     }
 
     /// The #PF handler: demand-allocates the page (and any missing page tables).
-    fn handle_page_fault<C: GuestCpu>(&mut self, cpu: &mut C, i: usize, cr2: u64, ec: u32, kind: AccessKind) -> Result<(), KernelError> {
+    fn handle_page_fault<C: GuestCpu>(
+        &mut self,
+        cpu: &mut C,
+        i: usize,
+        cr2: u64,
+        ec: u32,
+        kind: AccessKind,
+    ) -> Result<(), KernelError> {
         cpu.set_cpl(0);
         self.stats.page_faults += 1;
         let p = &self.processes[i];

@@ -23,9 +23,11 @@ pub struct PteFlags {
 
 impl PteFlags {
     /// Writable, user, executable, A/D clear.
-    pub const USER_RW: PteFlags = PteFlags { writable: true, user: true, nx: false, global: false, accessed: false, dirty: false };
+    pub const USER_RW: PteFlags =
+        PteFlags { writable: true, user: true, nx: false, global: false, accessed: false, dirty: false };
     /// Writable, supervisor-only, not executable, global (a kernel direct map).
-    pub const KERNEL_DATA: PteFlags = PteFlags { writable: true, user: false, nx: true, global: true, accessed: false, dirty: false };
+    pub const KERNEL_DATA: PteFlags =
+        PteFlags { writable: true, user: false, nx: true, global: true, accessed: false, dirty: false };
 
     /// The leaf bits.
     pub fn bits(self) -> u64 {
@@ -127,7 +129,15 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
     }
 
     /// Maps [va, va+len) -> [pa, ..) with pages of `1 << shift` bytes.
-    pub fn map_range(&mut self, alloc: &mut FrameBump, va: u64, pa: u64, len: u64, shift: u32, flags: PteFlags) -> Result<(), String> {
+    pub fn map_range(
+        &mut self,
+        alloc: &mut FrameBump,
+        va: u64,
+        pa: u64,
+        len: u64,
+        shift: u32,
+        flags: PteFlags,
+    ) -> Result<(), String> {
         let step = 1u64 << shift;
         let mut off = 0;
         while off < len {

@@ -57,7 +57,8 @@ impl Workload {
     }
 
     /// The names `parse` accepts.
-    pub const NAMES: &'static [&'static str] = &["first-touch", "re-touch", "read-then-write", "read", "random", "zipf"];
+    pub const NAMES: &'static [&'static str] =
+        &["first-touch", "re-touch", "read-then-write", "read", "random", "zipf"];
 }
 
 /// What a workload did.
@@ -106,7 +107,9 @@ impl<C: GuestCpu> Space for FlatSpace<'_, C> {
             AccessKind::Fetch => self.cpu.fetch(Gva::new(va), size),
         };
         r.map_err(|e| match e {
-            GuestError::Exception(Exception::PageFault { cr2, error_code }) => KernelError::Segfault { pid: 0, va: cr2, kind, error_code: error_code.0 },
+            GuestError::Exception(Exception::PageFault { cr2, error_code }) => {
+                KernelError::Segfault { pid: 0, va: cr2, kind, error_code: error_code.0 }
+            }
             e => KernelError::Guest(e),
         })
     }
@@ -150,7 +153,8 @@ pub fn run<S: Space>(w: Workload, space: &mut S, start: u64, pages: u64) -> Resu
         }
         Workload::Zipf { accesses, theta, seed } => {
             let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-            let z = rand_distr::Zipf::new(pages.max(1), theta).map_err(|e| KernelError::Invalid(format!("zipf: {e}")))?;
+            let z =
+                rand_distr::Zipf::new(pages.max(1), theta).map_err(|e| KernelError::Invalid(format!("zipf: {e}")))?;
             for n in 0..accesses {
                 let p = (z.sample(&mut rng) as u64).saturating_sub(1).min(pages.max(1) - 1);
                 let off = rng.gen_range(0..512u64) * 8;

@@ -48,7 +48,14 @@ fn setup(tdp: TdpKind, backing: Backing) -> Setup {
     let host = Arc::new(HostMm::new(frames).unwrap());
     let kvm = Kvm::new(VmConfig { tdp, ..VmConfig::default() }, host.clone()).unwrap();
     let hva = host.mmap(MEM, backing, true, false).unwrap();
-    kvm.set_user_memory_region(UserspaceMemoryRegion { slot: 0, flags: MemslotFlags::empty(), guest_phys_addr: 0, memory_size: MEM, userspace_addr: hva }).unwrap();
+    kvm.set_user_memory_region(UserspaceMemoryRegion {
+        slot: 0,
+        flags: MemslotFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: hva,
+    })
+    .unwrap();
     // Identity map of all RAM with 2 MiB guest pages; A/D left clear so both vCPUs race to
     // set them in the shared PDEs.
     let mut alloc = FrameBump::new(PT_START, 2 << 20);
@@ -104,7 +111,9 @@ fn two_vcpus_fault_concurrently(tdp: TdpKind, backing: Backing) {
                 }
                 for p in pages_of(t) {
                     let (off, val) = slot(t, p);
-                    let got = cpu.read(Gva::new(DATA + p * 4096 + off), 8).map_err(|e| format!("vcpu {t}: read back: {e}"))?;
+                    let got = cpu
+                        .read(Gva::new(DATA + p * 4096 + off), 8)
+                        .map_err(|e| format!("vcpu {t}: read back: {e}"))?;
                     if got != val {
                         return Err(format!("vcpu {t}: page {p} reads {got:#x}, wrote {val:#x}"));
                     }
@@ -187,6 +196,9 @@ fn two_vcpus_repeated() {
 
 fn host_coherence(tdp: TdpKind, backing: Backing) {
     let s = setup(tdp, backing);
+    if std::env::var_os("VMMU_TRACE").is_some() {
+        s.kvm.tracer.set_events(true);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(Barrier::new(2));
     let mut cpu = s.kvm.create_vcpu().unwrap();
@@ -209,7 +221,12 @@ fn host_coherence(tdp: TdpKind, backing: Backing) {
                     let p = x % PAGES;
                     n += 1;
                     let gva = Gva::new(DATA + p * 4096);
-                    let got = cpu.read(gva, 8).map_err(|e| format!("read: {e}"))?;
+                    let got = match cpu.read(gva, 8) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return Err(format!("read: {e}; stats {:?}; vm {:?}", cpu.stats(), cpu.kvm().vm_stats()))
+                        }
+                    };
                     // Only 0 (dropped) or this thread's last write can be there.
                     if got != 0 && got != last[p as usize] {
                         return Err(format!("page {p} reads {got:#x}; last written {:#x}", last[p as usize]));
@@ -250,7 +267,11 @@ fn host_coherence(tdp: TdpKind, backing: Backing) {
         let guest = cpu.read(gva, 8).unwrap();
         let vmm = s.kvm.host().read(Hva(s.hva.raw() + DATA + p * 4096), 8).unwrap();
         assert_eq!(guest, vmm, "{tdp:?} {backing:?}: page {p}: the vCPU and the VMM see different bytes");
-        assert!(guest == 0 || guest == last[p as usize], "{tdp:?} {backing:?}: page {p} reads {guest:#x}; last written {:#x}", last[p as usize]);
+        assert!(
+            guest == 0 || guest == last[p as usize],
+            "{tdp:?} {backing:?}: page {p} reads {guest:#x}; last written {:#x}",
+            last[p as usize]
+        );
     }
     cpu.exit_guest();
     s.kvm.audit().unwrap_or_else(|e| panic!("{tdp:?} {backing:?}: {e}"));

@@ -13,7 +13,14 @@ fn vm(backing: Backing, mem: u64) -> Arc<Kvm> {
     let host = Arc::new(HostMm::new(frames).unwrap());
     let kvm = Kvm::new(VmConfig::default(), host.clone()).unwrap();
     let hva = host.mmap(mem, backing, true, false).unwrap();
-    kvm.set_user_memory_region(UserspaceMemoryRegion { slot: 0, flags: MemslotFlags::empty(), guest_phys_addr: 0, memory_size: mem, userspace_addr: hva }).unwrap();
+    kvm.set_user_memory_region(UserspaceMemoryRegion {
+        slot: 0,
+        flags: MemslotFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: mem,
+        userspace_addr: hva,
+    })
+    .unwrap();
     kvm
 }
 

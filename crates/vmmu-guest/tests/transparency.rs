@@ -99,11 +99,30 @@ struct MapSpec {
 #[derive(Clone, Debug)]
 enum Op {
     /// An access through mapping `map` (modulo the number of mappings).
-    Access { kind: u8, map: u16, sub: u16, off: u16, size: u8, val: u64 },
+    Access {
+        kind: u8,
+        map: u16,
+        sub: u16,
+        off: u16,
+        size: u8,
+        val: u64,
+    },
     /// An access at an arbitrary address.
-    Raw { kind: u8, gva: u64, size: u8, val: u64 },
+    Raw {
+        kind: u8,
+        gva: u64,
+        size: u8,
+        val: u64,
+    },
     /// The VMM rewrites a guest paging entry, then the guest flushes.
-    Rewrite { entry: u16, xor: u8, p_toggle: bool, retarget: Option<u16>, rsvd: Option<u8>, flush: u16 },
+    Rewrite {
+        entry: u16,
+        xor: u8,
+        p_toggle: bool,
+        retarget: Option<u16>,
+        rsvd: Option<u8>,
+        flush: u16,
+    },
     SetCpl3(bool),
     SetAc(bool),
 }
@@ -144,23 +163,20 @@ fn regs_strategy(modes: Vec<Mode>) -> impl Strategy<Value = Regs> {
 }
 
 fn vm_strategy() -> impl Strategy<Value = VmVariant> {
-    (any::<bool>(), any::<bool>(), any::<bool>(), 1u8..=3, any::<bool>()).prop_map(|(npt, eptad, thp, huge, five)| VmVariant {
-        tdp: if npt { TdpKind::Npt } else { TdpKind::Ept },
-        eptad,
-        thp,
-        tdp_huge_page_level: huge,
-        max_tdp_level: if five { 5 } else { 4 },
+    (any::<bool>(), any::<bool>(), any::<bool>(), 1u8..=3, any::<bool>()).prop_map(|(npt, eptad, thp, huge, five)| {
+        VmVariant {
+            tdp: if npt { TdpKind::Npt } else { TdpKind::Ept },
+            eptad,
+            thp,
+            tdp_huge_page_level: huge,
+            max_tdp_level: if five { 5 } else { 4 },
+        }
     })
 }
 
 fn map_strategy() -> impl Strategy<Value = MapSpec> {
-    (any::<[u16; 5]>(), 1u8..=3, any::<u16>(), any::<u8>(), any::<[u8; 5]>()).prop_map(|(idx, leaf, target, place, flags)| MapSpec {
-        idx,
-        leaf,
-        target,
-        place: place % 8,
-        flags,
-    })
+    (any::<[u16; 5]>(), 1u8..=3, any::<u16>(), any::<u8>(), any::<[u8; 5]>())
+        .prop_map(|(idx, leaf, target, place, flags)| MapSpec { idx, leaf, target, place: place % 8, flags })
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -442,7 +458,11 @@ fn rsvd_bit(r: &Regs, e: &Ent, k: u8) -> u64 {
     }
     if !r.wide() {
         // 32-bit: only a 4 MiB PDE has reserved bits (21, or PSE-36 bits above MAXPHYADDR).
-        return if e.leaf && e.level == 2 { [1 << 21, 1 << (13 + (r.maxphy.min(40) - 32)) as u64][usize::from(k % 2)] } else { 1 << 10 };
+        return if e.leaf && e.level == 2 {
+            [1 << 21, 1 << (13 + (r.maxphy.min(40) - 32)) as u64][usize::from(k % 2)]
+        } else {
+            1 << 10
+        };
     }
     match k % 6 {
         // With MAXPHYADDR 52, bit 51 is a legal address bit: open bus / MMIO data.
@@ -516,7 +536,11 @@ fn build(c: &Case) -> Built {
                 None => {
                     let Some(t) = alloc(&mut tables) else { continue 'maps };
                     let pdpte = r.mode == Mode::Pae && l == 3;
-                    let val = if pdpte { P | t | (u64::from(m.flags[2]) & 0x18) } else { table_bits(r, t, m.flags[usize::from(l - 1)]) };
+                    let val = if pdpte {
+                        P | t | (u64::from(m.flags[2]) & 0x18)
+                    } else {
+                        table_bits(r, t, m.flags[usize::from(l - 1)])
+                    };
                     ents.insert(at, Ent { level: l, leaf: false, pdpte, va_base, val });
                     table = t;
                 }
@@ -548,10 +572,24 @@ struct Vm {
 fn make_vm(v: &VmVariant, maxphy: u8) -> Vm {
     let frames = Arc::new(FrameAllocator::new(4 * MEM).unwrap());
     let host = Arc::new(HostMm::new(frames).unwrap());
-    let cfg = VmConfig { tdp: v.tdp, eptad: v.eptad, max_tdp_level: v.max_tdp_level, maxphyaddr: maxphy, tdp_huge_page_level: v.tdp_huge_page_level, ..VmConfig::default() };
+    let cfg = VmConfig {
+        tdp: v.tdp,
+        eptad: v.eptad,
+        max_tdp_level: v.max_tdp_level,
+        maxphyaddr: maxphy,
+        tdp_huge_page_level: v.tdp_huge_page_level,
+        ..VmConfig::default()
+    };
     let kvm = Kvm::new(cfg, host.clone()).unwrap();
     let hva = host.mmap(MEM, if v.thp { Backing::Thp } else { Backing::Anon4k }, true, false).unwrap();
-    kvm.set_user_memory_region(UserspaceMemoryRegion { slot: 0, flags: MemslotFlags::empty(), guest_phys_addr: 0, memory_size: MEM, userspace_addr: hva }).unwrap();
+    kvm.set_user_memory_region(UserspaceMemoryRegion {
+        slot: 0,
+        flags: MemslotFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: hva,
+    })
+    .unwrap();
     let vcpu = kvm.create_vcpu().unwrap();
     Vm { kvm, vcpu }
 }
@@ -601,11 +639,35 @@ fn access(cpu: &mut dyn GuestCpu, kind: u8, gva: u64, size: u8, val: u64) -> Res
 fn describe(c: &Case, b: &Built) -> String {
     let r = &c.regs;
     let mut s = String::new();
-    let _ = writeln!(s, "mode {:?} cr0 {:?} cr4 {:?} efer {:?} cr3 {:#x} maxphyaddr {} cpl3 {} ac {}", r.mode, r.cr0(), r.cr4(), r.efer(), b.cr3, r.maxphy, r.cpl3, r.ac);
+    let _ = writeln!(
+        s,
+        "mode {:?} cr0 {:?} cr4 {:?} efer {:?} cr3 {:#x} maxphyaddr {} cpl3 {} ac {}",
+        r.mode,
+        r.cr0(),
+        r.cr4(),
+        r.efer(),
+        b.cr3,
+        r.maxphy,
+        r.cpl3,
+        r.ac
+    );
     let _ = writeln!(s, "vm {:?}", c.vm);
     let _ = writeln!(s, "tables (gpa: level leaf va_base value):");
     for (at, e) in &b.ents {
-        let _ = writeln!(s, "  {at:#08x}: L{} {} va {:#x} = {:#x}", e.level, if e.leaf { "leaf" } else if e.pdpte { "pdpte" } else { "table" }, e.va_base, e.val);
+        let _ = writeln!(
+            s,
+            "  {at:#08x}: L{} {} va {:#x} = {:#x}",
+            e.level,
+            if e.leaf {
+                "leaf"
+            } else if e.pdpte {
+                "pdpte"
+            } else {
+                "table"
+            },
+            e.va_base,
+            e.val
+        );
     }
     for m in &b.maps {
         let _ = writeln!(s, "  mapping va {:#x} size 1<<{} leaf at {:#x}", m.va, m.shift, m.leaf_at);
@@ -651,7 +713,8 @@ fn run_case(c: &Case) -> Result<Ran, String> {
             // The 1 GiB page at gpa 0 covers the tables: stay in the data area.
             sub = DATA_FIRST_PAGE + sub % (DATA_PAGES + if r.no_mmio_data() { 0 } else { 16 });
         }
-        let off = if off & 0x8000 != 0 { 4096 - u64::from(off % 8).min(u64::from(*size)) } else { u64::from(*off) % 4096 };
+        let off =
+            if off & 0x8000 != 0 { 4096 - u64::from(off % 8).min(u64::from(*size)) } else { u64::from(*off) % 4096 };
         let off = off.min(4095);
         Some((m.va + (sub << 12) + off, sub))
     };
@@ -718,14 +781,20 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                 let Some((gva, _)) = gva_of(op) else { continue };
                 let (a, v) = both(&mut native, &mut vcpu, |cpu| access(cpu, *kind, gva, *size, *val));
                 if a != v {
-                    return Err(ctx(format!("op {i}: {} of {size} bytes at {gva:#x} (cpl3 {cpl3}, ac {ac}): native {a:?} vs tdp {v:?}", kind_name(*kind))));
+                    return Err(ctx(format!(
+                        "op {i}: {} of {size} bytes at {gva:#x} (cpl3 {cpl3}, ac {ac}): native {a:?} vs tdp {v:?}",
+                        kind_name(*kind)
+                    )));
                 }
                 results.push(a);
             }
             Op::Raw { kind, gva, size, val } => {
                 let (a, v) = both(&mut native, &mut vcpu, |cpu| access(cpu, *kind, *gva, *size, *val));
                 if a != v {
-                    return Err(ctx(format!("op {i}: raw {} of {size} bytes at {gva:#x}: native {a:?} vs tdp {v:?}", kind_name(*kind))));
+                    return Err(ctx(format!(
+                        "op {i}: raw {} of {size} bytes at {gva:#x}: native {a:?} vs tdp {v:?}",
+                        kind_name(*kind)
+                    )));
                 }
             }
             Op::SetCpl3(x) => {
@@ -776,7 +845,8 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                         } else {
                             val & 0xfff
                         };
-                        val = leaf_bits(r, e.level, target_gpa(r, shift, *tg, (tg % 8) as u8), 0) & !(P | PS) | flags_only;
+                        val = leaf_bits(r, e.level, target_gpa(r, shift, *tg, (tg % 8) as u8), 0) & !(P | PS)
+                            | flags_only;
                     } else if !r.no_mmio_data() {
                         // A table pointer may only move out of memory (open bus): never onto data.
                         val = (val & !0x000f_ffff_ffff_f000) | if r.wide() { MEM } else { MEM & 0xffff_f000 };
@@ -789,7 +859,11 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                 write_entry(&native, r, at, val).map_err(&ctx)?;
                 write_entry(&*kvm, r, at, val).map_err(&ctx)?;
                 // The flush: INVLPG of a page the leaf maps, or a full flush.
-                let leaf_pages = if e.leaf { 1u64 << (if !r.wide() && e.level == 2 { 22 } else { r.shift_of(e.level) } - 12) } else { 0 };
+                let leaf_pages = if e.leaf {
+                    1u64 << (if !r.wide() && e.level == 2 { 22 } else { r.shift_of(e.level) } - 12)
+                } else {
+                    0
+                };
                 let invlpg_ok = e.leaf && !(r.avoid_bugs && leaf_pages > 1);
                 let (what, a, v) = if invlpg_ok && flush % 2 == 0 {
                     let g = e.va_base + ((u64::from(flush / 2) % leaf_pages) << 12);
@@ -809,7 +883,9 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                     ("CR3 reload".to_string(), a, v)
                 };
                 if a != v {
-                    return Err(ctx(format!("op {i}: rewrite of {at:#x} to {val:#x}, then {what}: native {a:?} vs tdp {v:?}")));
+                    return Err(ctx(format!(
+                        "op {i}: rewrite of {at:#x} to {val:#x}, then {what}: native {a:?} vs tdp {v:?}"
+                    )));
                 }
                 if a.is_err() {
                     // The flush faulted (#GP: a PAE PDPTE with reserved bits), so nothing was
@@ -826,14 +902,26 @@ fn run_case(c: &Case) -> Result<Ran, String> {
     for &t in b.tables.iter() {
         let (a, v) = (native_page(&native, t), vm_page(&kvm, t));
         if a != v {
-            let diff: Vec<String> = a.iter().zip(&v).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (x, y))| format!("{:#x}: native {x:#x} tdp {y:#x}", t + 8 * i as u64)).collect();
+            let diff: Vec<String> = a
+                .iter()
+                .zip(&v)
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .map(|(i, (x, y))| format!("{:#x}: native {x:#x} tdp {y:#x}", t + 8 * i as u64))
+                .collect();
             return Err(ctx(format!("table page {t:#x} differs at the end:\n  {}", diff.join("\n  "))));
         }
     }
     for &p in &data_pages {
         let (a, v) = (native_page(&native, p), vm_page(&kvm, p));
         if a != v {
-            let diff: Vec<String> = a.iter().zip(&v).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (x, y))| format!("{:#x}: native {x:#x} tdp {y:#x}", p + 8 * i as u64)).collect();
+            let diff: Vec<String> = a
+                .iter()
+                .zip(&v)
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .map(|(i, (x, y))| format!("{:#x}: native {x:#x} tdp {y:#x}", p + 8 * i as u64))
+                .collect();
             return Err(ctx(format!("data page {p:#x} differs at the end:\n  {}", diff.join("\n  "))));
         }
     }
@@ -879,7 +967,20 @@ proptest! {
 
 fn simple_case(mode: Mode, leaf: u8, vm: VmVariant) -> Case {
     Case {
-        regs: Regs { mode, pse: true, pge: false, wp: true, smep: false, smap: false, nxe: true, cpl3: false, ac: false, maxphy: 46, cr3_low: 0, avoid_bugs: false },
+        regs: Regs {
+            mode,
+            pse: true,
+            pge: false,
+            wp: true,
+            smep: false,
+            smap: false,
+            nxe: true,
+            cpl3: false,
+            ac: false,
+            maxphy: 46,
+            cr3_low: 0,
+            avoid_bugs: false,
+        },
         vm,
         maps: vec![MapSpec { idx: [1, 1, 1, 1, 1], leaf, target: 7, place: 0, flags: [0x1b; 5] }],
         corrupt: vec![],
@@ -899,7 +1000,8 @@ fn every_mode_translates_and_matches() {
         VmVariant { tdp: TdpKind::Npt, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 4 },
     ];
     for vm in vms {
-        for (mode, leaves) in [(Mode::Bits32, 1..=2), (Mode::Pae, 1..=2), (Mode::Level4, 1..=3), (Mode::Level5, 1..=3)] {
+        for (mode, leaves) in [(Mode::Bits32, 1..=2), (Mode::Pae, 1..=2), (Mode::Level4, 1..=3), (Mode::Level5, 1..=3)]
+        {
             for leaf in leaves {
                 let c = simple_case(mode, leaf, vm.clone());
                 let b = build(&c);
@@ -928,8 +1030,12 @@ fn generator_reaches_every_outcome() {
             for r in &ran.results {
                 let k = match r {
                     Ok(_) => "ok",
-                    Err(GuestError::Exception(Exception::PageFault { error_code, .. })) if error_code.is_rsvd() => "pf-rsvd",
-                    Err(GuestError::Exception(Exception::PageFault { error_code, .. })) if error_code.is_present() => "pf-prot",
+                    Err(GuestError::Exception(Exception::PageFault { error_code, .. })) if error_code.is_rsvd() => {
+                        "pf-rsvd"
+                    }
+                    Err(GuestError::Exception(Exception::PageFault { error_code, .. })) if error_code.is_present() => {
+                        "pf-prot"
+                    }
                     Err(GuestError::Exception(Exception::PageFault { .. })) => "pf-not-present",
                     Err(GuestError::Exception(Exception::GeneralProtection)) => "gp",
                     Err(GuestError::Vm(_)) => "vm-error",
@@ -964,7 +1070,11 @@ fn assert_transparent(c: &Case) {
 #[test]
 #[ignore = "known bug: emulate_access ignores EFLAGS.AC"]
 fn known_bug_emulator_ignores_eflags_ac() {
-    let mut c = simple_case(Mode::Level4, 1, VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 });
+    let mut c = simple_case(
+        Mode::Level4,
+        1,
+        VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 },
+    );
     c.regs.smap = true;
     c.regs.ac = true;
     c.regs.avoid_bugs = false;
@@ -983,7 +1093,11 @@ fn known_bug_emulator_ignores_eflags_ac() {
 #[test]
 #[ignore = "known bug: INVLPG misses fractured TLB entries of guest huge pages under TDP"]
 fn known_bug_invlpg_misses_fractured_huge_page() {
-    let mut c = simple_case(Mode::Level4, 2, VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 });
+    let mut c = simple_case(
+        Mode::Level4,
+        2,
+        VmVariant { tdp: TdpKind::Ept, eptad: true, thp: false, tdp_huge_page_level: 3, max_tdp_level: 4 },
+    );
     c.regs.pge = false;
     // Touch 4 KiB page 1 of the 2 MiB page, make the leaf not present, INVLPG page 0,
     // touch page 1 again: natively #PF, under TDP the stale 4 KiB entry is used.
@@ -1035,7 +1149,11 @@ fn known_bug_invlpg_misses_fractured_huge_page() {
 #[ignore = "known bug: 4-level TDP with guest MAXPHYADDR > 48 aliases guest-physical addresses"]
 fn known_bug_gpa_above_48_bits_aliases_under_4level_tdp() {
     // THP backing: the 2 MiB SPTE that maps the guest's tables also maps gpa 0.
-    let mut c = simple_case(Mode::Level4, 1, VmVariant { tdp: TdpKind::Ept, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 4 });
+    let mut c = simple_case(
+        Mode::Level4,
+        1,
+        VmVariant { tdp: TdpKind::Ept, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 4 },
+    );
     c.regs.maxphy = 52;
     c.maps[0].place = 6; // gpa 1 << 51
     c.ops = vec![Op::Access { kind: 0, map: 0, sub: 0, off: 0, size: 8, val: 0 }];

@@ -156,7 +156,16 @@ mod tests {
         }
         let v = VcpuStats { pf_fixed: 2, ..Default::default() };
         let s = v.snapshot();
-        for n in ["pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate", "pf_mmio_spte_created", "tlb_flush", "exits"] {
+        for n in [
+            "pf_taken",
+            "pf_fixed",
+            "pf_fast",
+            "pf_spurious",
+            "pf_emulate",
+            "pf_mmio_spte_created",
+            "tlb_flush",
+            "exits",
+        ] {
             assert!(s.contains_key(n), "{n}");
         }
         assert_eq!(s["pf_fixed"], 2);

@@ -33,7 +33,12 @@ pub struct Tracer {
 
 impl Default for Tracer {
     fn default() -> Self {
-        Tracer { events: AtomicBool::new(false), graph: AtomicBool::new(false), start: Instant::now(), buf: Mutex::new(Vec::new()) }
+        Tracer {
+            events: AtomicBool::new(false),
+            graph: AtomicBool::new(false),
+            start: Instant::now(),
+            buf: Mutex::new(Vec::new()),
+        }
     }
 }
 
@@ -155,22 +160,33 @@ fn render_graph(out: &mut String, recs: &[&Record]) {
         let stack = stacks.entry(r.cpu).or_default();
         match r.rec {
             Rec::Enter(name) => {
-                let next = recs[i + 1..].iter().enumerate().find(|(k, n)| !consumed[i + 1 + k] && n.cpu == r.cpu).map(|(k, _)| i + 1 + k);
+                let next = recs[i + 1..]
+                    .iter()
+                    .enumerate()
+                    .find(|(k, n)| !consumed[i + 1 + k] && n.cpu == r.cpu)
+                    .map(|(k, _)| i + 1 + k);
                 match next.map(|j| (j, &recs[j].rec)) {
                     Some((j, Rec::Exit(n2))) if *n2 == name => {
                         let d = recs[j].ns.saturating_sub(r.ns);
-                        let _ = writeln!(out, "{:>2}) {} |  {}{}();", r.cpu, duration(d), "  ".repeat(stack.len()), name);
+                        let _ =
+                            writeln!(out, "{:>2}) {}|  {}{}();", r.cpu, duration(d), "  ".repeat(stack.len()), name);
                         consumed[j] = true;
                     }
                     _ => {
-                        let _ = writeln!(out, "{:>2}) {:>13} |  {}{}() {{", r.cpu, "", "  ".repeat(stack.len()), name);
+                        let _ = writeln!(out, "{:>2}) {:14}|  {}{}() {{", r.cpu, "", "  ".repeat(stack.len()), name);
                         stack.push((name, r.ns));
                     }
                 }
             }
             Rec::Exit(_) => {
                 if let Some((_, t0)) = stack.pop() {
-                    let _ = writeln!(out, "{:>2}) {} |  {}}}", r.cpu, duration(r.ns.saturating_sub(t0)), "  ".repeat(stack.len()));
+                    let _ = writeln!(
+                        out,
+                        "{:>2}) {}|  {}}}",
+                        r.cpu,
+                        duration(r.ns.saturating_sub(t0)),
+                        "  ".repeat(stack.len())
+                    );
                 }
             }
             Rec::Event { .. } => {}
@@ -179,9 +195,9 @@ fn render_graph(out: &mut String, recs: &[&Record]) {
     }
 }
 
-/// A duration in the function_graph column format ("  1.234 us   ").
+/// A duration in the function_graph column format: 14 characters, "  1.234 us    ".
 fn duration(ns: u64) -> String {
-    format!("{:>8}.{:03} us", ns / 1000, ns % 1000)
+    format!("{:>7} us    ", format!("{}.{:03}", ns / 1000, ns % 1000))
 }
 
 #[cfg(test)]

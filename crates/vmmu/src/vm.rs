@@ -69,7 +69,16 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mmu: MmuKind::Tdp, tdp: TdpKind::Ept, eptad: true, max_tdp_level: 4, maxphyaddr: 46, nx_huge_pages: false, mmio_caching: true, tdp_huge_page_level: 3 }
+        VmConfig {
+            mmu: MmuKind::Tdp,
+            tdp: TdpKind::Ept,
+            eptad: true,
+            max_tdp_level: 4,
+            maxphyaddr: 46,
+            nx_huge_pages: false,
+            mmio_caching: true,
+            tdp_huge_page_level: 3,
+        }
     }
 }
 
@@ -207,8 +216,16 @@ impl Kvm {
         crate::sync::barrier::init();
         match config.mmu {
             MmuKind::Tdp => {}
-            MmuKind::Shadow => return Err(VmError::Unsupported("shadow paging (--mmu shadow) is not implemented yet; see issue #3".into())),
-            MmuKind::LegacyTdp => return Err(VmError::Unsupported("the legacy TDP MMU (--mmu legacy-tdp) is not implemented yet; see issue #3".into())),
+            MmuKind::Shadow => {
+                return Err(VmError::Unsupported(
+                    "shadow paging (--mmu shadow) is not implemented yet; see issue #3".into(),
+                ))
+            }
+            MmuKind::LegacyTdp => {
+                return Err(VmError::Unsupported(
+                    "the legacy TDP MMU (--mmu legacy-tdp) is not implemented yet; see issue #3".into(),
+                ))
+            }
         }
         if !(36..=52).contains(&config.maxphyaddr) {
             return Err(VmError::InvalidConfig(format!("maxphyaddr {} is outside 36..=52", config.maxphyaddr)));
@@ -217,7 +234,10 @@ impl Kvm {
             return Err(VmError::InvalidConfig(format!("max_tdp_level {} must be 4 or 5", config.max_tdp_level)));
         }
         if !(1..=3).contains(&config.tdp_huge_page_level) {
-            return Err(VmError::InvalidConfig(format!("tdp_huge_page_level {} must be 1, 2 or 3", config.tdp_huge_page_level)));
+            return Err(VmError::InvalidConfig(format!(
+                "tdp_huge_page_level {} must be 1, 2 or 3",
+                config.tdp_huge_page_level
+            )));
         }
         let masks = match config.tdp {
             TdpKind::Ept => SpteMasks::ept(config.eptad),
@@ -291,12 +311,21 @@ impl Kvm {
     pub fn set_user_memory_region(&self, r: UserspaceMemoryRegion) -> Result<(), VmError> {
         let _s = self.slots_lock.lock();
         if r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
-            return Err(MemslotError::Unsupported { slot: r.slot, flag: "KVM_MEM_LOG_DIRTY_PAGES (dirty logging, issue #4)" }.into());
+            return Err(MemslotError::Unsupported {
+                slot: r.slot,
+                flag: "KVM_MEM_LOG_DIRTY_PAGES (dirty logging, issue #4)",
+            }
+            .into());
         }
         let cur = self.memslots();
         if let Some(old) = cur.by_id(r.slot) {
-            if r.memory_size != 0 && old.flags.contains(MemslotFlags::READONLY) != r.flags.contains(MemslotFlags::READONLY) {
-                return Err(VmError::InvalidConfig(format!("memslot {}: KVM_MEM_READONLY cannot change on an existing slot", r.slot)));
+            if r.memory_size != 0
+                && old.flags.contains(MemslotFlags::READONLY) != r.flags.contains(MemslotFlags::READONLY)
+            {
+                return Err(VmError::InvalidConfig(format!(
+                    "memslot {}: KVM_MEM_READONLY cannot change on an existing slot",
+                    r.slot
+                )));
             }
         }
         let (new, change, _old) = cur.update(&r, self.config.maxphyaddr)?;
@@ -355,7 +384,9 @@ impl Kvm {
                 continue;
             }
             let mut spins = 0u32;
-            while v.requests.load(Ordering::SeqCst) & req::TLB_FLUSH != 0 && matches!(v.mode.load(Ordering::SeqCst), mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES) {
+            while v.requests.load(Ordering::SeqCst) & req::TLB_FLUSH != 0
+                && matches!(v.mode.load(Ordering::SeqCst), mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES)
+            {
                 spins += 1;
                 if spins > 64 {
                     std::thread::yield_now();
@@ -387,7 +418,11 @@ impl Kvm {
             let _w = self.mmu.mmu_lock.write();
             let gen = self.mmu.mmu_valid_gen.fetch_xor(1, Ordering::AcqRel) ^ 1;
             if self.tracer.events_on() {
-                self.tracer.event(u32::MAX, "kvm_mmu_zap_all_fast", format_args!("kvm-mmu-valid-gen {} used_pages {:x}", gen, 0));
+                self.tracer.event(
+                    u32::MAX,
+                    "kvm_mmu_zap_all_fast",
+                    format_args!("kvm-mmu-valid-gen {} used_pages {:x}", gen, 0),
+                );
             }
             tdp_mmu::kvm_tdp_mmu_invalidate_all_roots(self);
             self.make_all_cpus_request(req::MMU_FREE_OBSOLETE_ROOTS);
@@ -513,11 +548,26 @@ impl Vcpu {
     fn kvm_mmu_load(&mut self) -> Result<(), VmError> {
         self.mmu_topup_memory_caches()?;
         let cfg = &self.kvm.config;
-        let role = Role(0).with_level(u32::from(cfg.tdp_level())).with_direct(1).with_access(7).with_cr0_wp(1).with_efer_nx(1).with_ad_disabled(u32::from(!cfg.ad_enabled()));
+        let role = Role(0)
+            .with_level(u32::from(cfg.tdp_level()))
+            .with_direct(1)
+            .with_access(7)
+            .with_cr0_wp(1)
+            .with_efer_nx(1)
+            .with_ad_disabled(u32::from(!cfg.ad_enabled()));
         let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&self.kvm, role)?;
         let tdp = match cfg.tdp {
-            TdpKind::Ept => Tdp::Ept(EptConfig { root: root.hpa, levels: root.level(), ad_enabled: cfg.eptad, execute_only: true, gbpages: true, maxphyaddr: 46 }),
-            TdpKind::Npt => Tdp::Npt(NptConfig { root: root.hpa, levels: root.level(), nxe: true, gbpages: true, maxphyaddr: 46 }),
+            TdpKind::Ept => Tdp::Ept(EptConfig {
+                root: root.hpa,
+                levels: root.level(),
+                ad_enabled: cfg.eptad,
+                execute_only: true,
+                gbpages: true,
+                maxphyaddr: 46,
+            }),
+            TdpKind::Npt => {
+                Tdp::Npt(NptConfig { root: root.hpa, levels: root.level(), nxe: true, gbpages: true, maxphyaddr: 46 })
+            }
         };
         self.cpu.set_mode(CpuMode::Tdp(tdp));
         self.mmu.root = Some(root);
@@ -659,18 +709,30 @@ impl Vcpu {
     /// A guest load of `size` (1..=8) bytes.
     #[inline]
     pub fn read(&mut self, gva: Gva, size: u8) -> Result<u64, GuestError> {
-        self.run_op(gva.raw(), |c| c.read(gva, size), |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Read, 0))
+        self.run_op(
+            gva.raw(),
+            |c| c.read(gva, size),
+            |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Read, 0),
+        )
     }
 
     /// A guest store of `size` (1..=8) bytes.
     #[inline]
     pub fn write(&mut self, gva: Gva, size: u8, val: u64) -> Result<(), GuestError> {
-        self.run_op(gva.raw(), |c| c.write(gva, size, val), |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Write, val).map(|_| ()))
+        self.run_op(
+            gva.raw(),
+            |c| c.write(gva, size, val),
+            |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Write, val).map(|_| ()),
+        )
     }
 
     /// A guest instruction fetch of `size` bytes.
     pub fn fetch(&mut self, gva: Gva, size: u8) -> Result<u64, GuestError> {
-        self.run_op(gva.raw(), |c| c.fetch(gva, size), |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Fetch, 0))
+        self.run_op(
+            gva.raw(),
+            |c| c.fetch(gva, size),
+            |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Fetch, 0),
+        )
     }
 
     fn gp<T>(_: &mut Self) -> Result<T, GuestError> {

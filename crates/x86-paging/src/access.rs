@@ -46,12 +46,7 @@ impl Access {
     /// An explicit access of `kind` at `cpl`.
     #[inline]
     pub const fn new(kind: AccessKind, cpl: u8) -> Self {
-        Access {
-            kind,
-            cpl,
-            implicit_supervisor: false,
-            eflags_ac: false,
-        }
+        Access { kind, cpl, implicit_supervisor: false, eflags_ac: false }
     }
 
     /// An explicit data read at `cpl`.
@@ -75,12 +70,7 @@ impl Access {
     /// An implicit supervisor-mode access of `kind` made while at `cpl`.
     #[inline]
     pub const fn implicit(kind: AccessKind, cpl: u8) -> Self {
-        Access {
-            kind,
-            cpl,
-            implicit_supervisor: true,
-            eflags_ac: false,
-        }
+        Access { kind, cpl, implicit_supervisor: true, eflags_ac: false }
     }
 
     /// The same access with EFLAGS.AC = `ac`.
@@ -167,14 +157,8 @@ impl fmt::Display for PfErrorCode {
     /// names: `P|W|U|RSVD|F|PK` (F is the instruction-fetch/ID bit, as in KVM's
     /// trace output); leftover bits print as hex; no bits print as nothing.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(u32, &str); 6] = [
-            (1 << 0, "P"),
-            (1 << 1, "W"),
-            (1 << 2, "U"),
-            (1 << 3, "RSVD"),
-            (1 << 4, "F"),
-            (1 << 5, "PK"),
-        ];
+        const NAMES: [(u32, &str); 6] =
+            [(1 << 0, "P"), (1 << 1, "W"), (1 << 2, "U"), (1 << 3, "RSVD"), (1 << 4, "F"), (1 << 5, "PK")];
         let mut rest = self.0;
         let mut first = true;
         for (mask, name) in NAMES {
@@ -222,14 +206,7 @@ pub struct PagePerms {
 
 impl PagePerms {
     /// Everything allowed (no paging): writable, user, executable, dirty.
-    pub const ALL: PagePerms = PagePerms {
-        writable: true,
-        user: true,
-        nx: false,
-        global: false,
-        pkey: 0,
-        dirty: true,
-    };
+    pub const ALL: PagePerms = PagePerms { writable: true, user: true, nx: false, global: false, pkey: 0, dirty: true };
 }
 
 /// The protection-key fault condition of SDM §4.6.2: 4/5-level paging, CR4.PKE,
@@ -261,11 +238,7 @@ fn pkey_fault(perms: &PagePerms, st: &PagingState, mode: PagingMode, access: &Ac
 ///
 /// Without paging nothing faults.
 #[inline]
-pub fn check_access(
-    perms: &PagePerms,
-    state: &PagingState,
-    access: &Access,
-) -> Result<(), PfErrorCode> {
+pub fn check_access(perms: &PagePerms, state: &PagingState, access: &Access) -> Result<(), PfErrorCode> {
     let mode = state.mode();
     if mode == PagingMode::NonPaging {
         return Ok(());
@@ -274,22 +247,14 @@ pub fn check_access(
     let mut fault = match access.kind {
         AccessKind::Fetch => {
             (perms.nx && state.nx_enabled())
-                || if user_mode {
-                    !perms.user
-                } else {
-                    perms.user && state.cr4.contains(Cr4::SMEP)
-                }
+                || if user_mode { !perms.user } else { perms.user && state.cr4.contains(Cr4::SMEP) }
         }
         AccessKind::Read | AccessKind::Write => {
             // EFLAGS.AC lifts SMAP only for explicit supervisor accesses.
             let ac_override = access.eflags_ac && !access.implicit_supervisor;
-            let write_denied =
-                access.is_write() && !perms.writable && (user_mode || state.cr0.contains(Cr0::WP));
-            let us_denied = if user_mode {
-                !perms.user
-            } else {
-                perms.user && state.cr4.contains(Cr4::SMAP) && !ac_override
-            };
+            let write_denied = access.is_write() && !perms.writable && (user_mode || state.cr0.contains(Cr0::WP));
+            let us_denied =
+                if user_mode { !perms.user } else { perms.user && state.cr4.contains(Cr4::SMAP) && !ac_override };
             write_denied || us_denied
         }
     };
@@ -315,20 +280,13 @@ mod tests {
     }
 
     fn user_rw() -> PagePerms {
-        PagePerms {
-            writable: true,
-            user: true,
-            ..Default::default()
-        }
+        PagePerms { writable: true, user: true, ..Default::default() }
     }
 
     #[test]
     fn display_like_print_flags() {
         assert_eq!(PfErrorCode(0).to_string(), "");
-        assert_eq!(
-            (PfErrorCode::P | PfErrorCode::W | PfErrorCode::U).to_string(),
-            "P|W|U"
-        );
+        assert_eq!((PfErrorCode::P | PfErrorCode::W | PfErrorCode::U).to_string(), "P|W|U");
         assert_eq!(PfErrorCode(0x3f).to_string(), "P|W|U|RSVD|F|PK");
         assert_eq!(PfErrorCode(0x8001).to_string(), "P|0x8000");
         assert_eq!(PfErrorCode(0x8000).to_string(), "0x8000");
@@ -368,14 +326,8 @@ mod tests {
     #[test]
     fn nx_needs_nxe() {
         let mut st = long_mode();
-        let p = PagePerms {
-            nx: true,
-            ..user_rw()
-        };
-        assert_eq!(
-            check_access(&p, &st, &Access::fetch(3)),
-            Err(PfErrorCode(0x15))
-        );
+        let p = PagePerms { nx: true, ..user_rw() };
+        assert_eq!(check_access(&p, &st, &Access::fetch(3)), Err(PfErrorCode(0x15)));
         st.efer.remove(Efer::NXE);
         assert_eq!(check_access(&p, &st, &Access::fetch(3)), Ok(()));
     }
@@ -385,21 +337,12 @@ mod tests {
         let mut st = long_mode();
         st.cr4 |= Cr4::PKE;
         for key in 0..16u8 {
-            let p = PagePerms {
-                pkey: key,
-                ..user_rw()
-            };
+            let p = PagePerms { pkey: key, ..user_rw() };
             st.pkru = 1 << (2 * key);
-            assert_eq!(
-                check_access(&p, &st, &Access::read(3)),
-                Err(PfErrorCode(0x25))
-            );
+            assert_eq!(check_access(&p, &st, &Access::read(3)), Err(PfErrorCode(0x25)));
             st.pkru = 2 << (2 * key);
             assert_eq!(check_access(&p, &st, &Access::read(3)), Ok(()));
-            assert_eq!(
-                check_access(&p, &st, &Access::write(3)),
-                Err(PfErrorCode(0x27))
-            );
+            assert_eq!(check_access(&p, &st, &Access::write(3)), Err(PfErrorCode(0x27)));
             st.pkru = !(3 << (2 * key));
             assert_eq!(check_access(&p, &st, &Access::write(3)), Ok(()));
         }

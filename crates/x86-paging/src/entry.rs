@@ -133,13 +133,7 @@ impl Pte64 {
     flag!(Pte64, user, with_user, Self::USER, "U/S");
     flag!(Pte64, pwt, with_pwt, Self::PWT, "PWT");
     flag!(Pte64, pcd, with_pcd, Self::PCD, "PCD");
-    flag!(
-        Pte64,
-        accessed,
-        with_accessed,
-        Self::ACCESSED,
-        "A (accessed)"
-    );
+    flag!(Pte64, accessed, with_accessed, Self::ACCESSED, "A (accessed)");
     flag!(Pte64, dirty, with_dirty, Self::DIRTY, "D (dirty)");
     flag!(Pte64, huge, with_huge, Self::HUGE, "PS (page size)");
     flag!(Pte64, global, with_global, Self::GLOBAL, "G (global)");
@@ -227,13 +221,7 @@ impl Pte32 {
     flag!(Pte32, user, with_user, Self::USER, "U/S");
     flag!(Pte32, pwt, with_pwt, Self::PWT, "PWT");
     flag!(Pte32, pcd, with_pcd, Self::PCD, "PCD");
-    flag!(
-        Pte32,
-        accessed,
-        with_accessed,
-        Self::ACCESSED,
-        "A (accessed)"
-    );
+    flag!(Pte32, accessed, with_accessed, Self::ACCESSED, "A (accessed)");
     flag!(Pte32, dirty, with_dirty, Self::DIRTY, "D (dirty)");
     flag!(Pte32, huge, with_huge, Self::HUGE, "PS (page size)");
     flag!(Pte32, global, with_global, Self::GLOBAL, "G (global)");
@@ -356,36 +344,12 @@ impl EptEntry {
     flag!(EptEntry, readable, with_readable, Self::READ, "read");
     flag!(EptEntry, writable, with_writable, Self::WRITE, "write");
     flag!(EptEntry, executable, with_executable, Self::EXEC, "execute");
-    flag!(
-        EptEntry,
-        ignore_pat,
-        with_ignore_pat,
-        Self::IGNORE_PAT,
-        "ignore-PAT"
-    );
+    flag!(EptEntry, ignore_pat, with_ignore_pat, Self::IGNORE_PAT, "ignore-PAT");
     flag!(EptEntry, huge, with_huge, Self::HUGE, "large-page");
-    flag!(
-        EptEntry,
-        accessed,
-        with_accessed,
-        Self::ACCESSED,
-        "accessed"
-    );
+    flag!(EptEntry, accessed, with_accessed, Self::ACCESSED, "accessed");
     flag!(EptEntry, dirty, with_dirty, Self::DIRTY, "dirty");
-    flag!(
-        EptEntry,
-        user_exec,
-        with_user_exec,
-        Self::USER_EXEC,
-        "user-execute"
-    );
-    flag!(
-        EptEntry,
-        suppress_ve,
-        with_suppress_ve,
-        Self::SUPPRESS_VE,
-        "suppress-#VE"
-    );
+    flag!(EptEntry, user_exec, with_user_exec, Self::USER_EXEC, "user-execute");
+    flag!(EptEntry, suppress_ve, with_suppress_ve, Self::SUPPRESS_VE, "suppress-#VE");
 
     /// Whether any of R/W/X is set.
     #[inline]
@@ -531,9 +495,6 @@ mod tests {
         assert_eq!(e.page_size(3), PageSize::Size1G);
         assert_eq!(e.page_size(4), PageSize::Size4K);
         assert_eq!(format!("{:?}", Pte64::new(0x23)), "Pte64(0x23)");
-        assert_eq!(
-            Pdpte::reserved_mask(36),
-            Pdpte::RESERVED_FIXED | bits(36, 63)
-        );
+        assert_eq!(Pdpte::reserved_mask(36), Pdpte::RESERVED_FIXED | bits(36, 63));
     }
 }

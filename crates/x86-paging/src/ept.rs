@@ -60,14 +60,7 @@ impl EptConfig {
     /// A 4-level EPT rooted at `root`, A/D disabled, execute-only and 1 GiB
     /// pages supported, MAXPHYADDR 46.
     pub const fn new(root: Hpa) -> Self {
-        EptConfig {
-            root,
-            levels: 4,
-            ad_enabled: false,
-            execute_only: true,
-            gbpages: true,
-            maxphyaddr: 46,
-        }
+        EptConfig { root, levels: 4, ad_enabled: false, execute_only: true, gbpages: true, maxphyaddr: 46 }
     }
 
     /// The number of levels actually walked (5 if `levels == 5`, else 4).
@@ -100,13 +93,7 @@ pub struct NptConfig {
 impl NptConfig {
     /// A 4-level nested table at `root` with NX enabled, 1 GiB pages, MAXPHYADDR 46.
     pub const fn new(root: Hpa) -> Self {
-        NptConfig {
-            root,
-            levels: 4,
-            nxe: true,
-            gbpages: true,
-            maxphyaddr: 46,
-        }
+        NptConfig { root, levels: 4, nxe: true, gbpages: true, maxphyaddr: 46 }
     }
 
     /// The paging state the nested walk runs under (long mode, CR0.WP, no SMEP/SMAP/PKE).
@@ -149,21 +136,13 @@ impl EptAccess {
     /// An access to the translation of `gva` (the final guest-physical address).
     #[inline]
     pub const fn final_gpa(kind: AccessKind, gva: Option<Gva>) -> Self {
-        EptAccess {
-            kind,
-            gva,
-            paging_structure: false,
-        }
+        EptAccess { kind, gva, paging_structure: false }
     }
 
     /// A guest paging-structure access (read, or write for an A/D update) while translating `gva`.
     #[inline]
     pub const fn guest_table(kind: AccessKind, gva: Gva) -> Self {
-        EptAccess {
-            kind,
-            gva: Some(gva),
-            paging_structure: true,
-        }
+        EptAccess { kind, gva: Some(gva), paging_structure: true }
     }
 }
 
@@ -324,11 +303,7 @@ impl EptRules {
         if cfg.execute_only {
             rwx_ok |= 1 << 0b100;
         }
-        EptRules {
-            high: bits(u32::from(cfg.maxphyaddr).clamp(32, 52), 51),
-            rwx_ok,
-            gbpages: cfg.gbpages,
-        }
+        EptRules { high: bits(u32::from(cfg.maxphyaddr).clamp(32, 52), 51), rwx_ok, gbpages: cfg.gbpages }
     }
 
     /// Whether the present entry `e` at `level` is misconfigured; `leaf` says
@@ -344,9 +319,7 @@ impl EptRules {
             (false, 2 | 3) => self.high | bits(3, 6),
             (false, _) => self.high | bits(3, 7),
         };
-        (self.rwx_ok >> (e & 7)) & 1 == 0
-            || e & rsvd != 0
-            || (leaf && (BAD_MEMTYPES >> ((e >> 3) & 7)) & 1 != 0)
+        (self.rwx_ok >> (e & 7)) & 1 == 0 || e & rsvd != 0 || (leaf && (BAD_MEMTYPES >> ((e >> 3) & 7)) & 1 != 0)
     }
 }
 
@@ -372,12 +345,7 @@ impl EptRules {
 ///
 /// Only bits below `12 + 9 * levels` of `gpa` select entries (the SDM: 4-level
 /// EPT uses bits 47:0).
-pub fn ept_walk<H: HostPhys>(
-    h: &H,
-    cfg: &EptConfig,
-    gpa: Gpa,
-    acc: &EptAccess,
-) -> Result<EptTranslation, TdpExit> {
+pub fn ept_walk<H: HostPhys>(h: &H, cfg: &EptConfig, gpa: Gpa, acc: &EptAccess) -> Result<EptTranslation, TdpExit> {
     let rules = EptRules::new(cfg);
     let mut refs = 0u32;
     for _ in 0..=MAX_WALK_RETRIES {
@@ -407,11 +375,7 @@ fn ept_violation(cfg: &EptConfig, gpa: Gpa, acc: &EptAccess, perm: u64) -> TdpEx
             q |= EptQual::GVA_TRANSLATED;
         }
     }
-    TdpExit::EptViolation {
-        gpa,
-        gva: acc.gva,
-        qualification: q,
-    }
+    TdpExit::EptViolation { gpa, gva: acc.gva, qualification: q }
 }
 
 #[inline]
@@ -509,14 +473,7 @@ impl<H: HostPhys + ?Sized> GuestPhys for NptTables<'_, H> {
     }
 
     #[inline]
-    fn cmpxchg_pte(
-        &mut self,
-        gpa: Gpa,
-        _size: u8,
-        old: u64,
-        new: u64,
-        _gva: Gva,
-    ) -> Result<bool, Infallible> {
+    fn cmpxchg_pte(&mut self, gpa: Gpa, _size: u8, old: u64, new: u64, _gva: Gva) -> Result<bool, Infallible> {
         self.refs += 1;
         Ok(self.h.cmpxchg_u64(Hpa(gpa.0), old, new))
     }
@@ -537,31 +494,15 @@ impl<H: HostPhys + ?Sized> GuestPhys for NptTables<'_, H> {
 /// final guest-physical address or [`NPF_GUEST_PAGE`] (bit 33) for a guest
 /// page-table access (bit positions as in KVM's `PFERR_GUEST_FINAL_MASK` /
 /// `PFERR_GUEST_PAGE_MASK`; confidence: high).
-pub fn npt_walk<H: HostPhys>(
-    h: &H,
-    cfg: &NptConfig,
-    gpa: Gpa,
-    acc: &EptAccess,
-) -> Result<EptTranslation, TdpExit> {
+pub fn npt_walk<H: HostPhys>(h: &H, cfg: &NptConfig, gpa: Gpa, acc: &EptAccess) -> Result<EptTranslation, TdpExit> {
     let st = cfg.paging_state();
-    let kind = if acc.paging_structure {
-        AccessKind::Write
-    } else {
-        acc.kind
-    };
+    let kind = if acc.paging_structure { AccessKind::Write } else { acc.kind };
     let access = Access::new(kind, 3);
     // Only the bits the table depth translates select entries; keep the
     // address canonical so the long-mode walker accepts it.
     let va_mask = (1u64 << st.mode().va_bits()) - 1;
     let mut tables = NptTables { h, refs: 0 };
-    let res = walk(
-        &mut tables,
-        &st,
-        Gva(gpa.0 & va_mask),
-        &access,
-        WalkOptions::ARCH,
-        &mut NoObserver,
-    );
+    let res = walk(&mut tables, &st, Gva(gpa.0 & va_mask), &access, WalkOptions::ARCH, &mut NoObserver);
     let refs = tables.refs;
     match res {
         Ok(t) => Ok(EptTranslation {
@@ -576,12 +517,7 @@ pub fn npt_walk<H: HostPhys>(
         }),
         Err(WalkError::PageFault(ec)) => Err(TdpExit::Npf {
             gpa,
-            error_code: u64::from(ec.0)
-                | if acc.paging_structure {
-                    NPF_GUEST_PAGE
-                } else {
-                    NPF_GUEST_FINAL
-                },
+            error_code: u64::from(ec.0) | if acc.paging_structure { NPF_GUEST_PAGE } else { NPF_GUEST_FINAL },
         }),
         Err(WalkError::Contended) => Err(TdpExit::Contended { gpa }),
         Err(WalkError::NonCanonical) => unreachable_noncanonical(gpa),
@@ -593,10 +529,7 @@ pub fn npt_walk<H: HostPhys>(
 /// report a not-present NPF rather than panic.
 #[cold]
 fn unreachable_noncanonical(gpa: Gpa) -> Result<EptTranslation, TdpExit> {
-    Err(TdpExit::Npf {
-        gpa,
-        error_code: NPF_GUEST_FINAL,
-    })
+    Err(TdpExit::Npf { gpa, error_code: NPF_GUEST_FINAL })
 }
 
 #[cfg(test)]
@@ -619,15 +552,7 @@ mod tests {
         let mut t = HostTables::new(0x10_0000);
         let root = t.alloc();
         let target = 0x4000_0000u64;
-        let at = t.map(
-            root,
-            levels,
-            GPA,
-            target,
-            leaf_level,
-            EPT_RWX,
-            EPT_RWX | EPT_WB,
-        );
+        let at = t.map(root, levels, GPA, target, leaf_level, EPT_RWX, EPT_RWX | EPT_WB);
         let mut cfg = EptConfig::new(Hpa(root));
         cfg.levels = levels;
         Ept { t, cfg, at }
@@ -635,16 +560,10 @@ mod tests {
 
     impl Ept {
         fn get(&self, level: u8) -> u64 {
-            self.t
-                .mem
-                .load_u64(self.at[usize::from(level - 1)])
-                .unwrap()
+            self.t.mem.load_u64(self.at[usize::from(level - 1)]).unwrap()
         }
         fn put(&self, level: u8, v: u64) {
-            self.t
-                .mem
-                .store_u64(self.at[usize::from(level - 1)], v)
-                .unwrap();
+            self.t.mem.store_u64(self.at[usize::from(level - 1)], v).unwrap();
         }
         fn or(&self, level: u8, b: u64) {
             self.put(level, self.get(level) | b);
@@ -662,9 +581,7 @@ mod tests {
 
     fn qual(r: Result<EptTranslation, TdpExit>) -> u64 {
         match r {
-            Err(TdpExit::EptViolation {
-                qualification, gpa, ..
-            }) => {
+            Err(TdpExit::EptViolation { qualification, gpa, .. }) => {
                 assert_eq!(gpa, Gpa(GPA));
                 qualification.0
             }
@@ -728,11 +645,7 @@ mod tests {
         let gva = Gva(0x1234);
         let walk_read = EptAccess::guest_table(AccessKind::Read, gva);
         let q = qual(e.go(walk_read));
-        assert_eq!(
-            q,
-            0b1 | 0b100000 | 0x80,
-            "paging-structure access: bit 8 clear"
-        );
+        assert_eq!(q, 0b1 | 0b100000 | 0x80, "paging-structure access: bit 8 clear");
         let q = qual(e.go(EptAccess::final_gpa(AccessKind::Read, Some(gva))));
         assert_eq!(q, 0b1 | 0b100000 | 0x180);
         match e.go(EptAccess::final_gpa(AccessKind::Read, Some(gva))) {
@@ -747,10 +660,7 @@ mod tests {
         e.put(1, (e.get(1) & !7) | EptEntry::EXEC);
         let t = e.go(EptAccess::final_gpa(AccessKind::Fetch, None)).unwrap();
         assert_eq!((t.r, t.w, t.x), (false, false, true));
-        assert_eq!(
-            qual(e.go(EptAccess::final_gpa(AccessKind::Read, None))),
-            0b1 | 0b100000
-        );
+        assert_eq!(qual(e.go(EptAccess::final_gpa(AccessKind::Read, None))), 0b1 | 0b100000);
         let mut e = e;
         e.cfg.execute_only = false;
         assert!(misconfig(e.read()));
@@ -762,21 +672,14 @@ mod tests {
         // (levels, leaf level, level to change, new R/W/X or None, bits to OR, misconfig?)
         type Case = (u8, u8, u8, Option<u64>, u64, bool);
         let mut cases: Vec<Case> = vec![
-            (4, 1, 1, Some(0b010), 0, true),        // W only
-            (4, 1, 3, Some(0b110), 0, true),        // W+X, no R
-            (4, 1, 4, Some(0b010), 0, true),        // W only, non-leaf
-            (4, 1, 1, Some(0b011), 0, false),       // RW fine
-            (4, 1, 1, Some(0b001), 0, false),       // R only fine
-            (4, 1, 1, Some(0b101), 0, false),       // RX fine
-            (4, 1, 1, None, EptEntry::HUGE, false), // PTE bit 7 ignored
-            (
-                4,
-                1,
-                1,
-                None,
-                bit(10) | bit(11) | bit(52) | bit(62) | bit(63),
-                false,
-            ), // ignored/user-exec/SVE
+            (4, 1, 1, Some(0b010), 0, true),                                         // W only
+            (4, 1, 3, Some(0b110), 0, true),                                         // W+X, no R
+            (4, 1, 4, Some(0b010), 0, true),                                         // W only, non-leaf
+            (4, 1, 1, Some(0b011), 0, false),                                        // RW fine
+            (4, 1, 1, Some(0b001), 0, false),                                        // R only fine
+            (4, 1, 1, Some(0b101), 0, false),                                        // RX fine
+            (4, 1, 1, None, EptEntry::HUGE, false),                                  // PTE bit 7 ignored
+            (4, 1, 1, None, bit(10) | bit(11) | bit(52) | bit(62) | bit(63), false), // ignored/user-exec/SVE
             (4, 1, 4, None, bit(8) | bit(10) | bit(11), false),
             (4, 3, 3, None, bit(30), false), // 1G address bit
             (4, 2, 2, None, bit(21), false), // 2M address bit
@@ -853,9 +756,7 @@ mod tests {
         let e = ept(4, 1);
         e.clear(1, EptEntry::WRITE);
         e.or(1, 3 << 3); // memtype 3 (with WB bits: 6|3 = 7)
-        assert!(misconfig(
-            e.go(EptAccess::final_gpa(AccessKind::Write, None))
-        ));
+        assert!(misconfig(e.go(EptAccess::final_gpa(AccessKind::Write, None))));
     }
 
     // ------------------------------------------------------------ A/D
@@ -948,12 +849,7 @@ mod tests {
     #[test]
     fn ad_race_is_bounded() {
         let e = ad(4, 1);
-        let res = ept_walk(
-            &AlwaysRacing(&e.t.mem),
-            &e.cfg,
-            Gpa(GPA),
-            &EptAccess::final_gpa(AccessKind::Read, None),
-        );
+        let res = ept_walk(&AlwaysRacing(&e.t.mem), &e.cfg, Gpa(GPA), &EptAccess::final_gpa(AccessKind::Read, None));
         assert_eq!(res, Err(TdpExit::Contended { gpa: Gpa(GPA) }));
     }
 
@@ -990,16 +886,10 @@ mod tests {
 
     impl Npt {
         fn get(&self, level: u8) -> u64 {
-            self.t
-                .mem
-                .load_u64(self.at[usize::from(level - 1)])
-                .unwrap()
+            self.t.mem.load_u64(self.at[usize::from(level - 1)]).unwrap()
         }
         fn put(&self, level: u8, v: u64) {
-            self.t
-                .mem
-                .store_u64(self.at[usize::from(level - 1)], v)
-                .unwrap();
+            self.t.mem.store_u64(self.at[usize::from(level - 1)], v).unwrap();
         }
         fn go(&self, acc: EptAccess) -> Result<EptTranslation, TdpExit> {
             npt_walk(&self.t.mem, &self.cfg, Gpa(GPA), &acc)
@@ -1037,45 +927,27 @@ mod tests {
         let n = npt(4, 1);
         n.put(1, 0);
         // Not present: P=0, U always set.
-        assert_eq!(
-            npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))),
-            fin | 0b100
-        );
+        assert_eq!(npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))), fin | 0b100);
         // Guest page-table accesses are user writes.
         let acc = EptAccess::guest_table(AccessKind::Read, Gva(0));
         assert_eq!(npf(n.go(acc)), page | 0b110);
         // Read-only: protection fault on write.
         n.put(1, 0x4000_0000 | NP_P | NP_US);
         assert!(n.go(EptAccess::final_gpa(AccessKind::Read, None)).is_ok());
-        assert_eq!(
-            npf(n.go(EptAccess::final_gpa(AccessKind::Write, None))),
-            fin | 0b111
-        );
+        assert_eq!(npf(n.go(EptAccess::final_gpa(AccessKind::Write, None))), fin | 0b111);
         // Supervisor-only nested entries fault (every access is a user access).
         n.put(1, 0x4000_0000 | NP_P | NP_RW);
-        assert_eq!(
-            npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))),
-            fin | 0b101
-        );
+        assert_eq!(npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))), fin | 0b101);
         // NX: fetch faults with ID.
         n.put(1, 0x4000_0000 | NP_P | NP_RW | NP_US | (1 << 63));
-        assert_eq!(
-            npf(n.go(EptAccess::final_gpa(AccessKind::Fetch, None))),
-            fin | 0b10101
-        );
+        assert_eq!(npf(n.go(EptAccess::final_gpa(AccessKind::Fetch, None))), fin | 0b10101);
         // Reserved bit.
         n.put(1, 0x4000_0000 | NP_P | NP_RW | NP_US | (1 << 50));
-        assert_eq!(
-            npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))),
-            fin | 0b1101
-        );
+        assert_eq!(npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))), fin | 0b1101);
         // NX without host NXE is reserved.
         let mut n = n;
         n.cfg.nxe = false;
         n.put(1, 0x4000_0000 | NP_P | NP_RW | NP_US | (1 << 63));
-        assert_eq!(
-            npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))),
-            fin | 0b1101
-        );
+        assert_eq!(npf(n.go(EptAccess::final_gpa(AccessKind::Read, None))), fin | 0b1101);
     }
 }

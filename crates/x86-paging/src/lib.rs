@@ -56,15 +56,14 @@ pub use access::{check_access, Access, AccessKind, PagePerms, PfErrorCode};
 pub use addr::{Gfn, Gpa, Gva, Hpa, PageSize, Pfn, PAGE_SHIFT, PAGE_SIZE};
 pub use entry::{EptEntry, Pdpte, Pte32, Pte64};
 pub use ept::{
-    ept_walk, npt_walk, EptAccess, EptConfig, EptQual, EptTranslation, HostPhys, NptConfig,
-    TdpExit, NPF_GUEST_FINAL, NPF_GUEST_PAGE,
+    ept_walk, npt_walk, EptAccess, EptConfig, EptQual, EptTranslation, HostPhys, NptConfig, TdpExit, NPF_GUEST_FINAL,
+    NPF_GUEST_PAGE,
 };
 pub use mem::{OutOfRange, VecMem};
 pub use mode::{PagingMode, PagingState, PdptrError};
 pub use regs::{cr3_base, cr3_pcid, Cr0, Cr4, Efer, Rflags, CR3_NOFLUSH};
 pub use walk::{
-    reserved_bits, walk, GuestPhys, NoObserver, Translation, WalkError, WalkObserver, WalkOptions,
-    MAX_WALK_RETRIES,
+    reserved_bits, walk, GuestPhys, NoObserver, Translation, WalkError, WalkObserver, WalkOptions, MAX_WALK_RETRIES,
 };
 pub use walk2d::{walk_2d, walk_2d_with, Tdp, Translation2d, Walk2dError};
 

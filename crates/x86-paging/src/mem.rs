@@ -25,9 +25,7 @@ impl VecMem {
     /// A zero-filled memory of `bytes` bytes (rounded up to a multiple of 8).
     pub fn new(bytes: u64) -> Self {
         let n = bytes.div_ceil(8);
-        VecMem {
-            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        }
+        VecMem { words: (0..n).map(|_| AtomicU64::new(0)).collect() }
     }
 
     /// The size in bytes.
@@ -44,10 +42,7 @@ impl VecMem {
 
     #[inline]
     fn word(&self, addr: u64) -> Result<&AtomicU64, OutOfRange> {
-        usize::try_from(addr / 8)
-            .ok()
-            .and_then(|i| self.words.get(i))
-            .ok_or(OutOfRange(Gpa(addr)))
+        usize::try_from(addr / 8).ok().and_then(|i| self.words.get(i)).ok_or(OutOfRange(Gpa(addr)))
     }
 
     #[inline]
@@ -127,11 +122,9 @@ impl VecMem {
         let addr = addr.into();
         if addr & 3 == 0 {
             let sh = (addr & 4) * 8;
-            let _ = self
-                .word(addr)?
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                    Some((w & !(0xffff_ffff << sh)) | (u64::from(v) << sh))
-                });
+            let _ = self.word(addr)?.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some((w & !(0xffff_ffff << sh)) | (u64::from(v) << sh))
+            });
             return Ok(());
         }
         self.store_bytes(addr, &v.to_le_bytes())
@@ -140,31 +133,18 @@ impl VecMem {
     /// Compare-and-exchange of the 8-aligned `u64` at `addr`: `Ok(true)` if it
     /// held `old` and now holds `new`.
     #[inline]
-    pub fn cmpxchg_u64_at(
-        &self,
-        addr: impl Into<u64>,
-        old: u64,
-        new: u64,
-    ) -> Result<bool, OutOfRange> {
+    pub fn cmpxchg_u64_at(&self, addr: impl Into<u64>, old: u64, new: u64) -> Result<bool, OutOfRange> {
         let addr = addr.into();
         if addr & 7 != 0 {
             return self.cmpxchg_slow(addr, 8, old, new);
         }
-        Ok(self
-            .word(addr)?
-            .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok())
+        Ok(self.word(addr)?.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_ok())
     }
 
     /// Compare-and-exchange of the 4-aligned `u32` at `addr` (the other half of
     /// the containing word may change concurrently without failing it).
     #[inline]
-    pub fn cmpxchg_u32_at(
-        &self,
-        addr: impl Into<u64>,
-        old: u32,
-        new: u32,
-    ) -> Result<bool, OutOfRange> {
+    pub fn cmpxchg_u32_at(&self, addr: impl Into<u64>, old: u32, new: u32) -> Result<bool, OutOfRange> {
         let addr = addr.into();
         if addr & 3 != 0 {
             return self.cmpxchg_slow(addr, 4, u64::from(old), u64::from(new));
@@ -185,11 +165,7 @@ impl VecMem {
         let n = size as usize;
         self.load_bytes(addr, &mut b[..n])?;
         let cur = u64::from_le_bytes(b);
-        let mask = if size == 8 {
-            u64::MAX
-        } else {
-            (1 << (size * 8)) - 1
-        };
+        let mask = if size == 8 { u64::MAX } else { (1 << (size * 8)) - 1 };
         if cur & mask != old & mask {
             return Ok(false);
         }
@@ -228,14 +204,7 @@ impl GuestPhys for VecMem {
     }
 
     #[inline]
-    fn cmpxchg_pte(
-        &mut self,
-        gpa: Gpa,
-        size: u8,
-        old: u64,
-        new: u64,
-        _gva: Gva,
-    ) -> Result<bool, OutOfRange> {
+    fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, _gva: Gva) -> Result<bool, OutOfRange> {
         self.cmpxchg_entry(gpa, size, old, new)
     }
 }
@@ -250,14 +219,7 @@ impl GuestPhys for &VecMem {
     }
 
     #[inline]
-    fn cmpxchg_pte(
-        &mut self,
-        gpa: Gpa,
-        size: u8,
-        old: u64,
-        new: u64,
-        _gva: Gva,
-    ) -> Result<bool, OutOfRange> {
+    fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, _gva: Gva) -> Result<bool, OutOfRange> {
         self.cmpxchg_entry(gpa, size, old, new)
     }
 }
@@ -295,10 +257,7 @@ mod tests {
         assert_eq!(m.load_u64(9u64), Err(OutOfRange(Gpa(9))));
         assert_eq!(m.load_u32(12u64), Ok(0));
         assert_eq!(m.load_u32(13u64), Err(OutOfRange(Gpa(13))));
-        assert_eq!(
-            m.store_u64(u64::MAX - 3, 1),
-            Err(OutOfRange(Gpa(u64::MAX - 3)))
-        );
+        assert_eq!(m.store_u64(u64::MAX - 3, 1), Err(OutOfRange(Gpa(u64::MAX - 3))));
         assert_eq!(m.read_u64(Hpa(1 << 40)), 0);
         assert!(!m.cmpxchg_u64(Hpa(1 << 40), 0, 1));
     }

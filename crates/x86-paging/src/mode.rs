@@ -39,10 +39,7 @@ impl PagingMode {
     /// Whether entries are 8 bytes wide and have an NX bit (PAE, 4-level, 5-level).
     #[inline]
     pub const fn is_pae_format(self) -> bool {
-        matches!(
-            self,
-            PagingMode::Pae | PagingMode::Level4 | PagingMode::Level5
-        )
+        matches!(self, PagingMode::Pae | PagingMode::Level4 | PagingMode::Level5)
     }
 
     /// Whether this is IA-32e paging (4- or 5-level): canonical checks, protection keys.
@@ -213,14 +210,9 @@ impl PagingState {
         let mut new = [0u64; 4];
         let rsvd = self.pdpte_reserved_mask();
         for (i, slot) in new.iter_mut().enumerate() {
-            let v = mem
-                .read_pte(self.pdpte_gpa(i), 8, Gva(0))
-                .map_err(PdptrError::Mem)?;
+            let v = mem.read_pte(self.pdpte_gpa(i), 8, Gva(0)).map_err(PdptrError::Mem)?;
             if v & 1 != 0 && v & rsvd != 0 {
-                return Err(PdptrError::Reserved {
-                    index: i as u8,
-                    value: v,
-                });
+                return Err(PdptrError::Reserved { index: i as u8, value: v });
             }
             *slot = v;
         }
@@ -248,16 +240,11 @@ mod tests {
         assert_eq!(st.mode(), PagingMode::Level5);
         st.cr0 = Cr0::PE;
         assert_eq!(st.mode(), PagingMode::NonPaging);
-        let levels: Vec<u8> = [
-            PagingMode::NonPaging,
-            PagingMode::Bits32,
-            PagingMode::Pae,
-            PagingMode::Level4,
-            PagingMode::Level5,
-        ]
-        .iter()
-        .map(|m| m.levels())
-        .collect();
+        let levels: Vec<u8> =
+            [PagingMode::NonPaging, PagingMode::Bits32, PagingMode::Pae, PagingMode::Level4, PagingMode::Level5]
+                .iter()
+                .map(|m| m.levels())
+                .collect();
         assert_eq!(levels, [0, 2, 3, 4, 5]);
     }
 
@@ -285,16 +272,10 @@ mod tests {
     #[test]
     fn load_pdptrs_ok_and_reserved() {
         let mut mem = VecMem::new(0x10000);
-        let mut st = PagingState {
-            cr0: Cr0::PG | Cr0::PE,
-            cr4: Cr4::PAE,
-            cr3: 0x2020,
-            ..Default::default()
-        };
+        let mut st = PagingState { cr0: Cr0::PG | Cr0::PE, cr4: Cr4::PAE, cr3: 0x2020, ..Default::default() };
         mem.store_u64(Gpa(0x2020), 0x3001).unwrap();
         mem.store_u64(Gpa(0x2028), 0).unwrap();
-        mem.store_u64(Gpa(0x2030), 0x4001 | (1 << 3) | (1 << 4))
-            .unwrap();
+        mem.store_u64(Gpa(0x2030), 0x4001 | (1 << 3) | (1 << 4)).unwrap();
         mem.store_u64(Gpa(0x2038), 0xdead_0000).unwrap(); // not present: reserved bits ignored
         st.load_pdptrs(&mut mem).unwrap();
         assert_eq!(st.pdptrs, [0x3001, 0, 0x4019, 0xdead_0000]);
@@ -302,13 +283,7 @@ mod tests {
         for bad in [1u64 << 1, 1 << 2, 1 << 5, 1 << 8, 1 << 46, 1 << 63] {
             mem.store_u64(Gpa(0x2028), 0x5001 | bad).unwrap();
             let before = st.pdptrs;
-            assert_eq!(
-                st.load_pdptrs(&mut mem),
-                Err(PdptrError::Reserved {
-                    index: 1,
-                    value: 0x5001 | bad
-                })
-            );
+            assert_eq!(st.load_pdptrs(&mut mem), Err(PdptrError::Reserved { index: 1, value: 0x5001 | bad }));
             assert_eq!(st.pdptrs, before);
         }
         st.cr3 = 0x1_0000_0000 - 0x10; // table past the end of memory

@@ -42,17 +42,12 @@ pub fn gva_for(mode: PagingMode) -> Gva {
         PagingMode::Bits32 => (0x2a5 << 22) | (0x111 << 12) | 0x678,
         PagingMode::Pae => (2 << 30) | (0x0e7 << 21) | (0x111 << 12) | 0x678,
         PagingMode::Level4 => (0x0a5 << 39) | (0x1c3 << 30) | (0x0e7 << 21) | (0x111 << 12) | 0x678,
-        PagingMode::Level5 => {
-            (0x05a << 48) | (0x0a5 << 39) | (0x1c3 << 30) | (0x0e7 << 21) | (0x111 << 12) | 0x678
-        }
+        PagingMode::Level5 => (0x05a << 48) | (0x0a5 << 39) | (0x1c3 << 30) | (0x0e7 << 21) | (0x111 << 12) | 0x678,
     })
 }
 
 pub fn state_for(mode: PagingMode) -> PagingState {
-    let mut st = PagingState {
-        cr0: Cr0::PG | Cr0::PE | Cr0::WP,
-        ..Default::default()
-    };
+    let mut st = PagingState { cr0: Cr0::PG | Cr0::PE | Cr0::WP, ..Default::default() };
     match mode {
         PagingMode::NonPaging => st.cr0 = Cr0::PE,
         PagingMode::Bits32 => {
@@ -90,15 +85,7 @@ pub fn fixture(mode: PagingMode, leaf_level: u8) -> Fix {
         (_, 2) => 0x1_2340_0000,
         _ => 0x40_0000_0000,
     };
-    let mut fix = Fix {
-        mem,
-        st,
-        gva,
-        mode,
-        leaf_level,
-        at: [0; 5],
-        target,
-    };
+    let mut fix = Fix { mem, st, gva, mode, leaf_level, at: [0; 5], target };
     let wide = mode != PagingMode::Bits32;
     let top = match mode {
         PagingMode::Pae => {
@@ -168,35 +155,17 @@ impl Fix {
 
     /// Keeps the address, replaces everything else with `flags`.
     pub fn set_flags(&mut self, level: u8, flags: u64) {
-        let mask = if self.esize() == 4 {
-            0xffff_f000
-        } else {
-            ADDR_MASK_4K
-        };
+        let mask = if self.esize() == 4 { 0xffff_f000 } else { ADDR_MASK_4K };
         let v = (self.get(level) & mask) | flags;
         self.put(level, v);
     }
 
     pub fn walk(&mut self, access: Access) -> Result<Translation, WalkError<OutOfRange>> {
-        walk(
-            &mut self.mem,
-            &self.st,
-            self.gva,
-            &access,
-            WalkOptions::ARCH,
-            &mut NoObserver,
-        )
+        walk(&mut self.mem, &self.st, self.gva, &access, WalkOptions::ARCH, &mut NoObserver)
     }
 
     pub fn peek(&mut self, access: Access) -> Result<Translation, WalkError<OutOfRange>> {
-        walk(
-            &mut self.mem,
-            &self.st,
-            self.gva,
-            &access,
-            WalkOptions::PEEK,
-            &mut NoObserver,
-        )
+        walk(&mut self.mem, &self.st, self.gva, &access, WalkOptions::PEEK, &mut NoObserver)
     }
 
     pub fn expected_gpa(&self) -> Gpa {
@@ -224,10 +193,7 @@ pub const EPT_WB: u64 = 6 << 3;
 
 impl HostTables {
     pub fn new(bytes: u64) -> Self {
-        HostTables {
-            mem: VecMem::new(bytes),
-            next: 0x1000,
-        }
+        HostTables { mem: VecMem::new(bytes), next: 0x1000 }
     }
 
     pub fn alloc(&mut self) -> u64 {
@@ -261,11 +227,7 @@ impl HostTables {
                 self.mem.store_u64(e_at, hpa | leaf | ps).unwrap();
             } else {
                 let cur = self.mem.load_u64(e_at).unwrap();
-                let next = if cur & ADDR_MASK_4K != 0 {
-                    cur & ADDR_MASK_4K
-                } else {
-                    self.alloc()
-                };
+                let next = if cur & ADDR_MASK_4K != 0 { cur & ADDR_MASK_4K } else { self.alloc() };
                 self.mem.store_u64(e_at, next | nonleaf).unwrap();
                 t = next;
             }

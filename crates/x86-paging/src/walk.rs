@@ -41,14 +41,7 @@ pub trait GuestPhys {
     /// Atomically replaces the `size`-byte entry at `gpa` with `new` if it still
     /// holds `old` (an A/D update). `Ok(false)` when the value had changed: the
     /// walker restarts.
-    fn cmpxchg_pte(
-        &mut self,
-        gpa: Gpa,
-        size: u8,
-        old: u64,
-        new: u64,
-        gva: Gva,
-    ) -> Result<bool, Self::Error>;
+    fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, gva: Gva) -> Result<bool, Self::Error>;
 }
 
 impl<M: GuestPhys + ?Sized> GuestPhys for &mut M {
@@ -60,14 +53,7 @@ impl<M: GuestPhys + ?Sized> GuestPhys for &mut M {
     }
 
     #[inline]
-    fn cmpxchg_pte(
-        &mut self,
-        gpa: Gpa,
-        size: u8,
-        old: u64,
-        new: u64,
-        gva: Gva,
-    ) -> Result<bool, Self::Error> {
+    fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, gva: Gva) -> Result<bool, Self::Error> {
         (**self).cmpxchg_pte(gpa, size, old, new, gva)
     }
 }
@@ -316,23 +302,12 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
     obs: &mut O,
 ) -> Result<Option<Translation>, WalkError<M::Error>> {
     let mode = rsvd.mode;
-    let fault =
-        |extra: PfErrorCode| WalkError::PageFault(PfErrorCode::for_access(st, access) | extra);
+    let fault = |extra: PfErrorCode| WalkError::PageFault(PfErrorCode::for_access(st, access) | extra);
     let mut t = Translation::default();
     let wide = mode.is_pae_format();
     let esize: u8 = if wide { 8 } else { 4 };
-    let (index_bits, va) = if wide {
-        (
-            9,
-            if mode.is_long() {
-                gva.0
-            } else {
-                gva.0 & 0xffff_ffff
-            },
-        )
-    } else {
-        (10, gva.0 & 0xffff_ffff)
-    };
+    let (index_bits, va) =
+        if wide { (9, if mode.is_long() { gva.0 } else { gva.0 & 0xffff_ffff }) } else { (10, gva.0 & 0xffff_ffff) };
     let index_mask = (1u64 << index_bits) - 1;
     let (mut table, top) = match mode {
         PagingMode::Pae => {
@@ -399,11 +374,7 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
         user,
         nx,
         global: leaf_pte & G != 0,
-        pkey: if mode.is_long() {
-            ((leaf_pte >> 59) & 0xf) as u8
-        } else {
-            0
-        },
+        pkey: if mode.is_long() { ((leaf_pte >> 59) & 0xf) as u8 } else { 0 },
         dirty: leaf_pte & D != 0,
     };
     check_access(&t.perms, st, access).map_err(WalkError::PageFault)?;
@@ -418,10 +389,7 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
                 continue;
             }
             let at = t.pte_gpas[slot];
-            if !mem
-                .cmpxchg_pte(at, esize, old, new, gva)
-                .map_err(WalkError::Mem)?
-            {
+            if !mem.cmpxchg_pte(at, esize, old, new, gva).map_err(WalkError::Mem)? {
                 return Ok(None);
             }
             t.ptes[slot] = new;
@@ -445,12 +413,7 @@ mod tests {
     use crate::regs::{Cr0, Efer};
     use crate::testutil::{fixture, table, Fix};
 
-    const MODES: [PagingMode; 4] = [
-        PagingMode::Bits32,
-        PagingMode::Pae,
-        PagingMode::Level4,
-        PagingMode::Level5,
-    ];
+    const MODES: [PagingMode; 4] = [PagingMode::Bits32, PagingMode::Pae, PagingMode::Level4, PagingMode::Level5];
 
     fn pf(ec: u32) -> Result<Translation, WalkError<OutOfRange>> {
         Err(WalkError::PageFault(PfErrorCode(ec)))
@@ -473,9 +436,7 @@ mod tests {
         for &(mode, leaves) in cases {
             for &leaf in leaves {
                 let mut f = fixture(mode, leaf);
-                let t = f
-                    .walk(Access::read(0))
-                    .unwrap_or_else(|e| panic!("{mode} leaf {leaf}: {e:?}"));
+                let t = f.walk(Access::read(0)).unwrap_or_else(|e| panic!("{mode} leaf {leaf}: {e:?}"));
                 assert_eq!(t.gpa, f.expected_gpa(), "{mode} leaf {leaf}");
                 assert_eq!(t.level, leaf);
                 let want = match (mode, leaf) {
@@ -488,10 +449,7 @@ mod tests {
                 assert_eq!(t.page_base(), Gpa(f.target));
                 assert!(t.perms.writable && t.perms.user && !t.perms.nx && t.perms.dirty);
                 for l in leaf..=mode.levels() {
-                    assert_eq!(
-                        t.pte_gpas[usize::from(l - 1)],
-                        Gpa(f.at[usize::from(l - 1)])
-                    );
+                    assert_eq!(t.pte_gpas[usize::from(l - 1)], Gpa(f.at[usize::from(l - 1)]));
                     assert_eq!(t.ptes[usize::from(l - 1)], f.get(l), "{mode} level {l}");
                 }
             }
@@ -502,15 +460,7 @@ mod tests {
     fn non_paging_is_identity() {
         let mut mem = VecMem::new(0x1000);
         let st = PagingState::default();
-        let t = walk(
-            &mut mem,
-            &st,
-            Gva(0xdead_beef),
-            &Access::write(3),
-            WalkOptions::ARCH,
-            &mut NoObserver,
-        )
-        .unwrap();
+        let t = walk(&mut mem, &st, Gva(0xdead_beef), &Access::write(3), WalkOptions::ARCH, &mut NoObserver).unwrap();
         assert_eq!(t.gpa, Gpa(0xdead_beef));
         assert_eq!(t.level, 0);
         assert_eq!(t.perms, PagePerms::ALL);
@@ -528,15 +478,7 @@ mod tests {
         for mode in MODES {
             let mut f = fixture(mode, 1);
             let mut rec = Rec::default();
-            walk(
-                &mut f.mem,
-                &f.st,
-                f.gva,
-                &Access::read(0),
-                WalkOptions::PEEK,
-                &mut rec,
-            )
-            .unwrap();
+            walk(&mut f.mem, &f.st, f.gva, &Access::read(0), WalkOptions::PEEK, &mut rec).unwrap();
             let levels: Vec<u8> = rec.0.iter().map(|e| e.0).collect();
             let want: Vec<u8> = (1..=mode.levels()).rev().collect();
             assert_eq!(levels, want, "{mode}");
@@ -553,10 +495,7 @@ mod tests {
         f.set_flags(3, P | RW | US | A); // keep PD address
         let pdpte = f.get(3);
         f.put(3, (pdpte & !ADDR_MASK_4K) | 0x3f_0000_0000);
-        assert!(matches!(
-            f.walk(Access::read(0)),
-            Err(WalkError::Mem(OutOfRange(_)))
-        ));
+        assert!(matches!(f.walk(Access::read(0)), Err(WalkError::Mem(OutOfRange(_)))));
     }
 
     #[test]
@@ -565,18 +504,9 @@ mod tests {
         let mut mem = VecMem::new(0x10000);
         let st = PagingState::long_mode(0x1000);
         for i in 0..512u64 {
-            mem.store_u64(0x1000 + i * 8, 0x1000 | P | RW | US | A | D)
-                .unwrap();
+            mem.store_u64(0x1000 + i * 8, 0x1000 | P | RW | US | A | D).unwrap();
         }
-        let t = walk(
-            &mut mem,
-            &st,
-            Gva(0x1234_5678),
-            &Access::read(3),
-            WalkOptions::ARCH,
-            &mut NoObserver,
-        )
-        .unwrap();
+        let t = walk(&mut mem, &st, Gva(0x1234_5678), &Access::read(3), WalkOptions::ARCH, &mut NoObserver).unwrap();
         assert_eq!(t.gpa, Gpa(0x1678));
     }
 
@@ -659,15 +589,7 @@ mod tests {
             // 1 GiB pages only with gbpages.
             r(Level4, 3, 3, 0, false, none, "1G leaf"),
             r(Level4, 3, 3, 0, true, no_gbpages, "1G leaf without gbpages"),
-            r(
-                Level5,
-                3,
-                3,
-                0,
-                true,
-                no_gbpages,
-                "1G leaf without gbpages (5-level)",
-            ),
+            r(Level5, 3, 3, 0, true, no_gbpages, "1G leaf without gbpages (5-level)"),
             // Large-leaf alignment bits; PAT bit 12 is fine, bit 30 / 21 are address bits.
             r(Level4, 3, 3, bit(12), false, none, "1G PAT"),
             r(Level4, 3, 3, bit(30), false, none, "1G address bit 30"),
@@ -682,92 +604,20 @@ mod tests {
             r(Level4, 1, 1, NX, false, none, "PTE.XD with NXE"),
             r(Pae, 1, 2, NX, false, none, "PAE PDE.XD with NXE"),
             // 4-level: bits 52..62 are ignored (62:59 = pkey).
-            r(
-                Level4,
-                1,
-                1,
-                bit(52) | bit(58) | bit(62),
-                false,
-                none,
-                "4-level ignored high bits",
-            ),
-            r(
-                Level4,
-                1,
-                4,
-                bit(52) | bit(62),
-                false,
-                none,
-                "PML4E ignored high bits",
-            ),
+            r(Level4, 1, 1, bit(52) | bit(58) | bit(62), false, none, "4-level ignored high bits"),
+            r(Level4, 1, 4, bit(52) | bit(62), false, none, "PML4E ignored high bits"),
             // MAXPHYADDR = 52: no high reserved bits in 4-level.
-            r(
-                Level4,
-                1,
-                1,
-                bit(51),
-                false,
-                maxphy52,
-                "bit 51 with MAXPHYADDR 52",
-            ),
-            r(
-                Level4,
-                1,
-                3,
-                bit(35),
-                false,
-                maxphy36,
-                "bit 35 with MAXPHYADDR 36",
-            ),
-            r(
-                Level4,
-                1,
-                3,
-                bit(36),
-                true,
-                maxphy36,
-                "bit 36 with MAXPHYADDR 36",
-            ),
+            r(Level4, 1, 1, bit(51), false, maxphy52, "bit 51 with MAXPHYADDR 52"),
+            r(Level4, 1, 3, bit(35), false, maxphy36, "bit 35 with MAXPHYADDR 36"),
+            r(Level4, 1, 3, bit(36), true, maxphy36, "bit 36 with MAXPHYADDR 36"),
             // PAE PDPTE.
             r(Pae, 1, 3, bit(3) | bit(4), false, none, "PDPTE PWT/PCD"),
-            r(
-                Pae,
-                1,
-                3,
-                bit(9) | bit(10) | bit(11),
-                false,
-                none,
-                "PDPTE ignored 9-11",
-            ),
-            r(
-                Pae,
-                1,
-                3,
-                bit(63),
-                true,
-                none,
-                "PDPTE bit 63 (even with NXE)",
-            ),
+            r(Pae, 1, 3, bit(9) | bit(10) | bit(11), false, none, "PDPTE ignored 9-11"),
+            r(Pae, 1, 3, bit(63), true, none, "PDPTE bit 63 (even with NXE)"),
             r(Pae, 1, 3, bit(46), true, none, "PDPTE bit 46"),
             r(Pae, 1, 3, bit(52), true, none, "PDPTE bit 52"),
-            r(
-                Pae,
-                1,
-                3,
-                bit(40),
-                true,
-                maxphy40,
-                "PDPTE bit 40 with MAXPHYADDR 40",
-            ),
-            r(
-                Pae,
-                1,
-                3,
-                bit(39),
-                false,
-                maxphy40,
-                "PDPTE bit 39 with MAXPHYADDR 40",
-            ),
+            r(Pae, 1, 3, bit(40), true, maxphy40, "PDPTE bit 40 with MAXPHYADDR 40"),
+            r(Pae, 1, 3, bit(39), false, maxphy40, "PDPTE bit 39 with MAXPHYADDR 40"),
             // PAE PDE/PTE: bits M..62 reserved.
             r(Pae, 1, 2, bit(52), true, none, "PAE PDE bit 52"),
             r(Pae, 1, 2, bit(62), true, none, "PAE PDE bit 62"),
@@ -775,29 +625,13 @@ mod tests {
             r(Pae, 1, 1, bit(62), true, none, "PAE PTE bit 62"),
             r(Pae, 2, 2, bit(62), true, none, "PAE 2M leaf bit 62"),
             // 32-bit: nothing reserved in 4K entries.
-            r(
-                Bits32,
-                1,
-                1,
-                PS | bit(9),
-                false,
-                none,
-                "32-bit PTE PAT/avail",
-            ),
+            r(Bits32, 1, 1, PS | bit(9), false, none, "32-bit PTE PAT/avail"),
             r(Bits32, 1, 2, bit(8), false, none, "32-bit PDE ignored G"),
         ];
         // Every bit of 2M / 1G alignment is reserved.
         for b in 13..=20 {
             v.push(r(Level4, 2, 2, bit(b), true, none, "2M leaf bits 13-20"));
-            v.push(r(
-                Level5,
-                2,
-                2,
-                bit(b),
-                true,
-                none,
-                "2M leaf bits 13-20 (5-level)",
-            ));
+            v.push(r(Level5, 2, 2, bit(b), true, none, "2M leaf bits 13-20 (5-level)"));
             v.push(r(Pae, 2, 2, bit(b), true, none, "PAE 2M leaf bits 13-20"));
         }
         for b in 13..=29 {
@@ -821,42 +655,10 @@ mod tests {
         // 32-bit PSE / PSE-36: address bits 13..(13 + M - 32), rest of 13..21 reserved.
         for b in 13..=21u32 {
             let r36 = b >= 17; // M = 36: 4 address bits (13-16)
-            v.push(r(
-                Bits32,
-                2,
-                2,
-                bit(b),
-                r36,
-                maxphy36,
-                "PSE-36, MAXPHYADDR 36",
-            ));
-            v.push(r(
-                Bits32,
-                2,
-                2,
-                bit(b),
-                b == 21,
-                maxphy40,
-                "PSE-36, MAXPHYADDR 40",
-            ));
-            v.push(r(
-                Bits32,
-                2,
-                2,
-                bit(b),
-                b == 21,
-                none,
-                "PSE-36, MAXPHYADDR 46 (capped at 40)",
-            ));
-            v.push(r(
-                Bits32,
-                2,
-                2,
-                bit(b),
-                true,
-                no_pse36,
-                "PSE without PSE-36",
-            ));
+            v.push(r(Bits32, 2, 2, bit(b), r36, maxphy36, "PSE-36, MAXPHYADDR 36"));
+            v.push(r(Bits32, 2, 2, bit(b), b == 21, maxphy40, "PSE-36, MAXPHYADDR 40"));
+            v.push(r(Bits32, 2, 2, bit(b), b == 21, none, "PSE-36, MAXPHYADDR 46 (capped at 40)"));
+            v.push(r(Bits32, 2, 2, bit(b), true, no_pse36, "PSE without PSE-36"));
         }
         v
     }
@@ -874,18 +676,12 @@ mod tests {
                     row.what, row.mode, row.leaf, row.level, row.bits, access.kind, res
                 );
                 if row.rsvd {
-                    let want = PfErrorCode::for_access(&f.st, &access)
-                        | PfErrorCode::P
-                        | PfErrorCode::RSVD;
+                    let want = PfErrorCode::for_access(&f.st, &access) | PfErrorCode::P | PfErrorCode::RSVD;
                     assert_eq!(res, Err(WalkError::PageFault(want)), "{ctx}");
                 } else {
                     assert!(!is_rsvd(&res), "{ctx}");
                 }
-                assert_eq!(
-                    reserved_bits(&f.st, row.level, f.get(row.level)) != 0,
-                    row.rsvd,
-                    "reserved_bits: {ctx}"
-                );
+                assert_eq!(reserved_bits(&f.st, row.level, f.get(row.level)) != 0, row.rsvd, "reserved_bits: {ctx}");
             }
         }
     }
@@ -918,9 +714,7 @@ mod tests {
         // Bits 13 and 17 are now address bits of the page table pointer.
         let pt = f.get(2) & 0xffff_f000;
         let idx = (f.gva.0 >> 12) & 0x3ff;
-        f.mem
-            .store_u32(pt + idx * 4, (0x55_5000 | P | RW | US | A | D) as u32)
-            .unwrap();
+        f.mem.store_u32(pt + idx * 4, (0x55_5000 | P | RW | US | A | D) as u32).unwrap();
         let t = f.walk(Access::read(0)).unwrap();
         assert_eq!(t.level, 1);
         assert_eq!(t.gpa, Gpa(0x55_5678));
@@ -968,11 +762,7 @@ mod tests {
                     f.clear(1, P);
                     let id = smep || (nxe && mode != PagingMode::Bits32);
                     let want = if id { 0x14 } else { 0x4 };
-                    assert_eq!(
-                        f.walk(Access::fetch(3)),
-                        pf(want),
-                        "{mode} nxe={nxe} smep={smep}"
-                    );
+                    assert_eq!(f.walk(Access::fetch(3)), pf(want), "{mode} nxe={nxe} smep={smep}");
                     assert_eq!(f.walk(Access::read(3)), pf(0x4));
                 }
             }
@@ -1078,12 +868,7 @@ mod tests {
     }
 
     fn all_flags() -> impl Iterator<Item = Flags> {
-        (0..16u8).map(|b| Flags {
-            p: b & 1 != 0,
-            w: b & 2 != 0,
-            u: b & 4 != 0,
-            nx: b & 8 != 0,
-        })
+        (0..16u8).map(|b| Flags { p: b & 1 != 0, w: b & 2 != 0, u: b & 4 != 0, nx: b & 8 != 0 })
     }
 
     #[test]
@@ -1105,17 +890,8 @@ mod tests {
                         f.st.cr4.set(Cr4::SMAP, b(3));
                         for user in [false, true] {
                             for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
-                                let c = Cfg {
-                                    wp: b(0),
-                                    nxe: b(1),
-                                    smep: b(2),
-                                    smap: b(3),
-                                    ac: b(4),
-                                    user,
-                                    kind,
-                                };
-                                let access =
-                                    Access::new(kind, if user { 3 } else { 0 }).with_ac(c.ac);
+                                let c = Cfg { wp: b(0), nxe: b(1), smep: b(2), smap: b(3), ac: b(4), user, kind };
+                                let access = Access::new(kind, if user { 3 } else { 0 }).with_ac(c.ac);
                                 let got = f.peek(access).map(|_| ()).map_err(|e| match e {
                                     WalkError::PageFault(ec) => ec.0,
                                     other => panic!("{other:?}"),
@@ -1303,24 +1079,9 @@ mod tests {
                 let mut f = fixture(mode, 1);
                 clear_ad(&mut f);
                 let mut rec = AdRec::default();
-                let t = walk(
-                    &mut f.mem,
-                    &f.st,
-                    f.gva,
-                    &Access::new(kind, 3),
-                    WalkOptions::ARCH,
-                    &mut rec,
-                )
-                .unwrap();
-                let top = if mode == PagingMode::Pae {
-                    2
-                } else {
-                    mode.levels()
-                };
-                let want: Vec<Gpa> = (1..=top)
-                    .rev()
-                    .map(|l| Gpa(f.at[usize::from(l - 1)]))
-                    .collect();
+                let t = walk(&mut f.mem, &f.st, f.gva, &Access::new(kind, 3), WalkOptions::ARCH, &mut rec).unwrap();
+                let top = if mode == PagingMode::Pae { 2 } else { mode.levels() };
+                let want: Vec<Gpa> = (1..=top).rev().map(|l| Gpa(f.at[usize::from(l - 1)])).collect();
                 assert_eq!(rec.accessed, want, "{mode} {kind}");
                 for l in 1..=top {
                     assert_ne!(f.get(l) & A, 0, "{mode} {kind} level {l}");
@@ -1334,11 +1095,7 @@ mod tests {
                     assert_eq!(f.get(l) & D, 0, "no D on non-leaf");
                 }
                 if mode == PagingMode::Pae {
-                    assert_eq!(
-                        f.mem.load_u64(f.at[2]).unwrap(),
-                        table(2) | P,
-                        "PDPTE untouched"
-                    );
+                    assert_eq!(f.mem.load_u64(f.at[2]).unwrap(), table(2) | P, "PDPTE untouched");
                 }
             }
         }
@@ -1346,11 +1103,7 @@ mod tests {
 
     #[test]
     fn dirty_on_large_leaves() {
-        for (mode, leaf) in [
-            (PagingMode::Level4, 2),
-            (PagingMode::Level4, 3),
-            (PagingMode::Bits32, 2),
-        ] {
+        for (mode, leaf) in [(PagingMode::Level4, 2), (PagingMode::Level4, 3), (PagingMode::Bits32, 2)] {
             let mut f = fixture(mode, leaf);
             clear_ad(&mut f);
             f.walk(Access::write(0)).unwrap();
@@ -1368,10 +1121,7 @@ mod tests {
             clear_ad(&mut f);
             f.clear(1, RW);
             let before: Vec<u64> = (1..=mode.levels()).map(|l| f.get(l)).collect();
-            assert!(matches!(
-                f.walk(Access::write(3)),
-                Err(WalkError::PageFault(_))
-            ));
+            assert!(matches!(f.walk(Access::write(3)), Err(WalkError::PageFault(_))));
             f.clear(1, P);
             assert_eq!(f.walk(Access::read(3)), pf(4));
             f.or(1, P);
@@ -1406,14 +1156,7 @@ mod tests {
             let mut m = self.mem;
             m.read_pte(gpa, size, gva)
         }
-        fn cmpxchg_pte(
-            &mut self,
-            gpa: Gpa,
-            size: u8,
-            old: u64,
-            new: u64,
-            gva: Gva,
-        ) -> Result<bool, OutOfRange> {
+        fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, gva: Gva) -> Result<bool, OutOfRange> {
             self.cmpxchgs += 1;
             if self.races > 0 {
                 self.races -= 1;
@@ -1430,29 +1173,13 @@ mod tests {
     fn lost_race_restarts_the_walk() {
         let mut f = fixture(PagingMode::Level4, 1);
         clear_ad(&mut f);
-        let mut racy = Racy {
-            mem: &f.mem,
-            races: 1,
-            cmpxchgs: 0,
-        };
+        let mut racy = Racy { mem: &f.mem, races: 1, cmpxchgs: 0 };
         let mut rec = AdRec::default();
-        let t = walk(
-            &mut racy,
-            &f.st,
-            f.gva,
-            &Access::write(3),
-            WalkOptions::ARCH,
-            &mut rec,
-        )
-        .unwrap();
+        let t = walk(&mut racy, &f.st, f.gva, &Access::write(3), WalkOptions::ARCH, &mut rec).unwrap();
         // First attempt: 4 reads, PML4E cmpxchg fails; second: 4 reads, 4 cmpxchgs.
         assert_eq!(rec.elements, 8);
         assert_eq!(racy.cmpxchgs, 5);
-        assert_eq!(
-            f.get(4) & (A | (1 << 9)),
-            A | (1 << 9),
-            "the racing write survives"
-        );
+        assert_eq!(f.get(4) & (A | (1 << 9)), A | (1 << 9), "the racing write survives");
         for l in 1..=4 {
             assert_ne!(f.get(l) & A, 0);
             assert_eq!(t.ptes[usize::from(l - 1)], f.get(l));
@@ -1464,19 +1191,8 @@ mod tests {
     fn endless_races_give_contended() {
         let mut f = fixture(PagingMode::Level4, 1);
         clear_ad(&mut f);
-        let mut racy = Racy {
-            mem: &f.mem,
-            races: u32::MAX,
-            cmpxchgs: 0,
-        };
-        let res = walk(
-            &mut racy,
-            &f.st,
-            f.gva,
-            &Access::read(3),
-            WalkOptions::ARCH,
-            &mut NoObserver,
-        );
+        let mut racy = Racy { mem: &f.mem, races: u32::MAX, cmpxchgs: 0 };
+        let res = walk(&mut racy, &f.st, f.gva, &Access::read(3), WalkOptions::ARCH, &mut NoObserver);
         assert_eq!(res, Err(WalkError::Contended));
         assert_eq!(racy.cmpxchgs, MAX_WALK_RETRIES + 1);
     }
@@ -1486,15 +1202,7 @@ mod tests {
         let mut f = fixture(PagingMode::Level5, 1);
         clear_ad(&mut f);
         let mut rec = AdRec::default();
-        let t = walk(
-            &mut f.mem,
-            &f.st,
-            f.gva,
-            &Access::read(0),
-            WalkOptions::ARCH,
-            &mut rec,
-        )
-        .unwrap();
+        let t = walk(&mut f.mem, &f.st, f.gva, &Access::read(0), WalkOptions::ARCH, &mut rec).unwrap();
         assert_eq!(rec.elements, 5);
         assert_eq!(rec.accessed.len(), 5);
         assert_eq!(t.gpa, f.expected_gpa());

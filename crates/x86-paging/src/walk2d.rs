@@ -4,9 +4,7 @@
 
 use crate::access::{Access, AccessKind, PfErrorCode};
 use crate::addr::{Gpa, Gva, Hpa, PageSize};
-use crate::ept::{
-    ept_walk, npt_walk, EptAccess, EptConfig, EptTranslation, HostPhys, NptConfig, TdpExit,
-};
+use crate::ept::{ept_walk, npt_walk, EptAccess, EptConfig, EptTranslation, HostPhys, NptConfig, TdpExit};
 use crate::mode::PagingState;
 use crate::walk::{walk, GuestPhys, Translation, WalkError, WalkObserver, WalkOptions};
 
@@ -22,12 +20,7 @@ pub enum Tdp {
 impl Tdp {
     /// Translates `gpa` with [`ept_walk`] or [`npt_walk`].
     #[inline]
-    pub fn walk<H: HostPhys>(
-        &self,
-        h: &H,
-        gpa: Gpa,
-        acc: &EptAccess,
-    ) -> Result<EptTranslation, TdpExit> {
+    pub fn walk<H: HostPhys>(&self, h: &H, gpa: Gpa, acc: &EptAccess) -> Result<EptTranslation, TdpExit> {
         match self {
             Tdp::Ept(cfg) => ept_walk(h, cfg, gpa, acc),
             Tdp::Npt(cfg) => npt_walk(h, cfg, gpa, acc),
@@ -110,9 +103,7 @@ struct Nested<'a, H: ?Sized> {
 impl<H: HostPhys + ?Sized> Nested<'_, H> {
     #[inline]
     fn translate(&mut self, gpa: Gpa, kind: AccessKind, gva: Gva) -> Result<Hpa, TdpExit> {
-        let t = self
-            .tdp
-            .walk(&self.h, gpa, &EptAccess::guest_table(kind, gva))?;
+        let t = self.tdp.walk(&self.h, gpa, &EptAccess::guest_table(kind, gva))?;
         self.refs += t.refs;
         Ok(t.hpa)
     }
@@ -126,22 +117,11 @@ impl<H: HostPhys + ?Sized> GuestPhys for Nested<'_, H> {
         let hpa = self.translate(gpa, AccessKind::Read, gva)?;
         self.refs += 1;
         let word = self.h.read_u64(Hpa(hpa.0 & !7));
-        Ok(if size == 4 {
-            (word >> ((hpa.0 & 4) * 8)) & 0xffff_ffff
-        } else {
-            word
-        })
+        Ok(if size == 4 { (word >> ((hpa.0 & 4) * 8)) & 0xffff_ffff } else { word })
     }
 
     #[inline]
-    fn cmpxchg_pte(
-        &mut self,
-        gpa: Gpa,
-        size: u8,
-        old: u64,
-        new: u64,
-        gva: Gva,
-    ) -> Result<bool, TdpExit> {
+    fn cmpxchg_pte(&mut self, gpa: Gpa, size: u8, old: u64, new: u64, gva: Gva) -> Result<bool, TdpExit> {
         let hpa = self.translate(gpa, AccessKind::Write, gva)?;
         let aligned = Hpa(hpa.0 & !7);
         self.refs += 1;
@@ -242,11 +222,7 @@ mod tests {
             let fix = fixture(mode, guest_leaf);
             let mut host = HostTables::new(0x80_0000);
             let root = host.alloc();
-            let (nonleaf, leaf) = if npt {
-                (P | RW | US, P | RW | US)
-            } else {
-                (EPT_RWX, EPT_RWX | EPT_WB)
-            };
+            let (nonleaf, leaf) = if npt { (P | RW | US, P | RW | US) } else { (EPT_RWX, EPT_RWX | EPT_WB) };
             let data_region = fix.expected_gpa().0 & !(REGION - 1);
             for (g, h) in [(0, GUEST_BASE), (data_region, DATA_BASE)] {
                 let step = if tdp_leaf == 2 { REGION } else { 0x1000 };
@@ -272,25 +248,11 @@ mod tests {
                 c.levels = tdp_levels;
                 Tdp::Ept(c)
             };
-            TwoD {
-                host,
-                tdp,
-                fix,
-                tdp_root: root,
-                tdp_levels,
-                npt,
-            }
+            TwoD { host, tdp, fix, tdp_root: root, tdp_levels, npt }
         }
 
         fn go(&self, access: Access) -> Result<Translation2d, Walk2dError> {
-            walk_2d(
-                &self.host.mem,
-                &self.tdp,
-                &self.fix.st,
-                self.fix.gva,
-                &access,
-                &mut NoObserver,
-            )
+            walk_2d(&self.host.mem, &self.tdp, &self.fix.st, self.fix.gva, &access, &mut NoObserver)
         }
 
         /// The guest entry at `level`, as stored in host memory.
@@ -339,10 +301,7 @@ mod tests {
             assert_eq!(t.host_size, PageSize::Size4K);
             assert!(t.host_writable && t.host_exec);
             if !npt {
-                assert_eq!(
-                    t.mem_refs, 24,
-                    "4 guest reads x (4 EPT reads + 1) + 4 EPT reads"
-                );
+                assert_eq!(t.mem_refs, 24, "4 guest reads x (4 EPT reads + 1) + 4 EPT reads");
             }
             // Once every A flag is set (NPT sets them on first use), it is 24 again.
             let t = w.go(Access::read(3)).unwrap();
@@ -366,13 +325,8 @@ mod tests {
             (PagingMode::NonPaging, 0, 1, 4, 4),
         ] {
             let w = TwoD::new(mode, gl.max(1), hl, hlv, false);
-            let t = w
-                .go(Access::read(0))
-                .unwrap_or_else(|e| panic!("{mode} {gl} {hl}: {e:?}"));
-            assert_eq!(
-                t.mem_refs, refs,
-                "{mode} guest leaf {gl} tdp leaf {hl} tdp levels {hlv}"
-            );
+            let t = w.go(Access::read(0)).unwrap_or_else(|e| panic!("{mode} {gl} {hl}: {e:?}"));
+            assert_eq!(t.mem_refs, refs, "{mode} guest leaf {gl} tdp leaf {hl} tdp levels {hlv}");
             assert_eq!(t.hpa, w.expected_hpa(), "{mode}");
         }
     }
@@ -381,15 +335,9 @@ mod tests {
     fn guest_faults_are_injected() {
         let w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
         w.set_guest_entry(1, w.guest_entry(1) & !RW);
-        assert_eq!(
-            w.go(Access::write(3)),
-            Err(Walk2dError::Guest(PfErrorCode(0b111)))
-        );
+        assert_eq!(w.go(Access::write(3)), Err(Walk2dError::Guest(PfErrorCode(0b111))));
         w.set_guest_entry(2, 0);
-        assert_eq!(
-            w.go(Access::read(3)),
-            Err(Walk2dError::Guest(PfErrorCode(0b100)))
-        );
+        assert_eq!(w.go(Access::read(3)), Err(Walk2dError::Guest(PfErrorCode(0b100))));
         let mut w = w;
         w.fix.gva = Gva(0x0000_8000_0000_0000);
         assert_eq!(w.go(Access::read(3)), Err(Walk2dError::NonCanonical));
@@ -402,11 +350,7 @@ mod tests {
         let leaf = w.tdp_leaf_at(table(2));
         w.host.mem.store_u64(leaf, 0).unwrap();
         match w.go(Access::read(3)) {
-            Err(Walk2dError::Exit(TdpExit::EptViolation {
-                gpa,
-                gva,
-                qualification,
-            })) => {
+            Err(Walk2dError::Exit(TdpExit::EptViolation { gpa, gva, qualification })) => {
                 assert_eq!(gpa, Gpa(w.fix.at[1]));
                 assert_eq!(gva, Some(w.fix.gva));
                 assert_eq!(qualification, EptQual::READ | EptQual::GVA_VALID);
@@ -424,9 +368,7 @@ mod tests {
         let t = w.go(Access::read(3)).unwrap();
         assert!(!t.host_writable);
         match w.go(Access::write(3)) {
-            Err(Walk2dError::Exit(TdpExit::EptViolation {
-                gpa, qualification, ..
-            })) => {
+            Err(Walk2dError::Exit(TdpExit::EptViolation { gpa, qualification, .. })) => {
                 assert_eq!(gpa, w.fix.expected_gpa());
                 assert_eq!(
                     qualification,
@@ -441,10 +383,7 @@ mod tests {
         }
         // Misconfiguration comes back as an exit too.
         w.host.mem.store_u64(leaf, v & !EptEntry::READ).unwrap();
-        assert!(matches!(
-            w.go(Access::read(3)),
-            Err(Walk2dError::Exit(TdpExit::EptMisconfig { .. }))
-        ));
+        assert!(matches!(w.go(Access::read(3)), Err(Walk2dError::Exit(TdpExit::EptMisconfig { .. }))));
     }
 
     #[test]
@@ -461,11 +400,7 @@ mod tests {
             }
             assert_ne!(w.guest_entry(1) & D, 0);
             assert!(t.guest.perms.dirty);
-            let per_update = if mode == PagingMode::Bits32 {
-                4 + 2
-            } else {
-                4 + 1
-            };
+            let per_update = if mode == PagingMode::Bits32 { 4 + 2 } else { 4 + 1 };
             let reads = u32::from(levels) * 5 + 4;
             assert_eq!(t.mem_refs, reads + u32::from(levels) * per_update, "{mode}");
         }
@@ -482,24 +417,13 @@ mod tests {
         let m = EptEntry::ACCESSED | EptEntry::DIRTY;
         for l in 1..=4u8 {
             let pt_leaf = w.tdp_leaf_at(w.fix.at[usize::from(l - 1)] & !0xfff);
-            assert_eq!(
-                w.host.mem.load_u64(pt_leaf).unwrap() & m,
-                m,
-                "guest table level {l}"
-            );
+            assert_eq!(w.host.mem.load_u64(pt_leaf).unwrap() & m, m, "guest table level {l}");
         }
         let data_leaf = w.tdp_leaf_at(w.fix.expected_gpa().0);
-        assert_eq!(
-            w.host.mem.load_u64(data_leaf).unwrap() & m,
-            EptEntry::ACCESSED
-        );
+        assert_eq!(w.host.mem.load_u64(data_leaf).unwrap() & m, EptEntry::ACCESSED);
         let t = w.go(Access::write(3)).unwrap();
         assert!(t.host_dirty);
-        assert_eq!(
-            t.mem_refs,
-            24 + 1,
-            "only the data page's D flag was left to set"
-        );
+        assert_eq!(t.mem_refs, 24 + 1, "only the data page's D flag was left to set");
     }
 
     #[test]

@@ -329,7 +329,7 @@ impl HostMm {
     /// Drops every page in `hva..hva+len`, telling notifiers first; with `unmap` the VMA goes
     /// too (munmap), otherwise it stays and reads zeroes again (MADV_DONTNEED).
     fn zap_range(&self, hva: Hva, len: u64, ev: MmuNotifyEvent) -> Result<(), HostError> {
-        if hva.0 % 4096 != 0 || len % 4096 != 0 || len == 0 {
+        if !hva.0.is_multiple_of(4096) || !len.is_multiple_of(4096) || len == 0 {
             return Err(HostError::Invalid(format!("range {hva}+{len:#x} is not page aligned")));
         }
         let (start, end) = (hva.0, hva.0 + len);

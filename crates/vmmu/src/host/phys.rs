@@ -229,7 +229,7 @@ mod tests {
                 assert_eq!(m.read(hpa, size), v, "size {size} off {off}");
                 // Neighbouring bytes untouched.
                 if off > 0 {
-                    assert_eq!(m.read(Hpa::new(0x1000), off.min(8) as u8) , 0);
+                    assert_eq!(m.read(Hpa::new(0x1000), off.min(8) as u8), 0);
                 }
             }
         }

@@ -7,11 +7,11 @@ use crate::sync::Arc;
 use std::convert::Infallible;
 use x86_paging::access::{check_access, Access, AccessKind, PagePerms, PfErrorCode};
 use x86_paging::addr::{Gpa, Gva, Hpa};
+use x86_paging::ept::EptAccess;
 use x86_paging::ept::{HostPhys, TdpExit};
 use x86_paging::mode::{PagingMode, PagingState, PdptrError};
 use x86_paging::regs::{Cr0, Cr4, Efer};
 use x86_paging::walk::{walk, GuestPhys, NoObserver, WalkError, WalkOptions};
-use x86_paging::ept::EptAccess;
 use x86_paging::walk2d::{walk_2d, Tdp, Walk2dError};
 
 impl HostPhys for PhysMem {
@@ -221,7 +221,12 @@ impl Cpu {
             let mut allow = 0u16;
             for mode in 0..3usize {
                 for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
-                    let access = Access { kind, cpl: if mode == 2 { 3 } else { 0 }, implicit_supervisor: false, eflags_ac: mode == 1 };
+                    let access = Access {
+                        kind,
+                        cpl: if mode == 2 { 3 } else { 0 },
+                        implicit_supervisor: false,
+                        eflags_ac: mode == 1,
+                    };
                     if check_access(&perms, &st, &access).is_ok() && (kind != AccessKind::Write || perms.dirty) {
                         allow |= class::bit(kind_index(kind), mode);
                     }
@@ -233,12 +238,12 @@ impl Cpu {
 
     fn perm_index(&self, p: &PagePerms) -> usize {
         let pk = (self.st.pkru >> (2 * u32::from(p.pkey & 15))) as usize & 3;
-        (p.writable as usize) * PB_W
-            | (p.user as usize) * PB_U
-            | (p.nx as usize) * PB_NX
-            | (p.dirty as usize) * PB_D
-            | (pk & 1) * PB_PKAD
-            | (pk >> 1) * PB_PKWD
+        ((p.writable as usize) * PB_W)
+            | ((p.user as usize) * PB_U)
+            | ((p.nx as usize) * PB_NX)
+            | ((p.dirty as usize) * PB_D)
+            | ((pk & 1) * PB_PKAD)
+            | ((pk >> 1) * PB_PKWD)
     }
 
     #[inline]
@@ -274,7 +279,14 @@ impl Cpu {
         let (hpa, perms, shift, host_allow) = match &self.mode {
             CpuMode::Native => {
                 let t = loop {
-                    match walk(&mut NativeMem(&self.mem), &self.st, gva, &access, WalkOptions { set_ad: true }, &mut NoObserver) {
+                    match walk(
+                        &mut NativeMem(&self.mem),
+                        &self.st,
+                        gva,
+                        &access,
+                        WalkOptions { set_ad: true },
+                        &mut NoObserver,
+                    ) {
                         Ok(t) => break t,
                         // Another CPU kept changing the entries: walk again.
                         Err(WalkError::Contended) => continue,
@@ -313,7 +325,14 @@ impl Cpu {
             }
         };
         let allow = self.perm_table[self.perm_index(&perms)] & host_allow;
-        self.tlb.fill(gva.raw() >> 12, self.ctx(), perms.global && self.st.cr4.contains(Cr4::PGE), shift, hpa.raw() & !0xfff, allow);
+        self.tlb.fill(
+            gva.raw() >> 12,
+            self.ctx(),
+            perms.global && self.st.cr4.contains(Cr4::PGE),
+            shift,
+            hpa.raw() & !0xfff,
+            allow,
+        );
         Ok(hpa)
     }
 
@@ -393,7 +412,7 @@ impl Cpu {
                 PdptrError::Mem(never) => match never {},
             }),
             CpuMode::Tdp(tdp) => {
-                let tdp = tdp.clone();
+                let tdp = *tdp;
                 let mut m = TdpPhys { mem: &self.mem, tdp: &tdp };
                 self.st.load_pdptrs(&mut m).map_err(|e| match e {
                     PdptrError::Reserved { .. } => Stop::Exception(Exception::GeneralProtection),

@@ -74,7 +74,11 @@ fn slot(vpn: u64) -> usize {
 impl Tlb {
     /// An empty TLB.
     pub fn new() -> Self {
-        Tlb { entries: vec![TlbEntry::default(); TLB_ENTRIES].into_boxed_slice(), has_large: false, counters: TlbCounters::default() }
+        Tlb {
+            entries: vec![TlbEntry::default(); TLB_ENTRIES].into_boxed_slice(),
+            has_large: false,
+            counters: TlbCounters::default(),
+        }
     }
 
     /// Looks up `vpn` in context `ctx`; returns the entry if it allows access class `bit`.
@@ -138,7 +142,9 @@ impl Tlb {
     /// for `pcid` (None = every PCID), always including global entries.
     pub fn flush_addr(&mut self, vpid: u16, pcid: Option<u16>, gva: u64) {
         let vpn = gva >> 12;
-        let matches_ctx = |e: &TlbEntry| (e.ctx >> 16) as u16 == vpid && (e.global || pcid.is_none_or(|p| (e.ctx & 0xffff) as u16 == p));
+        let matches_ctx = |e: &TlbEntry| {
+            (e.ctx >> 16) as u16 == vpid && (e.global || pcid.is_none_or(|p| (e.ctx & 0xffff) as u16 == p))
+        };
         let i = slot(vpn);
         if self.entries[i].key == vpn + 1 && matches_ctx(&self.entries[i]) {
             self.entries[i] = TlbEntry::default();

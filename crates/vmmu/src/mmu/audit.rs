@@ -58,16 +58,28 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                         }
                         let hva = slot.gfn_to_hva(gfn);
                         match host.get_user_page_fast_only(hva, false) {
-                            None => errs.push(format!("SPTE for gfn {gfn:#x} maps pfn {:#x} but the host maps nothing at hva {hva}", s.pfn().raw())),
+                            None => errs.push(format!(
+                                "SPTE for gfn {gfn:#x} maps pfn {:#x} but the host maps nothing at hva {hva}",
+                                s.pfn().raw()
+                            )),
                             Some(p) => {
                                 if p.pfn != s.pfn() {
-                                    errs.push(format!("SPTE for gfn {gfn:#x} maps pfn {:#x}, host has pfn {:#x} at hva {hva}", s.pfn().raw(), p.pfn.raw()));
+                                    errs.push(format!(
+                                        "SPTE for gfn {gfn:#x} maps pfn {:#x}, host has pfn {:#x} at hva {hva}",
+                                        s.pfn().raw(),
+                                        p.pfn.raw()
+                                    ));
                                 }
                                 if level > 1 && p.level < level {
-                                    errs.push(format!("level-{level} SPTE for gfn {gfn:#x} but the host maps hva {hva} at level {}", p.level));
+                                    errs.push(format!(
+                                        "level-{level} SPTE for gfn {gfn:#x} but the host maps hva {hva} at level {}",
+                                        p.level
+                                    ));
                                 }
                                 if s.is_writable() && (!p.writable || slot.readonly()) {
-                                    errs.push(format!("writable SPTE for gfn {gfn:#x} over a read-only host page or memslot"));
+                                    errs.push(format!(
+                                        "writable SPTE for gfn {gfn:#x} over a read-only host page or memslot"
+                                    ));
                                 }
                             }
                         }
@@ -77,7 +89,11 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                 rep.mmio_sptes += 1;
                 if let Some(slot) = slots.find(it.gfn) {
                     if s.mmio_gen() == slots.generation() & super::spte::MMIO_SPTE_GEN_MASK {
-                        errs.push(format!("current-generation MMIO SPTE for gfn {:#x} inside memslot {}", it.gfn.raw(), slot.id));
+                        errs.push(format!(
+                            "current-generation MMIO SPTE for gfn {:#x} inside memslot {}",
+                            it.gfn.raw(),
+                            slot.id
+                        ));
                     }
                 }
             }

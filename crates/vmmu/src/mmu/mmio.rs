@@ -24,7 +24,17 @@ fn check_mmio_spte(vcpu: &Vcpu, spte: Spte) -> bool {
     let spte_gen = spte.mmio_gen();
     let kvm = &vcpu.kvm;
     if kvm.tracer.events_on() {
-        kvm.tracer.event(vcpu.id, "check_mmio_spte", format_args!("spte {:x} kvm_gen {:x} spte-gen {:x} valid {}", spte.0, kvm_gen, spte_gen, (kvm_gen == spte_gen) as u8));
+        kvm.tracer.event(
+            vcpu.id,
+            "check_mmio_spte",
+            format_args!(
+                "spte {:x} kvm_gen {:x} spte-gen {:x} valid {}",
+                spte.0,
+                kvm_gen,
+                spte_gen,
+                (kvm_gen == spte_gen) as u8
+            ),
+        );
     }
     kvm_gen == spte_gen
 }
@@ -54,7 +64,11 @@ pub fn handle_mmio_page_fault(vcpu: &mut Vcpu, gpa: Gpa) -> RetPf {
             return RetPf::Invalid;
         }
         if kvm.tracer.events_on() {
-            kvm.tracer.event(vcpu.id, "handle_mmio_page_fault", format_args!("addr:{:x} gfn {:x} access {:x}", 0, gfn.raw(), access));
+            kvm.tracer.event(
+                vcpu.id,
+                "handle_mmio_page_fault",
+                format_args!("addr:{:x} gfn {:x} access {:x}", 0, gfn.raw(), access),
+            );
         }
         vcpu.mmu.mmio_gfn = Some((gfn.raw(), vcpu.slots.generation()));
         return RetPf::Emulate;

@@ -166,7 +166,8 @@ pub fn kvm_tdp_page_fault(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<R
     }
     {
         let _t = kvm.tracer.func(vcpu.id, "mmu_topup_memory_caches");
-        vcpu.mmu_topup_memory_caches().map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
+        vcpu.mmu_topup_memory_caches()
+            .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
     }
     let r = kvm_faultin_pfn(vcpu, fault)?;
     if r != RetPf::Continue {
@@ -184,7 +185,8 @@ pub fn kvm_tdp_page_fault(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<R
 pub fn mmu_invalidate_retry_gfn(kvm: &Kvm, mmu_seq: u64, gfn: Gfn) -> bool {
     let m = &kvm.mmu;
     if m.mmu_invalidate_in_progress.load(Ordering::Acquire) != 0 {
-        let (s, e) = (m.mmu_invalidate_range_start.load(Ordering::Acquire), m.mmu_invalidate_range_end.load(Ordering::Acquire));
+        let (s, e) =
+            (m.mmu_invalidate_range_start.load(Ordering::Acquire), m.mmu_invalidate_range_end.load(Ordering::Acquire));
         if gfn.raw() >= s && gfn.raw() < e {
             return true;
         }
@@ -218,7 +220,8 @@ pub fn kvm_faultin_pfn(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetP
         })
     };
     // hva_to_pfn: a read fault still asks for a writable mapping if one exists already.
-    let (page, writable) = match (fault.write, want_writable.then(|| host.get_user_page_fast_only(hva, true)).flatten()) {
+    let (page, writable) = match (fault.write, want_writable.then(|| host.get_user_page_fast_only(hva, true)).flatten())
+    {
         (false, Some(p)) => (p, true),
         _ => {
             let p = gup(fault.write)?;

@@ -58,7 +58,16 @@ role_bits! {
 
 impl std::fmt::Debug for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Role({:#x}: l{} direct {} access {} invalid {} ad_disabled {})", self.0, self.level(), self.direct(), self.access(), self.invalid(), self.ad_disabled())
+        write!(
+            f,
+            "Role({:#x}: l{} direct {} access {} invalid {} ad_disabled {})",
+            self.0,
+            self.level(),
+            self.direct(),
+            self.access(),
+            self.invalid(),
+            self.ad_disabled()
+        )
     }
 }
 
@@ -68,7 +77,14 @@ mod tests {
 
     #[test]
     fn fields_round_trip_at_kvm_positions() {
-        let r = Role(0).with_level(4).with_direct(1).with_access(7).with_efer_nx(1).with_cr0_wp(1).with_ad_disabled(1).with_smm(1);
+        let r = Role(0)
+            .with_level(4)
+            .with_direct(1)
+            .with_access(7)
+            .with_efer_nx(1)
+            .with_cr0_wp(1)
+            .with_ad_disabled(1)
+            .with_smm(1);
         assert_eq!(r.0, 4 | 1 << 7 | 7 << 8 | 1 << 12 | 1 << 13 | 1 << 16 | 1 << 24);
         assert_eq!((r.level(), r.direct(), r.access(), r.invalid(), r.smm()), (4, 1, 7, 0, 1));
         assert_eq!(r.with_invalid(1).invalid(), 1);

@@ -391,7 +391,16 @@ mod tests {
     use x86_paging::entry::EptEntry;
 
     fn req(level: u8) -> SpteRequest {
-        SpteRequest { level, pfn: Pfn::new(0x2a3f), access: ACC_ALL, prefetch: false, synchronizing: false, host_writable: true, nx_huge_pages: false, ad_disabled: false }
+        SpteRequest {
+            level,
+            pfn: Pfn::new(0x2a3f),
+            access: ACC_ALL,
+            prefetch: false,
+            synchronizing: false,
+            host_writable: true,
+            nx_huge_pages: false,
+            ad_disabled: false,
+        }
     }
 
     #[test]
@@ -447,7 +456,12 @@ mod tests {
     #[test]
     fn huge_and_split() {
         let m = SpteMasks::x86_64();
-        let (h, _) = make_spte(&m, &SpteRequest { nx_huge_pages: true, pfn: Pfn::new(0x200), ..req(2) }, Spte::NONPRESENT, || true);
+        let (h, _) = make_spte(
+            &m,
+            &SpteRequest { nx_huge_pages: true, pfn: Pfn::new(0x200), ..req(2) },
+            Spte::NONPRESENT,
+            || true,
+        );
         assert!(h.is_large() && !h.is_executable(&m));
         let c = make_small_spte(&m, h, 2, 3, true);
         assert!(!c.is_large() && c.is_executable(&m));

@@ -7,7 +7,9 @@
 
 use super::page_fault::{KvmPageFault, RetPf};
 use super::role::Role;
-use super::spte::{self, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_spte, Spte, SpteRequest, ACC_ALL, FROZEN_SPTE};
+use super::spte::{
+    self, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_spte, Spte, SpteRequest, ACC_ALL, FROZEN_SPTE,
+};
 use super::tdp_iter::{pages_at, TdpIter};
 use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering};
 use crate::vm::{Kvm, Vcpu};
@@ -58,7 +60,13 @@ pub fn kvm_tdp_mmu_alloc_root(kvm: &Kvm, role: Role) -> Result<Arc<TdpRoot>, cra
     let pfn = kvm.frames().alloc_4k()?;
     init_table(kvm, pfn);
     kvm.mmu.tdp_mmu_pages.fetch_add(1, Ordering::Relaxed);
-    let root = Arc::new(TdpRoot { hpa: pfn.hpa(), role, refcount: AtomicU32::new(2), invalid: AtomicBool::new(false), zapped: AtomicBool::new(false) });
+    let root = Arc::new(TdpRoot {
+        hpa: pfn.hpa(),
+        role,
+        refcount: AtomicU32::new(2),
+        invalid: AtomicBool::new(false),
+        zapped: AtomicBool::new(false),
+    });
     roots.push(root.clone());
     Ok(root)
 }
@@ -107,13 +115,20 @@ pub(crate) fn tdp_mmu_set_spte(kvm: &Kvm, cpu: u32, iter: &mut TdpIter<'_>, new:
 /// stats, and tearing down a page table that was unlinked.
 pub(crate) fn handle_changed_spte(kvm: &Kvm, cpu: u32, gfn: Gfn, old: Spte, new: Spte, level: u8, shared: bool) {
     if kvm.tracer.events_on() {
-        kvm.tracer.event(cpu, "kvm_tdp_mmu_spte_changed", format_args!("as id 0 gfn {:x} level {} old_spte {:x} new_spte {:x}", gfn.raw(), level, old.0, new.0));
+        kvm.tracer.event(
+            cpu,
+            "kvm_tdp_mmu_spte_changed",
+            format_args!("as id 0 gfn {:x} level {} old_spte {:x} new_spte {:x}", gfn.raw(), level, old.0, new.0),
+        );
     }
     let was_present = old.is_shadow_present();
     let is_present = new.is_shadow_present();
     let was_leaf = was_present && old.is_last(level);
     let is_leaf = is_present && new.is_last(level);
-    debug_assert!(!(was_leaf && is_leaf && old.pfn() != new.pfn()), "a present leaf SPTE changed pfn: gfn {gfn} {old:?} -> {new:?}");
+    debug_assert!(
+        !(was_leaf && is_leaf && old.pfn() != new.pfn()),
+        "a present leaf SPTE changed pfn: gfn {gfn} {old:?} -> {new:?}"
+    );
     if was_leaf != is_leaf {
         kvm.stats.update_page_stats(level, if is_leaf { 1 } else { -1 });
     }
@@ -157,7 +172,16 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "kvm_tdp_mmu_map");
     super::page_fault::kvm_mmu_hugepage_adjust(vcpu, fault);
     if kvm.tracer.events_on() {
-        kvm.tracer.event(vcpu.id, "kvm_mmu_spte_requested", format_args!("gfn {:x} pfn {:x} level {}", fault.gfn.raw(), fault.pfn.raw() | (fault.gfn.raw() & (pages_at(fault.goal_level) - 1)), fault.goal_level));
+        kvm.tracer.event(
+            vcpu.id,
+            "kvm_mmu_spte_requested",
+            format_args!(
+                "gfn {:x} pfn {:x} level {}",
+                fault.gfn.raw(),
+                fault.pfn.raw() | (fault.gfn.raw() & (pages_at(fault.goal_level) - 1)),
+                fault.goal_level
+            ),
+        );
     }
     let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Retry };
     let masks = kvm.mmu.masks;
@@ -197,7 +221,11 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
         if split {
             kvm.stats.update_page_stats(level - 1, 512);
             if kvm.tracer.events_on() {
-                kvm.tracer.event(vcpu.id, "kvm_mmu_split_huge_page", format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), link.0, level));
+                kvm.tracer.event(
+                    vcpu.id,
+                    "kvm_mmu_split_huge_page",
+                    format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), link.0, level),
+                );
             }
         }
         if fault.huge_page_disallowed && fault.req_level >= level {
@@ -253,7 +281,17 @@ fn tdp_mmu_map_handle_target_level(vcpu: &mut Vcpu, fault: &mut KvmPageFault, it
     if new.is_mmio(&masks) {
         vcpu.stat.pf_mmio_spte_created += 1;
         if kvm.tracer.events_on() {
-            kvm.tracer.event(vcpu.id, "mark_mmio_spte", format_args!("sptep:{:016x} gfn {:x} access {:x} gen {:x}", it.sptep.raw(), it.gfn.raw(), spte::ACC_ALL, new.mmio_gen()));
+            kvm.tracer.event(
+                vcpu.id,
+                "mark_mmio_spte",
+                format_args!(
+                    "sptep:{:016x} gfn {:x} access {:x} gen {:x}",
+                    it.sptep.raw(),
+                    it.gfn.raw(),
+                    spte::ACC_ALL,
+                    new.mmio_gen()
+                ),
+            );
         }
         return RetPf::Emulate;
     }
@@ -304,7 +342,8 @@ pub fn kvm_tdp_mmu_invalidate_all_roots(kvm: &Kvm) {
 /// `kvm_tdp_mmu_zap_invalidated_roots`: zaps invalid roots and drops the TDP MMU's own
 /// reference to each.
 pub fn kvm_tdp_mmu_zap_invalidated_roots(kvm: &Kvm) {
-    let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| r.is_invalid() && !r.zapped.load(Ordering::Acquire)).cloned().collect();
+    let roots: Vec<Arc<TdpRoot>> =
+        kvm.mmu.roots.lock().iter().filter(|r| r.is_invalid() && !r.zapped.load(Ordering::Acquire)).cloned().collect();
     for r in roots {
         {
             let _r = kvm.mmu.mmu_lock.read();
