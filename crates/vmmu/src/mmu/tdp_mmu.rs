@@ -189,7 +189,7 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
     let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
     while it.valid {
         if fault.nx_huge_page_workaround_enabled {
-            disallowed_hugepage_adjust(&kvm, fault, it.old_spte, it.level);
+            disallowed_hugepage_adjust(fault, it.old_spte, it.level);
         }
         if it.old_spte.is_frozen() {
             return RetPf::Retry;
@@ -238,10 +238,14 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
 }
 
 /// `disallowed_hugepage_adjust`: under the NX mitigation, do not replace a table that was
-/// split for an executable mapping by a huge page again.
-fn disallowed_hugepage_adjust(kvm: &Kvm, fault: &mut KvmPageFault, spte: Spte, level: u8) {
-    let _ = kvm;
-    if level == fault.goal_level && fault.goal_level > 1 && spte.is_shadow_present() && !spte.is_large() && fault.exec {
+/// split for an executable mapping by a huge page again; map at the next level down.
+///
+/// KVM checks the child shadow page's `nx_huge_page_disallowed` flag; TDP shadow pages here
+/// carry no per-page metadata yet, so any table found at the goal level is kept while the
+/// mitigation is on (tables below a huge-page-capable level exist only for that reason or
+/// because the host mapped the range small when they were made).
+fn disallowed_hugepage_adjust(fault: &mut KvmPageFault, spte: Spte, level: u8) {
+    if level == fault.goal_level && fault.goal_level > 1 && spte.is_shadow_present() && !spte.is_large() {
         fault.goal_level -= 1;
         let pages = pages_at(fault.goal_level);
         fault.pfn = Pfn::new(fault.pfn.raw() | (fault.gfn.raw() & (pages_at(level) - 1) & !(pages - 1)));

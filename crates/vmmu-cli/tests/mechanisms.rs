@@ -1,0 +1,266 @@
+//! The TDP MMU's mechanisms, each shown by its observable effect (a stat, an SPTE, a guest
+//! result) on a VM built from an inline scenario: MMIO SPTEs and their generation, read-only
+//! memslots, the zero page's copy-on-write, fast page fault, host invalidations, memslot
+//! deletion, 5-level TDP, NPT, EPT without A/D bits, huge pages and the NX mitigation.
+
+use vmmu::x86_paging::addr::Gva;
+use vmmu::{GuestError, Vcpu};
+use vmmu_cli::runner::{build, Machine, RunOptions};
+use vmmu_cli::scenario::Scenario;
+
+fn machine(extra_vm: &str, slots: &str, guest: &str) -> Machine {
+    let toml = format!("name = \"t\"\n[vm]\n{extra_vm}\n{slots}\n[guest]\nlayout = \"identity\"\n{guest}\n");
+    let s = Scenario::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    build(&s, &RunOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn simple(extra_vm: &str) -> Machine {
+    machine(extra_vm, "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n", "")
+}
+
+fn st(v: &Vcpu, name: &str) -> i64 {
+    v.stats()[name]
+}
+
+fn vmst(m: &Machine, name: &str) -> i64 {
+    m.kvm.vm_stats()[name]
+}
+
+#[test]
+fn mmio_spte_is_created_cached_and_regenerated() {
+    let mut m = machine("", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[mmio]]\ngpa = \"0x80000000\"\nsize = \"4KiB\"\n", "");
+    let v = &mut m.vcpus[0];
+    let dev = Gva::new(0x8000_0000);
+    v.write(dev, 4, 0x1234).unwrap();
+    assert_eq!(st(v, "pf_mmio_spte_created"), 1);
+    assert_eq!(st(v, "pf_emulate"), 1);
+    assert_eq!(st(v, "mmio_exits"), 1);
+    // The MMIO SPTE now turns the next access into a misconfig exit handled without a fault.
+    let taken = st(v, "pf_taken");
+    assert_eq!(v.read(dev, 4).unwrap(), 0x1234, "the latch device reads back the write");
+    assert_eq!(st(v, "pf_taken"), taken, "MMIO SPTE hit: no page fault");
+    assert_eq!(st(v, "mmio_exits"), 2);
+    // A memslot change bumps the generation: the old MMIO SPTE is stale and is rebuilt.
+    let hva = m.kvm.host().mmap(4096, vmmu::host::Backing::Anon4k, true, false).unwrap();
+    m.kvm
+        .set_user_memory_region(vmmu::memslot::UserspaceMemoryRegion {
+            slot: 7,
+            flags: Default::default(),
+            guest_phys_addr: 0x9000_0000,
+            memory_size: 4096,
+            userspace_addr: hva,
+        })
+        .unwrap();
+    let v = &mut m.vcpus[0];
+    assert_eq!(v.read(dev, 4).unwrap(), 0x1234);
+    assert_eq!(st(v, "pf_mmio_spte_created"), 2, "stale generation: a new MMIO SPTE");
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn mmio_without_caching_emulates_every_time() {
+    let mut m = machine("mmio_caching = false", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[mmio]]\ngpa = \"0x80000000\"\nsize = \"4KiB\"\n", "");
+    let v = &mut m.vcpus[0];
+    for i in 0..3 {
+        v.write(Gva::new(0x8000_0000), 8, i).unwrap();
+    }
+    assert_eq!(st(v, "pf_mmio_spte_created"), 0);
+    assert_eq!(st(v, "pf_emulate"), 3);
+    assert_eq!(v.read(Gva::new(0x8000_0000), 8).unwrap(), 2);
+}
+
+#[test]
+fn unbacked_gpa_reads_all_ones() {
+    // Identity-mapped only through the MMIO window, with no device behind part of it.
+    let mut m = machine("", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[mmio]]\ngpa = \"0x80000000\"\nsize = \"8KiB\"\n", "");
+    m.kvm.register_mmio(vmmu::x86_paging::addr::Gpa::new(0x8000_0000), 4096, std::sync::Arc::new(vmmu::mmio_bus::LatchDevice::default()));
+    let v = &mut m.vcpus[0];
+    // The scenario already placed a latch over 8 KiB; a fresh VM with no device:
+    let mut m2 = machine("", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n", "");
+    let _ = v;
+    let v2 = &mut m2.vcpus[0];
+    // Identity tables only cover the memslot: an address beyond them faults in the guest.
+    let e = v2.read(Gva::new(0x8000_0000), 4).unwrap_err();
+    assert!(matches!(e, GuestError::Exception(vmmu::hw::cpu::Exception::PageFault { cr2: 0x8000_0000, .. })), "{e:?}");
+}
+
+#[test]
+fn readonly_memslot_reads_and_turns_writes_into_mmio_exits() {
+    let mut m = machine("", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[memslot]]\ngpa = \"64MiB\"\nsize = \"2MiB\"\nreadonly = true\n", "");
+    // The VMM loads the ROM contents through its own mapping.
+    let hva = m.slots[1].2;
+    m.kvm.host().write(hva, 8, 0xfeed).unwrap();
+    let v = &mut m.vcpus[0];
+    let rom = Gva::new(64 << 20);
+    assert_eq!(v.read(rom, 8).unwrap(), 0xfeed);
+    let fixed = st(v, "pf_fixed");
+    v.write(rom, 8, 0xbad).unwrap();
+    assert_eq!(st(v, "mmio_exits"), 1, "a write to a read-only memslot exits to the VMM");
+    assert_eq!(st(v, "pf_emulate"), 1);
+    assert_eq!(st(v, "pf_fixed"), fixed);
+    assert_eq!(v.read(rom, 8).unwrap(), 0xfeed, "ROM unchanged");
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn read_then_write_breaks_the_zero_page_cow() {
+    let mut m = simple("");
+    let a = Gva::new(m.data_start);
+    let v = &mut m.vcpus[0];
+    // Warm up: the guest's page-table pages and a neighbour get mapped first.
+    v.read(Gva::new(m.data_start + 4096), 8).unwrap();
+    let (t0, f0) = (st(v, "pf_taken"), st(v, "pf_fixed"));
+    assert_eq!(v.read(a, 8).unwrap(), 0);
+    assert_eq!((st(v, "pf_taken") - t0, st(v, "pf_fixed") - f0), (1, 1), "read fault maps the zero page");
+    v.write(a, 8, 42).unwrap();
+    // Write fault: get_user_pages breaks COW, the MMU notifier zaps the read-only SPTE and the
+    // racing fault is stale (retried); the retry maps the new page.
+    assert_eq!(st(v, "pf_taken") - t0, 3);
+    assert_eq!(st(v, "pf_fixed") - f0, 2);
+    assert_eq!(v.read(a, 8).unwrap(), 42);
+    assert!(vmst(&m, "remote_tlb_flush") >= 1);
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn fast_page_fault_fixes_write_protected_sptes_without_the_slow_path() {
+    let mut m = simple("");
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    for p in 0..64 {
+        v.write(Gva::new(base + p * 4096), 8, p).unwrap();
+    }
+    m.kvm.mmu_slot_remove_write_access(0).unwrap();
+    let v = &mut m.vcpus[0];
+    let (taken, fast) = (st(v, "pf_taken"), st(v, "pf_fast"));
+    for p in 0..64 {
+        assert_eq!(v.read(Gva::new(base + p * 4096), 8).unwrap(), p);
+    }
+    // Data reads need no fault; only the guest's page-table pages do (the walk's accesses to
+    // them are writes for EPT A/D purposes), and those are fixed by the fast path.
+    let pt = st(v, "pf_taken") - taken;
+    assert!(pt <= 8 && st(v, "pf_fast") - fast == pt, "{:?}", v.stats());
+    let (taken, fast, fixed) = (st(v, "pf_taken"), st(v, "pf_fast"), st(v, "pf_fixed"));
+    for p in 0..64 {
+        v.write(Gva::new(base + p * 4096), 8, p + 1).unwrap();
+    }
+    let fast = st(v, "pf_fast") - fast;
+    assert_eq!(fast, 64, "one fast fault per data page");
+    assert_eq!(st(v, "pf_taken") - taken, fast, "every fault was fixed by the fast path: {:?}", v.stats());
+    // As in KVM, a fast fix returns RET_PF_FIXED, which kvm_mmu_do_page_fault counts too.
+    assert_eq!(st(v, "pf_fixed") - fixed, 64);
+    assert_eq!(st(v, "pf_spurious"), 0);
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn dontneed_under_a_running_guest_reads_zeroes() {
+    let mut m = simple("");
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    v.write(Gva::new(base), 8, 0x77).unwrap();
+    assert_eq!(v.read(Gva::new(base), 8).unwrap(), 0x77);
+    let hva = vmmu::host::Hva(m.slots[0].2.raw() + base);
+    m.kvm.host().madvise_dontneed(hva, 4096).unwrap();
+    let v = &mut m.vcpus[0];
+    let flushes = st(v, "tlb_flush");
+    assert_eq!(v.read(Gva::new(base), 8).unwrap(), 0, "the dropped page reads as zeroes");
+    assert!(st(v, "tlb_flush") > flushes, "the invalidation flushed the vCPU's TLB");
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn deleting_a_memslot_zaps_all_roots_fast() {
+    let mut m = machine("", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[memslot]]\ngpa = \"64MiB\"\nsize = \"2MiB\"\n", "");
+    let v = &mut m.vcpus[0];
+    let a = Gva::new(64 << 20);
+    v.write(a, 8, 5).unwrap();
+    let old_root = m.kvm.mmu().roots.lock()[0].hpa;
+    let flushes = vmst(&m, "remote_tlb_flush");
+    m.kvm
+        .set_user_memory_region(vmmu::memslot::UserspaceMemoryRegion {
+            slot: 1,
+            flags: Default::default(),
+            guest_phys_addr: 64 << 20,
+            memory_size: 0,
+            userspace_addr: m.slots[1].2,
+        })
+        .unwrap();
+    let v = &mut m.vcpus[0];
+    // The gpa is now MMIO with nothing behind it: all ones; the old root was replaced.
+    assert_eq!(v.read(a, 8).unwrap(), u64::MAX);
+    assert!(st(v, "pf_mmio_spte_created") >= 1);
+    let roots = m.kvm.mmu().roots.lock().clone();
+    assert_eq!(roots.len(), 1, "the obsolete root was dropped");
+    assert!(roots[0].hpa != old_root || !roots[0].is_invalid());
+    assert!(!roots[0].is_invalid());
+    assert!(vmst(&m, "remote_tlb_flush") > flushes);
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn five_level_tdp_only_when_maxphyaddr_needs_it() {
+    for (maxphy, level) in [(46, 4u32), (52, 5)] {
+        let mut m = simple(&format!("max_tdp_level = 5\nmaxphyaddr = {maxphy}"));
+        let base = m.data_start;
+        let v = &mut m.vcpus[0];
+        v.write(Gva::new(base), 8, 9).unwrap();
+        assert_eq!(v.read(Gva::new(base), 8).unwrap(), 9);
+        let roots = m.kvm.mmu().roots.lock().clone();
+        assert_eq!(roots[0].role.level(), level, "maxphyaddr {maxphy}");
+        m.kvm.audit().unwrap();
+    }
+}
+
+#[test]
+fn npt_and_ept_without_ad_bits_map_and_handle_mmio() {
+    for vm in ["tdp = \"npt\"", "eptad = false"] {
+        let mut m = machine(vm, "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[mmio]]\ngpa = \"0x80000000\"\nsize = \"4KiB\"\n", "");
+        let base = m.data_start;
+        let v = &mut m.vcpus[0];
+        for p in 0..32 {
+            v.write(Gva::new(base + p * 4096), 8, p).unwrap();
+        }
+        for p in 0..32 {
+            assert_eq!(v.read(Gva::new(base + p * 4096), 8).unwrap(), p);
+        }
+        v.write(Gva::new(0x8000_0000), 8, 3).unwrap();
+        assert_eq!(v.read(Gva::new(0x8000_0000), 8).unwrap(), 3, "{vm}");
+        assert_eq!(st(v, "pf_mmio_spte_created"), 1, "{vm}");
+        m.kvm.audit().unwrap();
+    }
+}
+
+#[test]
+fn huge_pages_follow_host_guest_and_config_limits() {
+    let slots = "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[memslot]]\ngpa = \"1GiB\"\nsize = \"64MiB\"\nbacking = \"thp\"\nguest_page_size = \"2m\"\n";
+    for (vm, want_2m) in [("", true), ("tdp_huge_page = \"4k\"", false)] {
+        let mut m = machine(vm, slots, "");
+        let v = &mut m.vcpus[0];
+        for p in 0..8 {
+            v.write(Gva::new((1 << 30) + p * (2 << 20)), 8, p).unwrap();
+        }
+        assert_eq!(m.kvm.vm_stats()["pages_2m"] >= 8, want_2m, "{vm}");
+        m.kvm.audit().unwrap();
+    }
+}
+
+#[test]
+fn nx_huge_pages_split_executable_huge_pages() {
+    let slots = "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[memslot]]\ngpa = \"1GiB\"\nsize = \"64MiB\"\nbacking = \"thp\"\nguest_page_size = \"2m\"\n";
+    let mut m = machine("nx_huge_pages = true", slots, "");
+    let v = &mut m.vcpus[0];
+    // A data access maps 2 MiB (not executable); a fetch splits it.
+    v.write(Gva::new(1 << 30), 8, 0x90).unwrap();
+    assert_eq!(m.kvm.vm_stats()["pages_2m"], 1);
+    let v = &mut m.vcpus[0];
+    v.fetch(Gva::new((1 << 30) + 0x10), 1).unwrap();
+    let s = m.kvm.vm_stats();
+    assert_eq!(s["pages_2m"], 0);
+    assert_eq!(s["pages_4k"] >= 512, true, "split into 512 small SPTEs");
+    // A fetch in a fresh huge region maps 4 KiB directly and counts an NX split.
+    let v = &mut m.vcpus[0];
+    v.fetch(Gva::new((1 << 30) + (4 << 20)), 1).unwrap();
+    assert!(m.kvm.vm_stats()["nx_lpage_splits"] >= 1);
+    m.kvm.audit().unwrap();
+}
