@@ -200,7 +200,11 @@ fn two_vcpus_repeated() {
 /// fault on a gfn inside an in-progress invalidation returns RET_PF_RETRY immediately, so one
 /// long MADV_DONTNEED (zeroing and freeing 2 MiB) can exhaust that budget although nothing is
 /// wrong (see the report). Once the host has stopped, `Stuck` is a real failure.
-fn retry_stuck<T>(stop: &AtomicBool, stuck: &mut u64, mut f: impl FnMut() -> Result<T, GuestError>) -> Result<T, GuestError> {
+fn retry_stuck<T>(
+    stop: &AtomicBool,
+    stuck: &mut u64,
+    mut f: impl FnMut() -> Result<T, GuestError>,
+) -> Result<T, GuestError> {
     loop {
         match f() {
             Err(GuestError::Vm(VmError::Stuck { .. })) if !stop.load(Ordering::Relaxed) => *stuck += 1,

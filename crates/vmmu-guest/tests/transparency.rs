@@ -618,6 +618,9 @@ fn write_entry(m: &(impl BootMem + ?Sized), r: &Regs, at: u64, val: u64) -> Resu
 
 type Res = Result<u64, GuestError>;
 
+/// One register write, run on both machines.
+type Step<'a> = Box<dyn Fn(&mut dyn GuestCpu) -> Res + 'a>;
+
 /// Runs one step on both machines.
 fn both(n: &mut NativeMachine, v: &mut Vcpu, f: impl Fn(&mut dyn GuestCpu) -> Res) -> (Res, Res) {
     (f(n), f(v))
@@ -752,7 +755,7 @@ fn run_case(c: &Case) -> Result<Ran, String> {
     }
 
     // Registers, in the order a kernel sets them.
-    let setup: [(&str, Box<dyn Fn(&mut dyn GuestCpu) -> Res>); 4] = [
+    let setup: [(&str, Step); 4] = [
         ("write_cr4", Box::new(|cpu| cpu.write_cr4(r.cr4()).map(|()| 0))),
         ("write_efer", Box::new(|cpu| cpu.write_efer(r.efer()).map(|()| 0))),
         ("write_cr3", Box::new(|cpu| cpu.write_cr3(b.cr3).map(|()| 0))),

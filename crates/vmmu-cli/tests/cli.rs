@@ -1,0 +1,137 @@
+//! The `vmmu` command as a user meets it: the README's default run, the DESIGN §5 JSON
+//! contract, the done criteria of first-touch and THP runs, traces in the kernel's formats,
+//! and one-line errors with exit status 2 for bad input.
+
+use std::process::Command;
+
+fn vmmu(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = vmmu(args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn stat(p: &serde_json::Value, name: &str) -> i64 {
+    p["stats"][name].as_i64().unwrap_or_else(|| panic!("no stat {name} in {p}"))
+}
+
+#[test]
+fn default_run_prints_a_report() {
+    let (code, out, err) = vmmu(&["run"]);
+    assert_eq!(code, 0, "{err}");
+    for w in ["pass1", "pass2", "thp", "pf_fixed", "pages_2m"] {
+        assert!(out.contains(w), "{w} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn first_touch_json_contract_and_counts() {
+    let v = json(&["run", "--mmu", "tdp", "--workload", "first-touch", "--pages", "16384", "--json"]);
+    assert_eq!(v["scenario"], "default");
+    assert_eq!(v["mmu"], "tdp");
+    let phases = v["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2);
+    for p in phases {
+        assert!(p["name"].is_string() && p["wall_ns"].is_u64() && p["accesses"].is_u64());
+    }
+    let fixed = stat(&phases[0], "pf_fixed");
+    assert!((16384..=16384 + 64).contains(&fixed), "first pass pf_fixed {fixed}");
+    assert_eq!(stat(&phases[1], "pf_taken"), 0, "second pass takes no faults");
+    assert_eq!(stat(&phases[1], "pf_fixed"), 0);
+    assert!(v["stats"]["pf_taken"].as_i64().unwrap() >= fixed);
+}
+
+#[test]
+fn thp_backing_gives_huge_pages_and_fewer_faults() {
+    let dir = std::env::temp_dir().join(format!("vmmu-thp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("thp.toml");
+    std::fs::write(&f, "name = \"thp\"\n[[memslot]]\ngpa = 0\nsize = \"1GiB\"\nbacking = \"thp\"\n[guest]\nlayout = \"kernel\"\npage_size = \"2m\"\n").unwrap();
+    let v = json(&["run", f.to_str().unwrap(), "--workload", "first-touch", "--pages", "16384", "--json"]);
+    let p = &v["phases"][0];
+    assert!(stat(p, "pages_2m") > 0);
+    assert!(stat(p, "pf_fixed") < 16384 / 16, "pf_fixed {}", stat(p, "pf_fixed"));
+}
+
+#[test]
+fn trace_events_in_kernel_format() {
+    let (code, out, err) = vmmu(&["run", "--workload", "first-touch", "--pages", "8", "--trace", "events"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.contains("kvm_mmu_spte_requested:")).expect("a kvm_mmu_spte_requested line");
+    let ev = line.split("kvm_mmu_spte_requested: ").nth(1).unwrap();
+    let parts: Vec<&str> = ev.split(' ').collect();
+    assert_eq!(parts.len(), 6, "{ev}");
+    assert_eq!((parts[0], parts[2], parts[4]), ("gfn", "pfn", "level"));
+    assert!(u64::from_str_radix(parts[1], 16).is_ok() && u64::from_str_radix(parts[3], 16).is_ok());
+    assert!(line.contains("[000] ....."), "{line}");
+    assert!(out.contains("kvm_tdp_mmu_spte_changed: as id 0 gfn "), "no spte_changed lines");
+}
+
+#[test]
+fn function_graph_nests_the_fault_path() {
+    let (code, out, err) = vmmu(&["run", "--workload", "first-touch", "--pages", "2", "--trace", "function_graph"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("# tracer: function_graph")).collect();
+    let open = lines.iter().position(|l| l.ends_with("kvm_tdp_page_fault() {")).expect("kvm_tdp_page_fault opens");
+    let depth = |l: &str| l.split('|').nth(1).map(|s| s.len() - s.trim_start().len()).unwrap_or(0);
+    let d0 = depth(lines[open]);
+    let mut inner = vec![];
+    for l in &lines[open + 1..] {
+        if depth(l) <= d0 {
+            assert!(l.trim_end().ends_with('}') && l.contains(" us "), "closing line with a duration: {l}");
+            break;
+        }
+        inner.push(*l);
+    }
+    for f in ["fast_page_fault", "kvm_faultin_pfn", "kvm_tdp_mmu_map"] {
+        let l = inner.iter().find(|l| l.contains(f)).unwrap_or_else(|| panic!("{f} not nested:\n{}", inner.join("\n")));
+        assert!(depth(l) > d0);
+    }
+    assert!(inner.iter().any(|l| l.contains(" us ") && l.contains("fast_page_fault();")));
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    let dir = std::env::temp_dir().join(format!("vmmu-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("bad-size.toml", "name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"lots\"\n", "line 4"),
+        ("bad-field.toml", "name = \"x\"\n[vm]\nmmmu = \"tdp\"\n[[memslot]]\ngpa = 0\nsize = \"1MiB\"\n", "mmmu"),
+        ("bad-value.toml", "name = \"x\"\n[vm]\ntdp = \"rvi\"\n[[memslot]]\ngpa = 0\nsize = \"1MiB\"\n", "vm.tdp"),
+        ("not-toml.toml", "this is not toml", "line 1"),
+        (
+            "overlap.toml",
+            "name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"2MiB\"\n[[memslot]]\ngpa = \"1MiB\"\nsize = \"2MiB\"\n",
+            "overlaps",
+        ),
+    ];
+    for (name, text, needle) in cases {
+        let f = dir.join(name);
+        std::fs::write(&f, text).unwrap();
+        let (code, out, err) = vmmu(&["run", f.to_str().unwrap()]);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(out.is_empty(), "{name}: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: one line:\n{err}");
+        assert!(err.contains(name) && err.contains(needle), "{name}: {err}");
+    }
+    let (code, _, err) = vmmu(&["run", "/nonexistent/x.toml"]);
+    assert_eq!(code, 2, "{err}");
+    for args in [
+        &["run", "--workload", "sideways"][..],
+        &["run", "--mmu", "magic"],
+        &["run", "--pages", "0"],
+        &["run", "--frobnicate"],
+    ] {
+        let (code, _, err) = vmmu(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
