@@ -92,7 +92,7 @@ impl GuestPhys for KvmGuestMem<'_> {
 pub fn emulate_access(vcpu: &mut Vcpu, gva: Gva, size: u8, kind: AccessKind, val: u64) -> Result<u64, GuestError> {
     let kvm: Arc<Kvm> = vcpu.kvm.clone();
     let _f = kvm.tracer.func(vcpu.id, "x86_emulate_instruction");
-    vcpu.refresh_memslots();
+    vcpu.refresh_memslots(&kvm);
     let slots = vcpu.slots.clone();
     let bus = kvm.mmio_bus();
     let mut mem = KvmGuestMem::new(&kvm, &slots, &bus);

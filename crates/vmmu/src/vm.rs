@@ -532,13 +532,13 @@ impl Vcpu {
     }
 
     /// `mmu_topup_memory_caches`.
-    pub(crate) fn mmu_topup_memory_caches(&mut self) -> Result<(), HostError> {
+    pub(crate) fn mmu_topup_memory_caches(&mut self, kvm: &Kvm) -> Result<(), HostError> {
         if self.mmu.shadow_page_cache.len() >= SHADOW_PAGE_CACHE_MIN {
             return Ok(());
         }
         while self.mmu.shadow_page_cache.len() < MEMORY_CACHE_CAPACITY {
-            let p = self.kvm.frames().alloc_4k()?;
-            tdp_mmu::init_table(&self.kvm, p);
+            let p = kvm.frames().alloc_4k()?;
+            tdp_mmu::init_table(kvm, p);
             self.mmu.shadow_page_cache.push(p);
         }
         Ok(())
@@ -546,8 +546,9 @@ impl Vcpu {
 
     /// `kvm_mmu_load`: allocates (or shares) the root and points the hardware at it.
     fn kvm_mmu_load(&mut self) -> Result<(), VmError> {
-        self.mmu_topup_memory_caches()?;
-        let cfg = &self.kvm.config;
+        let kvm = self.kvm.clone();
+        self.mmu_topup_memory_caches(&kvm)?;
+        let cfg = &kvm.config;
         let role = Role(0)
             .with_level(u32::from(cfg.tdp_level()))
             .with_direct(1)
@@ -555,7 +556,7 @@ impl Vcpu {
             .with_cr0_wp(1)
             .with_efer_nx(1)
             .with_ad_disabled(u32::from(!cfg.ad_enabled()));
-        let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&self.kvm, role)?;
+        let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&kvm, role)?;
         let tdp = match cfg.tdp {
             TdpKind::Ept => Tdp::Ept(EptConfig {
                 root: root.hpa,
@@ -632,22 +633,23 @@ impl Vcpu {
         self.leave();
     }
 
-    pub(crate) fn refresh_memslots(&mut self) {
-        if self.slots.generation() != self.kvm.memslots_generation() {
-            self.slots = self.kvm.memslots();
+    pub(crate) fn refresh_memslots(&mut self, kvm: &Kvm) {
+        if self.slots.generation() != kvm.memslots_generation() {
+            self.slots = kvm.memslots();
         }
     }
 
     fn handle_exit(&mut self, x: TdpExit) -> Result<ExitAction, VmError> {
         self.stat.exits += 1;
-        self.refresh_memslots();
+        let kvm = self.kvm.clone();
+        self.refresh_memslots(&kvm);
         let (gpa, ec) = match x {
             TdpExit::EptViolation { gpa, qualification, .. } => (gpa, ept_violation_error_code(qualification)),
             TdpExit::EptMisconfig { gpa } => (gpa, crate::mmu::page_fault::PFERR_RSVD),
             TdpExit::Npf { gpa, error_code } => (gpa, error_code),
             TdpExit::Contended { .. } => return Ok(ExitAction::Resume),
         };
-        let r = crate::mmu::page_fault::kvm_mmu_page_fault(self, gpa, ec)?;
+        let r = crate::mmu::page_fault::kvm_mmu_page_fault(&kvm, self, gpa, ec)?;
         Ok(if r == RetPf::Emulate { ExitAction::Emulate } else { ExitAction::Resume })
     }
 

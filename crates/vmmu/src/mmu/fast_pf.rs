@@ -6,26 +6,26 @@ use super::page_fault::{KvmPageFault, RetPf};
 use super::spte::{restore_acc_track_spte, Spte, PT_WRITABLE};
 use super::tdp_mmu;
 use crate::sync::Ordering;
-use crate::vm::{mode, Vcpu};
+use crate::vm::{mode, Kvm, Vcpu};
 
 /// Retries of the compare-exchange loop.
 const FAST_PF_MAX_RETRIES: u32 = 4;
 
 /// `page_fault_can_be_fast`.
-fn page_fault_can_be_fast(vcpu: &Vcpu, fault: &KvmPageFault) -> bool {
+fn page_fault_can_be_fast(kvm: &Kvm, fault: &KvmPageFault) -> bool {
     if fault.rsvd {
         return false;
     }
     if !fault.present {
         // Only an access-tracked SPTE (A/D disabled) can be fixed from "not present".
-        return !vcpu.kvm.config().ad_enabled();
+        return !kvm.config().ad_enabled();
     }
     fault.write
 }
 
 /// `is_access_allowed`.
-fn is_access_allowed(vcpu: &Vcpu, fault: &KvmPageFault, spte: Spte) -> bool {
-    let m = &vcpu.kvm.mmu().masks;
+fn is_access_allowed(kvm: &Kvm, fault: &KvmPageFault, spte: Spte) -> bool {
+    let m = &kvm.mmu().masks;
     if fault.exec {
         spte.is_executable(m)
     } else if fault.write {
@@ -36,13 +36,12 @@ fn is_access_allowed(vcpu: &Vcpu, fault: &KvmPageFault, spte: Spte) -> bool {
 }
 
 /// `fast_page_fault`.
-pub fn fast_page_fault(vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
-    let kvm = vcpu.kvm.clone();
+pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "fast_page_fault");
-    if !page_fault_can_be_fast(vcpu, fault) {
+    if !page_fault_can_be_fast(kvm, fault) {
         return RetPf::Invalid;
     }
-    let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Invalid };
+    let Some(root) = vcpu.mmu.root.as_deref() else { return RetPf::Invalid };
     let m = kvm.mmu().masks;
     // walk_shadow_page_lockless_begin: remote flushes wait for us before freeing tables.
     vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
@@ -51,12 +50,12 @@ pub fn fast_page_fault(vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
     let mut retries = 0;
     let (mut sptep, mut spte);
     loop {
-        let (p, s, level) = tdp_mmu::fast_pf_get_last_sptep(&kvm, &root, fault.gfn);
+        let (p, s, level) = tdp_mmu::fast_pf_get_last_sptep(kvm, root, fault.gfn);
         (sptep, spte) = (p, s);
         if !spte.is_shadow_present() || !spte.is_last(level) {
             break;
         }
-        if is_access_allowed(vcpu, fault, spte) {
+        if is_access_allowed(kvm, fault, spte) {
             ret = RetPf::Spurious;
             break;
         }
@@ -67,7 +66,7 @@ pub fn fast_page_fault(vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
         if fault.write && spte.is_mmu_writable(&m) {
             new = Spte(new.0 | PT_WRITABLE);
         }
-        if new == spte || !is_access_allowed(vcpu, fault, new) {
+        if new == spte || !is_access_allowed(kvm, fault, new) {
             break;
         }
         // fast_pf_fix_direct_spte.

@@ -8,7 +8,7 @@
 use super::page_fault::RetPf;
 use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
 use super::tdp_iter::TdpIter;
-use crate::vm::Vcpu;
+use crate::vm::{Kvm, Vcpu};
 use x86_paging::addr::{Gfn, Gpa};
 
 /// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
@@ -19,10 +19,9 @@ pub fn pferr_flags(ec: u64) -> String {
 }
 
 /// `check_mmio_spte`: whether the SPTE's generation is the memslots' current one.
-fn check_mmio_spte(vcpu: &Vcpu, spte: Spte) -> bool {
+fn check_mmio_spte(kvm: &Kvm, vcpu: &Vcpu, spte: Spte) -> bool {
     let kvm_gen = vcpu.slots.generation() & MMIO_SPTE_GEN_MASK;
     let spte_gen = spte.mmio_gen();
-    let kvm = &vcpu.kvm;
     if kvm.tracer.events_on() {
         kvm.tracer.event(
             vcpu.id,
@@ -40,15 +39,14 @@ fn check_mmio_spte(vcpu: &Vcpu, spte: Spte) -> bool {
 }
 
 /// `handle_mmio_page_fault` for a direct (TDP) MMU.
-pub fn handle_mmio_page_fault(vcpu: &mut Vcpu, gpa: Gpa) -> RetPf {
-    let kvm = vcpu.kvm.clone();
+pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "handle_mmio_page_fault");
-    vcpu.refresh_memslots();
+    vcpu.refresh_memslots(kvm);
     // mmio_info_in_cache.
     if vcpu.mmu.mmio_gfn == Some((gpa.gfn().raw(), vcpu.slots.generation())) {
         return RetPf::Emulate;
     }
-    let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Retry };
+    let Some(root) = vcpu.mmu.root.as_deref() else { return RetPf::Retry };
     let m = kvm.mmu().masks;
     // get_mmio_spte: the lockless walk to the last SPTE.
     let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gpa.gfn(), Gfn::new(gpa.gfn().raw() + 1));
@@ -60,7 +58,7 @@ pub fn handle_mmio_page_fault(vcpu: &mut Vcpu, gpa: Gpa) -> RetPf {
     if spte.is_mmio(&m) {
         let gfn = spte.mmio_gfn(&m);
         let access = spte.mmio_access(&m);
-        if !check_mmio_spte(vcpu, spte) {
+        if !check_mmio_spte(kvm, vcpu, spte) {
             return RetPf::Invalid;
         }
         if kvm.tracer.events_on() {

@@ -90,6 +90,8 @@ pub struct KvmPageFault {
     pub hva: Hva,
     /// The host maps the page writable.
     pub map_writable: bool,
+    /// The level at which the host maps the page (1 = 4 KiB, 2 = 2 MiB).
+    pub host_level: u8,
 }
 
 impl KvmPageFault {
@@ -116,36 +118,35 @@ impl KvmPageFault {
             pfn: Pfn::new(0),
             hva: Hva(0),
             map_writable: false,
+            host_level: 1,
         }
     }
 }
 
 /// `kvm_mmu_page_fault`: the entry from an EPT violation / misconfiguration / NPF exit.
-pub fn kvm_mmu_page_fault(vcpu: &mut Vcpu, gpa: Gpa, error_code: u64) -> Result<RetPf, MmuError> {
-    let kvm = vcpu.kvm.clone();
+pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa, error_code: u64) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_mmu_page_fault");
     let mut r = RetPf::Invalid;
     if error_code & PFERR_RSVD != 0 {
-        r = mmio::handle_mmio_page_fault(vcpu, gpa);
+        r = mmio::handle_mmio_page_fault(kvm, vcpu, gpa);
         if r == RetPf::Emulate {
             return Ok(r);
         }
     }
     if r == RetPf::Invalid {
-        r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, false)?;
+        r = kvm_mmu_do_page_fault(kvm, vcpu, gpa, error_code, false)?;
     }
     Ok(r)
 }
 
 /// `kvm_mmu_do_page_fault`: builds the fault and accounts the result.
-pub fn kvm_mmu_do_page_fault(vcpu: &mut Vcpu, gpa: Gpa, error_code: u64, prefetch: bool) -> Result<RetPf, MmuError> {
-    let kvm = vcpu.kvm.clone();
+pub fn kvm_mmu_do_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa, error_code: u64, prefetch: bool) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_mmu_do_page_fault");
-    let mut fault = KvmPageFault::new(&kvm, gpa, error_code, prefetch);
+    let mut fault = KvmPageFault::new(kvm, gpa, error_code, prefetch);
     if !prefetch {
         vcpu.stat.pf_taken += 1;
     }
-    let r = kvm_tdp_page_fault(vcpu, &mut fault)?;
+    let r = kvm_tdp_page_fault(kvm, vcpu, &mut fault)?;
     match r {
         RetPf::Fixed => vcpu.stat.pf_fixed += 1,
         RetPf::Emulate if !prefetch => vcpu.stat.pf_emulate += 1,
@@ -156,28 +157,27 @@ pub fn kvm_mmu_do_page_fault(vcpu: &mut Vcpu, gpa: Gpa, error_code: u64, prefetc
 }
 
 /// `kvm_tdp_page_fault` -> `kvm_tdp_mmu_page_fault`.
-pub fn kvm_tdp_page_fault(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
-    let kvm = vcpu.kvm.clone();
+pub fn kvm_tdp_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_tdp_page_fault");
     // page_fault_handle_page_track: with only TDP roots no gfn is write-tracked.
-    let r = fast_pf::fast_page_fault(vcpu, fault);
+    let r = fast_pf::fast_page_fault(kvm, vcpu, fault);
     if r != RetPf::Invalid {
         return Ok(r);
     }
     {
         let _t = kvm.tracer.func(vcpu.id, "mmu_topup_memory_caches");
-        vcpu.mmu_topup_memory_caches()
+        vcpu.mmu_topup_memory_caches(kvm)
             .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
     }
-    let r = kvm_faultin_pfn(vcpu, fault)?;
+    let r = kvm_faultin_pfn(kvm, vcpu, fault)?;
     if r != RetPf::Continue {
         return Ok(r);
     }
     let _r = kvm.mmu.mmu_lock.read();
-    if is_page_fault_stale(vcpu, fault) {
+    if is_page_fault_stale(kvm, vcpu, fault) {
         return Ok(RetPf::Retry);
     }
-    Ok(tdp_mmu::kvm_tdp_mmu_map(vcpu, fault))
+    Ok(tdp_mmu::kvm_tdp_mmu_map(kvm, vcpu, fault))
 }
 
 /// `mmu_invalidate_retry_gfn`: an invalidation of `gfn` is in progress, or one completed
@@ -196,18 +196,17 @@ pub fn mmu_invalidate_retry_gfn(kvm: &Kvm, mmu_seq: u64, gfn: Gfn) -> bool {
 
 /// `kvm_faultin_pfn`: memslot lookup and hva -> pfn (get_user_pages), or the no-slot (MMIO)
 /// and read-only-slot cases.
-pub fn kvm_faultin_pfn(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
-    let kvm = vcpu.kvm.clone();
+pub fn kvm_faultin_pfn(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_faultin_pfn");
     fault.mmu_seq = kvm.mmu.mmu_invalidate_seq.load(Ordering::Acquire);
     let Some(slot) = vcpu.slots.find(fault.gfn).cloned() else {
-        return Ok(kvm_handle_noslot_fault(vcpu, fault));
+        return Ok(kvm_handle_noslot_fault(kvm, vcpu, fault));
     };
     if fault.write && slot.readonly() {
         // KVM_PFN_ERR_RO_FAULT: the write is emulated and exits to the VMM as MMIO.
         return Ok(RetPf::Emulate);
     }
-    if mmu_invalidate_retry_gfn(&kvm, fault.mmu_seq, fault.gfn) {
+    if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) {
         return Ok(RetPf::Retry);
     }
     let hva = slot.gfn_to_hva(fault.gfn);
@@ -220,8 +219,8 @@ pub fn kvm_faultin_pfn(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetP
         })
     };
     // hva_to_pfn: a read fault still asks for a writable mapping if one exists already.
-    let (page, writable) = match (fault.write, want_writable.then(|| host.get_user_page_fast_only(hva, true)).flatten())
-    {
+    let fast = if want_writable { host.get_user_page_fast_only(hva, true) } else { None };
+    let (page, writable) = match (fault.write, fast) {
         (false, Some(p)) => (p, true),
         _ => {
             let p = gup(fault.write)?;
@@ -232,13 +231,14 @@ pub fn kvm_faultin_pfn(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetP
     fault.hva = hva;
     fault.pfn = page.pfn;
     fault.map_writable = writable;
+    fault.host_level = page.level;
     Ok(RetPf::Continue)
 }
 
 /// `kvm_handle_noslot_fault`: an access outside every memslot.
-fn kvm_handle_noslot_fault(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
+fn kvm_handle_noslot_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
     vcpu.mmu.mmio_gfn = Some((fault.gfn.raw(), vcpu.slots.generation()));
-    if !vcpu.kvm.config().mmio_caching {
+    if !kvm.config().mmio_caching {
         return RetPf::Emulate;
     }
     // kvm_mmu_max_gfn: an MMIO SPTE cannot encode a gfn beyond the host's address width.
@@ -251,28 +251,32 @@ fn kvm_handle_noslot_fault(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
 
 /// `is_page_fault_stale`: the root became obsolete, or an invalidation raced with the pfn
 /// lookup.
-pub fn is_page_fault_stale(vcpu: &Vcpu, fault: &KvmPageFault) -> bool {
+pub fn is_page_fault_stale(kvm: &Kvm, vcpu: &Vcpu, fault: &KvmPageFault) -> bool {
     match &vcpu.mmu.root {
         None => true,
         Some(r) if r.is_invalid() => true,
-        Some(_) => fault.slot.is_some() && mmu_invalidate_retry_gfn(&vcpu.kvm, fault.mmu_seq, fault.gfn),
+        Some(_) => fault.slot.is_some() && mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn),
     }
 }
 
 /// `kvm_mmu_hugepage_adjust`: the largest level the memslot (lpage_info) and the host
 /// mapping allow, unless the NX mitigation forbids a huge page for this fetch.
-pub fn kvm_mmu_hugepage_adjust(vcpu: &Vcpu, fault: &mut KvmPageFault) {
+///
+/// The host mapping level (`host_pfn_mapping_level`) is the one get_user_pages saw when
+/// the pfn was looked up; a later change of the host mapping raises an MMU-notifier
+/// invalidation, which makes the fault stale, so this is as safe as KVM's re-read.
+pub fn kvm_mmu_hugepage_adjust(kvm: &Kvm, fault: &mut KvmPageFault) {
     fault.huge_page_disallowed = fault.exec && fault.nx_huge_page_workaround_enabled;
     let Some(slot) = fault.slot.as_ref() else { return };
     if fault.max_level == 1 {
         return;
     }
-    let mut level = fault.max_level.min(vcpu.kvm.config().tdp_huge_page_level);
+    let mut level = fault.max_level.min(kvm.config().tdp_huge_page_level);
     while level > 1 && slot.lpage_disallowed(fault.gfn, level) {
         level -= 1;
     }
     if level > 1 {
-        level = level.min(vcpu.kvm.host().host_mapping_level(fault.hva));
+        level = level.min(fault.host_level);
     }
     fault.req_level = level;
     if level <= 1 || fault.huge_page_disallowed {

@@ -167,10 +167,9 @@ fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared:
 
 /// `kvm_tdp_mmu_map`: walks from the root to the goal level, linking new tables on the way,
 /// and installs the leaf.
-pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
-    let kvm = vcpu.kvm.clone();
+pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "kvm_tdp_mmu_map");
-    super::page_fault::kvm_mmu_hugepage_adjust(vcpu, fault);
+    super::page_fault::kvm_mmu_hugepage_adjust(kvm, fault);
     if kvm.tracer.events_on() {
         kvm.tracer.event(
             vcpu.id,
@@ -183,10 +182,14 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
             ),
         );
     }
-    let Some(root) = vcpu.mmu.root.clone() else { return RetPf::Retry };
+    let Some((root_hpa, root_level, ad_disabled)) =
+        vcpu.mmu.root.as_deref().map(|r| (r.hpa, r.level(), r.role.ad_disabled() != 0))
+    else {
+        return RetPf::Retry;
+    };
     let masks = kvm.mmu.masks;
-    let ad_disabled = root.role.ad_disabled() != 0;
-    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
+    
+    let mut it = TdpIter::new(kvm.mem(), root_hpa, root_level, 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
     while it.valid {
         if fault.nx_huge_page_workaround_enabled {
             disallowed_hugepage_adjust(fault, it.old_spte, it.level);
@@ -195,7 +198,7 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
             return RetPf::Retry;
         }
         if it.level == fault.goal_level {
-            return tdp_mmu_map_handle_target_level(vcpu, fault, &mut it);
+            return tdp_mmu_map_handle_target_level(kvm, vcpu, fault, &mut it, ad_disabled);
         }
         if it.old_spte.is_shadow_present() && !it.old_spte.is_large() {
             it.next();
@@ -212,8 +215,8 @@ pub fn kvm_tdp_mmu_map(vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
         }
         let link = make_nonleaf_spte(&masks, sp.hpa(), ad_disabled);
         let level = it.level;
-        if tdp_mmu_set_spte_atomic(&kvm, vcpu.id, &mut it, link).is_err() {
-            init_table(&kvm, sp);
+        if tdp_mmu_set_spte_atomic(kvm, vcpu.id, &mut it, link).is_err() {
+            init_table(kvm, sp);
             vcpu.mmu.shadow_page_cache.push(sp);
             return RetPf::Retry;
         }
@@ -253,8 +256,13 @@ fn disallowed_hugepage_adjust(fault: &mut KvmPageFault, spte: Spte, level: u8) {
 }
 
 /// `tdp_mmu_map_handle_target_level`: builds and installs the leaf (or MMIO) SPTE.
-fn tdp_mmu_map_handle_target_level(vcpu: &mut Vcpu, fault: &mut KvmPageFault, it: &mut TdpIter<'_>) -> RetPf {
-    let kvm = vcpu.kvm.clone();
+fn tdp_mmu_map_handle_target_level(
+    kvm: &Kvm,
+    vcpu: &mut Vcpu,
+    fault: &mut KvmPageFault,
+    it: &mut TdpIter<'_>,
+    ad_disabled: bool,
+) -> RetPf {
     let masks = kvm.mmu.masks;
     let new = if fault.slot.is_none() {
         make_mmio_spte(&masks, it.gfn, ACC_ALL, vcpu.slots.generation())
@@ -267,7 +275,7 @@ fn tdp_mmu_map_handle_target_level(vcpu: &mut Vcpu, fault: &mut KvmPageFault, it
             synchronizing: false,
             host_writable: fault.map_writable,
             nx_huge_pages: kvm.nx_huge_pages(),
-            ad_disabled: vcpu.mmu.root.as_ref().is_some_and(|r| r.role.ad_disabled() != 0),
+            ad_disabled,
         };
         make_spte(&masks, &req, it.old_spte, || true).0
     };
@@ -275,7 +283,7 @@ fn tdp_mmu_map_handle_target_level(vcpu: &mut Vcpu, fault: &mut KvmPageFault, it
         return RetPf::Spurious;
     }
     let was_nonleaf = it.old_spte.is_shadow_present() && !it.old_spte.is_last(it.level);
-    if tdp_mmu_set_spte_atomic(&kvm, vcpu.id, it, new).is_err() {
+    if tdp_mmu_set_spte_atomic(kvm, vcpu.id, it, new).is_err() {
         return RetPf::Retry;
     }
     if was_nonleaf {
