@@ -325,16 +325,12 @@ fn host_coherence_npt_thp_whole_2m() {
     host_coherence(TdpKind::Npt, Backing::Thp, Drops::Whole2m);
 }
 
-/// Known bug (see the report): a partial MADV_DONTNEED of a THP splits the PMD
-/// (`HostMm::zap_range` -> `split_pmd`) and frees 4 KiB frames of the huge page, but the MMU
-/// notifier only covers the dropped sub-range. A vCPU faulting on another gfn of the same
-/// 2 MiB page meanwhile is not told to retry, sees the host's PMD still huge and installs a
-/// 2 MiB SPTE over frames that are then freed and reused: the guest reads foreign data (host
-/// page-table entries, e.g. `0x98e067`). Linux's `__split_huge_pmd` notifies the whole 2 MiB
-/// range. Racy: the loop below usually hits it.
+/// Regression: a partial MADV_DONTNEED of a THP splits the PMD and frees 4 KiB frames of
+/// the huge page; the MMU notifier must cover the whole 2 MiB (as Linux's `__split_huge_pmd`
+/// does), or a vCPU faulting on another gfn of the same huge page installs a 2 MiB SPTE over
+/// frames that are then freed and reused. Racy: the loop below usually hit it before the fix.
 #[test]
-#[ignore = "known bug: THP split on partial MADV_DONTNEED notifies only the sub-range"]
-fn known_bug_host_coherence_thp_partial_drops() {
+fn host_coherence_thp_partial_drops() {
     for _ in 0..40 {
         host_coherence(TdpKind::Ept, Backing::Thp, Drops::Mixed);
         host_coherence(TdpKind::Npt, Backing::Thp, Drops::Mixed);

@@ -14,9 +14,8 @@
 //! (so the guest A/D bits match), and the MMU audit must pass. The VM side varies EPT
 //! (A/D on and off) / NPT, 4 KiB / THP backing, the TDP huge-page level and the TDP depth.
 //!
-//! Bugs found in the existing code while writing this test are reproduced by the
-//! `#[ignore]`d `known_bug_*` tests at the end, and kept out of the random generator
-//! (see [`KNOWN_BUGS_AVOIDED`]) so the property keeps guarding everything else.
+//! Bugs this test found (the emulator ignoring EFLAGS.AC, INVLPG missing fractured TLB
+//! entries of a guest huge page, gpa aliasing above 48 bits) have regression tests at the end.
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -40,10 +39,9 @@ const TABLES_END: u64 = 1 << 20;
 const DATA_FIRST_PAGE: u64 = TABLES_END >> 12;
 const DATA_PAGES: u64 = (MEM >> 12) - DATA_FIRST_PAGE;
 
-/// The generator steers clear of two bugs (see the `known_bug_*` tests): the emulator
-/// ignores EFLAGS.AC, and INVLPG misses TLB entries of a guest huge page that the TDP
-/// tables map with small pages. Set to false to let the property find them again.
-const KNOWN_BUGS_AVOIDED: bool = true;
+/// Set to true to keep the generator away from data outside guest RAM under SMAP and from
+/// INVLPG of huge leaves (areas where bugs were once found; fixed, so normally false).
+const KNOWN_BUGS_AVOIDED: bool = false;
 
 // ------------------------------------------------------------------------------------
 // The case description (what proptest generates and shrinks).
@@ -200,8 +198,9 @@ fn case_strategy(modes: Vec<Mode>) -> impl Strategy<Value = Case> {
         proptest::collection::vec(op_strategy(), 1..40),
     )
         .prop_map(|(regs, mut vm, maps, corrupt, ops)| {
-            if regs.avoid_bugs && regs.maxphy > 48 {
-                // Known bug: a 4-level TDP aliases guest-physical addresses above 48 bits.
+            if regs.maxphy > 48 {
+                // A 4-level TDP maps only 48 bits of guest-physical address: the VM needs
+                // 5-level TDP (Kvm::new refuses anything else).
                 vm.max_tdp_level = 5;
             }
             Case { regs, vm, maps, corrupt, ops }
@@ -1057,7 +1056,7 @@ fn generator_reaches_every_outcome() {
 }
 
 // ------------------------------------------------------------------------------------
-// Known bugs (see the report); un-ignore once fixed.
+// Regression tests for bugs this property found.
 
 /// Native and TDP runs of `c` must agree.
 fn assert_transparent(c: &Case) {
@@ -1071,8 +1070,7 @@ fn assert_transparent(c: &Case) {
 /// (the data page is outside every memslot: MMIO / open bus) takes a #PF under TDP but
 /// succeeds natively.
 #[test]
-#[ignore = "known bug: emulate_access ignores EFLAGS.AC"]
-fn known_bug_emulator_ignores_eflags_ac() {
+fn emulator_honours_eflags_ac() {
     let mut c = simple_case(
         Mode::Level4,
         1,
@@ -1094,8 +1092,7 @@ fn known_bug_emulator_ignores_eflags_ac() {
 /// invalidated the whole 2 MiB page (SDM: INVLPG invalidates the page "for any page size"),
 /// but keeps using the old translation for the other 4 KiB pages it had touched.
 #[test]
-#[ignore = "known bug: INVLPG misses fractured TLB entries of guest huge pages under TDP"]
-fn known_bug_invlpg_misses_fractured_huge_page() {
+fn invlpg_drops_every_piece_of_a_fractured_huge_page() {
     let c = simple_case(
         Mode::Level4,
         2,
@@ -1132,20 +1129,21 @@ fn known_bug_invlpg_misses_fractured_huge_page() {
     assert_eq!(a, vcpu.read(page1, 8), "after INVLPG of the 2 MiB page, the TDP vCPU still uses the old translation");
 }
 
-/// `VmConfig` accepts a guest MAXPHYADDR above 48 with a 4-level TDP (`max_tdp_level: 4`,
-/// `tdp_level()` = 4), but a 4-level EPT/NPT walk only decodes gpa bits 47:0: a guest PTE
-/// pointing at gpa `1 << 51` (legal with MAXPHYADDR 52, outside guest RAM: open bus
-/// natively) reaches gpa 0 of guest RAM under TDP. (KVM never advertises a MAXPHYADDR the
-/// TDP cannot map; `Kvm::new` should reject the combination, or the guest's MAXPHYADDR
-/// be capped at 48.)
+/// A 4-level EPT/NPT walk decodes only gpa bits 47:0, so a guest MAXPHYADDR above 48 needs a
+/// 5-level TDP: `Kvm::new` refuses the combination (as KVM never advertises a MAXPHYADDR its
+/// TDP cannot map), and with 5-level TDP a guest PTE pointing at gpa `1 << 51` (outside guest
+/// RAM: open bus natively) behaves as it does natively instead of aliasing gpa 0.
 #[test]
-#[ignore = "known bug: 4-level TDP with guest MAXPHYADDR > 48 aliases guest-physical addresses"]
-fn known_bug_gpa_above_48_bits_aliases_under_4level_tdp() {
-    // THP backing: the 2 MiB SPTE that maps the guest's tables also maps gpa 0.
+fn gpa_above_48_bits_needs_five_level_tdp() {
+    let host = std::sync::Arc::new(
+        vmmu::host::HostMm::new(std::sync::Arc::new(vmmu::host::FrameAllocator::new(64 << 20).unwrap())).unwrap(),
+    );
+    let cfg = vmmu::VmConfig { maxphyaddr: 52, max_tdp_level: 4, ..Default::default() };
+    assert!(matches!(vmmu::Kvm::new(cfg, host), Err(vmmu::VmError::InvalidConfig(_))));
     let mut c = simple_case(
         Mode::Level4,
         1,
-        VmVariant { tdp: TdpKind::Ept, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 4 },
+        VmVariant { tdp: TdpKind::Ept, eptad: true, thp: true, tdp_huge_page_level: 3, max_tdp_level: 5 },
     );
     c.regs.maxphy = 52;
     c.maps[0].place = 6; // gpa 1 << 51

@@ -97,7 +97,7 @@ pub fn emulate_access(vcpu: &mut Vcpu, gva: Gva, size: u8, kind: AccessKind, val
     let bus = kvm.mmio_bus();
     let mut mem = KvmGuestMem::new(&kvm, &slots, &bus);
     let st = *vcpu.cpu.paging();
-    let access = Access { kind, cpl: vcpu.cpu.cpl(), implicit_supervisor: false, eflags_ac: false };
+    let access = Access { kind, cpl: vcpu.cpu.cpl(), implicit_supervisor: false, eflags_ac: vcpu.cpu.eflags_ac() };
     let in_page = 4096 - (gva.raw() & 0xfff);
     let first = u64::from(size).min(in_page) as u8;
     let mut gpas = [(Gpa::new(0), 0u8); 2];

@@ -233,6 +233,14 @@ impl Kvm {
         if !matches!(config.max_tdp_level, 4 | 5) {
             return Err(VmError::InvalidConfig(format!("max_tdp_level {} must be 4 or 5", config.max_tdp_level)));
         }
+        if config.maxphyaddr > 48 && config.tdp_level() < 5 {
+            // A 4-level EPT/NPT translates only 48 bits of guest-physical address; KVM never
+            // advertises a MAXPHYADDR its TDP cannot map.
+            return Err(VmError::InvalidConfig(format!(
+                "maxphyaddr {} needs 5-level TDP (max_tdp_level = 5); 4-level TDP maps 48 bits",
+                config.maxphyaddr
+            )));
+        }
         if !(1..=3).contains(&config.tdp_huge_page_level) {
             return Err(VmError::InvalidConfig(format!(
                 "tdp_huge_page_level {} must be 1, 2 or 3",
@@ -689,7 +697,13 @@ impl Vcpu {
                     return Err(GuestError::Exception(e));
                 }
                 Stop::Exit(x) => {
-                    exits += 1;
+                    if self.kvm.mmu.mmu_invalidate_in_progress.load(Ordering::Relaxed) == 0 {
+                        exits += 1;
+                    } else {
+                        // The host is invalidating: faults retry until it is done. That is
+                        // progress elsewhere, not a stuck vCPU; let the other thread run.
+                        std::thread::yield_now();
+                    }
                     if exits > MAX_EXITS_PER_ACCESS {
                         return Err(VmError::Stuck { vcpu: self.id, gva, exits, last: x.to_string() }.into());
                     }

@@ -333,8 +333,13 @@ impl HostMm {
             return Err(HostError::Invalid(format!("range {hva}+{len:#x} is not page aligned")));
         }
         let (start, end) = (hva.0, hva.0 + len);
-        let range = HvaRange { start: hva, end: Hva(end) };
         let _g = self.mmap_lock.lock();
+        // A huge page only partly inside the range is split first (as __split_huge_pmd
+        // does), which changes the mapping of all of it: notify its whole 2 MiB.
+        let huge = |a: u64| matches!(self.lookup(a), Some((_, 2, _)));
+        let nstart = if huge(start) { start & !((2 << 20) - 1) } else { start };
+        let nend = if huge(end - 1) { (end - 1) / (2 << 20) * (2 << 20) + (2 << 20) } else { end };
+        let range = HvaRange { start: Hva(nstart), end: Hva(nend) };
         self.notify_start(range, ev);
         let mut a = start;
         while a < end {

@@ -201,6 +201,11 @@ impl Cpu {
         self.eflags_ac = ac;
     }
 
+    /// EFLAGS.AC.
+    pub fn eflags_ac(&self) -> bool {
+        self.eflags_ac
+    }
+
     fn recompute_perm_table(&mut self) {
         let paging = self.st.mode() != PagingMode::NonPaging;
         for idx in 0..64usize {
@@ -320,7 +325,9 @@ impl Cpu {
                 if t.host_exec {
                     allow |= kind_mask(2);
                 }
-                let shift = t.guest.size.shift().min(t.host_size.shift()) as u8;
+                // The entry maps 4 KiB of host memory but remembers the guest page size: INVLPG of
+                // any address in a guest huge page must drop every piece of it.
+                let shift = t.guest.size.shift() as u8;
                 (t.hpa, t.guest.perms, shift, allow)
             }
         };

@@ -140,7 +140,13 @@ pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa, error_code: u64)
 }
 
 /// `kvm_mmu_do_page_fault`: builds the fault and accounts the result.
-pub fn kvm_mmu_do_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa, error_code: u64, prefetch: bool) -> Result<RetPf, MmuError> {
+pub fn kvm_mmu_do_page_fault(
+    kvm: &Kvm,
+    vcpu: &mut Vcpu,
+    gpa: Gpa,
+    error_code: u64,
+    prefetch: bool,
+) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_mmu_do_page_fault");
     let mut fault = KvmPageFault::new(kvm, gpa, error_code, prefetch);
     if !prefetch {

@@ -188,7 +188,7 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> 
         return RetPf::Retry;
     };
     let masks = kvm.mmu.masks;
-    
+
     let mut it = TdpIter::new(kvm.mem(), root_hpa, root_level, 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
     while it.valid {
         if fault.nx_huge_page_workaround_enabled {
