@@ -135,3 +135,34 @@ fn bad_input_is_one_line_and_exit_2() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn every_shipped_scenario_runs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let v = json(&["run", p.to_str().unwrap(), "--json"]);
+            assert!(!v["phases"].as_array().unwrap().is_empty(), "{}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "scenarios found: {n}");
+}
+
+#[test]
+fn mmio_scenario_shows_the_mmio_path() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/mmio.toml");
+    let v = json(&["run", dir.to_str().unwrap(), "--json"]);
+    let ph = v["phases"].as_array().unwrap();
+    assert_eq!(stat(&ph[0], "pf_mmio_spte_created"), 2);
+    assert_eq!(stat(&ph[1], "pf_taken"), 0, "cached MMIO SPTE: no page faults");
+    assert_eq!(stat(&ph[1], "mmio_exits"), 1000);
+    assert_eq!(stat(&ph[2], "pf_emulate"), 16, "writes to the read-only memslot");
+    let (code, out, err) = vmmu(&["run", dir.to_str().unwrap(), "--trace", "events"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("mark_mmio_spte: sptep:"), "mark_mmio_spte missing");
+    assert!(out.contains("handle_mmio_page_fault: addr:0 gfn fee0"), "handle_mmio_page_fault missing");
+    assert!(out.contains("check_mmio_spte: spte "), "check_mmio_spte missing");
+}
