@@ -125,6 +125,8 @@ pub struct Cpu {
     mode: CpuMode,
     tlb: Tlb,
     perm_table: [u16; 64],
+    ctx: u32,
+    mode_index: usize,
     /// Counters.
     pub counters: HwCounters,
 }
@@ -154,9 +156,12 @@ impl Cpu {
             mode,
             tlb: Tlb::new(),
             perm_table: [0; 64],
+            ctx: 0,
+            mode_index: 0,
             counters: HwCounters::default(),
         };
         c.recompute_perm_table();
+        c.refresh_cached();
         c
     }
 
@@ -194,11 +199,13 @@ impl Cpu {
     /// Sets CPL (a privilege change; no TLB effect).
     pub fn set_cpl(&mut self, cpl: u8) {
         self.cpl = cpl & 3;
+        self.refresh_cached();
     }
 
     /// Sets EFLAGS.AC (STAC/CLAC).
     pub fn set_ac(&mut self, ac: bool) {
         self.eflags_ac = ac;
+        self.refresh_cached();
     }
 
     /// EFLAGS.AC.
@@ -251,28 +258,31 @@ impl Cpu {
             | ((pk >> 1) * PB_PKWD)
     }
 
+    /// The TLB tag of the current context, `vpid << 16 | pcid` (recomputed by
+    /// [`Cpu::refresh_cached`] whenever CR3 or CR4 changes).
     #[inline]
     fn ctx(&self) -> u32 {
-        let pcid = if self.st.cr4.contains(Cr4::PCIDE) { (self.st.cr3 & 0xfff) as u32 } else { 0 };
-        (u32::from(self.vpid) << 16) | pcid
+        self.ctx
     }
 
+    /// The access-class mode of the current CPL and EFLAGS.AC (see `tlb::class`).
     #[inline]
     fn mode_index(&self) -> usize {
-        if self.cpl == 3 {
-            2
-        } else {
-            self.eflags_ac as usize
-        }
+        self.mode_index
+    }
+
+    fn refresh_cached(&mut self) {
+        let pcid = if self.st.cr4.contains(Cr4::PCIDE) { (self.st.cr3 & 0xfff) as u32 } else { 0 };
+        self.ctx = (u32::from(self.vpid) << 16) | pcid;
+        self.mode_index = if self.cpl == 3 { 2 } else { self.eflags_ac as usize };
     }
 
     /// Translates `gva` for an access of `kind`: the TLB, else a page walk that fills it.
     #[inline]
     pub fn translate(&mut self, gva: Gva, kind: AccessKind) -> Result<Hpa, Stop> {
         let bit = class::bit(kind_index(kind), self.mode_index());
-        let vpn = gva.raw() >> 12;
-        if let Some(page) = self.tlb.lookup(vpn, self.ctx(), bit) {
-            return Ok(Hpa::new(page | (gva.raw() & 0xfff)));
+        if let Some(hpa) = self.tlb.lookup(gva.raw(), self.ctx(), bit) {
+            return Ok(Hpa::new(hpa));
         }
         self.translate_slow(gva, kind)
     }
@@ -281,7 +291,7 @@ impl Cpu {
     fn translate_slow(&mut self, gva: Gva, kind: AccessKind) -> Result<Hpa, Stop> {
         let access = Access { kind, cpl: self.cpl, implicit_supervisor: false, eflags_ac: self.eflags_ac };
         self.counters.walks += 1;
-        let (hpa, perms, shift, host_allow) = match &self.mode {
+        let (hpa, perms, shift, guest_shift, host_allow) = match &self.mode {
             CpuMode::Native => {
                 let t = loop {
                     match walk(
@@ -301,11 +311,17 @@ impl Cpu {
                     }
                 };
                 self.counters.walk_mem_refs += u64::from(self.st.mode().levels());
-                if !self.mem.contains(Hpa::new(t.gpa.raw()), 1) {
+                let guest_shift = t.size.shift() as u8;
+                let page = t.gpa.raw() & !((1u64 << guest_shift) - 1);
+                let shift = if self.mem.contains(Hpa::new(page), 1 << guest_shift) {
+                    guest_shift
+                } else if self.mem.contains(Hpa::new(t.gpa.raw() & !0xfff), 4096) {
+                    12
+                } else {
                     // Open bus: serve the access but never cache it.
                     return Ok(Hpa::new(t.gpa.raw()));
-                }
-                (Hpa::new(t.gpa.raw()), t.perms, t.size.shift() as u8, class::ALL)
+                };
+                (Hpa::new(t.gpa.raw()), t.perms, shift, guest_shift, class::ALL)
             }
             CpuMode::Tdp(tdp) => {
                 let t = loop {
@@ -325,21 +341,16 @@ impl Cpu {
                 if t.host_exec {
                     allow |= kind_mask(2);
                 }
-                // The entry maps 4 KiB of host memory but remembers the guest page size: INVLPG of
-                // any address in a guest huge page must drop every piece of it.
-                let shift = t.guest.size.shift() as u8;
-                (t.hpa, t.guest.perms, shift, allow)
+                // The combined translation is as large as the smaller of the two pages; it
+                // remembers the guest page size, which is what INVLPG invalidates.
+                let guest_shift = t.guest.size.shift() as u8;
+                let shift = guest_shift.min(t.host_size.shift() as u8);
+                (t.hpa, t.guest.perms, shift, guest_shift, allow)
             }
         };
         let allow = self.perm_table[self.perm_index(&perms)] & host_allow;
-        self.tlb.fill(
-            gva.raw() >> 12,
-            self.ctx(),
-            perms.global && self.st.cr4.contains(Cr4::PGE),
-            shift,
-            hpa.raw() & !0xfff,
-            allow,
-        );
+        let global = perms.global && self.st.cr4.contains(Cr4::PGE);
+        self.tlb.fill(gva.raw(), self.ctx(), global, shift, guest_shift, hpa.raw(), allow);
         Ok(hpa)
     }
 
@@ -444,6 +455,7 @@ impl Cpu {
             self.load_pdptrs()?;
         }
         self.recompute_perm_table();
+        self.refresh_cached();
         // Flushing more than required is always allowed; these writes are rare.
         self.tlb.flush_vpid(self.vpid);
         Ok(())
@@ -486,6 +498,7 @@ impl Cpu {
         if self.pae_paging() {
             self.load_pdptrs().inspect_err(|_| self.st = old)?;
         }
+        self.refresh_cached();
         if !noflush {
             if pcide {
                 self.tlb.flush_pcid(self.vpid, (self.st.cr3 & 0xfff) as u16, false);

@@ -1,14 +1,19 @@
 //! The vCPU's TLB: combined GVA -> HPA translations tagged by (VPID, PCID), with the
-//! permissions they were filled with.
+//! rights they were filled with.
 //!
-//! Direct-mapped and indexed by the 4 KiB virtual page number. A large page is cached as
-//! 4 KiB pieces (splintering, which the architecture allows); each piece remembers its page
-//! size so INVLPG of any address in a large page drops every piece of it. Flushing more than
-//! the architecture requires is always allowed, and this TLB uses that freedom where it keeps
-//! the model simple (for example on CR0/CR4/EFER/PKRU writes).
+//! Two direct-mapped arrays, as a real TLB has separate structures per page size: 4 KiB
+//! translations indexed by the page number, and translations of 2 MiB or larger (the
+//! combined size: the smaller of the guest page and the host/EPT page) indexed by the 2 MiB
+//! frame number. A translation is cached at its combined size, but remembers the *guest*
+//! page size: INVLPG of any address in a guest page drops every entry that came from it
+//! (a guest 2 MiB page over 4 KiB EPT pages is "fractured" into 4 KiB entries). Flushing more
+//! than the architecture requires is always allowed, and this TLB uses that freedom where it
+//! keeps the model simple (for example on CR0/CR4/EFER/PKRU writes).
 
-/// Number of entries (a power of two).
+/// Number of 4 KiB entries (a power of two).
 pub const TLB_ENTRIES: usize = 4096;
+/// Number of large-page entries (a power of two).
+pub const TLB_LARGE_ENTRIES: usize = 256;
 
 /// Access classes a TLB entry allows, one bit each: kind (read, write, fetch) x
 /// (supervisor with EFLAGS.AC=0, supervisor with AC=1, user).
@@ -26,18 +31,37 @@ pub mod class {
 /// One cached translation.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TlbEntry {
-    /// `vpn + 1`; 0 marks an empty entry.
+    /// `(gva >> page_shift) + 1`; 0 marks an empty entry.
     pub key: u64,
     /// `vpid << 16 | pcid`.
     pub ctx: u32,
     /// Global page (matches any PCID of its VPID).
     pub global: bool,
-    /// log2 of the page size the translation came from (12, 21, 22 or 30).
+    /// log2 of the size this entry translates (12, 21, 22 or 30).
     pub page_shift: u8,
-    /// Host physical address of the 4 KiB page.
+    /// log2 of the guest page it came from (what INVLPG invalidates).
+    pub guest_shift: u8,
+    /// Host physical address of the start of the translated page.
     pub hpa_page: u64,
     /// Access classes allowed without a page walk (see [`class`]).
     pub allow: u16,
+}
+
+impl TlbEntry {
+    #[inline]
+    fn matches_ctx(&self, ctx: u32) -> bool {
+        self.ctx == ctx || (self.global && (self.ctx >> 16) == (ctx >> 16))
+    }
+
+    fn vpid(&self) -> u16 {
+        (self.ctx >> 16) as u16
+    }
+
+    /// Whether the guest page this entry came from contains `gva`.
+    fn guest_page_contains(&self, gva: u64) -> bool {
+        let va = (self.key - 1) << self.page_shift;
+        va >> self.guest_shift == gva >> self.guest_shift
+    }
 }
 
 /// TLB hit/miss/flush counters.
@@ -54,8 +78,9 @@ pub struct TlbCounters {
 /// The TLB.
 pub struct Tlb {
     entries: Box<[TlbEntry]>,
-    /// Whether any entry came from a page larger than 4 KiB (INVLPG must then scan).
-    has_large: bool,
+    large: Box<[TlbEntry]>,
+    /// Whether any 4 KiB entry came from a larger guest page (INVLPG must then scan).
+    fractured: bool,
     /// Counters.
     pub counters: TlbCounters,
 }
@@ -71,47 +96,72 @@ fn slot(vpn: u64) -> usize {
     (vpn as usize) & (TLB_ENTRIES - 1)
 }
 
+#[inline]
+fn large_slot(gva: u64) -> usize {
+    ((gva >> 21) as usize) & (TLB_LARGE_ENTRIES - 1)
+}
+
 impl Tlb {
     /// An empty TLB.
     pub fn new() -> Self {
         Tlb {
             entries: vec![TlbEntry::default(); TLB_ENTRIES].into_boxed_slice(),
-            has_large: false,
+            large: vec![TlbEntry::default(); TLB_LARGE_ENTRIES].into_boxed_slice(),
+            fractured: false,
             counters: TlbCounters::default(),
         }
     }
 
-    /// Looks up `vpn` in context `ctx`; returns the entry if it allows access class `bit`.
+    /// Looks `gva` up in context `ctx`; returns the host physical address if an entry allows
+    /// access class `bit`.
     #[inline]
-    pub fn lookup(&mut self, vpn: u64, ctx: u32, bit: u16) -> Option<u64> {
+    pub fn lookup(&mut self, gva: u64, ctx: u32, bit: u16) -> Option<u64> {
+        let vpn = gva >> 12;
         let e = &self.entries[slot(vpn)];
-        if e.key == vpn + 1 && (e.ctx == ctx || (e.global && (e.ctx >> 16) == (ctx >> 16))) && e.allow & bit != 0 {
+        if e.key == vpn + 1 && e.matches_ctx(ctx) && e.allow & bit != 0 {
             self.counters.hits += 1;
-            Some(e.hpa_page)
-        } else {
-            self.counters.misses += 1;
-            None
+            return Some(e.hpa_page | (gva & 0xfff));
         }
+        self.lookup_large(gva, ctx, bit)
     }
 
-    /// Caches a translation.
     #[inline]
-    pub fn fill(&mut self, vpn: u64, ctx: u32, global: bool, page_shift: u8, hpa_page: u64, allow: u16) {
-        if page_shift > 12 {
-            self.has_large = true;
+    fn lookup_large(&mut self, gva: u64, ctx: u32, bit: u16) -> Option<u64> {
+        let e = &self.large[large_slot(gva)];
+        if e.key != 0 && e.key == (gva >> e.page_shift) + 1 && e.matches_ctx(ctx) && e.allow & bit != 0 {
+            self.counters.hits += 1;
+            return Some(e.hpa_page + (gva & ((1u64 << e.page_shift) - 1)));
         }
-        self.entries[slot(vpn)] = TlbEntry { key: vpn + 1, ctx, global, page_shift, hpa_page, allow };
+        self.counters.misses += 1;
+        None
+    }
+
+    /// Caches the translation of `gva`: `hpa` is the host address of `gva` itself, valid for
+    /// the aligned `1 << page_shift` bytes around it; the guest page was `1 << guest_shift`.
+    #[inline]
+    pub fn fill(&mut self, gva: u64, ctx: u32, global: bool, page_shift: u8, guest_shift: u8, hpa: u64, allow: u16) {
+        let mask = (1u64 << page_shift) - 1;
+        let e = TlbEntry { key: (gva >> page_shift) + 1, ctx, global, page_shift, guest_shift, hpa_page: hpa & !mask, allow };
+        if page_shift > 12 {
+            self.large[large_slot(gva)] = e;
+        } else {
+            if guest_shift > 12 {
+                self.fractured = true;
+            }
+            self.entries[slot(gva >> 12)] = e;
+        }
     }
 
     /// Drops everything (INVEPT all-context / INVVPID all-context / VPID disabled).
     pub fn flush_all(&mut self) {
         self.entries.fill(TlbEntry::default());
-        self.has_large = false;
+        self.large.fill(TlbEntry::default());
+        self.fractured = false;
         self.counters.flushes += 1;
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&TlbEntry) -> bool) {
-        for e in self.entries.iter_mut() {
+        for e in self.entries.iter_mut().chain(self.large.iter_mut()) {
             if e.key != 0 && !keep(e) {
                 *e = TlbEntry::default();
             }
@@ -120,7 +170,7 @@ impl Tlb {
 
     /// Drops every entry of one VPID (INVVPID single-context, INVEPT of its EPTP).
     pub fn flush_vpid(&mut self, vpid: u16) {
-        self.retain(|e| (e.ctx >> 16) as u16 != vpid);
+        self.retain(|e| e.vpid() != vpid);
         self.counters.flushes += 1;
     }
 
@@ -134,32 +184,40 @@ impl Tlb {
     /// Drops every non-global entry of a VPID, in all PCIDs (INVPCID all-context without
     /// globals); with `globals`, global entries too.
     pub fn flush_vpid_nonglobal(&mut self, vpid: u16, globals: bool) {
-        self.retain(|e| !((e.ctx >> 16) as u16 == vpid && (globals || !e.global)));
+        self.retain(|e| !(e.vpid() == vpid && (globals || !e.global)));
         self.counters.flushes += 1;
     }
 
-    /// Drops the translations of the page containing `gva` (INVLPG / INVPCID individual):
-    /// for `pcid` (None = every PCID), always including global entries.
+    /// Drops the translations of the guest page containing `gva` (INVLPG / INVPCID
+    /// individual): for `pcid` (None = every PCID), always including global entries.
     pub fn flush_addr(&mut self, vpid: u16, pcid: Option<u16>, gva: u64) {
-        let vpn = gva >> 12;
-        let matches_ctx = |e: &TlbEntry| {
-            (e.ctx >> 16) as u16 == vpid && (e.global || pcid.is_none_or(|p| (e.ctx & 0xffff) as u16 == p))
+        let hit = |e: &TlbEntry| {
+            e.key != 0
+                && e.vpid() == vpid
+                && (e.global || pcid.is_none_or(|p| (e.ctx & 0xffff) as u16 == p))
+                && e.guest_page_contains(gva)
         };
-        let i = slot(vpn);
-        if self.entries[i].key == vpn + 1 && matches_ctx(&self.entries[i]) {
+        let i = slot(gva >> 12);
+        if hit(&self.entries[i]) {
             self.entries[i] = TlbEntry::default();
         }
-        if self.has_large {
-            self.retain(|e| {
-                let shift = u32::from(e.page_shift);
-                !(shift > 12 && matches_ctx(e) && ((e.key - 1) << 12) >> shift == gva >> shift)
-            });
+        for e in self.large.iter_mut() {
+            if hit(e) {
+                *e = TlbEntry::default();
+            }
+        }
+        if self.fractured {
+            for e in self.entries.iter_mut() {
+                if e.guest_shift > 12 && hit(e) {
+                    *e = TlbEntry::default();
+                }
+            }
         }
     }
 
     /// Number of valid entries (for tests and reports).
     pub fn len(&self) -> usize {
-        self.entries.iter().filter(|e| e.key != 0).count()
+        self.entries.iter().chain(self.large.iter()).filter(|e| e.key != 0).count()
     }
 
     /// Whether the TLB holds nothing.
@@ -177,30 +235,42 @@ mod tests {
     #[test]
     fn hit_miss_and_context_tags() {
         let mut t = Tlb::new();
-        t.fill(5, 1 << 16 | 3, false, 12, 0x7000, class::ALL);
-        assert_eq!(t.lookup(5, 1 << 16 | 3, R), Some(0x7000));
-        assert_eq!(t.lookup(5, 1 << 16 | 4, R), None, "other PCID");
-        assert_eq!(t.lookup(5, 2 << 16 | 3, R), None, "other VPID");
-        t.fill(6, 1 << 16 | 3, true, 12, 0x8000, R);
-        assert_eq!(t.lookup(6, 1 << 16 | 9, R), Some(0x8000), "global matches any PCID");
-        assert_eq!(t.lookup(6, 1 << 16 | 9, class::bit(1, 0)), None, "write not allowed");
+        t.fill(0x5000, 1 << 16 | 3, false, 12, 12, 0x7000, class::ALL);
+        assert_eq!(t.lookup(0x5008, 1 << 16 | 3, R), Some(0x7008));
+        assert_eq!(t.lookup(0x5000, 1 << 16 | 4, R), None, "other PCID");
+        assert_eq!(t.lookup(0x5000, 2 << 16 | 3, R), None, "other VPID");
+        t.fill(0x6000, 1 << 16 | 3, true, 12, 12, 0x8000, R);
+        assert_eq!(t.lookup(0x6000, 1 << 16 | 9, R), Some(0x8000), "global matches any PCID");
+        assert_eq!(t.lookup(0x6000, 1 << 16 | 9, class::bit(1, 0)), None, "write not allowed");
         t.flush_pcid(1, 3, false);
-        assert_eq!(t.lookup(5, 1 << 16 | 3, R), None);
-        assert_eq!(t.lookup(6, 1 << 16 | 3, R), Some(0x8000), "globals survive");
+        assert_eq!(t.lookup(0x5000, 1 << 16 | 3, R), None);
+        assert_eq!(t.lookup(0x6000, 1 << 16 | 3, R), Some(0x8000), "globals survive");
     }
 
     #[test]
-    fn invlpg_drops_all_pieces_of_a_large_page() {
+    fn large_entries_translate_the_whole_page() {
+        let mut t = Tlb::new();
+        let ctx = 1 << 16;
+        t.fill(0x4020_1234, ctx, false, 21, 21, 0x1_0000_1234, class::ALL);
+        assert_eq!(t.lookup(0x4020_0000, ctx, R), Some(0x1_0000_0000));
+        assert_eq!(t.lookup(0x403f_fff8, ctx, R), Some(0x1_001f_fff8));
+        assert_eq!(t.lookup(0x4040_0000, ctx, R), None);
+        t.flush_addr(1, Some(0), 0x4030_0000);
+        assert_eq!(t.lookup(0x4020_0000, ctx, R), None, "INVLPG anywhere in the page drops it");
+    }
+
+    #[test]
+    fn invlpg_drops_all_pieces_of_a_fractured_guest_page() {
         let mut t = Tlb::new();
         let ctx = 1 << 16;
         for i in 0..4u64 {
-            t.fill(0x200 + i, ctx, false, 21, 0x100000 + i * 4096, class::ALL);
+            t.fill(0x20_0000 + i * 4096, ctx, false, 12, 21, 0x100000 + i * 4096, class::ALL);
         }
-        t.fill(0x400, ctx, false, 12, 0x9000, class::ALL);
-        t.flush_addr(1, Some(0), 0x200 * 4096 + 3 * 4096 + 5);
+        t.fill(0x40_0000, ctx, false, 12, 12, 0x9000, class::ALL);
+        t.flush_addr(1, Some(0), 0x20_0000 + 3 * 4096 + 5);
         for i in 0..4u64 {
-            assert_eq!(t.lookup(0x200 + i, ctx, R), None);
+            assert_eq!(t.lookup(0x20_0000 + i * 4096, ctx, R), None);
         }
-        assert_eq!(t.lookup(0x400, ctx, R), Some(0x9000));
+        assert_eq!(t.lookup(0x40_0000, ctx, R), Some(0x9000));
     }
 }
