@@ -12,7 +12,7 @@ use x86_paging::ept::{HostPhys, TdpExit};
 use x86_paging::mode::{PagingMode, PagingState, PdptrError};
 use x86_paging::regs::{Cr0, Cr4, Efer};
 use x86_paging::walk::{walk, GuestPhys, NoObserver, WalkError, WalkOptions};
-use x86_paging::walk2d::{walk_2d, Tdp, Walk2dError};
+use x86_paging::walk2d::{walk_2d_cached, GpaCache, Tdp, Walk2dError};
 
 impl HostPhys for PhysMem {
     #[inline]
@@ -125,6 +125,8 @@ pub struct Cpu {
     mode: CpuMode,
     tlb: Tlb,
     perm_table: [u16; 64],
+    /// Cached guest-physical mappings of guest page-table pages (flushed with INVEPT).
+    gpa_cache: GpaCache,
     ctx: u32,
     mode_index: usize,
     /// Counters.
@@ -156,6 +158,7 @@ impl Cpu {
             mode,
             tlb: Tlb::new(),
             perm_table: [0; 64],
+            gpa_cache: GpaCache::new(),
             ctx: 0,
             mode_index: 0,
             counters: HwCounters::default(),
@@ -194,6 +197,7 @@ impl Cpu {
     /// this; the hypervisor flushes as it needs.
     pub fn set_mode(&mut self, mode: CpuMode) {
         self.mode = mode;
+        self.gpa_cache.flush();
     }
 
     /// Sets CPL (a privilege change; no TLB effect).
@@ -325,7 +329,16 @@ impl Cpu {
             }
             CpuMode::Tdp(tdp) => {
                 let t = loop {
-                    match walk_2d(&*self.mem, tdp, &self.st, gva, &access, &mut NoObserver) {
+                    match walk_2d_cached(
+                        &*self.mem,
+                        tdp,
+                        &self.st,
+                        gva,
+                        &access,
+                        WalkOptions { set_ad: true },
+                        Some(&mut self.gpa_cache),
+                        &mut NoObserver,
+                    ) {
                         Ok(t) => break t,
                         Err(Walk2dError::Contended) => continue,
                         Err(Walk2dError::Guest(ec)) => return Err(self.page_fault(gva, ec)),
@@ -533,11 +546,13 @@ impl Cpu {
     /// INVEPT / INVVPID of the current context).
     pub fn flush_tlb_current(&mut self) {
         self.tlb.flush_vpid(self.vpid);
+        self.gpa_cache.flush();
     }
 
     /// Flushes the whole TLB.
     pub fn flush_tlb_all(&mut self) {
         self.tlb.flush_all();
+        self.gpa_cache.flush();
     }
 }
 

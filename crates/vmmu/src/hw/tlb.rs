@@ -141,7 +141,15 @@ impl Tlb {
     #[inline]
     pub fn fill(&mut self, gva: u64, ctx: u32, global: bool, page_shift: u8, guest_shift: u8, hpa: u64, allow: u16) {
         let mask = (1u64 << page_shift) - 1;
-        let e = TlbEntry { key: (gva >> page_shift) + 1, ctx, global, page_shift, guest_shift, hpa_page: hpa & !mask, allow };
+        let e = TlbEntry {
+            key: (gva >> page_shift) + 1,
+            ctx,
+            global,
+            page_shift,
+            guest_shift,
+            hpa_page: hpa & !mask,
+            allow,
+        };
         if page_shift > 12 {
             self.large[large_slot(gva)] = e;
         } else {
