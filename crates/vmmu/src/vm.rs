@@ -847,3 +847,36 @@ pub fn ept_violation_error_code(q: EptQual) -> u64 {
     }
     ec
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_is_shared_and_vcpus_move_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        fn movable<T: Send>() {}
+        shared::<Kvm>();
+        shared::<Arc<Kvm>>();
+        movable::<Vcpu>();
+    }
+
+    #[test]
+    fn tdp_level_rule() {
+        let c = |max_tdp_level, maxphyaddr| VmConfig { max_tdp_level, maxphyaddr, ..Default::default() }.tdp_level();
+        assert_eq!(c(4, 46), 4);
+        assert_eq!(c(5, 46), 4, "5-level supported but not needed");
+        assert_eq!(c(5, 48), 4);
+        assert_eq!(c(5, 52), 5);
+    }
+
+    #[test]
+    fn ept_violation_error_codes_follow_handle_ept_violation() {
+        use crate::mmu::page_fault::*;
+        let q = EptQual::WRITE | EptQual::READABLE | EptQual::GVA_VALID | EptQual::GVA_TRANSLATED;
+        assert_eq!(ept_violation_error_code(q), PFERR_WRITE | PFERR_PRESENT | PFERR_GUEST_FINAL);
+        let q = EptQual::READ | EptQual::GVA_VALID;
+        assert_eq!(ept_violation_error_code(q), PFERR_USER | PFERR_GUEST_PAGE);
+        assert_eq!(ept_violation_error_code(EptQual::FETCH), PFERR_FETCH);
+    }
+}
