@@ -1,7 +1,7 @@
 //! The software vCPU: registers, TLB, page walks (native 1D or 2D over EPT/NPT), data
 //! accesses on real bytes, exceptions and VM exits.
 
-use super::tlb::{class, Tlb};
+use super::tlb::{class, Tlb, TlbFill};
 use crate::host::PhysMem;
 use crate::sync::Arc;
 use std::convert::Infallible;
@@ -363,7 +363,8 @@ impl Cpu {
         };
         let allow = self.perm_table[self.perm_index(&perms)] & host_allow;
         let global = perms.global && self.st.cr4.contains(Cr4::PGE);
-        self.tlb.fill(gva.raw(), self.ctx(), global, shift, guest_shift, hpa.raw(), allow);
+        let fill = TlbFill { ctx: self.ctx(), global, page_shift: shift, guest_shift, hpa: hpa.raw(), allow };
+        self.tlb.fill(gva.raw(), fill);
         Ok(hpa)
     }
 

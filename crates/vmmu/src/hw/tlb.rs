@@ -64,6 +64,25 @@ impl TlbEntry {
     }
 }
 
+/// A translation to cache (see [`Tlb::fill`]): `hpa` is the host address of the translated
+/// address itself, valid for the aligned `1 << page_shift` bytes around it; the guest page
+/// was `1 << guest_shift` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct TlbFill {
+    /// `vpid << 16 | pcid`.
+    pub ctx: u32,
+    /// Global page.
+    pub global: bool,
+    /// log2 of the size the translation is valid for (the combined page size).
+    pub page_shift: u8,
+    /// log2 of the guest page size.
+    pub guest_shift: u8,
+    /// Host physical address of the translated address itself.
+    pub hpa: u64,
+    /// Access classes allowed.
+    pub allow: u16,
+}
+
 /// TLB hit/miss/flush counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TlbCounters {
@@ -136,10 +155,10 @@ impl Tlb {
         None
     }
 
-    /// Caches the translation of `gva`: `hpa` is the host address of `gva` itself, valid for
-    /// the aligned `1 << page_shift` bytes around it; the guest page was `1 << guest_shift`.
+    /// Caches the translation of `gva` described by `f`.
     #[inline]
-    pub fn fill(&mut self, gva: u64, ctx: u32, global: bool, page_shift: u8, guest_shift: u8, hpa: u64, allow: u16) {
+    pub fn fill(&mut self, gva: u64, f: TlbFill) {
+        let TlbFill { ctx, global, page_shift, guest_shift, hpa, allow } = f;
         let mask = (1u64 << page_shift) - 1;
         let e = TlbEntry {
             key: (gva >> page_shift) + 1,
@@ -243,11 +262,24 @@ mod tests {
     #[test]
     fn hit_miss_and_context_tags() {
         let mut t = Tlb::new();
-        t.fill(0x5000, 1 << 16 | 3, false, 12, 12, 0x7000, class::ALL);
+        t.fill(
+            0x5000,
+            TlbFill {
+                ctx: 1 << 16 | 3,
+                global: false,
+                page_shift: 12,
+                guest_shift: 12,
+                hpa: 0x7000,
+                allow: class::ALL,
+            },
+        );
         assert_eq!(t.lookup(0x5008, 1 << 16 | 3, R), Some(0x7008));
         assert_eq!(t.lookup(0x5000, 1 << 16 | 4, R), None, "other PCID");
         assert_eq!(t.lookup(0x5000, 2 << 16 | 3, R), None, "other VPID");
-        t.fill(0x6000, 1 << 16 | 3, true, 12, 12, 0x8000, R);
+        t.fill(
+            0x6000,
+            TlbFill { ctx: 1 << 16 | 3, global: true, page_shift: 12, guest_shift: 12, hpa: 0x8000, allow: R },
+        );
         assert_eq!(t.lookup(0x6000, 1 << 16 | 9, R), Some(0x8000), "global matches any PCID");
         assert_eq!(t.lookup(0x6000, 1 << 16 | 9, class::bit(1, 0)), None, "write not allowed");
         t.flush_pcid(1, 3, false);
@@ -259,7 +291,10 @@ mod tests {
     fn large_entries_translate_the_whole_page() {
         let mut t = Tlb::new();
         let ctx = 1 << 16;
-        t.fill(0x4020_1234, ctx, false, 21, 21, 0x1_0000_1234, class::ALL);
+        t.fill(
+            0x4020_1234,
+            TlbFill { ctx, global: false, page_shift: 21, guest_shift: 21, hpa: 0x1_0000_1234, allow: class::ALL },
+        );
         assert_eq!(t.lookup(0x4020_0000, ctx, R), Some(0x1_0000_0000));
         assert_eq!(t.lookup(0x403f_fff8, ctx, R), Some(0x1_001f_fff8));
         assert_eq!(t.lookup(0x4040_0000, ctx, R), None);
@@ -272,9 +307,22 @@ mod tests {
         let mut t = Tlb::new();
         let ctx = 1 << 16;
         for i in 0..4u64 {
-            t.fill(0x20_0000 + i * 4096, ctx, false, 12, 21, 0x100000 + i * 4096, class::ALL);
+            t.fill(
+                0x20_0000 + i * 4096,
+                TlbFill {
+                    ctx,
+                    global: false,
+                    page_shift: 12,
+                    guest_shift: 21,
+                    hpa: 0x100000 + i * 4096,
+                    allow: class::ALL,
+                },
+            );
         }
-        t.fill(0x40_0000, ctx, false, 12, 12, 0x9000, class::ALL);
+        t.fill(
+            0x40_0000,
+            TlbFill { ctx, global: false, page_shift: 12, guest_shift: 12, hpa: 0x9000, allow: class::ALL },
+        );
         t.flush_addr(1, Some(0), 0x20_0000 + 3 * 4096 + 5);
         for i in 0..4u64 {
             assert_eq!(t.lookup(0x20_0000 + i * 4096, ctx, R), None);
