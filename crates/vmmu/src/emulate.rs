@@ -5,8 +5,7 @@
 use crate::hw::cpu::Exception;
 use crate::memslot::Memslots;
 use crate::mmio_bus::MmioBus;
-use crate::sync::Arc;
-use crate::vm::{GuestError, Kvm, Vcpu};
+use crate::vm::{GuestError, Kvm, VcpuArch};
 use std::convert::Infallible;
 use x86_paging::access::{Access, AccessKind};
 use x86_paging::addr::{Gpa, Gva, Hpa};
@@ -89,13 +88,19 @@ impl GuestPhys for KvmGuestMem<'_> {
 }
 
 /// Emulates one guest access (`x86_emulate_instruction` for a load or store).
-pub fn emulate_access(vcpu: &mut Vcpu, gva: Gva, size: u8, kind: AccessKind, val: u64) -> Result<u64, GuestError> {
-    let kvm: Arc<Kvm> = vcpu.kvm.clone();
+pub fn emulate_access(
+    kvm: &Kvm,
+    vcpu: &mut VcpuArch,
+    gva: Gva,
+    size: u8,
+    kind: AccessKind,
+    val: u64,
+) -> Result<u64, GuestError> {
     let _f = kvm.tracer.func(vcpu.id, "x86_emulate_instruction");
-    vcpu.refresh_memslots(&kvm);
+    vcpu.refresh_memslots(kvm);
     let slots = vcpu.slots.clone();
     let bus = kvm.mmio_bus();
-    let mut mem = KvmGuestMem::new(&kvm, &slots, &bus);
+    let mut mem = KvmGuestMem::new(kvm, &slots, &bus);
     let st = *vcpu.cpu.paging();
     let access = Access { kind, cpl: vcpu.cpu.cpl(), implicit_supervisor: false, eflags_ac: vcpu.cpu.eflags_ac() };
     let in_page = 4096 - (gva.raw() & 0xfff);

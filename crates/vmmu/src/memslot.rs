@@ -231,8 +231,20 @@ impl Memslots {
     /// The slot holding `gfn` (`gfn_to_memslot`).
     #[inline]
     pub fn find(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
+        self.find_index(gfn).map(|i| &self.slots[i])
+    }
+
+    /// The position of the slot holding `gfn` (for [`Memslots::at`]).
+    #[inline]
+    pub fn find_index(&self, gfn: Gfn) -> Option<usize> {
         let i = self.slots.partition_point(|s| s.end_gfn() <= gfn);
-        self.slots.get(i).filter(|s| s.contains(gfn))
+        self.slots.get(i).filter(|s| s.contains(gfn)).map(|_| i)
+    }
+
+    /// The slot at a position [`Memslots::find_index`] returned.
+    #[inline]
+    pub fn at(&self, index: usize) -> &Memslot {
+        &self.slots[index]
     }
 
     /// The slot with id `id`.

@@ -2,22 +2,26 @@
 //! (`struct kvm_vm_stat`, updated from any thread) and per-vCPU counters
 //! (`struct kvm_vcpu_stat`, updated only by the vCPU's own thread).
 
-use crate::sync::{AtomicI64, AtomicU64, Ordering};
+use crate::sync::percpu::PercpuCounter;
+use crate::sync::{AtomicU64, Ordering};
 use std::collections::BTreeMap;
 
 macro_rules! vm_stats {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// VM-wide statistics (`struct kvm_vm_stat`).
+    (counters { $($(#[$doc:meta])* $name:ident),* $(,)? } peaks { $($(#[$pdoc:meta])* $peak:ident),* $(,)? }) => {
+        /// VM-wide statistics (`struct kvm_vm_stat`): per-CPU counters, so that vCPU threads
+        /// updating them do not share a cache line.
         #[derive(Debug, Default)]
         pub struct VmStats {
-            $($(#[$doc])* pub $name: AtomicI64,)*
+            $($(#[$doc])* pub $name: PercpuCounter,)*
+            $($(#[$pdoc])* pub $peak: PercpuCounter,)*
         }
 
         impl VmStats {
             /// Every counter by its KVM name.
             pub fn snapshot(&self) -> BTreeMap<&'static str, i64> {
                 let mut m = BTreeMap::new();
-                $(m.insert(stringify!($name), self.$name.load(Ordering::Relaxed));)*
+                $(m.insert(stringify!($name), self.$name.sum());)*
+                $(m.insert(stringify!($peak), self.$peak.max());)*
                 m
             }
         }
@@ -25,6 +29,7 @@ macro_rules! vm_stats {
 }
 
 vm_stats! {
+    counters {
     /// `kvm_flush_remote_tlbs` calls that flushed.
     remote_tlb_flush,
     /// `kvm_flush_remote_tlbs` calls.
@@ -51,10 +56,13 @@ vm_stats! {
     pages_1g,
     /// Huge pages split because of the NX huge page mitigation.
     nx_lpage_splits,
+    }
+    peaks {
     /// Peak rmap length.
     max_mmu_rmap_size,
     /// Peak shadow-page hash collisions.
     max_mmu_page_hash_collisions,
+    }
 }
 
 impl VmStats {
@@ -66,12 +74,7 @@ impl VmStats {
             2 => &self.pages_2m,
             _ => &self.pages_1g,
         };
-        c.fetch_add(delta, Ordering::Relaxed);
-    }
-
-    /// Raises a peak counter to at least `v`.
-    pub fn update_peak(c: &AtomicI64, v: i64) {
-        c.fetch_max(v, Ordering::Relaxed);
+        c.add(delta);
     }
 }
 

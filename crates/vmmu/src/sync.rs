@@ -69,3 +69,208 @@ pub mod barrier {
         state() == EXPEDITED
     }
 }
+
+/// Per-CPU slots: a thread's slot index, for counters and locks that must not bounce one
+/// cache line between vCPU threads (Linux's percpu data).
+pub mod percpu {
+    use super::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Mutex, MutexGuard, Ordering};
+
+    /// Number of slots (a power of two); threads beyond it share slots.
+    pub const SLOTS: usize = 32;
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) & (SLOTS - 1);
+    }
+
+    /// This thread's slot.
+    #[inline]
+    pub fn slot() -> usize {
+        SLOT.with(|s| *s)
+    }
+
+    #[repr(align(128))]
+    #[derive(Default)]
+    struct Padded<T>(T);
+
+    /// A counter summed over per-CPU slots (`percpu_counter`): adds touch only the caller's
+    /// cache line; reads add the slots up.
+    pub struct PercpuCounter {
+        slots: Box<[Padded<AtomicI64>]>,
+    }
+
+    impl Default for PercpuCounter {
+        fn default() -> Self {
+            PercpuCounter { slots: (0..SLOTS).map(|_| Padded::default()).collect() }
+        }
+    }
+
+    impl std::fmt::Debug for PercpuCounter {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", self.sum())
+        }
+    }
+
+    impl PercpuCounter {
+        /// Adds `v`.
+        #[inline]
+        pub fn add(&self, v: i64) {
+            self.slots[slot()].0.fetch_add(v, Ordering::Relaxed);
+        }
+
+        /// Raises this slot's peak to at least `v` (for peak counters read with [`Self::max`]).
+        #[inline]
+        pub fn raise(&self, v: i64) {
+            self.slots[slot()].0.fetch_max(v, Ordering::Relaxed);
+        }
+
+        /// The sum over all slots.
+        pub fn sum(&self) -> i64 {
+            self.slots.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+        }
+
+        /// The largest slot value (the peak, for counters fed by [`Self::raise`]).
+        pub fn max(&self) -> i64 {
+            self.slots.iter().map(|s| s.0.load(Ordering::Relaxed)).max().unwrap_or(0)
+        }
+    }
+
+    /// A reader-writer lock whose readers only touch their own cache line (a "big reader"
+    /// lock): what `mmu_lock` needs when faults on every vCPU take it for read and zaps, rarely,
+    /// for write.
+    pub struct PercpuRwLock {
+        readers: Box<[Padded<AtomicU32>]>,
+        writer_active: AtomicBool,
+        writers: Mutex<()>,
+    }
+
+    impl Default for PercpuRwLock {
+        fn default() -> Self {
+            PercpuRwLock {
+                readers: (0..SLOTS).map(|_| Padded::default()).collect(),
+                writer_active: AtomicBool::new(false),
+                writers: Mutex::new(()),
+            }
+        }
+    }
+
+    /// Shared access; released on drop.
+    pub struct ReadGuard<'a> {
+        lock: &'a PercpuRwLock,
+        slot: usize,
+    }
+
+    impl Drop for ReadGuard<'_> {
+        fn drop(&mut self) {
+            self.lock.readers[self.slot].0.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Exclusive access; released on drop.
+    pub struct WriteGuard<'a> {
+        lock: &'a PercpuRwLock,
+        _writers: MutexGuard<'a, ()>,
+    }
+
+    impl Drop for WriteGuard<'_> {
+        fn drop(&mut self) {
+            self.lock.writer_active.store(false, Ordering::SeqCst);
+        }
+    }
+
+    impl PercpuRwLock {
+        /// Takes the lock for read (recursive reads from one thread are fine; a write from a
+        /// thread that holds it for read deadlocks, as with any rwlock).
+        #[inline]
+        pub fn read(&self) -> ReadGuard<'_> {
+            let slot = slot();
+            loop {
+                // SeqCst on both sides: either the writer sees our count, or we see its flag.
+                self.readers[slot].0.fetch_add(1, Ordering::SeqCst);
+                if !self.writer_active.load(Ordering::SeqCst) {
+                    return ReadGuard { lock: self, slot };
+                }
+                self.readers[slot].0.fetch_sub(1, Ordering::SeqCst);
+                while self.writer_active.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+            }
+        }
+
+        /// Takes the lock for write: waits until no reader holds it.
+        pub fn write(&self) -> WriteGuard<'_> {
+            let w = self.writers.lock();
+            self.writer_active.store(true, Ordering::SeqCst);
+            for r in self.readers.iter() {
+                let mut spins = 0u32;
+                while r.0.load(Ordering::SeqCst) != 0 {
+                    spins += 1;
+                    if spins > 64 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            WriteGuard { lock: self, _writers: w }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::sync::Arc;
+
+        #[test]
+        fn counter_sums_across_threads() {
+            let c = Arc::new(PercpuCounter::default());
+            let hs: Vec<_> = (0..4)
+                .map(|_| {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..1000 {
+                            c.add(1);
+                        }
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            assert_eq!(c.sum(), 4000);
+            let p = PercpuCounter::default();
+            p.raise(5);
+            p.raise(3);
+            assert_eq!(p.max(), 5);
+        }
+
+        #[test]
+        fn writers_exclude_readers() {
+            let l = Arc::new(PercpuRwLock::default());
+            let v = Arc::new(AtomicI64::new(0));
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    let (l, v) = (l.clone(), v.clone());
+                    std::thread::spawn(move || {
+                        for _ in 0..2000 {
+                            if i == 0 {
+                                let _w = l.write();
+                                // Readers never see the odd intermediate value.
+                                v.fetch_add(1, Ordering::Relaxed);
+                                v.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                let _r = l.read();
+                                let _r2 = l.read();
+                                assert_eq!(v.load(Ordering::Relaxed) % 2, 0);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            assert_eq!(v.load(Ordering::Relaxed), 4000);
+        }
+    }
+}

@@ -165,8 +165,10 @@ pub mod mode {
     pub const READING_SHADOW_PAGE_TABLES: u8 = 3;
 }
 
-/// What other threads may see of a vCPU: its mode and pending requests.
+/// What other threads may see of a vCPU: its mode and pending requests. Aligned to its own
+/// cache lines: every guest operation writes `mode`, and vCPUs must not share that line.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct VcpuShared {
     /// vCPU id.
     pub id: u32,
@@ -359,12 +361,14 @@ impl Kvm {
         let cpu = Cpu::new(self.host.frames().mem().clone(), CpuMode::Native, (id + 1) as u16, self.config.maxphyaddr);
         Ok(Vcpu {
             kvm: self.clone(),
-            id,
-            cpu,
-            shared,
-            mmu: VcpuMmu::default(),
-            stat: VcpuStats::default(),
-            slots: self.memslots(),
+            arch: VcpuArch {
+                id,
+                cpu,
+                shared,
+                mmu: VcpuMmu::default(),
+                stat: VcpuStats::default(),
+                slots: self.memslots(),
+            },
         })
     }
 
@@ -379,7 +383,7 @@ impl Kvm {
     /// that is running guest code (or walking SPTEs locklessly) has seen the request.
     /// `me` is the calling vCPU, which flushes on its next entry.
     pub fn flush_remote_tlbs(&self, me: Option<u32>) {
-        self.stats.remote_tlb_flush_requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.remote_tlb_flush_requests.add(1);
         let vcpus = self.vcpus.read().clone();
         for v in &vcpus {
             v.requests.fetch_or(req::TLB_FLUSH, Ordering::SeqCst);
@@ -403,7 +407,7 @@ impl Kvm {
                 }
             }
         }
-        self.stats.remote_tlb_flush.fetch_add(1, Ordering::Relaxed);
+        self.stats.remote_tlb_flush.add(1);
     }
 
     /// Frees page-table frames unlinked earlier, after a remote flush. The caller holds
@@ -454,7 +458,7 @@ impl Kvm {
     /// VM statistics by KVM name.
     pub fn vm_stats(&self) -> BTreeMap<&'static str, i64> {
         let mut m = self.stats.snapshot();
-        m.insert("tdp_mmu_pages", self.mmu.tdp_mmu_pages.load(Ordering::Relaxed));
+        m.insert("tdp_mmu_pages", self.mmu.tdp_mmu_pages.sum());
         m
     }
 
@@ -504,6 +508,12 @@ const MAX_EXITS_PER_ACCESS: u32 = 10_000;
 /// A vCPU: the hardware model plus KVM's per-vCPU state.
 pub struct Vcpu {
     pub(crate) kvm: Arc<Kvm>,
+    pub(crate) arch: VcpuArch,
+}
+
+/// The vCPU's own state (`struct kvm_vcpu` minus its `kvm` pointer): what the MMU code
+/// takes as `vcpu`, next to a `&Kvm`, so a fault never touches the VM's reference count.
+pub struct VcpuArch {
     pub(crate) id: u32,
     pub(crate) cpu: Cpu,
     pub(crate) shared: Arc<VcpuShared>,
@@ -513,9 +523,43 @@ pub struct Vcpu {
     pub(crate) slots: Arc<Memslots>,
 }
 
+impl std::ops::Deref for Vcpu {
+    type Target = VcpuArch;
+    fn deref(&self) -> &VcpuArch {
+        &self.arch
+    }
+}
+
+impl std::ops::DerefMut for Vcpu {
+    fn deref_mut(&mut self) -> &mut VcpuArch {
+        &mut self.arch
+    }
+}
+
 enum ExitAction {
     Resume,
     Emulate,
+}
+
+impl VcpuArch {
+    /// `mmu_topup_memory_caches`.
+    pub(crate) fn mmu_topup_memory_caches(&mut self, kvm: &Kvm) -> Result<(), HostError> {
+        if self.mmu.shadow_page_cache.len() >= SHADOW_PAGE_CACHE_MIN {
+            return Ok(());
+        }
+        while self.mmu.shadow_page_cache.len() < MEMORY_CACHE_CAPACITY {
+            let p = kvm.frames().alloc_4k()?;
+            tdp_mmu::init_table(kvm, p);
+            self.mmu.shadow_page_cache.push(p);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn refresh_memslots(&mut self, kvm: &Kvm) {
+        if self.slots.generation() != kvm.memslots_generation() {
+            self.slots = kvm.memslots();
+        }
+    }
 }
 
 impl Vcpu {
@@ -537,19 +581,6 @@ impl Vcpu {
     /// Statistics of this vCPU by KVM name.
     pub fn stats(&self) -> BTreeMap<&'static str, i64> {
         self.stat.snapshot()
-    }
-
-    /// `mmu_topup_memory_caches`.
-    pub(crate) fn mmu_topup_memory_caches(&mut self, kvm: &Kvm) -> Result<(), HostError> {
-        if self.mmu.shadow_page_cache.len() >= SHADOW_PAGE_CACHE_MIN {
-            return Ok(());
-        }
-        while self.mmu.shadow_page_cache.len() < MEMORY_CACHE_CAPACITY {
-            let p = kvm.frames().alloc_4k()?;
-            tdp_mmu::init_table(kvm, p);
-            self.mmu.shadow_page_cache.push(p);
-        }
-        Ok(())
     }
 
     /// `kvm_mmu_load`: allocates (or shares) the root and points the hardware at it.
@@ -641,23 +672,17 @@ impl Vcpu {
         self.leave();
     }
 
-    pub(crate) fn refresh_memslots(&mut self, kvm: &Kvm) {
-        if self.slots.generation() != kvm.memslots_generation() {
-            self.slots = kvm.memslots();
-        }
-    }
-
     fn handle_exit(&mut self, x: TdpExit) -> Result<ExitAction, VmError> {
-        self.stat.exits += 1;
-        let kvm = self.kvm.clone();
-        self.refresh_memslots(&kvm);
+        let Vcpu { kvm, arch } = self;
+        arch.stat.exits += 1;
+        arch.refresh_memslots(kvm);
         let (gpa, ec) = match x {
             TdpExit::EptViolation { gpa, qualification, .. } => (gpa, ept_violation_error_code(qualification)),
             TdpExit::EptMisconfig { gpa } => (gpa, crate::mmu::page_fault::PFERR_RSVD),
             TdpExit::Npf { gpa, error_code } => (gpa, error_code),
             TdpExit::Contended { .. } => return Ok(ExitAction::Resume),
         };
-        let r = crate::mmu::page_fault::kvm_mmu_page_fault(&kvm, self, gpa, ec)?;
+        let r = crate::mmu::page_fault::kvm_mmu_page_fault(kvm, arch, gpa, ec)?;
         Ok(if r == RetPf::Emulate { ExitAction::Emulate } else { ExitAction::Resume })
     }
 
@@ -728,7 +753,7 @@ impl Vcpu {
         self.run_op(
             gva.raw(),
             |c| c.read(gva, size),
-            |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Read, 0),
+            |v| crate::emulate::emulate_access(&v.kvm, &mut v.arch, gva, size, AccessKind::Read, 0),
         )
     }
 
@@ -738,7 +763,7 @@ impl Vcpu {
         self.run_op(
             gva.raw(),
             |c| c.write(gva, size, val),
-            |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Write, val).map(|_| ()),
+            |v| crate::emulate::emulate_access(&v.kvm, &mut v.arch, gva, size, AccessKind::Write, val).map(|_| ()),
         )
     }
 
@@ -747,7 +772,7 @@ impl Vcpu {
         self.run_op(
             gva.raw(),
             |c| c.fetch(gva, size),
-            |v| crate::emulate::emulate_access(v, gva, size, AccessKind::Fetch, 0),
+            |v| crate::emulate::emulate_access(&v.kvm, &mut v.arch, gva, size, AccessKind::Fetch, 0),
         )
     }
 
@@ -816,7 +841,7 @@ impl Drop for Vcpu {
         if let Some(root) = self.mmu.root.take() {
             tdp_mmu::kvm_tdp_mmu_put_root(&self.kvm, &root);
         }
-        for p in self.mmu.shadow_page_cache.drain(..) {
+        for p in self.arch.mmu.shadow_page_cache.drain(..) {
             self.kvm.frames().free_4k(p);
         }
         self.kvm.vcpus.write().retain(|v| v.id != self.id);

@@ -106,7 +106,7 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
             errs.push(format!("{name} = {} but {} leaf SPTEs exist", st[name], rep.leaves[i]));
         }
     }
-    let tdp_pages = kvm.mmu.tdp_mmu_pages.load(Ordering::Relaxed);
+    let tdp_pages = kvm.mmu.tdp_mmu_pages.sum();
     if tdp_pages != rep.tables as i64 {
         errs.push(format!("tdp_mmu_pages = {tdp_pages} but {} tables are reachable", rep.tables));
     }

@@ -6,7 +6,7 @@ use super::page_fault::{KvmPageFault, RetPf};
 use super::spte::{restore_acc_track_spte, Spte, PT_WRITABLE};
 use super::tdp_mmu;
 use crate::sync::Ordering;
-use crate::vm::{mode, Kvm, Vcpu};
+use crate::vm::{mode, Kvm, VcpuArch};
 
 /// Retries of the compare-exchange loop.
 const FAST_PF_MAX_RETRIES: u32 = 4;
@@ -36,7 +36,7 @@ fn is_access_allowed(kvm: &Kvm, fault: &KvmPageFault, spte: Spte) -> bool {
 }
 
 /// `fast_page_fault`.
-pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &KvmPageFault) -> RetPf {
+pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "fast_page_fault");
     if !page_fault_can_be_fast(kvm, fault) {
         return RetPf::Invalid;

@@ -8,7 +8,7 @@
 use super::page_fault::RetPf;
 use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
 use super::tdp_iter::TdpIter;
-use crate::vm::{Kvm, Vcpu};
+use crate::vm::{Kvm, VcpuArch};
 use x86_paging::addr::{Gfn, Gpa};
 
 /// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
@@ -19,7 +19,7 @@ pub fn pferr_flags(ec: u64) -> String {
 }
 
 /// `check_mmio_spte`: whether the SPTE's generation is the memslots' current one.
-fn check_mmio_spte(kvm: &Kvm, vcpu: &Vcpu, spte: Spte) -> bool {
+fn check_mmio_spte(kvm: &Kvm, vcpu: &VcpuArch, spte: Spte) -> bool {
     let kvm_gen = vcpu.slots.generation() & MMIO_SPTE_GEN_MASK;
     let spte_gen = spte.mmio_gen();
     if kvm.tracer.events_on() {
@@ -39,7 +39,7 @@ fn check_mmio_spte(kvm: &Kvm, vcpu: &Vcpu, spte: Spte) -> bool {
 }
 
 /// `handle_mmio_page_fault` for a direct (TDP) MMU.
-pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa) -> RetPf {
+pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: Gpa) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "handle_mmio_page_fault");
     vcpu.refresh_memslots(kvm);
     // mmio_info_in_cache.

@@ -23,7 +23,8 @@ pub mod spte;
 pub mod tdp_iter;
 pub mod tdp_mmu;
 
-use crate::sync::{AtomicI64, AtomicU64, Mutex, RwLock};
+use crate::sync::percpu::{PercpuCounter, PercpuRwLock};
+use crate::sync::{AtomicU64, Mutex};
 use spte::SpteMasks;
 use x86_paging::addr::Pfn;
 
@@ -55,7 +56,7 @@ pub struct KvmMmu {
     /// SPTE format of this VM.
     pub masks: SpteMasks,
     /// `mmu_lock`: taken for read by TDP MMU faults, for write by zaps.
-    pub mmu_lock: RwLock<()>,
+    pub mmu_lock: PercpuRwLock,
     /// `tdp_mmu_roots`.
     pub roots: Mutex<Vec<crate::sync::Arc<tdp_mmu::TdpRoot>>>,
     /// `mmu_invalidate_seq`.
@@ -69,7 +70,7 @@ pub struct KvmMmu {
     /// `mmu_valid_gen`.
     pub mmu_valid_gen: AtomicU64,
     /// `tdp_mmu_pages`: TDP page-table pages in use.
-    pub tdp_mmu_pages: AtomicI64,
+    pub tdp_mmu_pages: PercpuCounter,
     /// Page-table frames unlinked but possibly still seen by lockless walkers; freed after
     /// the next remote TLB flush that waited for every vCPU (our stand-in for RCU; see
     /// docs/decisions/0002-deferred-free.md).
@@ -81,14 +82,14 @@ impl KvmMmu {
     pub fn new(masks: SpteMasks) -> Self {
         KvmMmu {
             masks,
-            mmu_lock: RwLock::new(()),
+            mmu_lock: PercpuRwLock::default(),
             roots: Mutex::new(Vec::new()),
             mmu_invalidate_seq: AtomicU64::new(0),
             mmu_invalidate_in_progress: AtomicU64::new(0),
             mmu_invalidate_range_start: AtomicU64::new(u64::MAX),
             mmu_invalidate_range_end: AtomicU64::new(u64::MAX),
             mmu_valid_gen: AtomicU64::new(0),
-            tdp_mmu_pages: AtomicI64::new(0),
+            tdp_mmu_pages: PercpuCounter::default(),
             deferred_free: Mutex::new(Vec::new()),
         }
     }

@@ -5,9 +5,9 @@
 use super::tdp_iter::pages_at;
 use super::{fast_pf, mmio, tdp_mmu, MmuError};
 use crate::host::{HostError, Hva};
-use crate::memslot::Memslot;
-use crate::sync::{Arc, Ordering};
-use crate::vm::{Kvm, Vcpu};
+use crate::memslot::Memslots;
+use crate::sync::Ordering;
+use crate::vm::{Kvm, VcpuArch};
 use x86_paging::addr::{Gfn, Gpa, Pfn};
 
 /// PFERR_PRESENT_MASK.
@@ -80,8 +80,10 @@ pub struct KvmPageFault {
     pub goal_level: u8,
     /// The gfn.
     pub gfn: Gfn,
-    /// Its memslot (None: MMIO).
-    pub slot: Option<Arc<Memslot>>,
+    /// Its memslot, as an index into the vCPU's memslots snapshot (None: MMIO). An index,
+    /// not a reference-counted pointer, so faults on several vCPUs do not write a shared
+    /// count.
+    pub slot: Option<usize>,
     /// `mmu_invalidate_seq` when the pfn was looked up.
     pub mmu_seq: u64,
     /// The host frame (masked to the goal level).
@@ -124,7 +126,7 @@ impl KvmPageFault {
 }
 
 /// `kvm_mmu_page_fault`: the entry from an EPT violation / misconfiguration / NPF exit.
-pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa, error_code: u64) -> Result<RetPf, MmuError> {
+pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: Gpa, error_code: u64) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_mmu_page_fault");
     let mut r = RetPf::Invalid;
     if error_code & PFERR_RSVD != 0 {
@@ -142,7 +144,7 @@ pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, gpa: Gpa, error_code: u64)
 /// `kvm_mmu_do_page_fault`: builds the fault and accounts the result.
 pub fn kvm_mmu_do_page_fault(
     kvm: &Kvm,
-    vcpu: &mut Vcpu,
+    vcpu: &mut VcpuArch,
     gpa: Gpa,
     error_code: u64,
     prefetch: bool,
@@ -163,7 +165,7 @@ pub fn kvm_mmu_do_page_fault(
 }
 
 /// `kvm_tdp_page_fault` -> `kvm_tdp_mmu_page_fault`.
-pub fn kvm_tdp_page_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
+pub fn kvm_tdp_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_tdp_page_fault");
     // page_fault_handle_page_track: with only TDP roots no gfn is write-tracked.
     let r = fast_pf::fast_page_fault(kvm, vcpu, fault);
@@ -202,12 +204,13 @@ pub fn mmu_invalidate_retry_gfn(kvm: &Kvm, mmu_seq: u64, gfn: Gfn) -> bool {
 
 /// `kvm_faultin_pfn`: memslot lookup and hva -> pfn (get_user_pages), or the no-slot (MMIO)
 /// and read-only-slot cases.
-pub fn kvm_faultin_pfn(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
+pub fn kvm_faultin_pfn(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_faultin_pfn");
     fault.mmu_seq = kvm.mmu.mmu_invalidate_seq.load(Ordering::Acquire);
-    let Some(slot) = vcpu.slots.find(fault.gfn).cloned() else {
+    let Some(slot_index) = vcpu.slots.find_index(fault.gfn) else {
         return Ok(kvm_handle_noslot_fault(kvm, vcpu, fault));
     };
+    let slot = vcpu.slots.at(slot_index);
     if fault.write && slot.readonly() {
         // KVM_PFN_ERR_RO_FAULT: the write is emulated and exits to the VMM as MMIO.
         return Ok(RetPf::Emulate);
@@ -233,7 +236,7 @@ pub fn kvm_faultin_pfn(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> 
             (p, p.writable && want_writable)
         }
     };
-    fault.slot = Some(slot);
+    fault.slot = Some(slot_index);
     fault.hva = hva;
     fault.pfn = page.pfn;
     fault.map_writable = writable;
@@ -242,7 +245,7 @@ pub fn kvm_faultin_pfn(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> 
 }
 
 /// `kvm_handle_noslot_fault`: an access outside every memslot.
-fn kvm_handle_noslot_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
+fn kvm_handle_noslot_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault) -> RetPf {
     vcpu.mmu.mmio_gfn = Some((fault.gfn.raw(), vcpu.slots.generation()));
     if !kvm.config().mmio_caching {
         return RetPf::Emulate;
@@ -257,7 +260,7 @@ fn kvm_handle_noslot_fault(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault)
 
 /// `is_page_fault_stale`: the root became obsolete, or an invalidation raced with the pfn
 /// lookup.
-pub fn is_page_fault_stale(kvm: &Kvm, vcpu: &Vcpu, fault: &KvmPageFault) -> bool {
+pub fn is_page_fault_stale(kvm: &Kvm, vcpu: &VcpuArch, fault: &KvmPageFault) -> bool {
     match &vcpu.mmu.root {
         None => true,
         Some(r) if r.is_invalid() => true,
@@ -271,9 +274,9 @@ pub fn is_page_fault_stale(kvm: &Kvm, vcpu: &Vcpu, fault: &KvmPageFault) -> bool
 /// The host mapping level (`host_pfn_mapping_level`) is the one get_user_pages saw when
 /// the pfn was looked up; a later change of the host mapping raises an MMU-notifier
 /// invalidation, which makes the fault stale, so this is as safe as KVM's re-read.
-pub fn kvm_mmu_hugepage_adjust(kvm: &Kvm, fault: &mut KvmPageFault) {
+pub fn kvm_mmu_hugepage_adjust(kvm: &Kvm, slots: &Memslots, fault: &mut KvmPageFault) {
     fault.huge_page_disallowed = fault.exec && fault.nx_huge_page_workaround_enabled;
-    let Some(slot) = fault.slot.as_ref() else { return };
+    let Some(slot) = fault.slot.map(|i| slots.at(i)) else { return };
     if fault.max_level == 1 {
         return;
     }

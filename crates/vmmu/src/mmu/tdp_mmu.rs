@@ -12,7 +12,7 @@ use super::spte::{
 };
 use super::tdp_iter::{pages_at, TdpIter};
 use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering};
-use crate::vm::{Kvm, Vcpu};
+use crate::vm::{Kvm, VcpuArch};
 use x86_paging::addr::{Gfn, Hpa, Pfn};
 
 /// A TDP MMU root (a `kvm_mmu_page` on `tdp_mmu_roots`).
@@ -59,7 +59,7 @@ pub fn kvm_tdp_mmu_alloc_root(kvm: &Kvm, role: Role) -> Result<Arc<TdpRoot>, cra
     }
     let pfn = kvm.frames().alloc_4k()?;
     init_table(kvm, pfn);
-    kvm.mmu.tdp_mmu_pages.fetch_add(1, Ordering::Relaxed);
+    kvm.mmu.tdp_mmu_pages.add(1);
     let root = Arc::new(TdpRoot {
         hpa: pfn.hpa(),
         role,
@@ -82,7 +82,7 @@ pub fn kvm_tdp_mmu_put_root(kvm: &Kvm, root: &Arc<TdpRoot>) {
         let _w = kvm.mmu.mmu_lock.write();
         tdp_mmu_zap_root(kvm, root, false);
     }
-    kvm.mmu.tdp_mmu_pages.fetch_sub(1, Ordering::Relaxed);
+    kvm.mmu.tdp_mmu_pages.add(-1);
     kvm.mmu.deferred_free.lock().push(root.hpa.pfn());
 }
 
@@ -140,7 +140,7 @@ pub(crate) fn handle_changed_spte(kvm: &Kvm, cpu: u32, gfn: Gfn, old: Spte, new:
 /// `handle_removed_pt`: a table was unlinked; freeze each entry, account what it mapped and
 /// free the table once no walker can see it.
 fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared: bool) {
-    kvm.mmu.tdp_mmu_pages.fetch_sub(1, Ordering::Relaxed);
+    kvm.mmu.tdp_mmu_pages.add(-1);
     let mem = kvm.mem();
     for i in 0..512u64 {
         let sptep = Hpa::new(pt.raw() + i * 8);
@@ -167,9 +167,9 @@ fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared:
 
 /// `kvm_tdp_mmu_map`: walks from the root to the goal level, linking new tables on the way,
 /// and installs the leaf.
-pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> RetPf {
+pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "kvm_tdp_mmu_map");
-    super::page_fault::kvm_mmu_hugepage_adjust(kvm, fault);
+    super::page_fault::kvm_mmu_hugepage_adjust(kvm, &vcpu.slots, fault);
     if kvm.tracer.events_on() {
         kvm.tracer.event(
             vcpu.id,
@@ -220,7 +220,7 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> 
             vcpu.mmu.shadow_page_cache.push(sp);
             return RetPf::Retry;
         }
-        kvm.mmu.tdp_mmu_pages.fetch_add(1, Ordering::Relaxed);
+        kvm.mmu.tdp_mmu_pages.add(1);
         if split {
             kvm.stats.update_page_stats(level - 1, 512);
             if kvm.tracer.events_on() {
@@ -233,7 +233,7 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut Vcpu, fault: &mut KvmPageFault) -> 
         }
         if fault.huge_page_disallowed && fault.req_level >= level {
             // track_possible_nx_huge_page: this table exists only because of the mitigation.
-            kvm.stats.nx_lpage_splits.fetch_add(1, Ordering::Relaxed);
+            kvm.stats.nx_lpage_splits.add(1);
         }
         it.next();
     }
@@ -258,7 +258,7 @@ fn disallowed_hugepage_adjust(fault: &mut KvmPageFault, spte: Spte, level: u8) {
 /// `tdp_mmu_map_handle_target_level`: builds and installs the leaf (or MMIO) SPTE.
 fn tdp_mmu_map_handle_target_level(
     kvm: &Kvm,
-    vcpu: &mut Vcpu,
+    vcpu: &mut VcpuArch,
     fault: &mut KvmPageFault,
     it: &mut TdpIter<'_>,
     ad_disabled: bool,
