@@ -179,8 +179,9 @@ pub mod percpu {
     }
 
     impl PercpuRwLock {
-        /// Takes the lock for read (recursive reads from one thread are fine; a write from a
-        /// thread that holds it for read deadlocks, as with any rwlock).
+        /// Takes the lock for read. Not recursive: a thread that holds it for read and reads
+        /// again while a writer waits deadlocks (as with parking_lot's `read`); the MMU never
+        /// nests `mmu_lock`.
         #[inline]
         pub fn read(&self) -> ReadGuard<'_> {
             let slot = slot();
@@ -260,7 +261,6 @@ pub mod percpu {
                                 v.fetch_add(1, Ordering::Relaxed);
                             } else {
                                 let _r = l.read();
-                                let _r2 = l.read();
                                 assert_eq!(v.load(Ordering::Relaxed) % 2, 0);
                             }
                         }
