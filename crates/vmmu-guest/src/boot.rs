@@ -46,3 +46,23 @@ impl BootMem for NativeMachine {
         Ok(self.mem().read(hpa, size))
     }
 }
+
+/// Host physical memory used directly as guest physical memory (a machine without a
+/// hypervisor), so a test can boot a [`NativeMachine`] while also lending it as the CPU.
+impl BootMem for vmmu::host::PhysMem {
+    fn write_phys(&self, gpa: Gpa, size: u8, val: u64) -> Result<(), String> {
+        let hpa = Hpa::new(gpa.raw());
+        if !self.contains(hpa, u64::from(size)) {
+            return Err(format!("gpa {gpa:#x} is beyond physical memory"));
+        }
+        self.write(hpa, size, val);
+        Ok(())
+    }
+    fn read_phys(&self, gpa: Gpa, size: u8) -> Result<u64, String> {
+        let hpa = Hpa::new(gpa.raw());
+        if !self.contains(hpa, u64::from(size)) {
+            return Err(format!("gpa {gpa:#x} is beyond physical memory"));
+        }
+        Ok(self.read(hpa, size))
+    }
+}

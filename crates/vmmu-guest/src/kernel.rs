@@ -4,9 +4,19 @@
 //!
 //! Everything it does to guest memory goes through the vCPU, so under any MMU it meets the
 //! same faults and write protection a real guest kernel would.
+//!
+//! Processes can [`fork`](GuestKernel::fork) (page tables copied, private pages shared
+//! copy-on-write), [`exec`](GuestKernel::exec) (all user mappings dropped) and
+//! [`exit`](GuestKernel::exit). Frames mapped by more than one PTE carry a share count; a
+//! frame goes back to its node's free list only when its last mapping goes. Page-table
+//! changes are flushed as Linux does: INVLPG for single pages of the current process, a CR3
+//! reload for whole address spaces, and with PCIDs a process whose PTEs were downgraded
+//! while it was not running is switched to without the no-flush bit (its PCID may still
+//! hold the old translations).
 
 use crate::boot::BootMem;
 use crate::pagetable::{FrameBump, PageTableBuilder, PteFlags};
+use std::collections::HashMap;
 use vmmu::hw::cpu::Exception;
 use vmmu::machine::GuestCpu;
 use vmmu::x86_paging::access::AccessKind;
@@ -101,6 +111,7 @@ pub struct Process {
 
 #[derive(Debug, Clone)]
 struct Node {
+    start: u64,
     next: u64,
     end: u64,
     free: Vec<u64>,
@@ -119,6 +130,24 @@ pub struct KernelStats {
     pub context_switches: u64,
     /// INVLPGs issued.
     pub invlpgs: u64,
+    /// Full flushes of a process's translations: CR3 reloads of the current process after
+    /// fork/exec, and CR3 switches with PCIDs made without the no-flush bit because the
+    /// PCID could hold stale (or another process's) translations.
+    pub tlb_flushes: u64,
+    /// Processes forked.
+    pub forks: u64,
+    /// Execs (address spaces emptied).
+    pub execs: u64,
+    /// Processes exited.
+    pub exits: u64,
+    /// Write-protection faults on copy-on-write pages.
+    pub cow_faults: u64,
+    /// Copy-on-write faults that copied the page (the rest reused a frame no longer shared).
+    pub cow_copies: u64,
+    /// Data frames returned to the free lists (their last mapping gone).
+    pub pages_freed: u64,
+    /// Page-table pages returned to the free lists.
+    pub pt_pages_freed: u64,
 }
 
 /// The guest kernel.
@@ -128,11 +157,30 @@ pub struct GuestKernel {
     nodes: Vec<Node>,
     processes: Vec<Process>,
     current: Option<usize>,
+    next_pid: u32,
+    /// Share counts of frames mapped by more than one PTE (a frame not here is mapped once,
+    /// or free).
+    shared: HashMap<u64, u32>,
+    /// PCID -> the process whose translations that PCID holds, when they are known not to
+    /// be stale: only a switch to that process may set the no-flush bit.
+    pcid_clean: HashMap<u16, u32>,
     /// Counters.
     pub stats: KernelStats,
 }
 
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+/// Page-fault error code bits.
+const PF_P: u32 = 1;
+const PF_W: u32 = 1 << 1;
+const PF_RSVD: u32 = 1 << 3;
+/// Top-level entries of the user half (the lower 256 of 512).
+const USER_SLOTS: u64 = 256;
 
 impl GuestKernel {
     /// Boots: the boot loader (a VMM write) builds the direct map of all RAM, then the
@@ -160,6 +208,7 @@ impl GuestKernel {
         let nodes = ranges
             .iter()
             .map(|&(s, e)| Node {
+                start: s,
                 next: s
                     .max(LOW_RESERVED)
                     .max(if s <= tables_end && tables_end < e { tables_end } else { 0 })
@@ -186,6 +235,9 @@ impl GuestKernel {
             nodes,
             processes: Vec::new(),
             current: None,
+            next_pid: 1,
+            shared: HashMap::new(),
+            pcid_clean: HashMap::new(),
             stats: KernelStats::default(),
         })
     }
@@ -215,6 +267,15 @@ impl GuestKernel {
 
     /// Allocates a frame and clears it with stores (clear_page).
     fn alloc_frame<C: GuestCpu>(&mut self, cpu: &mut C, node: usize) -> Result<u64, KernelError> {
+        let f = self.take_frame(node)?;
+        for off in (0..4096).step_by(8) {
+            Self::kwrite(cpu, f + off, 0)?;
+        }
+        Ok(f)
+    }
+
+    /// Takes a frame from `node` (or the next node with memory), contents as they are.
+    fn take_frame(&mut self, node: usize) -> Result<u64, KernelError> {
         let n = self.nodes.len();
         let f = (0..n)
             .map(|i| (node + i) % n)
@@ -228,26 +289,94 @@ impl GuestKernel {
                 })
             })
             .ok_or(KernelError::OutOfMemory(self.cfg.mem_size))?;
-        for off in (0..4096).step_by(8) {
-            Self::kwrite(cpu, f + off, 0)?;
+        Ok(f)
+    }
+
+    /// Returns a frame to the free list of the node it belongs to. A frame outside every
+    /// node (only a corrupted PTE could name one) is dropped rather than handed out later.
+    fn free_frame(&mut self, f: u64) {
+        if let Some(nd) = self.nodes.iter_mut().find(|n| n.start <= f && f < n.end) {
+            nd.free.push(f);
+        }
+    }
+
+    /// Drops one mapping of data frame `f`: the frame is freed when it was the last one.
+    /// Returns whether it was freed.
+    fn put_frame(&mut self, f: u64) -> bool {
+        if let Some(c) = self.shared.get_mut(&f) {
+            *c -= 1;
+            if *c <= 1 {
+                self.shared.remove(&f);
+            }
+            return false;
+        }
+        self.free_frame(f);
+        self.stats.pages_freed += 1;
+        true
+    }
+
+    /// How many PTEs map data frame `frame` as the kernel counts them: more than 1 while it
+    /// is shared copy-on-write, else 1 (also for a frame that is not mapped at all).
+    pub fn share_count(&self, frame: Gpa) -> u32 {
+        self.shared.get(&frame.raw()).copied().unwrap_or(1)
+    }
+
+    /// Frames the allocator can still hand out (free lists plus never-used memory).
+    pub fn free_frames(&self) -> u64 {
+        self.nodes.iter().map(|n| n.free.len() as u64 + n.end.saturating_sub(n.next) / 4096).sum()
+    }
+
+    /// The address of the table an entry at level > 1 points to, checked: large pages are
+    /// never used in the user half and a table must lie in RAM.
+    fn table_of(&self, e: u64) -> Result<u64, KernelError> {
+        let t = e & ADDR;
+        if e & PS != 0 || t >= self.cfg.mem_size {
+            return Err(KernelError::Invalid(format!("corrupt user page-table entry {e:#x}")));
+        }
+        Ok(t)
+    }
+
+    /// The data frame a present user leaf maps, checked to lie in RAM.
+    fn frame_of(&self, e: u64) -> Result<u64, KernelError> {
+        let f = e & ADDR;
+        if f >= self.cfg.mem_size {
+            return Err(KernelError::Invalid(format!("corrupt user PTE {e:#x}")));
         }
         Ok(f)
     }
 
-    /// Creates a process sharing the kernel half of the address space.
+    /// Creates a process sharing the kernel half of the address space. Process ids start
+    /// at 1 and are never reused.
     pub fn create_process<C: GuestCpu>(&mut self, cpu: &mut C) -> Result<u32, KernelError> {
         let prev = self.enter_kernel(cpu);
-        let node = self.processes.len() % self.nodes.len();
+        let r = self.new_process(cpu);
+        cpu.set_cpl(prev);
+        r
+    }
+
+    /// Allocates a top-level table, copies the kernel half into it and adds the process
+    /// (empty user half, no VMAs). Runs in the kernel.
+    fn new_process<C: GuestCpu>(&mut self, cpu: &mut C) -> Result<u32, KernelError> {
+        let pid = self.next_pid;
+        let node = (pid as usize).wrapping_sub(1) % self.nodes.len();
         let root = self.alloc_frame(cpu, node)?;
         self.stats.pt_pages += 1;
-        for i in 256..512u64 {
-            let e = Self::kread(cpu, self.kernel_root.raw() + i * 8)?;
+        for i in USER_SLOTS..512 {
+            let e = match Self::kread(cpu, self.kernel_root.raw() + i * 8) {
+                Ok(e) => e,
+                Err(err) => {
+                    self.free_frame(root);
+                    return Err(err);
+                }
+            };
             if e != 0 {
-                Self::kwrite(cpu, root + i * 8, e)?;
+                if let Err(err) = Self::kwrite(cpu, root + i * 8, e) {
+                    self.free_frame(root);
+                    return Err(err);
+                }
             }
         }
-        cpu.set_cpl(prev);
-        let pid = self.processes.len() as u32 + 1;
+        self.next_pid = pid.checked_add(1).ok_or_else(|| KernelError::Invalid("out of process ids".into()))?;
         let pcid = if self.cfg.pcid { (pid % 4095 + 1) as u16 } else { 0 };
         self.processes.push(Process { pid, root: Gpa::new(root), vmas: Vec::new(), pcid, node });
         Ok(pid)
@@ -270,19 +399,57 @@ impl GuestKernel {
         Ok(())
     }
 
-    /// Switches to process `pid` (MOV CR3; with PCIDs, without flushing).
+    /// Switches to process `pid` (MOV CR3). With PCIDs the switch keeps the PCID's
+    /// translations (no-flush bit) when they are known to be the process's own and current;
+    /// otherwise (first use of the PCID by this process, or PTEs of the process downgraded
+    /// while it was not running) it flushes the PCID.
     pub fn switch_to<C: GuestCpu>(&mut self, cpu: &mut C, pid: u32) -> Result<(), KernelError> {
         let i = self.proc_index(pid)?;
         if self.current == Some(i) {
             return Ok(());
         }
         let p = &self.processes[i];
-        let cr3 = if self.cfg.pcid { p.root.raw() | u64::from(p.pcid) | (1 << 63) } else { p.root.raw() };
+        let keep = self.cfg.pcid && self.pcid_clean.get(&p.pcid) == Some(&pid);
+        let cr3 = self.cr3_of(i, keep);
+        let pcid = p.pcid;
         let prev = self.enter_kernel(cpu);
         cpu.write_cr3(cr3)?;
         cpu.set_cpl(prev);
+        if self.cfg.pcid {
+            if !keep {
+                self.stats.tlb_flushes += 1;
+            }
+            self.pcid_clean.insert(pcid, pid);
+        }
         self.current = Some(i);
         self.stats.context_switches += 1;
+        Ok(())
+    }
+
+    /// The CR3 value of process `i`; `keep` sets the no-flush bit (PCIDs only).
+    fn cr3_of(&self, i: usize, keep: bool) -> u64 {
+        let p = &self.processes[i];
+        if self.cfg.pcid {
+            p.root.raw() | u64::from(p.pcid) | (u64::from(keep) << 63)
+        } else {
+            p.root.raw()
+        }
+    }
+
+    /// After PTEs of process `i` were downgraded (write-protected or cleared): flushes its
+    /// translations if it is current (CR3 reload, without the no-flush bit), otherwise makes
+    /// sure the next switch to it flushes its PCID. (Without PCIDs every switch flushes.)
+    fn flush_process<C: GuestCpu>(&mut self, cpu: &mut C, i: usize) -> Result<(), KernelError> {
+        let (pid, pcid) = (self.processes[i].pid, self.processes[i].pcid);
+        if self.current == Some(i) {
+            cpu.write_cr3(self.cr3_of(i, false))?;
+            self.stats.tlb_flushes += 1;
+            if self.cfg.pcid {
+                self.pcid_clean.insert(pcid, pid);
+            }
+        } else if self.cfg.pcid && self.pcid_clean.get(&pcid) == Some(&pid) {
+            self.pcid_clean.remove(&pcid);
+        }
         Ok(())
     }
 
@@ -322,7 +489,8 @@ impl GuestKernel {
         Err(KernelError::Invalid(format!("access at {va:#x} kept faulting")))
     }
 
-    /// The #PF handler: demand-allocates the page (and any missing page tables).
+    /// The #PF handler: demand-allocates the page (and any missing page tables), or resolves
+    /// a write to a copy-on-write page.
     fn handle_page_fault<C: GuestCpu>(
         &mut self,
         cpu: &mut C,
@@ -338,9 +506,13 @@ impl GuestKernel {
         let vma = p.vmas.iter().find(|v| cr2 >= v.start && cr2 < v.end).copied();
         let segv = KernelError::Segfault { pid, va: cr2, kind, error_code: ec };
         let Some(vma) = vma else { return Err(segv) };
-        if ec & 1 != 0 {
-            // A protection fault inside a VMA: nothing this kernel can fix (no COW yet).
-            return Err(segv);
+        if ec & PF_P != 0 {
+            // A protection fault inside a VMA: only a write to a copy-on-write page of a
+            // writable mapping can be fixed.
+            if ec & (PF_P | PF_W | PF_RSVD) != PF_P | PF_W || !vma.writable {
+                return Err(segv);
+            }
+            return self.cow_fault(cpu, i, cr2, node, segv);
         }
         let mut table = p.root.raw();
         for level in (2..=self.cfg.levels).rev() {
@@ -352,7 +524,7 @@ impl GuestKernel {
                 Self::kwrite(cpu, table + idx * 8, t | 0x7)?;
                 t
             } else {
-                e & ADDR
+                self.table_of(e)?
             };
         }
         let idx = (cr2 >> 12) & 511;
@@ -363,23 +535,74 @@ impl GuestKernel {
         Ok(())
     }
 
-    /// munmap: clears the PTEs of [start, start+len) with stores, frees the frames and
-    /// flushes each page with INVLPG (the current process) — what Linux's zap + flush does.
+    /// A write-protection fault on a present, read-only PTE in a writable VMA: copy-on-write.
+    /// A frame no longer shared is made writable again in place; a shared one is copied
+    /// (512 loads and 512 stores through the direct map) to a new frame the PTE then maps
+    /// writable, the old frame loses a mapping and the address is INVLPG'd.
+    fn cow_fault<C: GuestCpu>(
+        &mut self,
+        cpu: &mut C,
+        i: usize,
+        cr2: u64,
+        node: usize,
+        segv: KernelError,
+    ) -> Result<(), KernelError> {
+        let Some(pte_at) = self.pte_addr(cpu, i, cr2)? else {
+            // Gone since the fault was raised: retrying faults afresh.
+            return Ok(());
+        };
+        let e = Self::kread(cpu, pte_at)?;
+        if e & P == 0 || e & RW != 0 {
+            // Already fixed (a spurious fault from a stale read-only translation): retry.
+            return Ok(());
+        }
+        if e & US == 0 {
+            return Err(segv);
+        }
+        let old = self.frame_of(e)?;
+        self.stats.cow_faults += 1;
+        if self.share_count(Gpa::new(old)) == 1 {
+            // wp_page_reuse: only this PTE maps the frame. Upgrading rights needs no flush.
+            Self::kwrite(cpu, pte_at, e | RW | A | D)?;
+            return Ok(());
+        }
+        let new = self.take_frame(node)?;
+        let copied = (0..4096u64).step_by(8).try_for_each(|off| {
+            let v = Self::kread(cpu, old + off)?;
+            Self::kwrite(cpu, new + off, v)
+        });
+        if let Err(err) = copied.and_then(|()| Self::kwrite(cpu, pte_at, new | (e & !ADDR) | RW | A | D)) {
+            self.free_frame(new);
+            return Err(err);
+        }
+        self.stats.pages_allocated += 1;
+        self.stats.cow_copies += 1;
+        self.put_frame(old);
+        cpu.invlpg(Gva::new(cr2 & !4095));
+        self.stats.invlpgs += 1;
+        Ok(())
+    }
+
+    /// munmap: clears the PTEs of [start, start+len) with stores, drops the frames' mappings
+    /// (a frame shared copy-on-write is freed only with its last mapping) and flushes each
+    /// page with INVLPG if the process is current — what Linux's zap + flush does; for a
+    /// process not running, its next switch flushes instead. Returns the number of pages
+    /// unmapped. Page-table pages left empty are kept until exec or exit (Linux, too, frees
+    /// them only when no VMA covers their range any more).
     pub fn munmap<C: GuestCpu>(&mut self, cpu: &mut C, pid: u32, start: u64, len: u64) -> Result<u64, KernelError> {
         let i = self.proc_index(pid)?;
         let prev = self.enter_kernel(cpu);
-        let end = start + len;
-        let mut freed = 0;
+        let end = start.saturating_add(len).min(1 << 47);
+        let mut unmapped = 0;
         let mut va = start & !4095;
         while va < end {
             if let Some(pte_at) = self.pte_addr(cpu, i, va)? {
                 let e = Self::kread(cpu, pte_at)?;
                 if e & 1 != 0 {
                     Self::kwrite(cpu, pte_at, 0)?;
-                    let f = e & ADDR;
-                    let node = self.nodes.iter().position(|n| f < n.end).unwrap_or(0);
-                    self.nodes[node].free.push(f);
-                    freed += 1;
+                    let f = self.frame_of(e)?;
+                    self.put_frame(f);
+                    unmapped += 1;
                     if self.current == Some(i) {
                         cpu.invlpg(Gva::new(va));
                         self.stats.invlpgs += 1;
@@ -387,6 +610,9 @@ impl GuestKernel {
                 }
             }
             va += 4096;
+        }
+        if unmapped > 0 && self.current != Some(i) {
+            self.flush_process(cpu, i)?;
         }
         let p = &mut self.processes[i];
         let mut vmas = Vec::new();
@@ -404,7 +630,7 @@ impl GuestKernel {
         }
         p.vmas = vmas;
         cpu.set_cpl(prev);
-        Ok(freed)
+        Ok(unmapped)
     }
 
     fn pte_addr<C: GuestCpu>(&self, cpu: &mut C, i: usize, va: u64) -> Result<Option<u64>, KernelError> {
@@ -415,8 +641,202 @@ impl GuestKernel {
             if e & 1 == 0 {
                 return Ok(None);
             }
-            table = e & ADDR;
+            table = self.table_of(e)?;
         }
         Ok(Some(table + ((va >> 12) & 511) * 8))
+    }
+
+    /// The PTE mapping user address `va` in process `pid` (read by the kernel through the
+    /// direct map), or None if no page is mapped there.
+    pub fn user_pte<C: GuestCpu>(&self, cpu: &mut C, pid: u32, va: u64) -> Result<Option<u64>, KernelError> {
+        let i = self.proc_index(pid)?;
+        if va >= 1 << 47 {
+            return Ok(None);
+        }
+        let prev = self.enter_kernel(cpu);
+        let r = self.pte_addr(cpu, i, va).and_then(|at| match at {
+            Some(at) => Self::kread(cpu, at).map(|e| (e & P != 0).then_some(e)),
+            None => Ok(None),
+        });
+        cpu.set_cpl(prev);
+        r
+    }
+
+    /// fork: a new process whose user half is a copy of `pid`'s. New page tables are
+    /// allocated (on the child's node) and filled with stores; every present user leaf is
+    /// shared, the writable ones copy-on-write: R/W cleared in both parent and child (the
+    /// child's copy also old, A clear, as Linux's copy_present_pte makes it) and the frame's
+    /// share count raised. The VMAs are copied. The parent's translations are then flushed:
+    /// a CR3 reload if it is current, else on its next switch. Returns the child's pid.
+    pub fn fork<C: GuestCpu>(&mut self, cpu: &mut C, pid: u32) -> Result<u32, KernelError> {
+        let pi = self.proc_index(pid)?;
+        let prev = self.enter_kernel(cpu);
+        let r = self.fork_inner(cpu, pi);
+        cpu.set_cpl(prev);
+        r
+    }
+
+    fn fork_inner<C: GuestCpu>(&mut self, cpu: &mut C, pi: usize) -> Result<u32, KernelError> {
+        let child = self.new_process(cpu)?;
+        let ci = self.processes.len() - 1;
+        let (proot, croot, node) =
+            (self.processes[pi].root.raw(), self.processes[ci].root.raw(), self.processes[ci].node);
+        self.processes[ci].vmas = self.processes[pi].vmas.clone();
+        let copied = self.copy_table(cpu, proot, croot, self.cfg.levels, node, USER_SLOTS);
+        // The parent's PTEs may have been write-protected even if the copy failed half way.
+        let flushed = self.flush_process(cpu, pi);
+        if let Err(e) = copied.and(flushed) {
+            // Undo the child (best effort: the error that stopped the fork is what matters).
+            let _ = self.drop_process(cpu, ci);
+            return Err(e);
+        }
+        self.stats.forks += 1;
+        Ok(child)
+    }
+
+    /// Copies the first `n` entries of table `src` (at paging level `level`) into `dst`,
+    /// recursively, sharing the leaves copy-on-write (see [`GuestKernel::fork`]).
+    fn copy_table<C: GuestCpu>(
+        &mut self,
+        cpu: &mut C,
+        src: u64,
+        dst: u64,
+        level: u8,
+        node: usize,
+        n: u64,
+    ) -> Result<(), KernelError> {
+        for idx in 0..n {
+            let e = Self::kread(cpu, src + idx * 8)?;
+            if e & P == 0 {
+                continue;
+            }
+            if level > 1 {
+                let from = self.table_of(e)?;
+                let t = self.alloc_frame(cpu, node)?;
+                self.stats.pt_pages += 1;
+                if let Err(err) = Self::kwrite(cpu, dst + idx * 8, t | 0x7) {
+                    self.free_frame(t);
+                    self.stats.pt_pages_freed += 1;
+                    return Err(err);
+                }
+                self.copy_table(cpu, from, t, level - 1, node, 512)?;
+            } else {
+                let f = self.frame_of(e)?;
+                let mut ce = e & !A;
+                if e & RW != 0 {
+                    Self::kwrite(cpu, src + idx * 8, e & !RW)?;
+                    ce &= !RW;
+                }
+                Self::kwrite(cpu, dst + idx * 8, ce)?;
+                *self.shared.entry(f).or_insert(1) += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every user mapping of process `i`: the top-level user entries are cleared with
+    /// stores, its translations flushed, then its user page-table pages freed and its data
+    /// frames' mappings dropped (mmu_gather order: nothing is freed while a TLB could still
+    /// reach it). Returns the number of data frames freed. Runs in the kernel.
+    fn drop_user<C: GuestCpu>(&mut self, cpu: &mut C, i: usize) -> Result<u64, KernelError> {
+        let root = self.processes[i].root.raw();
+        let (mut leaves, mut tables) = (Vec::new(), Vec::new());
+        let mut cleared = false;
+        for idx in 0..USER_SLOTS {
+            let e = Self::kread(cpu, root + idx * 8)?;
+            if e & P == 0 {
+                continue;
+            }
+            let t = self.table_of(e)?;
+            self.collect(cpu, t, self.cfg.levels - 1, &mut leaves, &mut tables)?;
+            tables.push(t);
+            Self::kwrite(cpu, root + idx * 8, 0)?;
+            cleared = true;
+        }
+        if cleared {
+            self.flush_process(cpu, i)?;
+        }
+        let mut freed = 0;
+        for f in leaves {
+            freed += u64::from(self.put_frame(f));
+        }
+        self.stats.pt_pages_freed += tables.len() as u64;
+        for t in tables {
+            self.free_frame(t);
+        }
+        Ok(freed)
+    }
+
+    /// Gathers the data frames and page-table pages under table `t` at paging level `level`.
+    fn collect<C: GuestCpu>(
+        &self,
+        cpu: &mut C,
+        t: u64,
+        level: u8,
+        leaves: &mut Vec<u64>,
+        tables: &mut Vec<u64>,
+    ) -> Result<(), KernelError> {
+        for idx in 0..512 {
+            let e = Self::kread(cpu, t + idx * 8)?;
+            if e & P == 0 {
+                continue;
+            }
+            if level > 1 {
+                let sub = self.table_of(e)?;
+                self.collect(cpu, sub, level - 1, leaves, tables)?;
+                tables.push(sub);
+            } else {
+                leaves.push(self.frame_of(e)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// exec: drops all of process `pid`'s user mappings (frames freed with their last
+    /// mapping, user page-table pages freed, top-level user entries cleared with stores),
+    /// clears its VMAs and flushes its translations (a CR3 reload if it is current). Returns
+    /// the number of data frames freed.
+    pub fn exec<C: GuestCpu>(&mut self, cpu: &mut C, pid: u32) -> Result<u64, KernelError> {
+        let i = self.proc_index(pid)?;
+        let prev = self.enter_kernel(cpu);
+        let r = self.drop_user(cpu, i);
+        cpu.set_cpl(prev);
+        let freed = r?;
+        self.processes[i].vmas.clear();
+        self.stats.execs += 1;
+        Ok(freed)
+    }
+
+    /// exit: drops the process's user mappings as [`GuestKernel::exec`] does, frees its
+    /// top-level table and removes it. The current process cannot exit (switch away
+    /// first). Returns the number of data frames freed.
+    pub fn exit<C: GuestCpu>(&mut self, cpu: &mut C, pid: u32) -> Result<u64, KernelError> {
+        let i = self.proc_index(pid)?;
+        if self.current == Some(i) {
+            return Err(KernelError::Invalid(format!("process {pid} is current and cannot exit")));
+        }
+        let prev = self.enter_kernel(cpu);
+        let r = self.drop_process(cpu, i);
+        cpu.set_cpl(prev);
+        let freed = r?;
+        self.stats.exits += 1;
+        Ok(freed)
+    }
+
+    /// Drops process `i` (not current): its user mappings, its top-level table, its entry.
+    fn drop_process<C: GuestCpu>(&mut self, cpu: &mut C, i: usize) -> Result<u64, KernelError> {
+        let freed = self.drop_user(cpu, i)?;
+        let p = self.processes.remove(i);
+        if let Some(c) = self.current {
+            if c > i {
+                self.current = Some(c - 1);
+            }
+        }
+        if self.pcid_clean.get(&p.pcid) == Some(&p.pid) {
+            self.pcid_clean.remove(&p.pcid);
+        }
+        self.free_frame(p.root.raw());
+        self.stats.pt_pages_freed += 1;
+        Ok(freed)
     }
 }
