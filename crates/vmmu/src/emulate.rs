@@ -128,7 +128,13 @@ pub fn emulate_access(
     let mut shift = 0;
     for (gpa, len) in gpas.iter().take(parts.len()) {
         match kind {
-            AccessKind::Write => mem.write(*gpa, *len, val >> shift),
+            AccessKind::Write => {
+                mem.write(*gpa, *len, val >> shift);
+                if kvm.config().mmu == crate::vm::MmuKind::Shadow {
+                    // The page-track notifier: the write may hit a shadowed guest table.
+                    crate::mmu::shadow::kvm_mmu_track_write(kvm, vcpu, *gpa, *len);
+                }
+            }
             _ => out |= mem.read(*gpa, *len) << shift,
         }
         shift += 8 * u32::from(*len);

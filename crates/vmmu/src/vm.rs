@@ -7,7 +7,7 @@
 //! emulated and, for MMIO, handed to the VMM's devices.
 
 use crate::host::{FrameAllocator, HostError, HostMm, MmuNotifier, PhysMem};
-use crate::hw::cpu::{Cpu, CpuMode, Exception, Stop};
+use crate::hw::cpu::{Cpu, CpuMode, Exception, Stop, VmExit};
 use crate::memslot::{MemslotChange, MemslotError, MemslotFlags, Memslots, UserspaceMemoryRegion};
 use crate::mmio_bus::{MmioBus, MmioDevice};
 use crate::mmu::role::Role;
@@ -18,7 +18,7 @@ use crate::stats::{VcpuStats, VmStats};
 use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, Mutex, Ordering, RwLock};
 use crate::trace::Tracer;
 use std::collections::BTreeMap;
-use x86_paging::access::AccessKind;
+use x86_paging::access::{AccessKind, PfErrorCode};
 use x86_paging::addr::{Gpa, Gva, Pfn};
 use x86_paging::ept::{EptConfig, EptQual, NptConfig, TdpExit};
 use x86_paging::regs::{Cr0, Cr4, Efer};
@@ -217,12 +217,7 @@ impl Kvm {
     pub fn new(config: VmConfig, host: Arc<HostMm>) -> Result<Arc<Kvm>, VmError> {
         crate::sync::barrier::init();
         match config.mmu {
-            MmuKind::Tdp => {}
-            MmuKind::Shadow => {
-                return Err(VmError::Unsupported(
-                    "shadow paging (--mmu shadow) is not implemented yet; see issue #3".into(),
-                ))
-            }
+            MmuKind::Tdp | MmuKind::Shadow => {}
             MmuKind::LegacyTdp => {
                 return Err(VmError::Unsupported(
                     "the legacy TDP MMU (--mmu legacy-tdp) is not implemented yet; see issue #3".into(),
@@ -249,9 +244,10 @@ impl Kvm {
                 config.tdp_huge_page_level
             )));
         }
-        let masks = match config.tdp {
-            TdpKind::Ept => SpteMasks::ept(config.eptad),
-            TdpKind::Npt => SpteMasks::x86_64(),
+        let masks = match (config.mmu, config.tdp) {
+            // Shadow page tables use the 64-bit paging format.
+            (MmuKind::Shadow, _) | (_, TdpKind::Npt) => SpteMasks::x86_64(),
+            (_, TdpKind::Ept) => SpteMasks::ept(config.eptad),
         };
         let kvm = Arc::new(Kvm {
             config,
@@ -339,6 +335,10 @@ impl Kvm {
             }
         }
         let (new, change, _old) = cur.update(&r, self.config.maxphyaddr)?;
+        if matches!(change, MemslotChange::Create | MemslotChange::Delete) {
+            // kvm_arch_commit_memory_region: the default shadow-page limit follows RAM.
+            self.mmu.shadow.lock().update_n_max(&new);
+        }
         *self.memslots.write() = Arc::new(new);
         self.memslots_gen.fetch_add(1, Ordering::AcqRel);
         if matches!(change, MemslotChange::Delete | MemslotChange::Move) {
@@ -368,6 +368,7 @@ impl Kvm {
                 mmu: VcpuMmu::default(),
                 stat: VcpuStats::default(),
                 slots: self.memslots(),
+                shadow: Default::default(),
             },
         })
     }
@@ -437,6 +438,13 @@ impl Kvm {
                 );
             }
             tdp_mmu::kvm_tdp_mmu_invalidate_all_roots(self);
+            // The shadow MMU: zap every page now; roots in use are freed when released.
+            let mut s = self.mmu.shadow.lock();
+            s.mmu_valid_gen ^= 1;
+            let mut ctx =
+                crate::mmu::shadow::Ctx { kvm: self, s: &mut s, slots: self.memslots(), vcpu: None, cpu: u32::MAX };
+            ctx.zap_all();
+            drop(s);
             self.make_all_cpus_request(req::MMU_FREE_OBSOLETE_ROOTS);
         }
         tdp_mmu::kvm_tdp_mmu_zap_invalidated_roots(self);
@@ -481,6 +489,14 @@ impl Drop for Kvm {
         for p in std::mem::take(&mut *self.mmu.deferred_free.lock()) {
             self.frames().free_4k(p);
         }
+        let s = self.mmu.shadow.get_mut();
+        for id in s.pages.all() {
+            let sp = s.pages.remove(id);
+            self.host.frames().free_4k(sp.spt);
+        }
+        if let Some(p) = self.mmu.shadow_dummy_root.get_mut().take() {
+            self.host.frames().free_4k(p);
+        }
         if let Some(n) = self.notifier.lock().take() {
             self.host.unregister_notifier(&n);
         }
@@ -521,6 +537,7 @@ pub struct VcpuArch {
     /// Per-vCPU statistics.
     pub stat: VcpuStats,
     pub(crate) slots: Arc<Memslots>,
+    pub(crate) shadow: crate::mmu::shadow::VcpuShadow,
 }
 
 impl std::ops::Deref for Vcpu {
@@ -586,6 +603,10 @@ impl Vcpu {
     /// `kvm_mmu_load`: allocates (or shares) the root and points the hardware at it.
     fn kvm_mmu_load(&mut self) -> Result<(), VmError> {
         let kvm = self.kvm.clone();
+        if kvm.config.mmu == MmuKind::Shadow {
+            crate::mmu::shadow::kvm_mmu_load(&kvm, &mut self.arch)?;
+            return Ok(());
+        }
         self.mmu_topup_memory_caches(&kvm)?;
         let cfg = &kvm.config;
         let role = Role(0)
@@ -619,9 +640,13 @@ impl Vcpu {
     fn service_requests(&mut self) {
         let r = self.shared.requests.swap(0, Ordering::AcqRel);
         if r & req::MMU_FREE_OBSOLETE_ROOTS != 0 {
-            if let Some(root) = self.mmu.root.take_if(|r| r.is_invalid()) {
+            if let Some(root) = self.arch.mmu.root.take_if(|r| r.is_invalid()) {
                 tdp_mmu::kvm_tdp_mmu_put_root(&self.kvm, &root);
             }
+            crate::mmu::shadow::kvm_mmu_free_obsolete_roots(&self.kvm, &mut self.arch);
+        }
+        if r & req::MMU_SYNC != 0 {
+            crate::mmu::shadow::kvm_mmu_sync_roots(&self.kvm, &mut self.arch);
         }
         if r & req::TLB_FLUSH != 0 {
             self.stat.tlb_flush += 1;
@@ -639,7 +664,8 @@ impl Vcpu {
     fn enter(&mut self) -> Result<(), VmError> {
         self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::Relaxed);
         crate::sync::barrier::light_barrier();
-        if self.shared.requests.load(Ordering::Relaxed) != 0 || self.mmu.root.is_none() {
+        if self.shared.requests.load(Ordering::Relaxed) != 0 || (self.mmu.root.is_none() && self.shadow.root.is_none())
+        {
             self.enter_slow()?;
         }
         Ok(())
@@ -650,7 +676,7 @@ impl Vcpu {
         loop {
             self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
             self.service_requests();
-            if self.mmu.root.is_none() {
+            if self.mmu.root.is_none() && self.shadow.root.is_none() {
                 self.kvm_mmu_load()?;
             }
             self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::SeqCst);
@@ -672,17 +698,20 @@ impl Vcpu {
         self.leave();
     }
 
-    fn handle_exit(&mut self, x: TdpExit) -> Result<ExitAction, VmError> {
+    fn handle_exit(&mut self, x: VmExit) -> Result<ExitAction, VmError> {
         let Vcpu { kvm, arch } = self;
         arch.stat.exits += 1;
         arch.refresh_memslots(kvm);
-        let (gpa, ec) = match x {
-            TdpExit::EptViolation { gpa, qualification, .. } => (gpa, ept_violation_error_code(qualification)),
-            TdpExit::EptMisconfig { gpa } => (gpa, crate::mmu::page_fault::PFERR_RSVD),
-            TdpExit::Npf { gpa, error_code } => (gpa, error_code),
-            TdpExit::Contended { .. } => return Ok(ExitAction::Resume),
+        let (addr, ec) = match x {
+            VmExit::Tdp(TdpExit::EptViolation { gpa, qualification, .. }) => {
+                (gpa.raw(), ept_violation_error_code(qualification))
+            }
+            VmExit::Tdp(TdpExit::EptMisconfig { gpa }) => (gpa.raw(), crate::mmu::page_fault::PFERR_RSVD),
+            VmExit::Tdp(TdpExit::Npf { gpa, error_code }) => (gpa.raw(), error_code),
+            VmExit::Tdp(TdpExit::Contended { .. }) => return Ok(ExitAction::Resume),
+            VmExit::PageFault { gva, error_code } => (gva.raw(), u64::from(error_code.0)),
         };
-        let r = crate::mmu::page_fault::kvm_mmu_page_fault(kvm, arch, gpa, ec)?;
+        let r = crate::mmu::page_fault::kvm_mmu_page_fault(kvm, arch, addr, ec)?;
         Ok(if r == RetPf::Emulate { ExitAction::Emulate } else { ExitAction::Resume })
     }
 
@@ -732,7 +761,13 @@ impl Vcpu {
                     if exits > MAX_EXITS_PER_ACCESS {
                         return Err(VmError::Stuck { vcpu: self.id, gva, exits, last: x.to_string() }.into());
                     }
-                    if let ExitAction::Emulate = self.handle_exit(x)? {
+                    let action = self.handle_exit(x)?;
+                    if let Some((cr2, ec)) = self.arch.shadow.pending_pf.take() {
+                        // A fault the guest itself caused: inject it.
+                        self.cpu.cr2 = cr2;
+                        return Err(GuestError::Exception(Exception::PageFault { cr2, error_code: PfErrorCode(ec) }));
+                    }
+                    if let ExitAction::Emulate = action {
                         return emulate(self);
                     }
                 }
@@ -781,24 +816,67 @@ impl Vcpu {
         Err(GuestError::Exception(Exception::GeneralProtection))
     }
 
-    /// MOV to CR0.
-    pub fn write_cr0(&mut self, v: Cr0) -> Result<(), GuestError> {
-        self.run_op(0, |c| c.write_cr0(v), Self::gp)
+    fn shadowing(&self) -> bool {
+        self.kvm.config.mmu == MmuKind::Shadow
     }
 
-    /// MOV to CR4.
+    /// After an intercepted CR0/CR4/EFER write under shadow paging: a changed role means new
+    /// roots (`kvm_mmu_reset_context`).
+    fn after_cr_write(&mut self, before: Option<Role>, before_mode: x86_paging::mode::PagingMode) {
+        let st = *self.cpu.paging();
+        if crate::mmu::shadow::shadow_root_role(&st) != before || st.mode() != before_mode {
+            let Vcpu { kvm, arch } = self;
+            crate::mmu::shadow::kvm_mmu_reset_context(kvm, arch);
+        }
+    }
+
+    /// MOV to CR0.
+    pub fn write_cr0(&mut self, v: Cr0) -> Result<(), GuestError> {
+        let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
+        self.run_op(0, |c| c.write_cr0(v), Self::gp)?;
+        if self.shadowing() {
+            self.after_cr_write(role, mode);
+        }
+        Ok(())
+    }
+
+    /// MOV to CR4. Under shadow paging PKU is not offered (as KVM does without TDP):
+    /// setting CR4.PKE takes #GP.
     pub fn write_cr4(&mut self, v: Cr4) -> Result<(), GuestError> {
-        self.run_op(0, |c| c.write_cr4(v), Self::gp)
+        if self.shadowing() && v.contains(Cr4::PKE) {
+            return Err(GuestError::Exception(Exception::GeneralProtection));
+        }
+        let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
+        self.run_op(0, |c| c.write_cr4(v), Self::gp)?;
+        if self.shadowing() {
+            self.after_cr_write(role, mode);
+        }
+        Ok(())
     }
 
     /// WRMSR EFER.
     pub fn write_efer(&mut self, v: Efer) -> Result<(), GuestError> {
-        self.run_op(0, |c| c.write_efer(v), Self::gp)
+        let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
+        self.run_op(0, |c| c.write_efer(v), Self::gp)?;
+        if self.shadowing() {
+            self.after_cr_write(role, mode);
+        }
+        Ok(())
     }
 
-    /// MOV to CR3.
+    /// MOV to CR3. Under shadow paging it is intercepted: `kvm_set_cr3` switches roots
+    /// (`kvm_mmu_new_pgd`) and, unless the no-flush bit is set, syncs unsync pages and flushes.
     pub fn write_cr3(&mut self, v: u64) -> Result<(), GuestError> {
-        self.run_op(0, |c| c.write_cr3(v), Self::gp)
+        self.run_op(0, |c| c.write_cr3(v), Self::gp)?;
+        if self.shadowing() {
+            let noflush = self.cpu.paging().cr4.contains(Cr4::PCIDE) && v & (1 << 63) != 0;
+            let Vcpu { kvm, arch } = self;
+            crate::mmu::shadow::kvm_mmu_new_pgd(kvm, arch, v & !(1 << 63));
+            if !noflush {
+                arch.shared.requests.fetch_or(req::MMU_SYNC | req::TLB_FLUSH_CURRENT, Ordering::SeqCst);
+            }
+        }
+        Ok(())
     }
 
     /// WRPKRU.
@@ -816,17 +894,33 @@ impl Vcpu {
         self.cpu.set_ac(ac)
     }
 
-    /// INVLPG (not intercepted with TDP: the hardware flushes its own TLB).
+    /// INVLPG: not intercepted with TDP (the hardware flushes its own TLB); intercepted under
+    /// shadow paging (`kvm_mmu_invlpg`).
     pub fn invlpg(&mut self, gva: Gva) {
-        self.cpu.invlpg(gva)
+        if self.shadowing() {
+            let Vcpu { kvm, arch } = self;
+            crate::mmu::shadow::kvm_mmu_invlpg(kvm, arch, gva.raw());
+        } else {
+            self.cpu.invlpg(gva)
+        }
     }
 
-    /// INVPCID.
+    /// INVPCID (under shadow paging, an individual-address flush syncs like INVLPG and the
+    /// context flushes sync all unsync pages).
     pub fn invpcid(&mut self, kind: u8, pcid: u16, gva: Gva) -> Result<(), GuestError> {
         self.cpu.invpcid(kind, pcid, gva).map_err(|s| match s {
             Stop::Exception(e) => GuestError::Exception(e),
             Stop::Exit(_) => GuestError::Exception(Exception::GeneralProtection),
-        })
+        })?;
+        if self.shadowing() {
+            if kind == 0 {
+                let Vcpu { kvm, arch } = self;
+                crate::mmu::shadow::kvm_mmu_invlpg(kvm, arch, gva.raw());
+            } else {
+                self.arch.shared.requests.fetch_or(req::MMU_SYNC | req::TLB_FLUSH_CURRENT, Ordering::SeqCst);
+            }
+        }
+        Ok(())
     }
 
     /// CR2.
@@ -838,6 +932,7 @@ impl Vcpu {
 impl Drop for Vcpu {
     fn drop(&mut self) {
         self.exit_guest();
+        crate::mmu::shadow::kvm_mmu_unload(&self.kvm, &mut self.arch);
         if let Some(root) = self.mmu.root.take() {
             tdp_mmu::kvm_tdp_mmu_put_root(&self.kvm, &root);
         }

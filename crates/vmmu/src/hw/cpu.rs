@@ -69,6 +69,43 @@ pub enum CpuMode {
     Native,
     /// Two-dimensional paging over the hypervisor's EPT or NPT tables.
     Tdp(Tdp),
+    /// Shadow paging: the hardware walks the hypervisor's shadow tables (64-bit format)
+    /// instead of the guest's, and every #PF is intercepted.
+    Shadow(ShadowRoot),
+}
+
+/// What the hardware runs on under shadow paging: the shadow root and its paging mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowRoot {
+    /// The shadow root table (host CR3).
+    pub root: Hpa,
+    /// Shadow paging levels: 3 (PAE, PDPTEs in `pdptrs`), 4 or 5.
+    pub level: u8,
+    /// The PDPTEs of a PAE shadow root.
+    pub pdptrs: [u64; 4],
+}
+
+/// A VM exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// An EPT/NPT exit.
+    Tdp(TdpExit),
+    /// An intercepted #PF (shadow paging): the linear address and the hardware error code.
+    PageFault {
+        /// CR2.
+        gva: Gva,
+        /// Error code.
+        error_code: PfErrorCode,
+    },
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Tdp(x) => write!(f, "{x}"),
+            VmExit::PageFault { gva, error_code } => write!(f, "#PF intercept at {gva} ({error_code})"),
+        }
+    }
 }
 
 /// A guest exception, delivered to the guest model.
@@ -91,7 +128,7 @@ pub enum Stop {
     /// The guest takes an exception.
     Exception(Exception),
     /// A VM exit to the hypervisor; the operation is retried after it is handled.
-    Exit(TdpExit),
+    Exit(VmExit),
 }
 
 /// Hardware event counters.
@@ -198,6 +235,7 @@ impl Cpu {
     pub fn set_mode(&mut self, mode: CpuMode) {
         self.mode = mode;
         self.gpa_cache.flush();
+        self.recompute_perm_table();
     }
 
     /// Sets CPL (a privilege change; no TLB effect).
@@ -217,8 +255,36 @@ impl Cpu {
         self.eflags_ac
     }
 
+    /// The paging state the hardware actually walks with: the guest's, or under shadow
+    /// paging the shadow root with CR0.WP and EFER.NX forced on and PKE off, as KVM runs
+    /// shadowed guests (the SPTEs encode the guest's own WP/NX semantics).
+    pub fn hw_state(&self) -> PagingState {
+        match &self.mode {
+            CpuMode::Shadow(r) => {
+                let mut s = self.st;
+                s.cr0 |= Cr0::PG | Cr0::PE | Cr0::WP;
+                s.efer = Efer::NXE | if r.level >= 4 { Efer::LME | Efer::LMA } else { Efer::empty() };
+                s.cr4 = (s.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PGE | Cr4::PCIDE)) | Cr4::PAE;
+                if r.level == 5 {
+                    s.cr4 |= Cr4::LA57;
+                }
+                s.cr3 = r.root.raw();
+                s.pdptrs = r.pdptrs;
+                s.maxphyaddr = 46;
+                s.gbpages = true;
+                s
+            }
+            _ => self.st,
+        }
+    }
+
+    /// Loads the guest's PDPTE registers (the hypervisor does it under shadow paging).
+    pub fn set_guest_pdptrs(&mut self, pdptrs: [u64; 4]) {
+        self.st.pdptrs = pdptrs;
+    }
+
     fn recompute_perm_table(&mut self) {
-        let paging = self.st.mode() != PagingMode::NonPaging;
+        let paging = self.hw_state().mode() != PagingMode::NonPaging;
         for idx in 0..64usize {
             if !paging {
                 self.perm_table[idx] = class::ALL;
@@ -232,7 +298,7 @@ impl Cpu {
                 pkey: 1,
                 dirty: idx & PB_D != 0,
             };
-            let mut st = self.st;
+            let mut st = self.hw_state();
             st.pkru = ((idx & PB_PKAD != 0) as u32) << 2 | ((idx & PB_PKWD != 0) as u32) << 3;
             let mut allow = 0u16;
             for mode in 0..3usize {
@@ -343,7 +409,7 @@ impl Cpu {
                         Err(Walk2dError::Contended) => continue,
                         Err(Walk2dError::Guest(ec)) => return Err(self.page_fault(gva, ec)),
                         Err(Walk2dError::NonCanonical) => return Err(Stop::Exception(Exception::GeneralProtection)),
-                        Err(Walk2dError::Exit(x)) => return Err(Stop::Exit(x)),
+                        Err(Walk2dError::Exit(x)) => return Err(Stop::Exit(VmExit::Tdp(x))),
                     }
                 };
                 self.counters.walk_mem_refs += u64::from(t.mem_refs);
@@ -359,6 +425,32 @@ impl Cpu {
                 let guest_shift = t.guest.size.shift() as u8;
                 let shift = guest_shift.min(t.host_size.shift() as u8);
                 (t.hpa, t.guest.perms, shift, guest_shift, allow)
+            }
+            CpuMode::Shadow(_) => {
+                let hw = self.hw_state();
+                let t = loop {
+                    match walk(
+                        &mut NativeMem(&self.mem),
+                        &hw,
+                        gva,
+                        &access,
+                        WalkOptions { set_ad: true },
+                        &mut NoObserver,
+                    ) {
+                        Ok(t) => break t,
+                        Err(WalkError::Contended) => continue,
+                        // Every #PF is intercepted: the hypervisor decides whether the guest
+                        // sees it.
+                        Err(WalkError::PageFault(ec)) => {
+                            return Err(Stop::Exit(VmExit::PageFault { gva, error_code: ec }));
+                        }
+                        Err(WalkError::NonCanonical) => return Err(Stop::Exception(Exception::GeneralProtection)),
+                        Err(WalkError::Mem(never)) => match never {},
+                    }
+                };
+                self.counters.walk_mem_refs += u64::from(hw.mode().levels());
+                let shift = t.size.shift() as u8;
+                (Hpa::new(t.gpa.raw()), t.perms, shift, shift, class::ALL)
             }
         };
         let allow = self.perm_table[self.perm_index(&perms)] & host_allow;
@@ -448,9 +540,11 @@ impl Cpu {
                 let mut m = TdpPhys { mem: &self.mem, tdp: &tdp };
                 self.st.load_pdptrs(&mut m).map_err(|e| match e {
                     PdptrError::Reserved { .. } => Stop::Exception(Exception::GeneralProtection),
-                    PdptrError::Mem(x) => Stop::Exit(x),
+                    PdptrError::Mem(x) => Stop::Exit(VmExit::Tdp(x)),
                 })
             }
+            // The hypervisor intercepts CR writes and loads the guest's PDPTEs itself.
+            CpuMode::Shadow(_) => Ok(()),
         };
         r
     }

@@ -31,6 +31,9 @@ pub struct AuditError(pub Vec<String>);
 
 /// Runs the audit under `mmu_lock` held for write.
 pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
+    if kvm.config().mmu == crate::vm::MmuKind::Shadow {
+        return audit_shadow(kvm);
+    }
     let _w = kvm.mmu.mmu_lock.write();
     let slots = kvm.memslots();
     let host = kvm.host();
@@ -109,6 +112,117 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
     let tdp_pages = kvm.mmu.tdp_mmu_pages.sum();
     if tdp_pages != rep.tables as i64 {
         errs.push(format!("tdp_mmu_pages = {tdp_pages} but {} tables are reachable", rep.tables));
+    }
+    if errs.is_empty() {
+        Ok(rep)
+    } else {
+        Err(AuditError(errs))
+    }
+}
+
+/// The shadow MMU's invariants: every present leaf SPTE is in its gfn's rmap and maps the
+/// host's pfn, every rmap entry is such a leaf, parent pointers match the links, unsync pages
+/// are marked in every parent, write-tracked gfns are never mapped writable, and the page
+/// counters equal a recount.
+fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
+    let _w = kvm.mmu.mmu_lock.write();
+    let s = kvm.mmu.shadow.lock();
+    let slots = kvm.memslots();
+    let host = kvm.host();
+    let m = kvm.mmu.masks;
+    let mut rep = AuditReport::default();
+    let mut errs = Vec::new();
+    let mut leaves = std::collections::HashSet::new();
+    for id in s.pages.all() {
+        let sp = s.pages.get(id);
+        if sp.role.invalid() != 0 {
+            continue;
+        }
+        rep.tables += 1;
+        let level = sp.role.level() as u8;
+        for i in 0..512u64 {
+            let sptep = sp.sptep(i);
+            let spte = Spte(kvm.mem().load(sptep));
+            if spte.is_mmio(&m) {
+                rep.mmio_sptes += 1;
+                continue;
+            }
+            if !spte.is_shadow_present() {
+                continue;
+            }
+            if !spte.is_last(level) {
+                match s.pages.by_spt(spte.pfn()) {
+                    None => {
+                        errs.push(format!("SPTE {spte:?} at level {level} links to a table that is no shadow page"))
+                    }
+                    Some(c) if !s.pages.get(c).parent_ptes.contains(sptep) => {
+                        errs.push(format!("child page of {sptep:?} does not list it in parent_ptes"))
+                    }
+                    Some(c) => {
+                        let child = s.pages.get(c);
+                        if (child.unsync || child.unsync_children > 0)
+                            && sp.unsync_child_bitmap[(i / 64) as usize] & (1 << (i % 64)) == 0
+                        {
+                            errs.push(format!(
+                                "unsync page below {sptep:?} is not marked in its parent's unsync_child_bitmap"
+                            ));
+                        }
+                    }
+                }
+                continue;
+            }
+            rep.leaves[usize::from(level) - 1] += 1;
+            leaves.insert(sptep.raw());
+            let gfn = s.sp_gfn_at(id, i);
+            match slots.find(gfn) {
+                None => errs.push(format!("leaf SPTE {spte:?} maps gfn {gfn:#x} outside every memslot")),
+                Some(slot) => {
+                    if !s.rmaps.contains(slot, gfn, level, sptep) {
+                        errs.push(format!("leaf SPTE at {sptep:?} for gfn {gfn:#x} is not in the rmap"));
+                    }
+                    match host.get_user_page_fast_only(slot.gfn_to_hva(gfn), false) {
+                        Some(p) if p.pfn == spte.pfn() => {}
+                        p => {
+                            errs.push(format!("SPTE for gfn {gfn:#x} maps pfn {:#x}, host has {p:?}", spte.pfn().raw()))
+                        }
+                    }
+                    if spte.is_writable() && s.write_track.is_tracked(gfn) {
+                        errs.push(format!("write-tracked gfn {gfn:#x} is mapped writable"));
+                    }
+                    if spte.is_writable() {
+                        for o in s.pages.with_gfn(gfn) {
+                            let os = s.pages.get(o);
+                            if os.role.direct() == 0 && os.role.invalid() == 0 && !os.unsync {
+                                errs.push(format!("gfn {gfn:#x} is a synced shadowed page table but mapped writable"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for p in sp.parent_ptes.to_vec() {
+            let v = Spte(kvm.mem().load(p));
+            if !v.is_shadow_present() || v.pfn() != sp.spt {
+                errs.push(format!(
+                    "parent_ptes of page gfn {:#x} lists {p:?}, which does not link to it",
+                    sp.gfn.raw()
+                ));
+            }
+        }
+    }
+    for (_, _, sptep) in s.rmaps.all() {
+        if !leaves.contains(&sptep.raw()) {
+            errs.push(format!("rmap entry {sptep:?} is not a present leaf SPTE"));
+        }
+    }
+    let st = kvm.stats.snapshot();
+    for (i, name) in ["pages_4k", "pages_2m", "pages_1g"].iter().enumerate() {
+        if st[name] != rep.leaves[i] as i64 {
+            errs.push(format!("{name} = {} but {} leaf SPTEs exist", st[name], rep.leaves[i]));
+        }
+    }
+    if s.n_used_mmu_pages != s.pages.active_len() as u64 {
+        errs.push(format!("n_used_mmu_pages = {} but {} pages are active", s.n_used_mmu_pages, s.pages.active_len()));
     }
     if errs.is_empty() {
         Ok(rep)

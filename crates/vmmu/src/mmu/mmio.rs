@@ -9,6 +9,7 @@ use super::page_fault::RetPf;
 use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
 use super::tdp_iter::TdpIter;
 use crate::vm::{Kvm, VcpuArch};
+use x86_paging::addr::Hpa;
 use x86_paging::addr::{Gfn, Gpa};
 
 /// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
@@ -38,23 +39,49 @@ fn check_mmio_spte(kvm: &Kvm, vcpu: &VcpuArch, spte: Spte) -> bool {
     kvm_gen == spte_gen
 }
 
-/// `handle_mmio_page_fault` for a direct (TDP) MMU.
-pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: Gpa) -> RetPf {
+/// The last SPTE on the shadow path to `gva` (`get_mmio_spte` for an indirect MMU).
+fn shadow_last_spte(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) -> Option<Spte> {
+    let root = vcpu.shadow.root?;
+    let mut table = root.hpa;
+    let mut level = vcpu.shadow.root_role.level() as u8;
+    loop {
+        let s = Spte(kvm.mem().load(Hpa::new(table.raw() + super::tdp_iter::spte_index(gva >> 12, level) * 8)));
+        if !s.is_shadow_present() || s.is_last(level) {
+            return Some(s);
+        }
+        table = s.child();
+        level -= 1;
+    }
+}
+
+/// `handle_mmio_page_fault`: `addr` is the gpa (TDP) or the gva (shadow paging).
+pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "handle_mmio_page_fault");
     vcpu.refresh_memslots(kvm);
-    // mmio_info_in_cache.
-    if vcpu.mmu.mmio_gfn == Some((gpa.gfn().raw(), vcpu.slots.generation())) {
+    let direct = kvm.config().mmu != crate::vm::MmuKind::Shadow;
+    // mmio_info_in_cache: by gpa for a direct MMU, by gva for a shadow one.
+    let key = if direct { addr >> 12 } else { addr >> 12 | 1 << 63 };
+    if vcpu.mmu.mmio_gfn == Some((key, vcpu.slots.generation())) {
         return RetPf::Emulate;
     }
-    let Some(root) = vcpu.mmu.root.as_deref() else { return RetPf::Retry };
     let m = kvm.mmu().masks;
-    // get_mmio_spte: the lockless walk to the last SPTE.
-    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gpa.gfn(), Gfn::new(gpa.gfn().raw() + 1));
-    let mut spte = it.old_spte;
-    while it.valid {
-        spte = it.old_spte;
-        it.next();
-    }
+    let spte = if direct {
+        let Some(root) = vcpu.mmu.root.as_deref() else { return RetPf::Retry };
+        let gfn = Gpa::new(addr).gfn();
+        // get_mmio_spte: the lockless walk to the last SPTE.
+        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gfn, Gfn::new(gfn.raw() + 1));
+        let mut spte = it.old_spte;
+        while it.valid {
+            spte = it.old_spte;
+            it.next();
+        }
+        spte
+    } else {
+        match shadow_last_spte(kvm, vcpu, addr) {
+            Some(s) => s,
+            None => return RetPf::Retry,
+        }
+    };
     if spte.is_mmio(&m) {
         let gfn = spte.mmio_gfn(&m);
         let access = spte.mmio_access(&m);
@@ -68,7 +95,7 @@ pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: Gpa) -> RetPf
                 format_args!("addr:{:x} gfn {:x} access {:x}", 0, gfn.raw(), access),
             );
         }
-        vcpu.mmu.mmio_gfn = Some((gfn.raw(), vcpu.slots.generation()));
+        vcpu.mmu.mmio_gfn = Some((if direct { gfn.raw() } else { key }, vcpu.slots.generation()));
         return RetPf::Emulate;
     }
     // The SPTE was zapped by someone else: let the vCPU fault again.

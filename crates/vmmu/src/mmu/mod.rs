@@ -17,8 +17,14 @@ pub mod audit;
 pub mod fast_pf;
 pub mod mmio;
 pub mod mmu_notifier;
+pub mod page;
 pub mod page_fault;
+pub mod page_track;
+pub mod paging_tmpl;
+pub mod pte_list;
+pub mod rmap;
 pub mod role;
+pub mod shadow;
 pub mod spte;
 pub mod tdp_iter;
 pub mod tdp_mmu;
@@ -41,6 +47,9 @@ pub enum MmuError {
         /// The host's reason.
         reason: String,
     },
+    /// A guest configuration this build's MMU does not handle yet.
+    #[error("not implemented: {0}")]
+    Unsupported(String),
     /// The memslot's host memory is gone (KVM_EXIT_MEMORY_FAULT / -EFAULT).
     #[error("memory fault at gpa {gpa:#x}: the memslot's host address {hva:#x} is not mapped")]
     MemoryFault {
@@ -75,6 +84,10 @@ pub struct KvmMmu {
     /// the next remote TLB flush that waited for every vCPU (our stand-in for RCU; see
     /// docs/decisions/0002-deferred-free.md).
     pub deferred_free: Mutex<Vec<Pfn>>,
+    /// The shadow MMU's state (taken while holding `mmu_lock` for write).
+    pub shadow: Mutex<shadow::ShadowMmu>,
+    /// The all-non-present page the hardware runs on before a shadow root exists.
+    pub shadow_dummy_root: Mutex<Option<Pfn>>,
 }
 
 impl KvmMmu {
@@ -91,6 +104,8 @@ impl KvmMmu {
             mmu_valid_gen: AtomicU64::new(0),
             tdp_mmu_pages: PercpuCounter::default(),
             deferred_free: Mutex::new(Vec::new()),
+            shadow: Mutex::new(shadow::ShadowMmu::default()),
+            shadow_dummy_root: Mutex::new(None),
         }
     }
 }

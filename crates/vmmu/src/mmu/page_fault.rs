@@ -97,6 +97,13 @@ pub struct KvmPageFault {
 }
 
 impl KvmPageFault {
+    /// A fault for the shadow MMU: `addr` is the guest-physical address the guest walk gave.
+    pub fn new_shadow(kvm: &Kvm, addr: Gpa, error_code: u64) -> Self {
+        let mut f = Self::new(kvm, addr, error_code, false);
+        f.is_tdp = false;
+        f
+    }
+
     fn new(kvm: &Kvm, addr: Gpa, error_code: u64, prefetch: bool) -> Self {
         let nx = kvm.config().nx_huge_pages;
         KvmPageFault {
@@ -126,17 +133,17 @@ impl KvmPageFault {
 }
 
 /// `kvm_mmu_page_fault`: the entry from an EPT violation / misconfiguration / NPF exit.
-pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: Gpa, error_code: u64) -> Result<RetPf, MmuError> {
+pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, cr2_or_gpa: u64, error_code: u64) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_mmu_page_fault");
     let mut r = RetPf::Invalid;
     if error_code & PFERR_RSVD != 0 {
-        r = mmio::handle_mmio_page_fault(kvm, vcpu, gpa);
+        r = mmio::handle_mmio_page_fault(kvm, vcpu, cr2_or_gpa);
         if r == RetPf::Emulate {
             return Ok(r);
         }
     }
     if r == RetPf::Invalid {
-        r = kvm_mmu_do_page_fault(kvm, vcpu, gpa, error_code, false)?;
+        r = kvm_mmu_do_page_fault(kvm, vcpu, cr2_or_gpa, error_code, false)?;
     }
     Ok(r)
 }
@@ -145,16 +152,20 @@ pub fn kvm_mmu_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: Gpa, error_code: 
 pub fn kvm_mmu_do_page_fault(
     kvm: &Kvm,
     vcpu: &mut VcpuArch,
-    gpa: Gpa,
+    cr2_or_gpa: u64,
     error_code: u64,
     prefetch: bool,
 ) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "kvm_mmu_do_page_fault");
-    let mut fault = KvmPageFault::new(kvm, gpa, error_code, prefetch);
     if !prefetch {
         vcpu.stat.pf_taken += 1;
     }
-    let r = kvm_tdp_page_fault(kvm, vcpu, &mut fault)?;
+    let r = if kvm.config().mmu == crate::vm::MmuKind::Shadow {
+        super::paging_tmpl::page_fault(kvm, vcpu, cr2_or_gpa, error_code)?
+    } else {
+        let mut fault = KvmPageFault::new(kvm, Gpa::new(cr2_or_gpa), error_code, prefetch);
+        kvm_tdp_page_fault(kvm, vcpu, &mut fault)?
+    };
     match r {
         RetPf::Fixed => vcpu.stat.pf_fixed += 1,
         RetPf::Emulate if !prefetch => vcpu.stat.pf_emulate += 1,

@@ -72,8 +72,10 @@ impl PteList {
                 }
             }
             PteList::Many(descs) => {
-                let Some((di, si)) =
-                    descs.iter().enumerate().find_map(|(di, d)| d.sptes[..d.count].iter().position(|s| *s == spte).map(|si| (di, si)))
+                let Some((di, si)) = descs
+                    .iter()
+                    .enumerate()
+                    .find_map(|(di, d)| d.sptes[..d.count].iter().position(|s| *s == spte).map(|si| (di, si)))
                 else {
                     return false;
                 };

@@ -1,0 +1,179 @@
+//! `struct kvm_mmu_page` and the shadow-page cache: the hash of pages by gfn
+//! (`mmu_page_hash`, 4096 buckets), `active_mmu_pages` (newest first), and the map from a
+//! table's frame back to its page (what `page->private` gives KVM).
+
+use super::pte_list::PteList;
+use super::role::Role;
+use std::collections::{BTreeMap, HashMap};
+use x86_paging::addr::{Gfn, Hpa, Pfn};
+
+/// `KVM_MMU_HASH_SHIFT`.
+pub const KVM_MMU_HASH_SHIFT: u32 = 12;
+
+/// A shadow page's index in [`MmuPages`].
+pub type SpId = u32;
+
+/// `struct kvm_mmu_page`.
+#[derive(Debug)]
+pub struct ShadowPage {
+    /// The guest table it shadows (indirect) or the first gfn it maps (direct).
+    pub gfn: Gfn,
+    /// Its role.
+    pub role: Role,
+    /// The table of 512 SPTEs.
+    pub spt: Pfn,
+    /// `shadowed_translation`: per SPTE, `gfn << 12 | access` of what it maps (indirect).
+    pub shadowed_translation: Option<Box<[u64; 512]>>,
+    /// The SPTEs that point to this page.
+    pub parent_ptes: PteList,
+    /// Out of sync with the guest table (level 1 only).
+    pub unsync: bool,
+    /// Children with unsync descendants.
+    pub unsync_children: u32,
+    /// Which SPTEs lead to unsync pages.
+    pub unsync_child_bitmap: [u64; 8],
+    /// Roots using it.
+    pub root_count: u32,
+    /// Emulated writes since a fault last used it.
+    pub write_flooding_count: u32,
+    /// `mmu_valid_gen` at creation.
+    pub mmu_valid_gen: u64,
+    /// Position in `active_mmu_pages`.
+    seq: u64,
+}
+
+impl ShadowPage {
+    /// The table's address.
+    pub fn spt_hpa(&self) -> Hpa {
+        self.spt.hpa()
+    }
+
+    /// Address of SPTE `index`.
+    pub fn sptep(&self, index: u64) -> Hpa {
+        Hpa::new(self.spt.hpa().raw() + index * 8)
+    }
+}
+
+/// All shadow pages of a VM.
+#[derive(Debug, Default)]
+pub struct MmuPages {
+    pages: Vec<Option<ShadowPage>>,
+    free_ids: Vec<SpId>,
+    by_spt: HashMap<u64, SpId>,
+    hash: HashMap<u64, Vec<SpId>>,
+    active: BTreeMap<u64, SpId>,
+    next_seq: u64,
+}
+
+/// `hash_64(gfn, KVM_MMU_HASH_SHIFT)`: the golden-ratio multiplicative hash.
+pub fn kvm_page_table_hashfn(gfn: Gfn) -> u64 {
+    gfn.raw().wrapping_mul(0x61C8_8646_80B5_83EB) >> (64 - KVM_MMU_HASH_SHIFT)
+}
+
+impl MmuPages {
+    /// Adds a page at the head of `active_mmu_pages` and to its hash bucket.
+    pub fn insert(&mut self, gfn: Gfn, role: Role, spt: Pfn, gen: u64) -> SpId {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let sp = ShadowPage {
+            gfn,
+            role,
+            spt,
+            shadowed_translation: if role.direct() == 0 { Some(Box::new([0; 512])) } else { None },
+            parent_ptes: PteList::Empty,
+            unsync: false,
+            unsync_children: 0,
+            unsync_child_bitmap: [0; 8],
+            root_count: 0,
+            write_flooding_count: 0,
+            mmu_valid_gen: gen,
+            seq,
+        };
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.pages[id as usize] = Some(sp);
+                id
+            }
+            None => {
+                self.pages.push(Some(sp));
+                (self.pages.len() - 1) as SpId
+            }
+        };
+        self.by_spt.insert(spt.raw(), id);
+        self.hash.entry(kvm_page_table_hashfn(gfn)).or_default().push(id);
+        self.active.insert(seq, id);
+        id
+    }
+
+    /// Removes a page entirely (`kvm_mmu_free_shadow_page`); returns it.
+    pub fn remove(&mut self, id: SpId) -> ShadowPage {
+        let sp = self.pages[id as usize].take().expect("freeing a shadow page twice");
+        self.by_spt.remove(&sp.spt.raw());
+        let h = kvm_page_table_hashfn(sp.gfn);
+        if let Some(b) = self.hash.get_mut(&h) {
+            b.retain(|x| *x != id);
+            if b.is_empty() {
+                self.hash.remove(&h);
+            }
+        }
+        self.active.remove(&sp.seq);
+        self.free_ids.push(id);
+        sp
+    }
+
+    /// Takes a page off `active_mmu_pages` (a zapped root still in use stays allocated).
+    pub fn deactivate(&mut self, id: SpId) {
+        let seq = self.get(id).seq;
+        self.active.remove(&seq);
+    }
+
+    /// The page.
+    pub fn get(&self, id: SpId) -> &ShadowPage {
+        self.pages[id as usize].as_ref().expect("stale shadow page id")
+    }
+
+    /// The page, mutably.
+    pub fn get_mut(&mut self, id: SpId) -> &mut ShadowPage {
+        self.pages[id as usize].as_mut().expect("stale shadow page id")
+    }
+
+    /// Whether `id` names a live page.
+    pub fn exists(&self, id: SpId) -> bool {
+        self.pages.get(id as usize).is_some_and(|p| p.is_some())
+    }
+
+    /// `sptep_to_sp`: the page holding the SPTE at `sptep`, and the SPTE's index.
+    pub fn sptep_to_sp(&self, sptep: Hpa) -> Option<(SpId, u64)> {
+        self.by_spt.get(&sptep.pfn().raw()).map(|id| (*id, (sptep.raw() & 0xfff) / 8))
+    }
+
+    /// The page whose table is at `spt`.
+    pub fn by_spt(&self, spt: Pfn) -> Option<SpId> {
+        self.by_spt.get(&spt.raw()).copied()
+    }
+
+    /// The hash bucket of `gfn`.
+    pub fn bucket(&self, gfn: Gfn) -> Vec<SpId> {
+        self.hash.get(&kvm_page_table_hashfn(gfn)).cloned().unwrap_or_default()
+    }
+
+    /// Pages with `gfn` (`for_each_gfn_valid_sp`... the caller filters roles).
+    pub fn with_gfn(&self, gfn: Gfn) -> Vec<SpId> {
+        self.bucket(gfn).into_iter().filter(|id| self.get(*id).gfn == gfn).collect()
+    }
+
+    /// `active_mmu_pages`, oldest first.
+    pub fn active_oldest_first(&self) -> Vec<SpId> {
+        self.active.values().copied().collect()
+    }
+
+    /// Every live page.
+    pub fn all(&self) -> Vec<SpId> {
+        self.pages.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i as SpId).collect()
+    }
+
+    /// Number of pages on `active_mmu_pages`.
+    pub fn active_len(&self) -> usize {
+        self.active.len()
+    }
+}

@@ -1,0 +1,477 @@
+//! The guest-format half of the shadow MMU (paging_tmpl.h, instantiated here for 64-bit
+//! guest entries: 4- and 5-level paging): the guest walk with its tracepoints,
+//! `FNAME(page_fault)`, `FNAME(fetch)` (indirect levels that shadow guest tables, direct
+//! levels for a guest huge page mapped by smaller pages), `FNAME(pte_prefetch)` and
+//! `FNAME(sync_spte)`.
+
+use super::page::SpId;
+use super::page_fault::{self, KvmPageFault, RetPf, PFERR_FETCH, PFERR_RSVD, PFERR_USER, PFERR_WRITE};
+use super::shadow::{kvm_mmu_child_role, Ctx};
+use super::spte::{make_spte, Spte, SpteRequest, ACC_EXEC, ACC_USER, ACC_WRITE};
+use super::tdp_iter::{pages_at, spte_index};
+use super::MmuError;
+use crate::emulate::KvmGuestMem;
+use crate::vm::{Kvm, VcpuArch};
+use x86_paging::access::{Access, AccessKind, PfErrorCode};
+use x86_paging::addr::{Gfn, Gpa, Gva, Hpa, Pfn};
+use x86_paging::mode::{PagingMode, PagingState};
+use x86_paging::regs::{Cr0, Cr4};
+use x86_paging::walk::{walk, WalkError, WalkObserver, WalkOptions};
+
+const PT_PRESENT: u64 = 1;
+const PT_WRITABLE: u64 = 1 << 1;
+const PT_USER: u64 = 1 << 2;
+const PT_ACCESSED: u64 = 1 << 5;
+const PT_DIRTY: u64 = 1 << 6;
+const PT_NX: u64 = 1 << 63;
+const PT64_ADDR: u64 = 0x000f_ffff_ffff_f000;
+/// `PTE_PREFETCH_NUM`.
+pub const PTE_PREFETCH_NUM: u64 = 8;
+
+/// `struct guest_walker`: what the guest walk found.
+#[derive(Debug, Clone)]
+pub struct GuestWalker {
+    /// Leaf level.
+    pub level: u8,
+    /// Root level of the guest's paging.
+    pub root_level: u8,
+    /// The 4 KiB gfn of the accessed address.
+    pub gfn: Gfn,
+    /// `ptes[level - 1]`.
+    pub ptes: [u64; 5],
+    /// `table_gfn[level - 1]`: the guest table holding the level-`level` entry.
+    pub table_gfn: [Gfn; 5],
+    /// `pte_gpa[level - 1]`: where the level-`level` entry lives.
+    pub pte_gpa: [Gpa; 5],
+    /// `pt_access[level - 1]`: rights accumulated from the root through that level.
+    pub pt_access: [u8; 5],
+    /// Rights of the translation (after `protect_clean_gpte`).
+    pub pte_access: u8,
+}
+
+/// `FNAME(gpte_access)`.
+pub fn gpte_access(gpte: u64, nx: bool) -> u8 {
+    let mut a = ACC_EXEC;
+    if gpte & PT_WRITABLE != 0 {
+        a |= ACC_WRITE;
+    }
+    if gpte & PT_USER != 0 {
+        a |= ACC_USER;
+    }
+    if nx && gpte & PT_NX != 0 {
+        a &= !ACC_EXEC;
+    }
+    a
+}
+
+/// `FNAME(protect_clean_gpte)`: a clean guest page is mapped read-only so that the first
+/// write faults and the walk sets D.
+pub fn protect_clean_gpte(access: &mut u8, gpte: u64) {
+    if gpte & PT_DIRTY == 0 {
+        *access &= !ACC_WRITE;
+    }
+}
+
+struct TraceWalk<'a> {
+    kvm: &'a Kvm,
+    cpu: u32,
+}
+
+impl WalkObserver for TraceWalk<'_> {
+    fn element(&mut self, level: u8, _pte_gpa: Gpa, pte: u64) {
+        self.kvm.tracer.event(self.cpu, "kvm_mmu_paging_element", format_args!("pte {pte:x} level {level}"));
+    }
+    fn set_accessed(&mut self, pte_gpa: Gpa) {
+        self.kvm.tracer.event(self.cpu, "kvm_mmu_set_accessed_bit", format_args!("gpa {:x}", pte_gpa.raw()));
+    }
+    fn set_dirty(&mut self, pte_gpa: Gpa) {
+        self.kvm.tracer.event(self.cpu, "kvm_mmu_set_dirty_bit", format_args!("gpa {:x}", pte_gpa.raw()));
+    }
+}
+
+fn pferr_text(ec: u64) -> String {
+    super::mmio::pferr_flags(ec)
+}
+
+/// `FNAME(walk_addr_generic)`: walks the guest's tables in software (through memslots),
+/// setting A/D bits as hardware would; a fault comes back as the guest's #PF error code.
+pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Result<GuestWalker, PfErrorCode> {
+    let st: PagingState = *vcpu.cpu.paging();
+    let kind = if error_code & PFERR_WRITE != 0 {
+        AccessKind::Write
+    } else if error_code & PFERR_FETCH != 0 {
+        AccessKind::Fetch
+    } else {
+        AccessKind::Read
+    };
+    let access = Access {
+        kind,
+        cpl: if error_code & PFERR_USER != 0 { 3 } else { 0 },
+        implicit_supervisor: false,
+        eflags_ac: vcpu.cpu.eflags_ac(),
+    };
+    let tracing = kvm.tracer.events_on();
+    if tracing {
+        kvm.tracer.event(
+            vcpu.id,
+            "kvm_mmu_pagetable_walk",
+            format_args!("addr {:x} pferr {:x} {}", gva, error_code as u32, pferr_text(error_code)),
+        );
+    }
+    let bus = kvm.mmio_bus();
+    let mut mem = KvmGuestMem::new(kvm, &vcpu.slots, &bus);
+    let r = loop {
+        let r = if tracing {
+            walk(&mut mem, &st, Gva::new(gva), &access, WalkOptions::ARCH, &mut TraceWalk { kvm, cpu: vcpu.id })
+        } else {
+            walk(&mut mem, &st, Gva::new(gva), &access, WalkOptions::ARCH, &mut x86_paging::walk::NoObserver)
+        };
+        match r {
+            Err(WalkError::Contended) => continue,
+            r => break r,
+        }
+    };
+    let t = match r {
+        Ok(t) => t,
+        Err(WalkError::PageFault(ec)) => {
+            if tracing {
+                kvm.tracer.event(
+                    vcpu.id,
+                    "kvm_mmu_walker_error",
+                    format_args!("pferr {:x} {}", ec.0, pferr_text(u64::from(ec.0))),
+                );
+            }
+            return Err(ec);
+        }
+        // A non-canonical address takes #GP before any walk; it cannot reach here.
+        Err(_) => return Err(PfErrorCode(0)),
+    };
+    let root_level = st.mode().levels();
+    let nx = st.nx_enabled();
+    let mut w = GuestWalker {
+        level: t.level,
+        root_level,
+        gfn: t.gpa.gfn(),
+        ptes: t.ptes,
+        table_gfn: [Gfn::new(0); 5],
+        pte_gpa: t.pte_gpas,
+        pt_access: [0; 5],
+        pte_access: 0,
+    };
+    let mut acc = ACC_EXEC | ACC_WRITE | ACC_USER;
+    for level in (t.level..=root_level).rev() {
+        let i = usize::from(level - 1);
+        w.table_gfn[i] = t.pte_gpas[i].gfn();
+        acc &= gpte_access(t.ptes[i], nx);
+        w.pt_access[i] = acc;
+    }
+    w.pte_access = acc;
+    if kind != AccessKind::Write {
+        protect_clean_gpte(&mut w.pte_access, t.ptes[usize::from(t.level - 1)]);
+    }
+    Ok(w)
+}
+
+/// `FNAME(page_fault)`: an intercepted #PF under shadow paging.
+pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
+    let _f = kvm.tracer.func(vcpu.id, "paging64_page_fault");
+    let mode = vcpu.cpu.paging().mode();
+    if !matches!(mode, PagingMode::Level4 | PagingMode::Level5) {
+        return Err(MmuError::Unsupported(format!(
+            "shadow paging of a {mode:?} guest (only 4- and 5-level guests are shadowed so far)"
+        )));
+    }
+    let walker = match walk_addr(kvm, vcpu, gva, error_code & !PFERR_RSVD) {
+        Ok(w) => w,
+        Err(ec) => {
+            // The guest's own fault: inject it (kvm_inject_emulated_page_fault).
+            vcpu.stat.pf_guest += 1;
+            vcpu.shadow.pending_pf = Some((gva, ec.0));
+            return Ok(RetPf::Retry);
+        }
+    };
+    let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(walker.gfn.gpa().raw() | (gva & 0xfff)), error_code);
+    fault.gfn = walker.gfn;
+    fault.max_level = walker.level;
+    // page_fault_handle_page_track: a write to a write-tracked gfn cannot be fixed.
+    if fault.present && fault.write && kvm.mmu.shadow.lock().write_track.is_tracked(fault.gfn) {
+        shadow_page_table_clear_flood(kvm, vcpu, gva);
+        return Ok(RetPf::Emulate);
+    }
+    vcpu.mmu_topup_memory_caches(kvm)
+        .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
+    let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
+    if r != RetPf::Continue {
+        return Ok(r);
+    }
+    let mut pte_access = walker.pte_access;
+    let st = *vcpu.cpu.paging();
+    if !fault.user && !st.cr0.contains(Cr0::WP) && fault.write && pte_access & ACC_WRITE == 0 {
+        // CR0.WP=0: a supervisor write to a read-only page is allowed; the SPTE becomes
+        // writable but not user (and not executable under SMEP), so user accesses still fault.
+        pte_access |= ACC_WRITE;
+        pte_access &= !ACC_USER;
+        if st.cr4.contains(Cr4::SMEP) {
+            pte_access &= !ACC_EXEC;
+        }
+    }
+    let _w = kvm.mmu.mmu_lock.write();
+    let mut s = kvm.mmu.shadow.lock();
+    let slots = vcpu.slots.clone();
+    let cpu = vcpu.id;
+    let root = vcpu.shadow.root;
+    let mut ctx = Ctx { kvm, s: &mut s, slots, vcpu: Some(vcpu), cpu };
+    ctx.make_mmu_pages_available();
+    let Some(root) = root.filter(|r| ctx.s.pages.exists(r.sp) && ctx.s.pages.get(r.sp).role.invalid() == 0) else {
+        return Ok(RetPf::Retry);
+    };
+    if fault.slot.is_some() && page_fault::mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) {
+        return Ok(RetPf::Retry);
+    }
+    Ok(fetch(&mut ctx, root.sp, gva, &walker, &mut fault, pte_access))
+}
+
+/// `FNAME(gpte_changed)`: whether the guest rewrote the level-`level` entry since the walk.
+fn gpte_changed(ctx: &Ctx<'_>, w: &GuestWalker, level: u8) -> bool {
+    let i = usize::from(level - 1);
+    let bus = ctx.kvm.mmio_bus();
+    KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(w.pte_gpa[i], 8) != w.ptes[i]
+}
+
+/// `FNAME(fetch)`: builds the shadow path for the walked translation and installs the leaf.
+fn fetch(
+    ctx: &mut Ctx<'_>,
+    root_sp: SpId,
+    gva: u64,
+    w: &GuestWalker,
+    fault: &mut KvmPageFault,
+    pte_access: u8,
+) -> RetPf {
+    let mut sp = root_sp;
+    let mut level = ctx.s.pages.get(root_sp).role.level() as u8;
+    if gpte_changed(ctx, w, w.root_level) {
+        return RetPf::Retry;
+    }
+    // Indirect levels: each shadows a guest table.
+    while level > w.level {
+        let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
+        ctx.s.pages.get_mut(sp).write_flooding_count = 0;
+        let spte = Spte(ctx.kvm.mem().load(sptep));
+        let child = if spte.is_shadow_present() && !spte.is_large() {
+            match ctx.s.pages.by_spt(spte.pfn()) {
+                Some(c) => c,
+                None => return RetPf::Retry,
+            }
+        } else {
+            let i = usize::from(level - 2);
+            let table_gfn = w.table_gfn[i];
+            let role = kvm_mmu_child_role(ctx.s.pages.get(sp).role, false, w.pt_access[usize::from(level - 1)]);
+            let c = ctx.get_shadow_page(table_gfn, role);
+            if ctx.s.pages.get(c).unsync_children > 0 {
+                ctx.sync_children(c);
+            }
+            if !ctx.s.pages.exists(sp) || !ctx.s.pages.exists(c) || gpte_changed(ctx, w, level - 1) {
+                return RetPf::Retry;
+            }
+            ctx.link_shadow_page(sptep, c);
+            c
+        };
+        sp = child;
+        level -= 1;
+    }
+    // The guest leaf level: hugepage_adjust picks the level to map.
+    {
+        let slots = ctx.slots.clone();
+        page_fault::kvm_mmu_hugepage_adjust(ctx.kvm, &slots, fault);
+    }
+    let goal = fault.goal_level.min(w.level);
+    // Direct levels: a guest huge page mapped by smaller SPTEs.
+    while level > goal {
+        let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
+        let spte = Spte(ctx.kvm.mem().load(sptep));
+        let child = if spte.is_shadow_present() && !spte.is_large() {
+            match ctx.s.pages.by_spt(spte.pfn()) {
+                Some(c) => c,
+                None => return RetPf::Retry,
+            }
+        } else {
+            let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+            let role = kvm_mmu_child_role(ctx.s.pages.get(sp).role, true, w.pte_access);
+            let c = ctx.get_shadow_page(base, role);
+            ctx.link_shadow_page(sptep, c);
+            c
+        };
+        sp = child;
+        level -= 1;
+    }
+    let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
+    let gfn = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+    let pfn = fault.slot.map(|_| Pfn::new(fault.pfn.raw() & !(pages_at(level) - 1)));
+    if ctx.kvm.tracer.events_on() {
+        ctx.kvm.tracer.event(
+            ctx.cpu,
+            "kvm_mmu_spte_requested",
+            format_args!("gfn {:x} pfn {:x} level {}", fault.gfn.raw(), fault.pfn.raw(), level),
+        );
+    }
+    let r = ctx.mmu_set_spte(sptep, pte_access, gfn, pfn, fault.map_writable, false, fault.write);
+    if r != RetPf::Emulate && level == 1 {
+        pte_prefetch(ctx, sp, sptep);
+    }
+    r
+}
+
+/// `shadow_page_table_clear_flood`: a fault that used the path to `gva` resets the
+/// write-flooding counts of the pages on it.
+fn shadow_page_table_clear_flood(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) {
+    let Some(root) = vcpu.shadow.root else { return };
+    let mut s = kvm.mmu.shadow.lock();
+    let mut sp = root.sp;
+    loop {
+        if !s.pages.exists(sp) {
+            return;
+        }
+        let level = s.pages.get(sp).role.level() as u8;
+        s.pages.get_mut(sp).write_flooding_count = 0;
+        let spte = Spte(kvm.mem().load(s.pages.get(sp).sptep(spte_index(gva >> 12, level))));
+        if !spte.is_shadow_present() || spte.is_last(level) {
+            return;
+        }
+        match s.pages.by_spt(spte.pfn()) {
+            Some(c) => sp = c,
+            None => return,
+        }
+    }
+}
+
+/// `FNAME(prefetch_invalid_gpte)`: not present, not accessed, or reserved bits.
+fn prefetch_invalid_gpte(gpte: u64, st: &PagingState) -> bool {
+    gpte & PT_PRESENT == 0 || gpte & PT_ACCESSED == 0 || x86_paging::walk::reserved_bits(st, 1, gpte) != 0
+}
+
+/// `FNAME(pte_prefetch)`: maps the accessed, present neighbours in the 8-entry group of a
+/// last-level page whose host pages are already present.
+fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
+    let Some(vcpu) = ctx.vcpu.as_ref() else { return };
+    let st = *vcpu.cpu.paging();
+    if ctx.kvm.mmu.mmu_invalidate_in_progress.load(crate::sync::Ordering::Acquire) != 0 {
+        return;
+    }
+    let (gfn_table, direct, role_access) = {
+        let p = ctx.s.pages.get(sp);
+        (p.gfn, p.role.direct() != 0, p.role.access() as u8)
+    };
+    let index = (sptep.raw() & 0xfff) / 8;
+    let first = index & !(PTE_PREFETCH_NUM - 1);
+    let bus = ctx.kvm.mmio_bus();
+    for i in first..first + PTE_PREFETCH_NUM {
+        if i == index {
+            continue;
+        }
+        let p = ctx.s.pages.get(sp).sptep(i);
+        if Spte(ctx.kvm.mem().load(p)).is_shadow_present() {
+            continue;
+        }
+        let (gfn, access) = if direct {
+            (Gfn::new(gfn_table.raw() + i), role_access)
+        } else {
+            let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(Gpa::new(gfn_table.gpa().raw() + i * 8), 8);
+            if prefetch_invalid_gpte(gpte, &st) {
+                continue;
+            }
+            let mut a = role_access & gpte_access(gpte, st.nx_enabled());
+            protect_clean_gpte(&mut a, gpte);
+            (Gfn::new((gpte & PT64_ADDR) >> 12), a)
+        };
+        // gfn_to_page_many_atomic: only pages the host already maps.
+        let Some(slot) = ctx.slots.find(gfn).cloned() else { continue };
+        let Some(page) = ctx.kvm.host().get_user_page_fast_only(slot.gfn_to_hva(gfn), false) else { continue };
+        let writable = !slot.readonly() && ctx.kvm.host().get_user_page_fast_only(slot.gfn_to_hva(gfn), true).is_some();
+        ctx.mmu_set_spte(p, access, gfn, Some(page.pfn), writable, true, false);
+    }
+}
+
+/// `FNAME(sync_spte)`: re-reads the guest entry behind SPTE `i` of an unsync page; the SPTE
+/// is dropped if the entry changed its target or went invalid, or rebuilt if only the rights
+/// changed. Returns > 0 when a TLB flush is needed.
+pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
+    let Some(vcpu) = ctx.vcpu.as_ref() else { return 0 };
+    let st = *vcpu.cpu.paging();
+    let (table, role_access, level) = {
+        let p = ctx.s.pages.get(sp);
+        (p.gfn, p.role.access() as u8, p.role.level() as u8)
+    };
+    let sptep = ctx.s.pages.get(sp).sptep(i);
+    let bus = ctx.kvm.mmio_bus();
+    let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(Gpa::new(table.gpa().raw() + i * 8), 8);
+    if prefetch_invalid_gpte(gpte, &st) {
+        ctx.drop_spte(sptep);
+        ctx.kvm.mem().store(sptep, Spte::NONPRESENT.0);
+        return 1;
+    }
+    let gfn = Gfn::new((gpte & PT64_ADDR) >> 12);
+    let mut access = role_access & gpte_access(gpte, st.nx_enabled());
+    protect_clean_gpte(&mut access, gpte);
+    let old = Spte(ctx.kvm.mem().load(sptep));
+    let m = ctx.kvm.mmu.masks;
+    if old.is_mmio(&m) {
+        // sync_mmio_spte: an MMIO SPTE whose gfn changed is dropped.
+        if old.mmio_gfn(&m) != gfn {
+            ctx.kvm.mem().store(sptep, Spte::NONPRESENT.0);
+            return 1;
+        }
+        return 0;
+    }
+    if gfn != ctx.s.sp_gfn_at(sp, i) {
+        ctx.drop_spte(sptep);
+        return 1;
+    }
+    let req = SpteRequest {
+        level,
+        pfn: old.pfn(),
+        access,
+        prefetch: true,
+        synchronizing: true,
+        host_writable: old.0 & m.host_writable != 0,
+        nx_huge_pages: false,
+        ad_disabled: false,
+    };
+    let (new, _) = make_spte(&m, &req, old, || ctx.try_to_unsync_pages(gfn, false, true));
+    let flush = old.is_mmu_writable(&m) && !new.is_mmu_writable(&m);
+    ctx.kvm.mem().store(sptep, new.0);
+    i32::from(flush)
+}
+
+/// `kvm_mmu_invalidate_addr` for the current root: INVLPG syncs the SPTE of `gva` in unsync
+/// pages along the path (dropping it if the guest changed it).
+pub fn invlpg(ctx: &mut Ctx<'_>, root_sp: SpId, gva: u64) {
+    let mut sp = root_sp;
+    loop {
+        if !ctx.s.pages.exists(sp) {
+            return;
+        }
+        let level = ctx.s.pages.get(sp).role.level() as u8;
+        let index = spte_index(gva >> 12, level);
+        let sptep = ctx.s.pages.get(sp).sptep(index);
+        if ctx.s.pages.get(sp).unsync {
+            let r = sync_spte(ctx, sp, index);
+            if r < 0 {
+                ctx.drop_spte(sptep);
+            }
+            if r != 0 {
+                ctx.kvm.flush_remote_tlbs(ctx.vcpu.as_ref().map(|v| v.id));
+            }
+        }
+        if ctx.s.pages.get(sp).unsync_children == 0 {
+            return;
+        }
+        let spte = Spte(ctx.kvm.mem().load(sptep));
+        if !spte.is_shadow_present() || spte.is_last(level) {
+            return;
+        }
+        match ctx.s.pages.by_spt(spte.pfn()) {
+            Some(c) => sp = c,
+            None => return,
+        }
+    }
+}
