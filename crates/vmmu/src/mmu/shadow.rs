@@ -522,13 +522,25 @@ impl Ctx<'_> {
     /// `kvm_mmu_prepare_zap_page`: unlinks a page from everything; it is freed by
     /// [`Ctx::commit_zap_page`] (or, if a vCPU still uses it as a root, when released).
     pub fn prepare_zap_page(&mut self, id: SpId) -> bool {
-        if !self.s.pages.exists(id) || self.s.pages.get(id).role.invalid() != 0 && self.s.invalid_list.contains(&id) {
+        if !self.s.pages.exists(id) || self.s.pages.get(id).role.invalid() != 0 {
             return false;
         }
         trace_sp(self.kvm, self.cpu, "kvm_mmu_prepare_zap_page", self.s.pages.get(id), None);
         self.kvm.stats.mmu_shadow_zapped.add(1);
-        // Zap unsync children first (mmu_zap_unsync_children).
         let level = self.s.pages.get(id).role.level() as u8;
+        // mmu_zap_unsync_children: unsync pages below cannot be synced once unlinked.
+        if level > 1 {
+            loop {
+                let mut batch = Vec::new();
+                self.collect_unsync(id, &mut batch);
+                if batch.is_empty() {
+                    break;
+                }
+                for c in batch {
+                    self.prepare_zap_page(c);
+                }
+            }
+        }
         let spt = self.s.pages.get(id).spt_hpa();
         // kvm_mmu_page_unlink_children.
         for i in 0..512u64 {
@@ -537,11 +549,6 @@ impl Ctx<'_> {
             if s.is_shadow_present() && !s.is_last(level) {
                 if let Some(child) = self.s.pages.by_spt(s.pfn()) {
                     self.drop_parent_pte(child, sptep);
-                    // An unsync child left without parents is zapped too (it can no longer
-                    // be synced through a walk).
-                    if self.s.pages.get(child).parent_ptes.is_empty() && self.s.pages.get(child).unsync {
-                        self.prepare_zap_page(child);
-                    }
                     continue;
                 }
             }

@@ -1,0 +1,192 @@
+//! The shadow MMU's mechanisms, by their counters, on guests whose page tables are stated
+//! exactly (identity layouts built before the run) — the done criteria of the shadow-paging
+//! issue — with the audit after every step.
+
+use vmmu::x86_paging::addr::Gva;
+use vmmu::Vcpu;
+use vmmu_cli::runner::{build, Machine, RunOptions};
+use vmmu_cli::scenario::Scenario;
+
+fn machine(slots: &str, guest: &str) -> Machine {
+    let toml = format!("name = \"t\"\n[vm]\nmmu = \"shadow\"\n{slots}\n[guest]\nlayout = \"identity\"\n{guest}\n");
+    let s = Scenario::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    build(&s, &RunOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn st(v: &Vcpu, name: &str) -> i64 {
+    v.stats()[name]
+}
+
+fn vmst(m: &Machine, name: &str) -> i64 {
+    m.kvm.vm_stats()[name]
+}
+
+/// The guest-physical (= identity virtual) address of the level-`level` entry mapping `va`,
+/// found by reading the guest's own tables through the vCPU.
+fn entry_addr(v: &mut Vcpu, va: u64, level: u8) -> u64 {
+    let mut table = v.cpu().paging().cr3 & 0x000f_ffff_ffff_f000;
+    for l in (level..=4).rev() {
+        let at = table + ((va >> (12 + 9 * (u32::from(l) - 1))) & 511) * 8;
+        if l == level {
+            return at;
+        }
+        table = v.read(Gva::new(at), 8).unwrap() & 0x000f_ffff_ffff_f000;
+    }
+    unreachable!("level {level} is within 1..=4")
+}
+
+#[test]
+fn first_touch_faults_once_per_page_with_one_shadow_page_per_guest_table() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"256MiB\"\n", "page_size = \"4k\"");
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    for p in 0..16384 {
+        v.write(Gva::new(base + p * 4096), 1, 1).unwrap();
+    }
+    assert_eq!(st(v, "pf_fixed"), 16384);
+    // PML4 + PDPT + PD + 32 page tables.
+    assert_eq!(vmst(&m, "mmu_cache_miss"), 3 + 32);
+    let v = &mut m.vcpus[0];
+    let taken = st(v, "pf_taken");
+    for p in 0..16384 {
+        v.write(Gva::new(base + p * 4096), 1, 2).unwrap();
+    }
+    assert_eq!(st(v, "pf_taken"), taken, "second pass is free");
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn prefetch_maps_eight_pages_per_fault_when_gptes_are_accessed() {
+    let mut m = machine(
+        "[[memslot]]\ngpa = 0\nsize = \"256MiB\"\nprefault = true\n",
+        "page_size = \"4k\"\naccessed_dirty = \"preset\"",
+    );
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    for p in 0..16384 {
+        v.write(Gva::new(base + p * 4096), 1, 1).unwrap();
+    }
+    assert_eq!(st(v, "pf_fixed"), 2048);
+    assert_eq!(vmst(&m, "pages_4k"), 16384);
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn rewriting_a_pte_goes_unsync_once_then_costs_one_fault_invlpg_and_flush() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"256MiB\"\n", "page_size = \"4k\"");
+    let x = m.data_start;
+    let other = x + 100 * 4096;
+    let v = &mut m.vcpus[0];
+    v.write(Gva::new(x), 8, 0x1111).unwrap();
+    v.write(Gva::new(other), 8, 0x2222).unwrap();
+    let pte_at = entry_addr(v, x, 1);
+    let pte = v.read(Gva::new(pte_at), 8).unwrap();
+    let flip = x ^ other;
+    for i in 0..10 {
+        let v = &mut m.vcpus[0];
+        let before = (st(v, "pf_fixed"), st(v, "invlpg"), st(v, "tlb_flush"));
+        let new = if i % 2 == 0 { pte ^ flip } else { pte };
+        v.write(Gva::new(pte_at), 8, new).unwrap();
+        v.invlpg(Gva::new(x));
+        let want = if i % 2 == 0 { 0x2222 } else { 0x1111 };
+        assert_eq!(v.read(Gva::new(x), 8).unwrap(), want, "iteration {i}: the new translation after INVLPG");
+        let after = (st(v, "pf_fixed"), st(v, "invlpg"), st(v, "tlb_flush"));
+        if i == 0 {
+            assert_eq!(vmst(&m, "mmu_unsync"), 1, "the page table went unsync");
+            assert_eq!(after.0 - before.0, 2, "the first write to the table faults once (unsync)");
+        } else {
+            assert_eq!((after.0 - before.0, after.1 - before.1, after.2 - before.2), (1, 1, 1), "iteration {i}");
+        }
+        m.kvm.audit().unwrap();
+    }
+    assert_eq!(vmst(&m, "mmu_unsync"), 1);
+    assert_eq!(vmst(&m, "mmu_pte_write"), 0, "no emulated writes: the table is unsync");
+}
+
+#[test]
+fn rewriting_a_pde_is_emulated_and_three_writes_flood_the_page() {
+    // The data lives in the second GiB, so its page directory is not on the path through
+    // which the guest writes it (as a kernel writes user page tables through its direct map).
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"2GiB\"\n", "page_size = \"4k\"");
+    let x = 1u64 << 30;
+    let v = &mut m.vcpus[0];
+    v.write(Gva::new(x), 8, 7).unwrap();
+    let pde_at = entry_addr(v, x, 2);
+    let pde = v.read(Gva::new(pde_at), 8).unwrap();
+    m.kvm.audit().unwrap();
+    for i in 0..3 {
+        let v = &mut m.vcpus[0];
+        let (emul, pte_write, pde_zapped) =
+            (st(v, "pf_emulate"), vmst(&m, "mmu_pte_write"), vmst(&m, "mmu_pde_zapped"));
+        let v = &mut m.vcpus[0];
+        v.write(Gva::new(pde_at), 8, pde).unwrap();
+        let v = &m.vcpus[0];
+        assert_eq!(st(v, "pf_emulate") - emul, 1, "write {i} is emulated");
+        assert_eq!(vmst(&m, "mmu_pte_write") - pte_write, 1);
+        let zapped = vmst(&m, "mmu_pde_zapped") - pde_zapped;
+        if i < 2 {
+            assert_eq!(zapped, 1, "write {i} zaps the PDE's SPTE");
+            assert_eq!(vmst(&m, "mmu_flooded"), 0);
+        } else {
+            assert_eq!(vmst(&m, "mmu_flooded"), 1, "the third write floods the page");
+            assert_eq!(vmst(&m, "mmu_shadow_zapped"), 1);
+        }
+        m.kvm.audit().unwrap();
+    }
+    let v = &mut m.vcpus[0];
+    assert_eq!(v.read(Gva::new(x), 8).unwrap(), 7, "the mapping still works after the zap");
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn cr3_switch_reuses_a_cached_root() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n", "page_size = \"4k\"");
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    v.write(Gva::new(base), 8, 5).unwrap();
+    let cr3 = v.cpu().paging().cr3;
+    // A second root: a copy of the PML4 in another page, built by guest stores.
+    let copy = base + 0x10_0000;
+    for i in 0..512u64 {
+        let e = v.read(Gva::new(cr3 + i * 8), 8).unwrap();
+        v.write(Gva::new(copy + i * 8), 8, e).unwrap();
+    }
+    let misses = vmst(&m, "mmu_cache_miss");
+    let v = &mut m.vcpus[0];
+    v.write_cr3(copy).unwrap();
+    assert_eq!(v.read(Gva::new(base), 8).unwrap(), 5);
+    assert_eq!(vmst(&m, "mmu_cache_miss") - misses, 1, "one new root page; the rest are shared");
+    for _ in 0..5 {
+        let v = &mut m.vcpus[0];
+        v.write_cr3(cr3).unwrap();
+        assert_eq!(v.read(Gva::new(base), 8).unwrap(), 5);
+        v.write_cr3(copy).unwrap();
+        assert_eq!(v.read(Gva::new(base), 8).unwrap(), 5);
+    }
+    assert_eq!(vmst(&m, "mmu_cache_miss") - misses, 1, "switching back and forth hits prev_roots");
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn guest_page_faults_are_injected_with_the_guests_error_code() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n", "page_size = \"4k\"");
+    let v = &mut m.vcpus[0];
+    let e = v.write(Gva::new(0x8000_0000), 4, 1).unwrap_err();
+    assert!(
+        matches!(e, vmmu::GuestError::Exception(vmmu::hw::cpu::Exception::PageFault { cr2: 0x8000_0000, error_code }) if error_code.0 == 2),
+        "{e:?}"
+    );
+    assert_eq!(st(v, "pf_guest"), 1, "KVM injected it");
+}
+
+#[test]
+fn shadow_runs_the_default_scenario_and_audits() {
+    let s = Scenario::parse(vmmu_cli::DEFAULT_SCENARIO).unwrap();
+    let opts = RunOptions { mmu: Some("shadow".into()), ..Default::default() };
+    let r = vmmu_cli::runner::run(&s, &opts, |_, _| {}).unwrap();
+    assert_eq!(r.mmu, "shadow");
+    let p1 = &r.phases[0];
+    assert!(p1.stats["pf_guest"] >= 16384, "the guest kernel's own faults are injected");
+    assert!(p1.stats["mmu_unsync"] > 0);
+    assert_eq!(r.phases[1].stats["pf_taken"], 0, "second pass free");
+}
