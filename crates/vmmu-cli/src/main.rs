@@ -128,7 +128,7 @@ fn run(path: Option<PathBuf>, opts: RunOptions, json: bool, trace_out: Option<Pa
     let show_progress = !json && std::io::stderr().is_terminal();
     let t0 = Instant::now();
     let mut shown = false;
-    let result = runner::run(&scenario, &opts, |phase, frac| {
+    let result = runner::run_compare(&scenario, &opts, |phase, frac| {
         if show_progress && t0.elapsed().as_secs_f64() > 1.0 {
             eprint!("\r  {phase}: {:>3.0}%   ", frac * 100.0);
             shown = true;
@@ -156,16 +156,29 @@ fn run(path: Option<PathBuf>, opts: RunOptions, json: bool, trace_out: Option<Pa
     }
 }
 
-fn output(r: &runner::RunResult, s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> anyhow::Result<()> {
-    if json {
-        println!("{}", report::json(r));
-    } else {
-        print!("{}", report::text(r, &s.description));
+fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> anyhow::Result<()> {
+    match (json, runs) {
+        (true, [r]) => println!("{}", report::json(r)),
+        (true, rs) => println!("{}", report::json_compare(rs)),
+        (false, rs) => {
+            for (i, r) in rs.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print!("{}", report::text(r, if i == 0 { &s.description } else { "" }));
+            }
+            if rs.len() > 1 {
+                println!();
+                print!("{}", report::side_by_side(rs));
+            }
+        }
     }
-    if let Some(t) = &r.trace {
+    let traces: Vec<&String> = runs.iter().filter_map(|r| r.trace.as_ref()).collect();
+    if !traces.is_empty() {
+        let all: String = traces.into_iter().cloned().collect::<Vec<_>>().join("\n");
         match trace_out {
-            Some(p) => std::fs::write(&p, t).with_context(|| format!("writing the trace to {}", p.display()))?,
-            None => print!("{t}"),
+            Some(p) => std::fs::write(&p, all).with_context(|| format!("writing the trace to {}", p.display()))?,
+            None => print!("{all}"),
         }
     }
     Ok(())

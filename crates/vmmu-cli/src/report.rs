@@ -104,3 +104,35 @@ fn textwrap(s: &str, width: usize) -> Vec<String> {
 pub fn json(r: &RunResult) -> String {
     serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
+
+/// The `--json` output of a comparison: `{"scenario", "runs": [run objects]}`.
+pub fn json_compare(runs: &[RunResult]) -> String {
+    let v = serde_json::json!({ "scenario": runs.first().map(|r| r.scenario.clone()), "runs": runs });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+/// A side-by-side table of the MMUs of a comparison: per phase, the main counters and the
+/// wall time of each.
+pub fn side_by_side(runs: &[RunResult]) -> String {
+    let mut out = String::new();
+    let names: Vec<&str> = runs.iter().map(|r| r.mmu.as_str()).collect();
+    let _ = writeln!(out, "side by side: {}", names.join(" vs "));
+    let cols = ["pf_taken", "pf_fixed", "pf_emulate", "pf_guest", "exits", "tlb_flush", "mmu_cache_miss", "mmu_unsync"];
+    let mut h = format!("{:<12} {:>10}", "phase", "mmu");
+    for c in ["wall"].iter().chain(cols.iter()) {
+        let _ = write!(h, " {:>w$}", c, w = c.len().max(9));
+    }
+    let _ = writeln!(out, "{h}");
+    let n = runs.iter().map(|r| r.phases.len()).max().unwrap_or(0);
+    for i in 0..n {
+        for r in runs {
+            let Some(p) = r.phases.get(i) else { continue };
+            let mut line = format!("{:<12} {:>10} {:>9}", p.name, r.mmu, human_ns(p.wall_ns));
+            for c in cols {
+                let _ = write!(line, " {:>w$}", p.stats.get(c).copied().unwrap_or(0), w = c.len().max(9));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}

@@ -413,6 +413,47 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
             m.kvm.host().madvise_dontneed(Hva(hva.raw() + offset.0), size.0).map_err(run_err)?;
             Ok(0)
         }
+        Op::Fork | Op::Exec | Op::Exit { .. } | Op::ProcessChurn { .. } => {
+            let Guest::Kernel(k) = &mut m.guest else { return Ok(0) };
+            let cpu = &mut m.vcpus[0];
+            let cur = current_pid(k);
+            match op {
+                Op::Fork => {
+                    k.fork(cpu, cur).map_err(run_err)?;
+                    Ok(0)
+                }
+                Op::Exec => {
+                    k.exec(cpu, cur).map_err(run_err)?;
+                    Ok(0)
+                }
+                Op::Exit { process } => {
+                    k.exit(cpu, *process).map_err(run_err)?;
+                    Ok(0)
+                }
+                Op::ProcessChurn { iterations, start, pages } => {
+                    let mut accesses = 0;
+                    ensure_mapped(k, cur, start.0, *pages)?;
+                    for _ in 0..*iterations {
+                        let child = k.fork(cpu, cur).map_err(run_err)?;
+                        k.switch_to(cpu, child).map_err(run_err)?;
+                        accesses +=
+                            workload::run(Workload::FirstTouch, &mut KernelSpace { kernel: k, cpu }, start.0, *pages)
+                                .map_err(run_err)?
+                                .accesses;
+                        k.exec(cpu, child).map_err(run_err)?;
+                        ensure_mapped(k, child, start.0, *pages)?;
+                        accesses +=
+                            workload::run(Workload::FirstTouch, &mut KernelSpace { kernel: k, cpu }, start.0, *pages)
+                                .map_err(run_err)?
+                                .accesses;
+                        k.switch_to(cpu, cur).map_err(run_err)?;
+                        k.exit(cpu, child).map_err(run_err)?;
+                    }
+                    Ok(accesses)
+                }
+                _ => Ok(0),
+            }
+        }
         Op::Audit => {
             for v in m.vcpus.iter_mut() {
                 v.exit_guest();
@@ -444,6 +485,23 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
             ]
         }
     }
+}
+
+/// Runs `s` once per MMU of its `compare` list (or once, with `--mmu` or no list).
+pub fn run_compare(
+    s: &Scenario,
+    opts: &RunOptions,
+    mut progress: impl FnMut(&str, f64),
+) -> Result<Vec<RunResult>, RunError> {
+    if opts.mmu.is_some() || s.compare.is_empty() {
+        return Ok(vec![run(s, opts, progress)?]);
+    }
+    let mut out = Vec::new();
+    for mmu in &s.compare {
+        let o = RunOptions { mmu: Some(mmu.clone()), ..opts.clone() };
+        out.push(run(s, &o, |p, f| progress(&format!("{mmu} {p}"), f))?);
+    }
+    Ok(out)
 }
 
 /// Runs `s`; `progress` is called with (phase name, fraction done) as ops complete.

@@ -47,6 +47,10 @@ pub struct Scenario {
     /// Phases.
     #[serde(rename = "phase", default)]
     pub phases: Vec<Phase>,
+    /// Run the scenario once per MMU listed here (e.g. `["tdp", "shadow"]`) and report them
+    /// side by side; `--mmu` picks one.
+    #[serde(default)]
+    pub compare: Vec<String>,
 }
 
 /// `[vm]`: KVM's module parameters and VM settings.
@@ -248,6 +252,27 @@ pub enum Op {
         /// Bytes.
         size: Size,
     },
+    /// Kernel layout: fork the current process (the child gets the next pid).
+    Fork,
+    /// Kernel layout: exec in the current process (drop all of its user memory).
+    Exec,
+    /// Kernel layout: process `process` exits (it must not be the current one).
+    Exit {
+        /// Process number.
+        process: u32,
+    },
+    /// Kernel layout: fork/exec churn, as a shell running short commands: `iterations`
+    /// times, fork the current process, switch to the child, write `pages` pages from
+    /// `start` (copy-on-write faults), exec, touch `pages` fresh pages, switch back and let
+    /// the child exit.
+    ProcessChurn {
+        /// Rounds.
+        iterations: u32,
+        /// First address.
+        start: Size,
+        /// Pages written per round.
+        pages: u64,
+    },
     /// Check the MMU's invariants; the run fails if they do not hold.
     Audit,
 }
@@ -301,6 +326,11 @@ impl Scenario {
         }
         if page_shift(&self.vm.tdp_huge_page).is_none() {
             return Err(err("vm.tdp_huge_page", format!("`{}` is not one of 4k, 2m, 1g", self.vm.tdp_huge_page)));
+        }
+        for (i, m) in self.compare.iter().enumerate() {
+            if !["tdp", "shadow", "legacy-tdp"].contains(&m.as_str()) {
+                return Err(err(format!("compare[{i}]"), format!("`{m}` is not one of tdp, shadow, legacy-tdp")));
+            }
         }
         if self.memslots.is_empty() {
             return Err(err("memslot", "a scenario needs at least one [[memslot]]"));
@@ -381,10 +411,20 @@ impl Scenario {
                             return Err(err(f("pages"), "must be > 0"));
                         }
                     }
-                    Op::Switch { process } if *process == 0 || *process > g.processes => {
-                        return Err(err(f("process"), format!("must be 1..={}", g.processes)))
+                    Op::Switch { process } | Op::Exit { process } if *process == 0 => {
+                        return Err(err(f("process"), "process numbers start at 1"))
                     }
-                    Op::Switch { .. } | Op::Munmap { .. } if g.layout != "kernel" => {
+                    Op::ProcessChurn { iterations: 0, .. } | Op::ProcessChurn { pages: 0, .. } => {
+                        return Err(err(f("iterations"), "iterations and pages must be > 0"))
+                    }
+                    Op::Switch { .. }
+                    | Op::Munmap { .. }
+                    | Op::Fork
+                    | Op::Exec
+                    | Op::Exit { .. }
+                    | Op::ProcessChurn { .. }
+                        if g.layout != "kernel" =>
+                    {
                         return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout"))
                     }
                     Op::MadviseDontneed { slot, .. } if *slot as usize >= self.memslots.len() => {

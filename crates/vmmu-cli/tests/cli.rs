@@ -144,7 +144,13 @@ fn every_shipped_scenario_runs() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "toml") {
             let v = json(&["run", p.to_str().unwrap(), "--json"]);
-            assert!(!v["phases"].as_array().unwrap().is_empty(), "{}", p.display());
+            let runs = match v["runs"].as_array() {
+                Some(r) => r.clone(),
+                None => vec![v.clone()],
+            };
+            for r in runs {
+                assert!(!r["phases"].as_array().unwrap().is_empty(), "{}", p.display());
+            }
             n += 1;
         }
     }
@@ -165,4 +171,21 @@ fn mmio_scenario_shows_the_mmio_path() {
     assert!(out.contains("mark_mmio_spte: sptep:"), "mark_mmio_spte missing");
     assert!(out.contains("handle_mmio_page_fault: addr:0 gfn fee0"), "handle_mmio_page_fault missing");
     assert!(out.contains("check_mmio_spte: spte "), "check_mmio_spte missing");
+}
+
+#[test]
+fn default_run_compares_tdp_and_shadow_side_by_side() {
+    let (code, out, err) = vmmu(&["run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("side by side: tdp vs shadow"), "{out}");
+    let v = json(&["run", "--json"]);
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!((runs[0]["mmu"].as_str(), runs[1]["mmu"].as_str()), (Some("tdp"), Some("shadow")));
+    let churn = |r: &serde_json::Value| r["phases"].as_array().unwrap().iter().find(|p| p["name"] == "churn").cloned().unwrap();
+    // Shadow paging pays for the guest's page-table writes: emulation, unsync, guest #PF.
+    assert!(stat(&churn(&runs[1]), "pf_emulate") > 0);
+    assert!(stat(&churn(&runs[1]), "pf_guest") > 0);
+    assert_eq!(stat(&churn(&runs[0]), "pf_emulate"), 0);
+    assert!(stat(&churn(&runs[1]), "pf_taken") > 10 * stat(&churn(&runs[0]), "pf_taken"));
 }
