@@ -182,7 +182,8 @@ fn default_run_compares_tdp_and_shadow_side_by_side() {
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     assert_eq!((runs[0]["mmu"].as_str(), runs[1]["mmu"].as_str()), (Some("tdp"), Some("shadow")));
-    let churn = |r: &serde_json::Value| r["phases"].as_array().unwrap().iter().find(|p| p["name"] == "churn").cloned().unwrap();
+    let churn =
+        |r: &serde_json::Value| r["phases"].as_array().unwrap().iter().find(|p| p["name"] == "churn").cloned().unwrap();
     // Shadow paging pays for the guest's page-table writes: emulation, unsync, guest #PF.
     assert!(stat(&churn(&runs[1]), "pf_emulate") > 0);
     assert!(stat(&churn(&runs[1]), "pf_guest") > 0);

@@ -190,3 +190,62 @@ fn shadow_runs_the_default_scenario_and_audits() {
     assert!(p1.stats["mmu_unsync"] > 0);
     assert_eq!(r.phases[1].stats["pf_taken"], 0, "second pass free");
 }
+
+fn legacy(slots: &str, guest: &str) -> Machine {
+    let toml = format!("name = \"t\"\n[vm]\nmmu = \"legacy-tdp\"\n{slots}\n[guest]\nlayout = \"identity\"\n{guest}\n");
+    build(&Scenario::parse(&toml).unwrap(), &RunOptions::default()).unwrap()
+}
+
+#[test]
+fn legacy_tdp_maps_through_direct_shadow_pages() {
+    for tdp in ["ept", "npt"] {
+        let mut m = legacy(
+            &format!("tdp = \"{tdp}\"\n[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[mmio]]\ngpa = \"0x80000000\"\nsize = \"4KiB\"\n"),
+            "page_size = \"4k\"",
+        );
+        let base = m.data_start;
+        let v = &mut m.vcpus[0];
+        for p in 0..512 {
+            v.write(Gva::new(base + p * 4096), 8, p).unwrap();
+        }
+        for p in 0..512 {
+            assert_eq!(v.read(Gva::new(base + p * 4096), 8).unwrap(), p);
+        }
+        assert!(st(v, "pf_fixed") >= 512 / 8, "{tdp}");
+        // Direct shadow pages: a root, then one page per level per 1 GiB / 2 MiB touched.
+        assert!(vmst(&m, "mmu_cache_miss") >= 4, "{tdp}");
+        assert_eq!(vmst(&m, "tdp_mmu_pages"), 0, "not the TDP MMU");
+        let v = &mut m.vcpus[0];
+        v.write(Gva::new(0x8000_0000), 8, 3).unwrap();
+        assert_eq!(v.read(Gva::new(0x8000_0000), 8).unwrap(), 3);
+        assert_eq!(st(v, "pf_mmio_spte_created"), 1, "{tdp}");
+        m.kvm.audit().unwrap();
+        // A host invalidation zaps through the rmaps.
+        let hva = vmmu::host::Hva(m.slots[0].2.raw() + base);
+        m.kvm.host().madvise_dontneed(hva, 4096).unwrap();
+        let v = &mut m.vcpus[0];
+        assert_eq!(v.read(Gva::new(base), 8).unwrap(), 0, "{tdp}: the dropped page reads zeroes");
+        m.kvm.audit().unwrap();
+        // Write protection (dirty-log style) then fast page faults fix writes.
+        m.kvm.mmu_slot_remove_write_access(0).unwrap();
+        let v = &mut m.vcpus[0];
+        let fast = st(v, "pf_fast");
+        v.write(Gva::new(base + 4096), 8, 9).unwrap();
+        assert!(st(v, "pf_fast") > fast, "{tdp}");
+        m.kvm.audit().unwrap();
+    }
+}
+
+#[test]
+fn shadow_host_invalidation_zaps_through_the_rmaps() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n", "page_size = \"4k\"");
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    v.write(Gva::new(base), 8, 0x55).unwrap();
+    let hva = vmmu::host::Hva(m.slots[0].2.raw() + base);
+    m.kvm.host().madvise_dontneed(hva, 4096).unwrap();
+    m.kvm.audit().unwrap();
+    let v = &mut m.vcpus[0];
+    assert_eq!(v.read(Gva::new(base), 8).unwrap(), 0);
+    m.kvm.audit().unwrap();
+}

@@ -217,12 +217,7 @@ impl Kvm {
     pub fn new(config: VmConfig, host: Arc<HostMm>) -> Result<Arc<Kvm>, VmError> {
         crate::sync::barrier::init();
         match config.mmu {
-            MmuKind::Tdp | MmuKind::Shadow => {}
-            MmuKind::LegacyTdp => {
-                return Err(VmError::Unsupported(
-                    "the legacy TDP MMU (--mmu legacy-tdp) is not implemented yet; see issue #3".into(),
-                ))
-            }
+            MmuKind::Tdp | MmuKind::Shadow | MmuKind::LegacyTdp => {}
         }
         if !(36..=52).contains(&config.maxphyaddr) {
             return Err(VmError::InvalidConfig(format!("maxphyaddr {} is outside 36..=52", config.maxphyaddr)));
@@ -457,7 +452,26 @@ impl Kvm {
     pub fn mmu_slot_remove_write_access(&self, slot: u32) -> Result<(), VmError> {
         let slots = self.memslots();
         let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
-        if tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, s.base_gfn, s.end_gfn()) {
+        let changed = if self.config.mmu == MmuKind::Tdp {
+            tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, s.base_gfn, s.end_gfn())
+        } else {
+            // rmap_write_protect with pt_protect = false: W goes, MMU-writable stays.
+            let _w = self.mmu.mmu_lock.write();
+            let sh = self.mmu.shadow.lock();
+            let mut changed = false;
+            for (id, _, sptep) in sh.rmaps.all() {
+                if id != slot {
+                    continue;
+                }
+                let v = self.mem().load(sptep);
+                if v & crate::mmu::spte::PT_WRITABLE != 0 {
+                    self.mem().store(sptep, v & !crate::mmu::spte::PT_WRITABLE);
+                    changed = true;
+                }
+            }
+            changed
+        };
+        if changed {
             self.flush_remote_tlbs(None);
         }
         Ok(())
@@ -607,31 +621,32 @@ impl Vcpu {
             crate::mmu::shadow::kvm_mmu_load(&kvm, &mut self.arch)?;
             return Ok(());
         }
-        self.mmu_topup_memory_caches(&kvm)?;
         let cfg = &kvm.config;
-        let role = Role(0)
-            .with_level(u32::from(cfg.tdp_level()))
-            .with_direct(1)
-            .with_access(7)
-            .with_cr0_wp(1)
-            .with_efer_nx(1)
-            .with_ad_disabled(u32::from(!cfg.ad_enabled()));
-        let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&kvm, role)?;
+        let (root_hpa, root_level) = if cfg.mmu == MmuKind::LegacyTdp {
+            let r = crate::mmu::shadow::kvm_mmu_load_direct(&kvm, &mut self.arch)?;
+            (r.hpa, cfg.tdp_level())
+        } else {
+            self.mmu_topup_memory_caches(&kvm)?;
+            let role = crate::mmu::shadow::direct_root_role(cfg);
+            let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&kvm, role)?;
+            let r = (root.hpa, root.level());
+            self.mmu.root = Some(root);
+            r
+        };
         let tdp = match cfg.tdp {
             TdpKind::Ept => Tdp::Ept(EptConfig {
-                root: root.hpa,
-                levels: root.level(),
+                root: root_hpa,
+                levels: root_level,
                 ad_enabled: cfg.eptad,
                 execute_only: true,
                 gbpages: true,
                 maxphyaddr: 46,
             }),
             TdpKind::Npt => {
-                Tdp::Npt(NptConfig { root: root.hpa, levels: root.level(), nxe: true, gbpages: true, maxphyaddr: 46 })
+                Tdp::Npt(NptConfig { root: root_hpa, levels: root_level, nxe: true, gbpages: true, maxphyaddr: 46 })
             }
         };
         self.cpu.set_mode(CpuMode::Tdp(tdp));
-        self.mmu.root = Some(root);
         self.cpu.flush_tlb_current();
         Ok(())
     }

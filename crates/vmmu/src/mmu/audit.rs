@@ -31,7 +31,7 @@ pub struct AuditError(pub Vec<String>);
 
 /// Runs the audit under `mmu_lock` held for write.
 pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
-    if kvm.config().mmu == crate::vm::MmuKind::Shadow {
+    if kvm.config().mmu != crate::vm::MmuKind::Tdp {
         return audit_shadow(kvm);
     }
     let _w = kvm.mmu.mmu_lock.write();

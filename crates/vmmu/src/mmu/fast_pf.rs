@@ -41,7 +41,12 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
     if !page_fault_can_be_fast(kvm, fault) {
         return RetPf::Invalid;
     }
-    let Some(root) = vcpu.mmu.root.as_deref() else { return RetPf::Invalid };
+    // The TDP MMU's root, or the legacy MMU's direct root.
+    let root = match (vcpu.mmu.root.as_deref(), vcpu.shadow.root) {
+        (Some(r), _) => (r.hpa, r.level()),
+        (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level() as u8),
+        (None, None) => return RetPf::Invalid,
+    };
     let m = kvm.mmu().masks;
     // walk_shadow_page_lockless_begin: remote flushes wait for us before freeing tables.
     vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
@@ -50,7 +55,7 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
     let mut retries = 0;
     let (mut sptep, mut spte);
     loop {
-        let (p, s, level) = tdp_mmu::fast_pf_get_last_sptep(kvm, root, fault.gfn);
+        let (p, s, level) = tdp_mmu::fast_pf_get_last_sptep(kvm, root.0, root.1, fault.gfn);
         (sptep, spte) = (p, s);
         if !spte.is_shadow_present() || !spte.is_last(level) {
             break;

@@ -66,10 +66,14 @@ pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetP
     }
     let m = kvm.mmu().masks;
     let spte = if direct {
-        let Some(root) = vcpu.mmu.root.as_deref() else { return RetPf::Retry };
+        let (root_hpa, root_level) = match (vcpu.mmu.root.as_deref(), vcpu.shadow.root) {
+            (Some(r), _) => (r.hpa, r.level()),
+            (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level() as u8),
+            (None, None) => return RetPf::Retry,
+        };
         let gfn = Gpa::new(addr).gfn();
         // get_mmio_spte: the lockless walk to the last SPTE.
-        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gfn, Gfn::new(gfn.raw() + 1));
+        let mut it = TdpIter::new(kvm.mem(), root_hpa, root_level, 1, gfn, Gfn::new(gfn.raw() + 1));
         let mut spte = it.old_spte;
         while it.valid {
             spte = it.old_spte;

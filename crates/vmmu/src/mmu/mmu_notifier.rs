@@ -50,6 +50,10 @@ pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
         for r in roots.iter().filter(|r| !r.zapped.load(Ordering::Acquire)) {
             flush |= tdp_mmu::tdp_mmu_zap_leafs(kvm, u32::MAX, r, start, end);
         }
+        // The rmaps of the shadow MMU (shadow paging and the legacy TDP MMU).
+        let mut s = m.shadow.lock();
+        let mut ctx = super::shadow::Ctx { kvm, s: &mut s, slots: kvm.memslots(), vcpu: None, cpu: u32::MAX };
+        flush |= ctx.unmap_gfn_range(start, end);
     }
     kvm.flush_and_free_deferred(None, flush);
 }

@@ -192,6 +192,10 @@ pub fn kvm_tdp_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFau
     if r != RetPf::Continue {
         return Ok(r);
     }
+    if kvm.config().mmu == crate::vm::MmuKind::LegacyTdp {
+        // direct_page_fault: the legacy MMU takes mmu_lock for write.
+        return Ok(super::shadow::direct_page_fault_locked(kvm, vcpu, fault));
+    }
     let _r = kvm.mmu.mmu_lock.read();
     if is_page_fault_stale(kvm, vcpu, fault) {
         return Ok(RetPf::Retry);

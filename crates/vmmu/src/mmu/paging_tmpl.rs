@@ -349,6 +349,11 @@ fn prefetch_invalid_gpte(gpte: u64, st: &PagingState) -> bool {
     gpte & PT_PRESENT == 0 || gpte & PT_ACCESSED == 0 || x86_paging::walk::reserved_bits(st, 1, gpte) != 0
 }
 
+/// `direct_pte_prefetch` / `FNAME(pte_prefetch)` for callers outside this module.
+pub fn pte_prefetch_pub(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
+    pte_prefetch(ctx, sp, sptep)
+}
+
 /// `FNAME(pte_prefetch)`: maps the accessed, present neighbours in the 8-entry group of a
 /// last-level page whose host pages are already present.
 fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {

@@ -369,8 +369,8 @@ pub fn kvm_tdp_mmu_zap_invalidated_roots(kvm: &Kvm) {
 
 /// `kvm_tdp_mmu_fast_pf_get_last_sptep`: the last SPTE on the path to `gfn` (a leaf, or the
 /// first non-present entry), read without locks.
-pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: &TdpRoot, gfn: Gfn) -> (Hpa, Spte, u8) {
-    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, gfn, Gfn::new(gfn.raw() + 1));
+pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: Hpa, root_level: u8, gfn: Gfn) -> (Hpa, Spte, u8) {
+    let mut it = TdpIter::new(kvm.mem(), root, root_level, 1, gfn, Gfn::new(gfn.raw() + 1));
     let mut last = (it.sptep, it.old_spte, it.level);
     while it.valid {
         last = (it.sptep, it.old_spte, it.level);
