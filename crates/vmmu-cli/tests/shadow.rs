@@ -249,3 +249,46 @@ fn shadow_host_invalidation_zaps_through_the_rmaps() {
     assert_eq!(v.read(Gva::new(base), 8).unwrap(), 0);
     m.kvm.audit().unwrap();
 }
+
+#[test]
+fn page_limit_recycles_the_oldest_shadow_pages() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"1GiB\"\n", "page_size = \"4k\"");
+    assert_eq!(m.kvm.mmu_pages().1, (1u64 << 30 >> 12) / 50, "default: memslot pages / 50");
+    m.kvm.set_nr_mmu_pages(40);
+    assert_eq!(m.kvm.mmu_pages().1, 40);
+    let base = m.data_start;
+    let v = &mut m.vcpus[0];
+    // 128 MiB: 64 guest page tables, more than the limit allows.
+    for p in 0..32768u64 {
+        v.write(Gva::new(base + p * 4096), 8, p).unwrap();
+    }
+    assert!(vmst(&m, "mmu_recycled") > 0);
+    assert!(m.kvm.mmu_pages().0 <= 40);
+    m.kvm.audit().unwrap();
+    let v = &mut m.vcpus[0];
+    for p in (0..32768u64).step_by(97) {
+        assert_eq!(v.read(Gva::new(base + p * 4096), 8).unwrap(), p, "recycling loses no data");
+    }
+    m.kvm.audit().unwrap();
+}
+
+#[test]
+fn shadow_tracepoints_use_the_kernel_text() {
+    let toml = "name = \"t\"\n[vm]\nmmu = \"shadow\"\n[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[guest]\nlayout = \"identity\"\n[[phase]]\nname = \"p\"\nops = [{ op = \"write\", start = \"16MiB\", pages = 4 }]\n";
+    let s = Scenario::parse(toml).unwrap();
+    let r = vmmu_cli::runner::run(
+        &s,
+        &RunOptions { trace: vmmu_cli::runner::TraceMode::Events, ..Default::default() },
+        |_, _| {},
+    )
+    .unwrap();
+    let t = r.trace.unwrap();
+    let get_page = t.lines().find(|l| l.contains("kvm_mmu_get_page: ")).expect("kvm_mmu_get_page");
+    let text = get_page.split("kvm_mmu_get_page: ").nth(1).unwrap();
+    assert!(text.starts_with("sp gen 0 gfn ") && text.ends_with(" l4 8-byte q0 wux nxe ad root 0 sync new"), "{text}");
+    assert!(t.contains("kvm_mmu_pagetable_walk: addr 1000000 pferr 2 W"), "walk event");
+    assert!(t.contains("kvm_mmu_paging_element: pte "), "paging element");
+    assert!(t.contains("kvm_mmu_set_accessed_bit: gpa "), "A bit");
+    assert!(t.contains("kvm_mmu_set_dirty_bit: gpa "), "D bit");
+    assert!(t.contains("kvm_mmu_set_spte: gfn 1000 spte "), "set_spte");
+}

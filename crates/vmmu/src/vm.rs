@@ -477,6 +477,27 @@ impl Kvm {
         Ok(())
     }
 
+    /// KVM_SET_NR_MMU_PAGES: the limit on shadow pages (0 = the default, memslot pages / 50,
+    /// at least 64); pages beyond it are recycled, oldest first (`kvm_mmu_change_mmu_pages`).
+    pub fn set_nr_mmu_pages(&self, n: u64) {
+        let _w = self.mmu.mmu_lock.write();
+        let mut s = self.mmu.shadow.lock();
+        s.n_requested_mmu_pages = n;
+        let slots = self.memslots();
+        s.update_n_max(&slots);
+        let over = s.n_used_mmu_pages.saturating_sub(s.n_max_mmu_pages);
+        if over > 0 {
+            let mut ctx = crate::mmu::shadow::Ctx { kvm: self, s: &mut s, slots, vcpu: None, cpu: u32::MAX };
+            ctx.zap_oldest_mmu_pages(over);
+        }
+    }
+
+    /// (`n_used_mmu_pages`, `n_max_mmu_pages`) of the shadow MMU.
+    pub fn mmu_pages(&self) -> (u64, u64) {
+        let s = self.mmu.shadow.lock();
+        (s.n_used_mmu_pages, s.n_max_mmu_pages)
+    }
+
     /// VM statistics by KVM name.
     pub fn vm_stats(&self) -> BTreeMap<&'static str, i64> {
         let mut m = self.stats.snapshot();
