@@ -303,7 +303,7 @@ fn shadow(iters: u64) -> Result<Vec<BenchResult>, String> {
     let mut out = Vec::new();
     let e = |e: vmmu::GuestError| e.to_string();
     let pages = iters.clamp(4096, 65_536);
-    let mut m = shadow_machine(&format!("{}MiB", 2048 + (pages * 4096 >> 20)))?;
+    let mut m = shadow_machine(&format!("{}MiB", 2048 + ((pages * 4096) >> 20)))?;
     let base = 1u64 << 30;
     let v = &mut m.vcpus[0];
     let before = v.stat.pf_fixed;
