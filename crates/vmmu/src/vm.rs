@@ -856,11 +856,47 @@ impl Vcpu {
         self.kvm.config.mmu == MmuKind::Shadow
     }
 
+    /// `load_pdptrs` under shadow paging: when the guest is about to be in PAE paging with
+    /// the registers `next`, read its four PDPTEs through the memslots; a present PDPTE with
+    /// reserved bits makes the CR write take #GP (and change nothing).
+    fn shadow_pdptrs(&self, next: &x86_paging::mode::PagingState) -> Result<Option<[u64; 4]>, GuestError> {
+        if !self.shadowing() || next.mode() != x86_paging::mode::PagingMode::Pae {
+            return Ok(None);
+        }
+        let bus = self.kvm.mmio_bus();
+        let slots = self.kvm.memslots();
+        let mut mem = crate::emulate::KvmGuestMem::new(&self.kvm, &slots, &bus);
+        let mut p = [0u64; 4];
+        for (i, e) in p.iter_mut().enumerate() {
+            *e = mem.read(next.pdpte_gpa(i), 8);
+            if *e & 1 != 0 && *e & next.pdpte_reserved_mask() != 0 {
+                return Err(GuestError::Exception(Exception::GeneralProtection));
+            }
+        }
+        Ok(Some(p))
+    }
+
+    /// The paging registers after a CR/EFER write (EFER.LMA follows LME and PG).
+    fn next_state(&self, f: impl FnOnce(&mut x86_paging::mode::PagingState)) -> x86_paging::mode::PagingState {
+        let mut st = *self.cpu.paging();
+        f(&mut st);
+        if st.efer.contains(Efer::LME) && st.cr0.contains(Cr0::PG) {
+            st.efer |= Efer::LMA;
+        } else {
+            st.efer.remove(Efer::LMA);
+        }
+        st
+    }
+
     /// After an intercepted CR0/CR4/EFER write under shadow paging: a changed role means new
     /// roots (`kvm_mmu_reset_context`).
     fn after_cr_write(&mut self, before: Option<Role>, before_mode: x86_paging::mode::PagingMode) {
         let st = *self.cpu.paging();
-        if crate::mmu::shadow::shadow_root_role(&st) != before || st.mode() != before_mode {
+        // In PAE mode the write may also have reloaded the PDPTRs the roots were made from.
+        if crate::mmu::shadow::shadow_root_role(&st) != before
+            || st.mode() != before_mode
+            || st.mode() == x86_paging::mode::PagingMode::Pae
+        {
             let Vcpu { kvm, arch } = self;
             crate::mmu::shadow::kvm_mmu_reset_context(kvm, arch);
         }
@@ -869,7 +905,11 @@ impl Vcpu {
     /// MOV to CR0.
     pub fn write_cr0(&mut self, v: Cr0) -> Result<(), GuestError> {
         let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
+        let pdptrs = self.shadow_pdptrs(&self.next_state(|s| s.cr0 = v))?;
         self.run_op(0, |c| c.write_cr0(v), Self::gp)?;
+        if let Some(p) = pdptrs {
+            self.cpu.set_guest_pdptrs(p);
+        }
         if self.shadowing() {
             self.after_cr_write(role, mode);
         }
@@ -883,7 +923,11 @@ impl Vcpu {
             return Err(GuestError::Exception(Exception::GeneralProtection));
         }
         let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
+        let pdptrs = self.shadow_pdptrs(&self.next_state(|s| s.cr4 = v))?;
         self.run_op(0, |c| c.write_cr4(v), Self::gp)?;
+        if let Some(p) = pdptrs {
+            self.cpu.set_guest_pdptrs(p);
+        }
         if self.shadowing() {
             self.after_cr_write(role, mode);
         }
@@ -893,7 +937,11 @@ impl Vcpu {
     /// WRMSR EFER.
     pub fn write_efer(&mut self, v: Efer) -> Result<(), GuestError> {
         let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
+        let pdptrs = self.shadow_pdptrs(&self.next_state(|s| s.efer = v - Efer::LMA))?;
         self.run_op(0, |c| c.write_efer(v), Self::gp)?;
+        if let Some(p) = pdptrs {
+            self.cpu.set_guest_pdptrs(p);
+        }
         if self.shadowing() {
             self.after_cr_write(role, mode);
         }
@@ -903,7 +951,11 @@ impl Vcpu {
     /// MOV to CR3. Under shadow paging it is intercepted: `kvm_set_cr3` switches roots
     /// (`kvm_mmu_new_pgd`) and, unless the no-flush bit is set, syncs unsync pages and flushes.
     pub fn write_cr3(&mut self, v: u64) -> Result<(), GuestError> {
+        let pdptrs = self.shadow_pdptrs(&self.next_state(|s| s.cr3 = v & !(1 << 63)))?;
         self.run_op(0, |c| c.write_cr3(v), Self::gp)?;
+        if let Some(p) = pdptrs {
+            self.cpu.set_guest_pdptrs(p);
+        }
         if self.shadowing() {
             let noflush = self.cpu.paging().cr4.contains(Cr4::PCIDE) && v & (1 << 63) != 0;
             let Vcpu { kvm, arch } = self;

@@ -41,9 +41,14 @@ fn check_mmio_spte(kvm: &Kvm, vcpu: &VcpuArch, spte: Spte) -> bool {
 
 /// The last SPTE on the shadow path to `gva` (`get_mmio_spte` for an indirect MMU).
 fn shadow_last_spte(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) -> Option<Spte> {
-    let root = vcpu.shadow.root?;
-    let mut table = root.hpa;
-    let mut level = vcpu.shadow.root_role.level() as u8;
+    let (sp, mut level) = vcpu.shadow.root_for(gva)?;
+    let mut table = {
+        let s = kvm.mmu.shadow.lock();
+        if !s.pages.exists(sp) {
+            return None;
+        }
+        s.pages.get(sp).spt_hpa()
+    };
     loop {
         let s = Spte(kvm.mem().load(Hpa::new(table.raw() + super::tdp_iter::spte_index(gva >> 12, level) * 8)));
         if !s.is_shadow_present() || s.is_last(level) {

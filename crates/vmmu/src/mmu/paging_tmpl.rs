@@ -162,7 +162,10 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
     for level in (t.level..=root_level).rev() {
         let i = usize::from(level - 1);
         w.table_gfn[i] = t.pte_gpas[i].gfn();
-        acc &= gpte_access(t.ptes[i], nx);
+        // A PAE PDPTE carries no rights (its R/W, U/S and NX positions are reserved).
+        if !(root_level == 3 && level == 3) {
+            acc &= gpte_access(t.ptes[i], nx);
+        }
         w.pt_access[i] = acc;
     }
     w.pte_access = acc;
@@ -176,10 +179,13 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
 pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "paging64_page_fault");
     let mode = vcpu.cpu.paging().mode();
-    if !matches!(mode, PagingMode::Level4 | PagingMode::Level5) {
-        return Err(MmuError::Unsupported(format!(
-            "shadow paging of a {mode:?} guest (only 4- and 5-level guests are shadowed so far)"
-        )));
+    if mode == PagingMode::Bits32 {
+        return Err(MmuError::Unsupported(
+            "shadow paging of a 32-bit (non-PAE) guest: 4-byte guest entries and quadrants are not shadowed yet".into(),
+        ));
+    }
+    if mode == PagingMode::NonPaging {
+        return nonpaging_page_fault(kvm, vcpu, gva, error_code);
     }
     let walker = match walk_addr(kvm, vcpu, gva, error_code & !PFERR_RSVD) {
         Ok(w) => w,
@@ -219,16 +225,44 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
     let mut s = kvm.mmu.shadow.lock();
     let slots = vcpu.slots.clone();
     let cpu = vcpu.id;
-    let root = vcpu.shadow.root;
+    let root = vcpu.shadow.root_for(gva);
     let mut ctx = Ctx { kvm, s: &mut s, slots, vcpu: Some(vcpu), cpu };
     ctx.make_mmu_pages_available();
-    let Some(root) = root.filter(|r| ctx.s.pages.exists(r.sp) && ctx.s.pages.get(r.sp).role.invalid() == 0) else {
+    let Some((root, _)) = root.filter(|(r, _)| ctx.s.pages.exists(*r) && ctx.s.pages.get(*r).role.invalid() == 0)
+    else {
         return Ok(RetPf::Retry);
     };
     if fault.slot.is_some() && page_fault::mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) {
         return Ok(RetPf::Retry);
     }
-    Ok(fetch(&mut ctx, root.sp, gva, &walker, &mut fault, pte_access))
+    Ok(fetch(&mut ctx, root, gva, &walker, &mut fault, pte_access))
+}
+
+/// `nonpaging_page_fault`: paging is off, the gva is the gpa; direct pages under the PAE
+/// roots map it, at most 2 MiB at a time.
+fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
+    let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(gva & 0xffff_ffff), error_code);
+    fault.max_level = 2;
+    vcpu.mmu_topup_memory_caches(kvm).map_err(|e| MmuError::OutOfMemory { gpa: gva, reason: e.to_string() })?;
+    let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
+    if r != RetPf::Continue {
+        return Ok(r);
+    }
+    let _w = kvm.mmu.mmu_lock.write();
+    let mut s = kvm.mmu.shadow.lock();
+    let slots = vcpu.slots.clone();
+    let cpu = vcpu.id;
+    let root = vcpu.shadow.root_for(gva);
+    let mut ctx = Ctx { kvm, s: &mut s, slots, vcpu: Some(vcpu), cpu };
+    ctx.make_mmu_pages_available();
+    let Some((root, _)) = root.filter(|(r, _)| ctx.s.pages.exists(*r) && ctx.s.pages.get(*r).role.invalid() == 0)
+    else {
+        return Ok(RetPf::Retry);
+    };
+    if fault.slot.is_some() && page_fault::mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) {
+        return Ok(RetPf::Retry);
+    }
+    Ok(ctx.direct_map(root, &mut fault))
 }
 
 /// `FNAME(gpte_changed)`: whether the guest rewrote the level-`level` entry since the walk.
@@ -249,7 +283,9 @@ fn fetch(
 ) -> RetPf {
     let mut sp = root_sp;
     let mut level = ctx.s.pages.get(root_sp).role.level() as u8;
-    if gpte_changed(ctx, w, w.root_level) {
+    // For PAE the PDPTE comes from the PDPTR registers: the top checked entry is the PDE.
+    let top = if w.root_level == 3 { 2 } else { w.root_level };
+    if gpte_changed(ctx, w, top) {
         return RetPf::Retry;
     }
     // Indirect levels: each shadows a guest table.
@@ -324,9 +360,9 @@ fn fetch(
 /// `shadow_page_table_clear_flood`: a fault that used the path to `gva` resets the
 /// write-flooding counts of the pages on it.
 fn shadow_page_table_clear_flood(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) {
-    let Some(root) = vcpu.shadow.root else { return };
+    let Some((root, _)) = vcpu.shadow.root_for(gva) else { return };
     let mut s = kvm.mmu.shadow.lock();
-    let mut sp = root.sp;
+    let mut sp = root;
     loop {
         if !s.pages.exists(sp) {
             return;

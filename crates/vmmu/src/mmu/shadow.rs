@@ -77,6 +77,29 @@ pub struct VcpuShadow {
     pub root_role: Role,
     /// A #PF to inject into the guest after the exit.
     pub pending_pf: Option<(u64, u32)>,
+    /// PAE shadow roots (`pae_root`): one page per PDPTE, for PAE and non-paging guests.
+    /// When set, `root` only marks the roots as loaded.
+    pub pae: Option<[Option<SpId>; 4]>,
+}
+
+/// `RootInfo::sp` of the marker root that stands for a set of PAE roots.
+pub const PAE_ROOTS: SpId = SpId::MAX;
+
+impl VcpuShadow {
+    /// The shadow page a walk of `gva` starts at, and its level.
+    pub fn root_for(&self, gva: u64) -> Option<(SpId, u8)> {
+        match &self.pae {
+            Some(p) => p[((gva >> 30) & 3) as usize].map(|sp| (sp, 2)),
+            None => self.root.map(|r| (r.sp, self.root_role.level() as u8)),
+        }
+    }
+
+    /// Every root shadow page in use (current, PAE, previous).
+    pub fn all_roots(&self) -> Vec<SpId> {
+        let mut v: Vec<SpId> = self.pae.iter().flatten().flatten().copied().collect();
+        v.extend(self.root.iter().chain(self.prev_roots.iter()).map(|r| r.sp).filter(|s| *s != PAE_ROOTS));
+        v
+    }
 }
 
 fn trace_sp(kvm: &Kvm, cpu: u32, name: &'static str, sp: &ShadowPage, created: Option<bool>) {
@@ -660,6 +683,7 @@ impl Ctx<'_> {
                 if !self.s.pages.exists(id) || !self.s.pages.get(id).unsync {
                     continue;
                 }
+                self.unlink_unsync_page(id);
                 if self.sync_page(id) < 0 {
                     self.prepare_zap_page(id);
                 }
@@ -715,8 +739,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// `kvm_sync_page`: brings an unsync page up to date with the guest table; negative
-    /// means it must be zapped.
+    /// `kvm_sync_page`: brings an unsync page's SPTEs up to date with the guest table, without
+    /// write-protecting it or marking it in sync (a reuse by `kvm_mmu_get_shadow_page` keeps it
+    /// unsync until the guest flushes; `mmu_sync_children` does both). Negative means it must
+    /// be zapped.
     pub fn sync_page(&mut self, id: SpId) -> i32 {
         trace_sp(self.kvm, self.cpu, "kvm_mmu_sync_page", self.s.pages.get(id), None);
         let spt = self.s.pages.get(id).spt_hpa();
@@ -732,14 +758,18 @@ impl Ctx<'_> {
                 r => flush |= r > 0,
             }
         }
-        if self.s.pages.get(id).unsync {
-            self.s.pages.get_mut(id).unsync = false;
-            self.kvm.stats.mmu_unsync.add(-1);
-        }
         if flush {
             self.kvm.flush_remote_tlbs(self.me());
         }
         0
+    }
+
+    /// `kvm_unlink_unsync_page`: the page is in sync again (its gfn was write-protected).
+    fn unlink_unsync_page(&mut self, id: SpId) {
+        if self.s.pages.get(id).unsync {
+            self.s.pages.get_mut(id).unsync = false;
+            self.kvm.stats.mmu_unsync.add(-1);
+        }
     }
 
     /// Zaps everything (`kvm_mmu_zap_all`); roots in use are freed when released.
@@ -790,7 +820,16 @@ pub fn shadow_root_role(st: &x86_paging::mode::PagingState) -> Option<Role> {
     let level = match st.mode() {
         PagingMode::Level4 => 4,
         PagingMode::Level5 => 5,
-        _ => return None,
+        // PAE guests are shadowed with PAE roots (PT32E_ROOT_LEVEL).
+        PagingMode::Pae => 3,
+        // Paging off: direct pages under PAE roots, identity-mapping the 4 GiB the guest
+        // can address.
+        PagingMode::NonPaging => {
+            return Some(
+                Role(0).with_level(3).with_direct(1).with_access(u32::from(ACC_ALL)).with_efer_nx(1).with_cr0_wp(1),
+            )
+        }
+        PagingMode::Bits32 => return None,
     };
     let wp = st.cr0.contains(Cr0::WP);
     Some(
@@ -823,6 +862,44 @@ pub fn kvm_mmu_load(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<(), crate::host::H
     };
     let pgd = st.cr3 & 0x000f_ffff_ffff_f000;
     vcpu.shadow.root_role = role;
+    if role.level() == 3 {
+        // mmu_alloc_shadow_roots / mmu_alloc_direct_roots with a PAE root: one page per
+        // PDPTE (the guest's PDPTRs, or for paging off the four 1 GiB identity quarters).
+        let direct = role.direct() != 0;
+        let child = role.with_level(2);
+        let pdptrs = st.pdptrs;
+        with_ctx!(kvm, vcpu, |ctx| {
+            let mut sps = [None; 4];
+            let mut hw = [0u64; 4];
+            for i in 0..4 {
+                let gfn = if direct {
+                    Gfn::new((i as u64) << 18)
+                } else if pdptrs[i] & 1 != 0 {
+                    Gfn::new((pdptrs[i] & 0x000f_ffff_ffff_f000) >> 12)
+                } else {
+                    continue;
+                };
+                let id = ctx.get_shadow_page(gfn, child);
+                ctx.s.pages.get_mut(id).root_count += 1;
+                if ctx.s.pages.get(id).unsync_children > 0 {
+                    ctx.sync_children(id);
+                }
+                sps[i] = Some(id);
+                hw[i] = ctx.s.pages.get(id).spt_hpa().raw() | 1;
+            }
+            ctx.commit_zap_page();
+            let v = ctx.vcpu.as_mut().expect("vcpu");
+            v.shadow.pae = Some(sps);
+            v.shadow.root = Some(RootInfo { pgd, sp: PAE_ROOTS, hpa: dummy });
+            v.cpu.set_mode(crate::hw::cpu::CpuMode::Shadow(crate::hw::cpu::ShadowRoot {
+                root: dummy,
+                level: 3,
+                pdptrs: hw,
+            }));
+            v.cpu.flush_tlb_current();
+        });
+        return Ok(());
+    }
     with_ctx!(kvm, vcpu, |ctx| {
         let id = ctx.get_shadow_page(Gfn::new(pgd >> 12), role);
         ctx.s.pages.get_mut(id).root_count += 1;
@@ -853,14 +930,16 @@ fn dummy_root(kvm: &Kvm) -> Result<Hpa, crate::host::HostError> {
 
 /// `kvm_mmu_free_roots` (all of them): drops the current and previous roots.
 pub fn kvm_mmu_unload(kvm: &Kvm, vcpu: &mut VcpuArch) {
-    let mut roots: Vec<RootInfo> = vcpu.shadow.prev_roots.drain(..).collect();
-    roots.extend(vcpu.shadow.root.take());
+    let roots = vcpu.shadow.all_roots();
+    vcpu.shadow.prev_roots.clear();
+    vcpu.shadow.root = None;
+    vcpu.shadow.pae = None;
     if roots.is_empty() {
         return;
     }
     with_ctx!(kvm, vcpu, |ctx| {
         for r in roots {
-            ctx.put_root(r.sp);
+            ctx.put_root(r);
         }
     });
 }
@@ -877,6 +956,11 @@ pub fn kvm_mmu_new_pgd(kvm: &Kvm, vcpu: &mut VcpuArch, new_cr3: u64) {
     let pgd = new_cr3 & 0x000f_ffff_ffff_f000;
     let role = vcpu.shadow.root_role;
     let Some(cur) = vcpu.shadow.root else { return };
+    if vcpu.shadow.pae.is_some() {
+        // A PAE root has no page of its own to cache: it is freed (fast_pgd_switch).
+        kvm_mmu_unload(kvm, vcpu);
+        return;
+    }
     if cur.pgd == pgd {
         return;
     }
@@ -917,10 +1001,18 @@ pub fn kvm_mmu_new_pgd(kvm: &Kvm, vcpu: &mut VcpuArch, new_cr3: u64) {
 
 /// `kvm_mmu_sync_roots`: syncs every unsync page below the current root.
 pub fn kvm_mmu_sync_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
-    let Some(root) = vcpu.shadow.root else { return };
+    if vcpu.shadow.root.is_none() {
+        return;
+    }
+    let roots: Vec<SpId> = match &vcpu.shadow.pae {
+        Some(p) => p.iter().flatten().copied().collect(),
+        None => vcpu.shadow.root.iter().map(|r| r.sp).collect(),
+    };
     with_ctx!(kvm, vcpu, |ctx| {
-        if ctx.s.pages.exists(root.sp) && ctx.s.pages.get(root.sp).unsync_children > 0 {
-            ctx.sync_children(root.sp);
+        for r in roots {
+            if ctx.s.pages.exists(r) && ctx.s.pages.get(r).unsync_children > 0 {
+                ctx.sync_children(r);
+            }
         }
         ctx.commit_zap_page();
     });
@@ -928,6 +1020,16 @@ pub fn kvm_mmu_sync_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
 
 /// `kvm_mmu_free_obsolete_roots`: drops roots that were zapped.
 pub fn kvm_mmu_free_obsolete_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
+    if let Some(p) = vcpu.shadow.pae {
+        let gone = {
+            let s = kvm.mmu.shadow.lock();
+            p.iter().flatten().any(|sp| !s.pages.exists(*sp) || s.pages.get(*sp).role.invalid() != 0)
+        };
+        if gone {
+            kvm_mmu_unload(kvm, vcpu);
+        }
+        return;
+    }
     let obsolete = |r: &RootInfo| {
         let s = kvm.mmu.shadow.lock();
         !s.pages.exists(r.sp) || s.pages.get(r.sp).role.invalid() != 0
@@ -952,7 +1054,10 @@ pub fn kvm_mmu_free_obsolete_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
 /// root's path, then the hardware drops its TLB entry.
 pub fn kvm_mmu_invlpg(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64) {
     vcpu.stat.invlpg += 1;
-    let roots: Vec<SpId> = vcpu.shadow.root.iter().chain(vcpu.shadow.prev_roots.iter()).map(|r| r.sp).collect();
+    let roots: Vec<SpId> = match &vcpu.shadow.pae {
+        Some(_) => vcpu.shadow.root_for(gva).map(|(sp, _)| sp).into_iter().collect(),
+        None => vcpu.shadow.root.iter().chain(vcpu.shadow.prev_roots.iter()).map(|r| r.sp).collect(),
+    };
     with_ctx!(kvm, vcpu, |ctx| {
         for r in roots {
             super::paging_tmpl::invlpg(&mut ctx, r, gva);
