@@ -136,3 +136,81 @@ fn non_paging_guest_under_shadow_paging_matches_native() {
     same(n.read(Gva::new(0x40_0000), 8), v.read(Gva::new(0x40_0000), 8), "after enabling paging");
     kvm.audit().unwrap();
 }
+
+/// 32-bit tables: PD at 0x1000 (1024 4-byte entries); PTs from 0x2000 mapping [0, 8 MiB) with
+/// 4 KiB pages; 4 MiB PSE pages for [8, 16) MiB. Supervisor, writable, A/D clear.
+fn build_32(m: &dyn BootMem) {
+    for pd in 0..2u64 {
+        let pt = 0x2000 + pd * 0x1000;
+        m.write_phys(Gpa::new(0x1000 + pd * 4), 4, pt | 3).unwrap();
+        for i in 0..1024u64 {
+            m.write_phys(Gpa::new(pt + i * 4), 4, ((pd << 22) + (i << 12)) | 3).unwrap();
+        }
+    }
+    for pd in 2..4u64 {
+        m.write_phys(Gpa::new(0x1000 + pd * 4), 4, (pd << 22) | 0x83).unwrap();
+    }
+}
+
+fn boot_32(c: &mut dyn GuestCpu) {
+    c.write_cr4(Cr4::PSE).unwrap();
+    c.write_cr3(0x1000).unwrap();
+    c.write_cr0(Cr0::PE | Cr0::PG | Cr0::WP).unwrap();
+}
+
+#[test]
+fn thirty_two_bit_guest_under_shadow_paging_matches_native() {
+    let native = NativeMachine::new(MEM, 46).unwrap();
+    let (kvm, mut v) = vm();
+    build_32(&native);
+    build_32(&*kvm);
+    let mut n = native;
+    boot_32(&mut n);
+    boot_32(&mut v);
+    // Accesses across both halves of each guest page table and both 4 MiB pages.
+    for i in 0..512u64 {
+        let a = Gva::new(0x10_0000 + i * 0x2_9000 % 0xf0_0000);
+        n.write(a, 4, i).unwrap();
+        v.write(a, 4, i).unwrap();
+        same(n.read(a, 4), v.read(a, 4), "read back");
+    }
+    kvm.audit().unwrap();
+    same(n.read(Gva::new(0x4000_0000), 4), v.read(Gva::new(0x4000_0000), 4), "unmapped PDE");
+    // Remap a page in the upper half of a guest page table (bit 21 set: quadrant 1).
+    let x = Gva::new(0x30_0000);
+    let pte = Gva::new(0x2000 + (0x30_0000 >> 12) * 4);
+    n.write(Gva::new(0x31_0000), 4, 0xabc).unwrap();
+    v.write(Gva::new(0x31_0000), 4, 0xabc).unwrap();
+    for (i, target) in [0x31_0000u64, 0x30_0000, 0x31_0000].iter().enumerate() {
+        let e = (n.read(pte, 4).unwrap() & 0xfff) | target;
+        n.write(pte, 4, e).unwrap();
+        v.write(pte, 4, e).unwrap();
+        n.invlpg(x);
+        v.invlpg(x);
+        same(n.read(x, 4), v.read(x, 4), &format!("after remap {i}"));
+        kvm.audit().unwrap();
+    }
+    // Clear and restore a 4 MiB PDE with 4-byte stores (emulated: the PD is write-tracked).
+    let pde = Gva::new(0x1000 + 3 * 4);
+    let big = Gva::new(0xd0_0000);
+    same(n.read(big, 4), v.read(big, 4), "4 MiB page");
+    let e = n.read(pde, 4).unwrap();
+    n.write(pde, 4, e & !1).unwrap();
+    v.write(pde, 4, e & !1).unwrap();
+    n.write_cr3(0x1000).unwrap();
+    v.write_cr3(0x1000).unwrap();
+    same(n.read(big, 4), v.read(big, 4), "4 MiB PDE cleared");
+    n.write(pde, 4, e).unwrap();
+    v.write(pde, 4, e).unwrap();
+    n.write_cr3(0x1000).unwrap();
+    v.write_cr3(0x1000).unwrap();
+    same(n.read(big, 4), v.read(big, 4), "4 MiB PDE restored");
+    for a in (0x1000..0x4000u64).step_by(4) {
+        assert_eq!(
+            n.read_phys(Gpa::new(a), 4).unwrap(),
+            kvm.read_phys(Gpa::new(a), 4).unwrap(),
+            "table entry at {a:#x}"
+        );
+    }
+    kvm.audit().unwrap();
+}

@@ -6,7 +6,7 @@
 
 use super::page::SpId;
 use super::page_fault::{self, KvmPageFault, RetPf, PFERR_FETCH, PFERR_RSVD, PFERR_USER, PFERR_WRITE};
-use super::shadow::{kvm_mmu_child_role, Ctx};
+use super::shadow::{child_role_at, Ctx};
 use super::spte::{make_spte, Spte, SpteRequest, ACC_EXEC, ACC_USER, ACC_WRITE};
 use super::tdp_iter::{pages_at, spte_index};
 use super::MmuError;
@@ -43,6 +43,8 @@ pub struct GuestWalker {
     pub table_gfn: [Gfn; 5],
     /// `pte_gpa[level - 1]`: where the level-`level` entry lives.
     pub pte_gpa: [Gpa; 5],
+    /// Size of a guest entry (4 for 32-bit paging, else 8).
+    pub gpte_size: u8,
     /// `pt_access[level - 1]`: rights accumulated from the root through that level.
     pub pt_access: [u8; 5],
     /// Rights of the translation (after `protect_clean_gpte`).
@@ -155,6 +157,7 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
         ptes: t.ptes,
         table_gfn: [Gfn::new(0); 5],
         pte_gpa: t.pte_gpas,
+        gpte_size: if st.mode() == PagingMode::Bits32 { 4 } else { 8 },
         pt_access: [0; 5],
         pte_access: 0,
     };
@@ -179,11 +182,6 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
 pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "paging64_page_fault");
     let mode = vcpu.cpu.paging().mode();
-    if mode == PagingMode::Bits32 {
-        return Err(MmuError::Unsupported(
-            "shadow paging of a 32-bit (non-PAE) guest: 4-byte guest entries and quadrants are not shadowed yet".into(),
-        ));
-    }
     if mode == PagingMode::NonPaging {
         return nonpaging_page_fault(kvm, vcpu, gva, error_code);
     }
@@ -269,7 +267,22 @@ fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u6
 fn gpte_changed(ctx: &Ctx<'_>, w: &GuestWalker, level: u8) -> bool {
     let i = usize::from(level - 1);
     let bus = ctx.kvm.mmio_bus();
-    KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(w.pte_gpa[i], 8) != w.ptes[i]
+    KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(w.pte_gpa[i], w.gpte_size) != w.ptes[i]
+}
+
+/// Where entry `i` of the guest table behind shadow page `sp` lives, and its size: a
+/// 32-bit guest's table is shadowed in halves (level 1) or quarters (the root), selected by
+/// the role's quadrant.
+fn gpte_addr(ctx: &Ctx<'_>, sp: SpId, i: u64) -> (Gpa, u8) {
+    let p = ctx.s.pages.get(sp);
+    let base = p.gfn.gpa().raw();
+    if p.role.has_4_byte_gpte() != 0 {
+        let per_quadrant = if p.role.level() == 1 { 512 } else { 256 };
+        let index = u64::from(p.role.quadrant()) * per_quadrant + if p.role.level() == 1 { i } else { i / 2 };
+        (Gpa::new(base + index * 4), 4)
+    } else {
+        (Gpa::new(base + i * 8), 8)
+    }
 }
 
 /// `FNAME(fetch)`: builds the shadow path for the walked translation and installs the leaf.
@@ -301,7 +314,8 @@ fn fetch(
         } else {
             let i = usize::from(level - 2);
             let table_gfn = w.table_gfn[i];
-            let role = kvm_mmu_child_role(ctx.s.pages.get(sp).role, false, w.pt_access[usize::from(level - 1)]);
+            let index = spte_index(gva >> 12, level);
+            let role = child_role_at(ctx.s.pages.get(sp).role, index, false, w.pt_access[usize::from(level - 1)]);
             let c = ctx.get_shadow_page(table_gfn, role);
             if ctx.s.pages.get(c).unsync_children > 0 {
                 ctx.sync_children(c);
@@ -332,7 +346,7 @@ fn fetch(
             }
         } else {
             let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
-            let role = kvm_mmu_child_role(ctx.s.pages.get(sp).role, true, w.pte_access);
+            let role = child_role_at(ctx.s.pages.get(sp).role, spte_index(gva >> 12, level), true, w.pte_access);
             let c = ctx.get_shadow_page(base, role);
             ctx.link_shadow_page(sptep, c);
             c
@@ -416,7 +430,8 @@ fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
         let (gfn, access) = if direct {
             (Gfn::new(gfn_table.raw() + i), role_access)
         } else {
-            let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(Gpa::new(gfn_table.gpa().raw() + i * 8), 8);
+            let (at, size) = gpte_addr(ctx, sp, i);
+            let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(at, size);
             if prefetch_invalid_gpte(gpte, &st) {
                 continue;
             }
@@ -438,13 +453,14 @@ fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
 pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     let Some(vcpu) = ctx.vcpu.as_ref() else { return 0 };
     let st = *vcpu.cpu.paging();
-    let (table, role_access, level) = {
+    let (role_access, level) = {
         let p = ctx.s.pages.get(sp);
-        (p.gfn, p.role.access() as u8, p.role.level() as u8)
+        (p.role.access() as u8, p.role.level() as u8)
     };
     let sptep = ctx.s.pages.get(sp).sptep(i);
     let bus = ctx.kvm.mmio_bus();
-    let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(Gpa::new(table.gpa().raw() + i * 8), 8);
+    let (at, size) = gpte_addr(ctx, sp, i);
+    let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(at, size);
     if prefetch_invalid_gpte(gpte, &st) {
         ctx.drop_spte(sptep);
         ctx.kvm.mem().store(sptep, Spte::NONPRESENT.0);

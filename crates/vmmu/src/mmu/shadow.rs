@@ -177,6 +177,17 @@ pub fn kvm_mmu_child_role(parent: Role, direct: bool, access: u8) -> Role {
         .with_quadrant(0)
 }
 
+/// `kvm_mmu_child_role` for the SPTE at `index` of a page: a 32-bit guest's page table (4 MiB)
+/// is shadowed by two PAE tables, and which half a child shadows is its quadrant.
+pub fn child_role_at(parent: Role, index: u64, direct: bool, access: u8) -> Role {
+    let r = kvm_mmu_child_role(parent, direct, access);
+    if r.has_4_byte_gpte() != 0 && r.level() == 1 {
+        r.with_quadrant((index & 1) as u32)
+    } else {
+        r
+    }
+}
+
 /// Context the shadow functions need: the VM, the shadow state (under the lock), the
 /// memslots, and the vCPU when the work comes from one (faults, INVLPG, CR3 writes; not
 /// MMU-notifier zaps).
@@ -820,8 +831,8 @@ pub fn shadow_root_role(st: &x86_paging::mode::PagingState) -> Option<Role> {
     let level = match st.mode() {
         PagingMode::Level4 => 4,
         PagingMode::Level5 => 5,
-        // PAE guests are shadowed with PAE roots (PT32E_ROOT_LEVEL).
-        PagingMode::Pae => 3,
+        // PAE and 32-bit guests are shadowed with PAE roots (PT32E_ROOT_LEVEL).
+        PagingMode::Pae | PagingMode::Bits32 => 3,
         // Paging off: direct pages under PAE roots, identity-mapping the 4 GiB the guest
         // can address.
         PagingMode::NonPaging => {
@@ -829,9 +840,9 @@ pub fn shadow_root_role(st: &x86_paging::mode::PagingState) -> Option<Role> {
                 Role(0).with_level(3).with_direct(1).with_access(u32::from(ACC_ALL)).with_efer_nx(1).with_cr0_wp(1),
             )
         }
-        PagingMode::Bits32 => return None,
     };
     let wp = st.cr0.contains(Cr0::WP);
+    let four_byte = st.mode() == PagingMode::Bits32;
     Some(
         Role(0)
             .with_level(level)
@@ -839,7 +850,8 @@ pub fn shadow_root_role(st: &x86_paging::mode::PagingState) -> Option<Role> {
             .with_efer_nx(1)
             .with_cr0_wp(u32::from(wp))
             .with_smep_andnot_wp(u32::from(st.cr4.contains(Cr4::SMEP) && !wp))
-            .with_smap_andnot_wp(u32::from(st.cr4.contains(Cr4::SMAP) && !wp)),
+            .with_smap_andnot_wp(u32::from(st.cr4.contains(Cr4::SMAP) && !wp))
+            .with_has_4_byte_gpte(u32::from(four_byte)),
     )
 }
 
@@ -866,6 +878,7 @@ pub fn kvm_mmu_load(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<(), crate::host::H
         // mmu_alloc_shadow_roots / mmu_alloc_direct_roots with a PAE root: one page per
         // PDPTE (the guest's PDPTRs, or for paging off the four 1 GiB identity quarters).
         let direct = role.direct() != 0;
+        let four_byte = role.has_4_byte_gpte() != 0;
         let child = role.with_level(2);
         let pdptrs = st.pdptrs;
         with_ctx!(kvm, vcpu, |ctx| {
@@ -874,12 +887,17 @@ pub fn kvm_mmu_load(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<(), crate::host::H
             for i in 0..4 {
                 let gfn = if direct {
                     Gfn::new((i as u64) << 18)
+                } else if four_byte {
+                    // A 32-bit guest's page directory, shadowed by four PAE directories
+                    // (quadrant i maps the guest's i-th GiB).
+                    Gfn::new(pgd >> 12)
                 } else if pdptrs[i] & 1 != 0 {
                     Gfn::new((pdptrs[i] & 0x000f_ffff_ffff_f000) >> 12)
                 } else {
                     continue;
                 };
-                let id = ctx.get_shadow_page(gfn, child);
+                let role_i = if four_byte { child.with_quadrant(i as u32) } else { child };
+                let id = ctx.get_shadow_page(gfn, role_i);
                 ctx.s.pages.get_mut(id).root_count += 1;
                 if ctx.s.pages.get(id).unsync_children > 0 {
                     ctx.sync_children(id);
@@ -1076,23 +1094,56 @@ pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr
             return;
         }
         kvm.stats.mmu_pte_write.add(1);
-        let bus = kvm.mmio_bus();
-        let gentry =
-            crate::emulate::KvmGuestMem::new(kvm, &ctx.slots, &bus).read(x86_paging::addr::Gpa::new(gpa.raw() & !7), 8);
+        let bus = kvm.mmio_bus(); // mmu_pte_write_fetch_gpte: a 4-byte write to 8-byte entries reads the whole entry.
+        let four_byte_guest =
+            ctx.vcpu.as_ref().is_some_and(|v| v.cpu.paging().mode() == x86_paging::mode::PagingMode::Bits32);
+        let (at, size) = match bytes {
+            4 if !four_byte_guest => (gpa.raw() & !7, 8),
+            4 | 8 => (gpa.raw(), bytes),
+            _ => (gpa.raw(), 0),
+        };
+        let gentry = if size == 0 {
+            0
+        } else {
+            crate::emulate::KvmGuestMem::new(kvm, &ctx.slots, &bus).read(x86_paging::addr::Gpa::new(at), size)
+        };
         let mut flush = false;
         for id in ctx.s.pages.with_gfn(gpa.gfn()) {
             if !ctx.s.pages.exists(id) {
                 continue;
             }
-            let (direct, invalid, level) = {
+            let (direct, invalid, level, four, quadrant) = {
                 let sp = ctx.s.pages.get(id);
-                (sp.role.direct() != 0, sp.role.invalid() != 0, sp.role.level() as u8)
+                (
+                    sp.role.direct() != 0,
+                    sp.role.invalid() != 0,
+                    sp.role.level() as u8,
+                    sp.role.has_4_byte_gpte() != 0,
+                    sp.role.quadrant(),
+                )
             };
             if direct || invalid {
                 continue;
             }
             let offset = gpa.raw() & 0xfff;
-            let misaligned = bytes != 1 && (((offset ^ (offset + u64::from(bytes) - 1)) & !7) != 0 || bytes < 4);
+            let pte_size = if four { 4 } else { 8 };
+            let misaligned =
+                bytes != 1 && (((offset ^ (offset + u64::from(bytes) - 1)) & !(pte_size - 1)) != 0 || bytes < 4);
+            // get_written_sptes: a 4-byte entry is shadowed by one 8-byte SPTE in the page of
+            // its quadrant, a 4-byte PDE (4 MiB) by two.
+            let (mut spte_off, mut nspte) = (offset, 1u64);
+            if four {
+                spte_off <<= 1;
+                if level == 2 {
+                    spte_off &= !7;
+                    spte_off <<= 1;
+                    nspte = 2;
+                }
+                if (spte_off >> 12) as u32 != quadrant {
+                    continue;
+                }
+                spte_off &= 0xfff;
+            }
             let flooded = level > 1 && {
                 let sp = ctx.s.pages.get_mut(id);
                 sp.write_flooding_count += 1;
@@ -1103,12 +1154,14 @@ pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr
                 kvm.stats.mmu_flooded.add(1);
                 continue;
             }
-            let sptep = ctx.s.pages.get(id).sptep(offset / 8);
-            let old = Spte(kvm.mem().load(sptep));
-            ctx.zap_pte(sptep);
-            flush |= old.is_shadow_present();
-            if gentry != 0 && level > 1 {
-                kvm.stats.mmu_pde_zapped.add(1);
+            for k in 0..nspte {
+                let sptep = ctx.s.pages.get(id).sptep(spte_off / 8 + k);
+                let old = Spte(kvm.mem().load(sptep));
+                ctx.zap_pte(sptep);
+                flush |= old.is_shadow_present();
+                if gentry != 0 && level > 1 {
+                    kvm.stats.mmu_pde_zapped.add(1);
+                }
             }
         }
         ctx.commit_zap_page();
