@@ -151,6 +151,8 @@ pub mod req {
     pub const LOAD_MMU_PGD: u64 = 1 << 5;
     /// KVM_REQ_TLB_FLUSH_CURRENT.
     pub const TLB_FLUSH_CURRENT: u64 = 1 << 26;
+    /// KVM_REQ_TLB_FLUSH_GUEST.
+    pub const TLB_FLUSH_GUEST: u64 = 1 << 27;
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS.
     pub const MMU_FREE_OBSOLETE_ROOTS: u64 = 1 << 31;
 }
@@ -684,6 +686,14 @@ impl Vcpu {
         if r & req::MMU_SYNC != 0 {
             crate::mmu::shadow::kvm_mmu_sync_roots(&self.kvm, &mut self.arch);
         }
+        if r & req::TLB_FLUSH_GUEST != 0 {
+            // kvm_vcpu_flush_tlb_guest: sync the roots (and drop previous roots with unsync
+            // pages), then flush.
+            crate::mmu::shadow::kvm_mmu_sync_roots(&self.kvm, &mut self.arch);
+            crate::mmu::shadow::kvm_mmu_sync_prev_roots(&self.kvm, &mut self.arch);
+            self.stat.tlb_flush += 1;
+            self.cpu.flush_tlb_all();
+        }
         if r & req::TLB_FLUSH != 0 {
             self.stat.tlb_flush += 1;
             self.cpu.flush_tlb_all();
@@ -924,9 +934,15 @@ impl Vcpu {
         }
         let (role, mode) = (crate::mmu::shadow::shadow_root_role(self.cpu.paging()), self.cpu.paging().mode());
         let pdptrs = self.shadow_pdptrs(&self.next_state(|s| s.cr4 = v))?;
+        let old = self.cpu.paging().cr4;
         self.run_op(0, |c| c.write_cr4(v), Self::gp)?;
         if let Some(p) = pdptrs {
             self.cpu.set_guest_pdptrs(p);
+        }
+        if self.shadowing() && (old ^ v).intersects(Cr4::PGE | Cr4::PCIDE) {
+            // kvm_post_set_cr4 -> KVM_REQ_TLB_FLUSH_GUEST: under shadow paging a guest TLB
+            // flush syncs the unsync pages of the roots.
+            self.arch.shared.requests.fetch_or(req::TLB_FLUSH_GUEST, Ordering::SeqCst);
         }
         if self.shadowing() {
             self.after_cr_write(role, mode);

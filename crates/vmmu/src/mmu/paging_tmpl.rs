@@ -185,7 +185,7 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
     if mode == PagingMode::NonPaging {
         return nonpaging_page_fault(kvm, vcpu, gva, error_code);
     }
-    let walker = match walk_addr(kvm, vcpu, gva, error_code & !PFERR_RSVD) {
+    let mut walker = match walk_addr(kvm, vcpu, gva, error_code & !PFERR_RSVD) {
         Ok(w) => w,
         Err(ec) => {
             // The guest's own fault: inject it (kvm_inject_emulated_page_fault).
@@ -219,6 +219,7 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
             pte_access &= !ACC_EXEC;
         }
     }
+    walker.pte_access = pte_access;
     let _w = kvm.mmu.mmu_lock.write();
     let mut s = kvm.mmu.shadow.lock();
     let slots = vcpu.slots.clone();
@@ -338,7 +339,17 @@ fn fetch(
     // Direct levels: a guest huge page mapped by smaller SPTEs.
     while level > goal {
         let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
-        let spte = Spte(ctx.kvm.mem().load(sptep));
+        let mut spte = Spte(ctx.kvm.mem().load(sptep));
+        // validate_direct_spte: a direct child made for other rights is replaced.
+        if spte.is_shadow_present() && !spte.is_large() {
+            if let Some(c) = ctx.s.pages.by_spt(spte.pfn()) {
+                if ctx.s.pages.get(c).role.access() != u32::from(w.pte_access) {
+                    ctx.zap_pte(sptep);
+                    ctx.kvm.flush_remote_tlbs(Some(ctx.cpu));
+                    spte = Spte::NONPRESENT;
+                }
+            }
+        }
         let child = if spte.is_shadow_present() && !spte.is_large() {
             match ctx.s.pages.by_spt(spte.pfn()) {
                 Some(c) => c,
@@ -510,7 +521,9 @@ pub fn invlpg(ctx: &mut Ctx<'_>, root_sp: SpId, gva: u64) {
         let level = ctx.s.pages.get(sp).role.level() as u8;
         let index = spte_index(gva >> 12, level);
         let sptep = ctx.s.pages.get(sp).sptep(index);
-        if ctx.s.pages.get(sp).unsync {
+        let cur = Spte(ctx.kvm.mem().load(sptep));
+        // kvm_sync_spte: nothing to sync behind a non-present SPTE.
+        if ctx.s.pages.get(sp).unsync && (cur.is_shadow_present() || cur.is_mmio(&ctx.kvm.mmu.masks)) {
             let r = sync_spte(ctx, sp, index);
             if r < 0 {
                 ctx.drop_spte(sptep);

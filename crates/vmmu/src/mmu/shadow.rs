@@ -1036,6 +1036,29 @@ pub fn kvm_mmu_sync_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
     });
 }
 
+/// `kvm_mmu_sync_prev_roots`: previous roots with unsync pages are dropped (they will be
+/// rebuilt, in sync, if the guest switches back).
+pub fn kvm_mmu_sync_prev_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
+    let unsync: Vec<RootInfo> = {
+        let s = kvm.mmu.shadow.lock();
+        vcpu.shadow
+            .prev_roots
+            .iter()
+            .filter(|r| s.pages.exists(r.sp) && s.pages.get(r.sp).unsync_children > 0)
+            .copied()
+            .collect()
+    };
+    if unsync.is_empty() {
+        return;
+    }
+    vcpu.shadow.prev_roots.retain(|r| !unsync.contains(r));
+    with_ctx!(kvm, vcpu, |ctx| {
+        for r in unsync {
+            ctx.put_root(r.sp);
+        }
+    });
+}
+
 /// `kvm_mmu_free_obsolete_roots`: drops roots that were zapped.
 pub fn kvm_mmu_free_obsolete_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
     if let Some(p) = vcpu.shadow.pae {
