@@ -139,7 +139,11 @@ fn run_err(e: impl std::fmt::Display) -> RunError {
 /// The guest as set up for the run.
 enum Guest {
     Kernel(Box<GuestKernel>),
-    Identity,
+    /// Identity layout, with the top-level tables the guest can switch among (boot first).
+    Identity {
+        roots: Vec<u64>,
+        levels: u8,
+    },
 }
 
 /// A built VM with its vCPUs and booted guest.
@@ -207,6 +211,7 @@ fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
             .map_err(cfg_err)?;
     }
     let root = b.root.raw();
+    m.guest = Guest::Identity { roots: vec![root], levels };
     for v in m.vcpus.iter_mut() {
         let mut cr4 = Cr4::PAE | Cr4::PGE;
         if levels == 5 {
@@ -218,7 +223,8 @@ fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
         v.write_cr0(Cr0::PE | Cr0::WP | Cr0::PG).map_err(run_err)?;
         v.set_cpl(if s.guest.user { 3 } else { 0 });
     }
-    m.data_start = (end + (16 << 20) - 1) & !((16 << 20) - 1);
+    // At least 1 MiB of free pages between the tables and the data (for new-root).
+    m.data_start = (end + (1 << 20) + (16 << 20) - 1) & !((16 << 20) - 1);
     Ok(())
 }
 
@@ -253,7 +259,13 @@ pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
     for _ in 0..s.guest.vcpus {
         vcpus.push(kvm.create_vcpu().map_err(cfg_err)?);
     }
-    let mut m = Machine { kvm: kvm.clone(), vcpus, slots, guest: Guest::Identity, data_start: 16 << 20 };
+    let mut m = Machine {
+        kvm: kvm.clone(),
+        vcpus,
+        slots,
+        guest: Guest::Identity { roots: Vec::new(), levels: 4 },
+        data_start: 16 << 20,
+    };
     if s.guest.layout == "kernel" {
         let mem_size = s.memslots.iter().map(|x| x.gpa.0 + x.size.0).max().unwrap_or(0);
         let kc = KernelConfig {
@@ -302,7 +314,7 @@ fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<
                 .map_err(run_err)?;
             Ok(st.accesses)
         }
-        Guest::Identity => {
+        Guest::Identity { .. } => {
             let n = m.vcpus.len() as u64;
             if n == 1 {
                 let st = workload::run(w, &mut FlatSpace { cpu: &mut m.vcpus[0] }, start, pages).map_err(run_err)?;
@@ -340,6 +352,23 @@ fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<
             Ok(total)
         }
     }
+}
+
+/// The address of the level-`level` guest entry mapping `va`, read through the identity map.
+fn entry_addr(v: &mut Vcpu, va: u64, level: u8, levels: u8) -> Result<u64, RunError> {
+    let mut table = v.cpu().paging().cr3 & 0x000f_ffff_ffff_f000;
+    for l in (level + 1..=levels).rev() {
+        let at = table + ((va >> (12 + 9 * (u32::from(l) - 1))) & 511) * 8;
+        let e = v.read(Gva::new(at), 8).map_err(run_err)?;
+        if e & 1 == 0 {
+            return Err(RunError::Failed(format!("rewrite-entry: va {va:#x} has no level-{l} entry")));
+        }
+        if e & 0x80 != 0 {
+            return Err(RunError::Failed(format!("rewrite-entry: va {va:#x} is mapped by a huge page at level {l}")));
+        }
+        table = e & 0x000f_ffff_ffff_f000;
+    }
+    Ok(table + ((va >> (12 + 9 * (u32::from(level) - 1))) & 511) * 8)
 }
 
 fn current_pid(k: &GuestKernel) -> u32 {
@@ -453,6 +482,42 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
                 }
                 _ => Ok(0),
             }
+        }
+        Op::RewriteEntry { va, level, clear, set, target } => {
+            let Guest::Identity { levels, .. } = &m.guest else { return Ok(0) };
+            let levels = *levels;
+            let v = &mut m.vcpus[0];
+            let at = entry_addr(v, va.0, *level, levels)?;
+            let old = v.read(Gva::new(at), 8).map_err(run_err)?;
+            let mut new = (old & !clear.0) | set.0;
+            if let Some(t) = target {
+                new = (new & !0x000f_ffff_ffff_f000) | (t.0 & 0x000f_ffff_ffff_f000);
+            }
+            v.write(Gva::new(at), 8, new).map_err(run_err)?;
+            Ok(2)
+        }
+        Op::NewRoot => {
+            let Guest::Identity { roots, .. } = &mut m.guest else { return Ok(0) };
+            let v = &mut m.vcpus[0];
+            let boot = roots[0];
+            // A free page just below the data area, one per new root.
+            let page = m.data_start - 4096 * (roots.len() as u64);
+            for i in 0..512u64 {
+                let e = v.read(Gva::new(boot + i * 8), 8).map_err(run_err)?;
+                v.write(Gva::new(page + i * 8), 8, e).map_err(run_err)?;
+            }
+            roots.push(page);
+            Ok(1024)
+        }
+        Op::SwitchRoot { root } => {
+            let Guest::Identity { roots, .. } = &m.guest else { return Ok(0) };
+            let cr3 = *roots
+                .get(*root as usize)
+                .ok_or_else(|| RunError::Config(format!("switch-root: no root {root} (make one with new-root)")))?;
+            for v in m.vcpus.iter_mut() {
+                v.write_cr3(cr3).map_err(run_err)?;
+            }
+            Ok(0)
         }
         Op::Audit => {
             for v in m.vcpus.iter_mut() {

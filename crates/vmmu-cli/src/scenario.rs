@@ -273,6 +273,32 @@ pub enum Op {
         /// Pages written per round.
         pages: u64,
     },
+    /// Identity layout: the guest rewrites the level-`level` entry mapping `va` with a store
+    /// (meeting write protection as a real guest would): bits in `clear` are cleared, bits in
+    /// `set` set, and with `target` the address field is replaced. No flush (add `invlpg`).
+    RewriteEntry {
+        /// The address whose translation is changed.
+        va: Size,
+        /// 1 = PTE, 2 = PDE, 3 = PDPTE, 4 = PML4E.
+        level: u8,
+        /// Bits to clear.
+        #[serde(default)]
+        clear: Size,
+        /// Bits to set.
+        #[serde(default)]
+        set: Size,
+        /// New physical address for the entry's address field.
+        #[serde(default)]
+        target: Option<Size>,
+    },
+    /// Identity layout: the guest makes another top-level table, a copy of the boot one
+    /// (stores), so it can switch among several roots. Roots are numbered from 1 (0 = boot).
+    NewRoot,
+    /// Identity layout: MOV CR3 to root `root` (0 = the boot tables).
+    SwitchRoot {
+        /// Root number.
+        root: u32,
+    },
     /// Check the MMU's invariants; the run fails if they do not hold.
     Audit,
 }
@@ -410,6 +436,12 @@ impl Scenario {
                         if *pages == 0 {
                             return Err(err(f("pages"), "must be > 0"));
                         }
+                    }
+                    Op::RewriteEntry { level, .. } if !(1..=5).contains(level) => {
+                        return Err(err(f("level"), "must be 1..=5"))
+                    }
+                    Op::RewriteEntry { .. } | Op::NewRoot | Op::SwitchRoot { .. } if g.layout != "identity" => {
+                        return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the identity layout"))
                     }
                     Op::Switch { process } | Op::Exit { process } if *process == 0 => {
                         return Err(err(f("process"), "process numbers start at 1"))

@@ -190,3 +190,19 @@ fn default_run_compares_tdp_and_shadow_side_by_side() {
     assert_eq!(stat(&churn(&runs[0]), "pf_emulate"), 0);
     assert!(stat(&churn(&runs[1]), "pf_taken") > 10 * stat(&churn(&runs[0]), "pf_taken"));
 }
+
+#[test]
+fn scenario_ops_rewrite_the_guests_own_tables() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/pte-rewrite.toml");
+    let v = json(&["run", f.to_str().unwrap(), "--mmu", "shadow", "--json"]);
+    let ph = |n: &str| v["phases"].as_array().unwrap().iter().find(|p| p["name"] == n).cloned().unwrap();
+    let flip = ph("pte-flip");
+    assert_eq!(stat(&flip, "mmu_unsync"), 1, "the page table went unsync");
+    assert_eq!(stat(&flip, "invlpg"), 3);
+    assert!(stat(&flip, "tlb_flush") >= 3);
+    let pde = ph("pde-rewrite");
+    assert_eq!(stat(&pde, "pf_emulate"), 3, "each PDE store is emulated");
+    assert_eq!(stat(&pde, "mmu_flooded"), 1, "the third floods the directory");
+    let roots = ph("roots");
+    assert!(stat(&roots, "pf_taken") <= 4, "the second root shares the lower-level shadow pages");
+}
