@@ -294,3 +294,33 @@ fn shadow_tracepoints_use_the_kernel_text() {
     assert!(t.contains("kvm_mmu_set_dirty_bit: gpa "), "D bit");
     assert!(t.contains("kvm_mmu_set_spte: gfn 1000 spte "), "set_spte");
 }
+
+#[test]
+fn more_than_a_thousand_mappings_of_one_gfn_are_recycled() {
+    let mut m = machine("[[memslot]]\ngpa = 0\nsize = \"256MiB\"\n", "page_size = \"4k\"");
+    let base = m.data_start;
+    let target = base + (8 << 20);
+    let v = &mut m.vcpus[0];
+    v.write(Gva::new(target), 8, 0x77).unwrap();
+    // The guest points 1,100 PTEs (of three page tables) at the same frame.
+    let n = 1100u64;
+    for i in 0..n {
+        let va = base + i * 4096;
+        v.read(Gva::new(va), 8).unwrap(); // make sure the path exists
+        let at = entry_addr(v, va, 1);
+        let e = v.read(Gva::new(at), 8).unwrap();
+        v.write(Gva::new(at), 8, (e & 0xfff) | target).unwrap();
+        v.invlpg(Gva::new(va));
+    }
+    for i in 0..n {
+        assert_eq!(v.read(Gva::new(base + i * 4096), 8).unwrap(), 0x77, "alias {i}");
+    }
+    assert!(vmst(&m, "max_mmu_rmap_size") > 1000, "{}", vmst(&m, "max_mmu_rmap_size"));
+    m.kvm.audit().unwrap();
+    let v = &mut m.vcpus[0];
+    // After the recycle every alias still reads the frame (refaulting as needed).
+    for i in (0..n).step_by(7) {
+        assert_eq!(v.read(Gva::new(base + i * 4096), 8).unwrap(), 0x77);
+    }
+    m.kvm.audit().unwrap();
+}
