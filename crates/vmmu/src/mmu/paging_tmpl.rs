@@ -220,6 +220,19 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
         }
     }
     walker.pte_access = pte_access;
+    Ok(under_mmu_lock(kvm, vcpu, gva, &mut fault, |ctx, root, f| fetch(ctx, root, gva, &walker, f, pte_access)))
+}
+
+/// The common tail of the shadow fault paths, under `mmu_lock` for write:
+/// `make_mmu_pages_available`, `is_page_fault_stale` (obsolete root, racing invalidation),
+/// then `map` from the root that covers `gva`.
+fn under_mmu_lock(
+    kvm: &Kvm,
+    vcpu: &mut VcpuArch,
+    gva: u64,
+    fault: &mut KvmPageFault,
+    map: impl FnOnce(&mut Ctx<'_>, SpId, &mut KvmPageFault) -> RetPf,
+) -> RetPf {
     let _w = kvm.mmu.mmu_lock.write();
     let mut s = kvm.mmu.shadow.lock();
     let slots = vcpu.slots.clone();
@@ -229,12 +242,12 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
     ctx.make_mmu_pages_available();
     let Some((root, _)) = root.filter(|(r, _)| ctx.s.pages.exists(*r) && ctx.s.pages.get(*r).role.invalid() == 0)
     else {
-        return Ok(RetPf::Retry);
+        return RetPf::Retry;
     };
     if fault.slot.is_some() && page_fault::mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) {
-        return Ok(RetPf::Retry);
+        return RetPf::Retry;
     }
-    Ok(fetch(&mut ctx, root, gva, &walker, &mut fault, pte_access))
+    map(&mut ctx, root, fault)
 }
 
 /// `nonpaging_page_fault`: paging is off, the gva is the gpa; direct pages under the PAE
@@ -247,21 +260,7 @@ fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u6
     if r != RetPf::Continue {
         return Ok(r);
     }
-    let _w = kvm.mmu.mmu_lock.write();
-    let mut s = kvm.mmu.shadow.lock();
-    let slots = vcpu.slots.clone();
-    let cpu = vcpu.id;
-    let root = vcpu.shadow.root_for(gva);
-    let mut ctx = Ctx { kvm, s: &mut s, slots, vcpu: Some(vcpu), cpu };
-    ctx.make_mmu_pages_available();
-    let Some((root, _)) = root.filter(|(r, _)| ctx.s.pages.exists(*r) && ctx.s.pages.get(*r).role.invalid() == 0)
-    else {
-        return Ok(RetPf::Retry);
-    };
-    if fault.slot.is_some() && page_fault::mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn) {
-        return Ok(RetPf::Retry);
-    }
-    Ok(ctx.direct_map(root, &mut fault))
+    Ok(under_mmu_lock(kvm, vcpu, gva, &mut fault, |ctx, root, f| ctx.direct_map(root, f)))
 }
 
 /// `FNAME(gpte_changed)`: whether the guest rewrote the level-`level` entry since the walk.
