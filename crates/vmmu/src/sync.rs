@@ -76,7 +76,7 @@ pub mod percpu {
     use super::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Mutex, MutexGuard, Ordering};
 
     /// Number of slots (a power of two); threads beyond it share slots.
-    pub const SLOTS: usize = 32;
+    pub const SLOTS: usize = 8;
 
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     std::thread_local! {

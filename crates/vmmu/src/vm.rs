@@ -306,8 +306,9 @@ impl Kvm {
         self.mmio.write().register(gpa, len, dev);
     }
 
-    pub(crate) fn mmio_bus(&self) -> MmioBus {
-        self.mmio.read().clone()
+    /// The MMIO bus (a read guard: devices are added rarely, looked up on every emulation).
+    pub(crate) fn mmio_bus(&self) -> crate::sync::RwLockReadGuard<'_, MmioBus> {
+        self.mmio.read()
     }
 
     /// KVM_SET_USER_MEMORY_REGION.
@@ -387,8 +388,11 @@ impl Kvm {
             v.requests.fetch_or(req::TLB_FLUSH, Ordering::SeqCst);
         }
         // Every vCPU thread now either shows us IN_GUEST_MODE / READING_SHADOW_PAGE_TABLES,
-        // or will see the request before its next access (the "IPI").
-        crate::sync::barrier::heavy_barrier();
+        // or will see the request before its next access (the "IPI"). With no other vCPU
+        // there is nobody to wait for: the caller sees its own request on its next entry.
+        if vcpus.iter().any(|v| Some(v.id) != me) {
+            crate::sync::barrier::heavy_barrier();
+        }
         for v in &vcpus {
             if Some(v.id) == me {
                 continue;

@@ -5,6 +5,41 @@
 use super::pte_list::PteList;
 use super::role::Role;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast hasher for the MMU's integer keys (gfns, pfns, rmap indices): a multiply-rotate
+/// mix, as rustc's FxHash. The default SipHash guards against adversarial keys, which the
+/// MMU's own integers are not.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    #[inline]
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A `HashMap` with [`FxHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 use x86_paging::addr::{Gfn, Hpa, Pfn};
 
 /// `KVM_MMU_HASH_SHIFT`.
@@ -59,8 +94,8 @@ impl ShadowPage {
 pub struct MmuPages {
     pages: Vec<Option<ShadowPage>>,
     free_ids: Vec<SpId>,
-    by_spt: HashMap<u64, SpId>,
-    hash: HashMap<u64, Vec<SpId>>,
+    by_spt: FastMap<u64, SpId>,
+    hash: FastMap<u64, Vec<SpId>>,
     active: BTreeMap<u64, SpId>,
     next_seq: u64,
 }

@@ -2,13 +2,12 @@
 //! writable — upper-level guest page tables that have shadow pages. A write to a tracked
 //! gfn is emulated, and the MMU is told about it (`kvm_mmu_track_write`).
 
-use std::collections::HashMap;
 use x86_paging::addr::Gfn;
 
 /// `gfn_write_track` counters.
 #[derive(Debug, Default)]
 pub struct WriteTrack {
-    count: HashMap<u64, u16>,
+    count: super::page::FastMap<u64, u16>,
 }
 
 impl WriteTrack {

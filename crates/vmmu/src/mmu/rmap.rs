@@ -5,7 +5,6 @@
 use super::pte_list::PteList;
 use super::tdp_iter::pages_at;
 use crate::memslot::Memslot;
-use std::collections::HashMap;
 use x86_paging::addr::{Gfn, Hpa};
 
 /// `RMAP_RECYCLE_THRESHOLD`: past this many mappings of one gfn they are all zapped.
@@ -14,7 +13,7 @@ pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
 /// Rmap heads by (memslot id, level, index).
 #[derive(Debug, Default)]
 pub struct Rmaps {
-    heads: HashMap<(u32, u8, u64), PteList>,
+    heads: super::page::FastMap<(u32, u8, u64), PteList>,
 }
 
 /// `gfn_to_index`.
