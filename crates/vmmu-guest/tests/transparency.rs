@@ -14,11 +14,14 @@
 //! (so the guest A/D bits match), and the MMU audit must pass. The VM side varies EPT
 //! (A/D on and off) / NPT, 4 KiB / THP backing, the TDP huge-page level and the TDP depth.
 //!
-//! Shadow paging (`transparent_shadow_4level/5level`, 4- and 5-level guests): the same
-//! comparison, except that after boot the guest rewrites its tables *itself*, with stores
-//! at CPL 0 through a supervisor+writable window mapping the table area (top-level slot
-//! [`WINDOW_IDX`]), since the shadow MMU only learns of guest stores (as KVM does), and
-//! flushes afterwards. The shadow MMU bugs it found are avoided (see
+//! Shadow paging (`transparent_shadow_*`, every paging mode): the same comparison, except
+//! that after boot the guest rewrites its tables *itself*, with stores at CPL 0 through a
+//! supervisor+writable window mapping the table area (4/5-level: top-level slot
+//! [`WINDOW_IDX`]; PAE: PDPTE [`PAE_WINDOW_PDPTE`]; 32-bit: PDE [`BITS32_WINDOW_PDE`]),
+//! since the shadow MMU only learns of guest stores (as KVM does), and flushes afterwards
+//! (PAE PDPTEs: a CR3 reload, which loads them). A non-paging guest (CR0.PG=0) accesses
+//! physical memory directly, stores to its PAE tables at their physical addresses, and in
+//! half of the cases turns PAE paging on halfway through. The shadow MMU bugs it found are avoided (see
 //! [`SHADOW_KNOWN_BUGS_AVOIDED`]) and have ignored regression tests at the end.
 //! `TRANSPARENCY_TRACE=1` appends the MMU's trace events to a failure.
 //!
@@ -35,6 +38,7 @@ use vmmu::hw::cpu::Exception;
 use vmmu::machine::{GuestCpu, NativeMachine};
 use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
 use vmmu::x86_paging::addr::{Gpa, Gva, Hpa};
+use vmmu::x86_paging::mode::PagingMode;
 use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
 use vmmu::{GuestError, Kvm, MmuKind, TdpKind, Vcpu, VmConfig};
 use vmmu_guest::boot::BootMem;
@@ -56,6 +60,11 @@ const KNOWN_BUGS_AVOIDED: bool = false;
 /// boot. (The shadow MMU learns of guest table changes only through the guest's stores, as
 /// KVM does; a VMM write behind its back is invisible.) Random mappings never use this slot.
 const WINDOW_IDX: u64 = 0x1fe;
+/// PAE: the PDPTE of the window (its own GiB, 0xc000_0000: the random mappings of a
+/// shadow-paging case use only PDPTEs 0-2), then PD index 0.
+const PAE_WINDOW_PDPTE: u64 = 3;
+/// 32-bit: the PDE of the window (va 0xff80_0000; random mappings never use it).
+const BITS32_WINDOW_PDE: u64 = 0x3fe;
 
 /// Set to true to keep shadow-paging cases away from the areas where shadow MMU bugs were
 /// found (a CR4.PGE toggle not syncing unsync pages, the WP=0 upgrade missing from direct
@@ -69,11 +78,19 @@ const SHADOW_KNOWN_BUGS_AVOIDED: bool = false;
 /// `shadow_wp0_smap_write_keeps_user_page_under_smap`.
 const SHADOW_KVM_WP0_SMAP_DIVERGENCE: bool = true;
 
+/// Set to true to keep shadow-paging cases away from where a bug was found (fixed): with
+/// CR0.PG=0 the hardware walked the direct (user) shadow pages with the guest's CR4.SMEP /
+/// SMAP, so supervisor accesses faulted forever. Regression tests:
+/// `shadow_no_paging_ignores_smep` / `shadow_no_paging_ignores_smap`.
+const SHADOW_NO_PAGING_SMEP_SMAP_AVOIDED: bool = false;
+
 // ------------------------------------------------------------------------------------
 // The case description (what proptest generates and shrinks).
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// CR0.PG=0 (shadow paging only): linear address = physical address, no tables.
+    NoPaging,
     Bits32,
     Pae,
     Level4,
@@ -244,12 +261,16 @@ fn case_strategy(modes: Vec<Mode>) -> impl Strategy<Value = Case> {
     case_strategy_with(modes, vm_strategy().boxed())
 }
 
-/// Cases of `modes` under shadow paging (4- and 5-level only: the MMU shadows nothing else).
+/// Cases of `modes` under shadow paging (every mode, [`Mode::NoPaging`] included).
 fn shadow_case_strategy(modes: Vec<Mode>) -> impl Strategy<Value = Case> {
-    assert!(modes.iter().all(|m| matches!(m, Mode::Level4 | Mode::Level5)));
     case_strategy_with(modes, shadow_vm_strategy().boxed()).prop_map(|mut c| {
         if SHADOW_KVM_WP0_SMAP_DIVERGENCE && !c.regs.wp {
             // See SHADOW_KVM_WP0_SMAP_DIVERGENCE: no SMAP with WP=0.
+            c.regs.smap = false;
+        }
+        if SHADOW_NO_PAGING_SMEP_SMAP_AVOIDED && c.regs.mode == Mode::NoPaging {
+            // See SHADOW_NO_PAGING_SMEP_SMAP_AVOIDED (PAE: in `build`).
+            c.regs.smep = false;
             c.regs.smap = false;
         }
         c
@@ -318,9 +339,25 @@ struct Built {
     maps: Vec<Mapping>,
     /// Shadow paging: the linear address of gpa 0 in the window (see [`WINDOW_IDX`]).
     window_va: Option<u64>,
+    /// [`Mode::NoPaging`]: the mappings while paging is off (physical pages, gva = gpa), and
+    /// the op index from which `maps` apply instead (the guest turns PAE paging on there;
+    /// `usize::MAX`: never). Other modes: empty, and 0.
+    direct_maps: Vec<Mapping>,
+    paging_at: usize,
 }
 
 impl Regs {
+    /// Shadow paging: the window's top-level index and leaf level for `w` (see
+    /// [`Case::window`]): 4 KiB, 2 MiB or 1 GiB leaves for 4/5-level guests, 4 KiB or 2 MiB
+    /// for PAE, 4 KiB or (with CR4.PSE) 4 MiB for 32-bit guests.
+    fn window_layout(&self, w: u8) -> (u64, u8) {
+        match self.mode {
+            Mode::Level4 | Mode::Level5 => (WINDOW_IDX, 1 + (w & 3) % 3),
+            Mode::Pae => (PAE_WINDOW_PDPTE, 1 + (w & 3) % 2),
+            Mode::Bits32 => (BITS32_WINDOW_PDE, if self.pse { 1 + (w & 3) % 2 } else { 1 }),
+            Mode::NoPaging => (PAE_WINDOW_PDPTE, 1 + (w & 3) % 2),
+        }
+    }
     /// Whether every data page must be guest RAM (see [`KNOWN_BUGS_AVOIDED`]).
     fn no_mmio_data(&self) -> bool {
         self.avoid_bugs && self.smap
@@ -337,7 +374,7 @@ impl Regs {
     }
     fn top(&self) -> u8 {
         match self.mode {
-            Mode::Bits32 => 2,
+            Mode::NoPaging | Mode::Bits32 => 2,
             Mode::Pae => 3,
             Mode::Level4 => 4,
             Mode::Level5 => 5,
@@ -362,12 +399,16 @@ impl Regs {
                     1
                 }
             }
+            Mode::NoPaging => 1,
             Mode::Pae => 2,
             Mode::Level4 | Mode::Level5 => 3,
         }
     }
     fn cr0(&self) -> Cr0 {
-        let mut v = Cr0::PE | Cr0::PG | Cr0::ET;
+        let mut v = Cr0::PE | Cr0::ET;
+        if self.mode != Mode::NoPaging {
+            v |= Cr0::PG;
+        }
         if self.wp {
             v |= Cr0::WP;
         }
@@ -387,7 +428,7 @@ impl Regs {
         if self.smap {
             v |= Cr4::SMAP;
         }
-        if self.mode != Mode::Bits32 {
+        if self.wide() && self.mode != Mode::NoPaging {
             v |= Cr4::PAE;
         }
         if self.mode == Mode::Level5 {
@@ -562,6 +603,23 @@ fn build(c: &Case) -> Built {
         Some(t)
     };
     let mut tables = Vec::new();
+    if r.mode == Mode::NoPaging {
+        // Paging off: each mapping is a physical page (gva = gpa, 32 bits), and the guest's
+        // stores to its (PAE) tables are plain physical stores. With `window` bit 7 the guest
+        // turns PAE paging on halfway through its ops; from then on the mappings and the
+        // window are the PAE ones.
+        let mut pae = c.clone();
+        pae.regs.mode = Mode::Pae;
+        let mut b = build(&pae);
+        let r32 = Regs { mode: Mode::Bits32, ..r.clone() };
+        b.direct_maps = c
+            .maps
+            .iter()
+            .map(|m| Mapping { va: target_gpa(&r32, 12, m.target, m.place), shift: 12, leaf_at: u64::MAX })
+            .collect();
+        b.paging_at = if c.window & 0x80 != 0 { c.ops.len() / 2 } else { usize::MAX };
+        return b;
+    }
     let root = alloc(&mut tables).unwrap();
     let cr3 = match r.mode {
         Mode::Pae => root + 0x20 * u64::from(r.cr3_low % 128),
@@ -577,9 +635,15 @@ fn build(c: &Case) -> Built {
         let mut va = 0u64;
         for l in 1..=top {
             let bits = if r.mode == Mode::Pae && l == 3 { 2 } else { r.index_bits() };
-            va |= pick_index(m.idx[usize::from(l - 1)], bits) << r.shift_of(l);
+            let mut idx = pick_index(m.idx[usize::from(l - 1)], bits);
+            if c.vm.shadow && r.mode == Mode::Pae && l == 3 {
+                // PDPTE PAE_WINDOW_PDPTE is the window's.
+                idx %= PAE_WINDOW_PDPTE;
+            }
+            va |= idx << r.shift_of(l);
         }
-        if c.vm.shadow && (va >> r.shift_of(top)) & 0x1ff == WINDOW_IDX {
+        let top_bits = if r.mode == Mode::Pae { 2 } else { r.index_bits() };
+        if c.vm.shadow && (va >> r.shift_of(top)) & ((1 << top_bits) - 1) == r.window_layout(c.window).0 {
             // The window's slot.
             continue 'maps;
         }
@@ -627,6 +691,10 @@ fn build(c: &Case) -> Built {
     for &(pick, kind) in c.corrupt.iter().filter(|_| !keys.is_empty()) {
         let at = keys[usize::from(pick) % keys.len()];
         let e = ents.get_mut(&at).unwrap();
+        if c.vm.shadow && SHADOW_NO_PAGING_SMEP_SMAP_AVOIDED && e.pdpte && kind != 0 && (r.smep || r.smap) {
+            // See SHADOW_NO_PAGING_SMEP_SMAP_AVOIDED: the guest would boot with paging off.
+            continue;
+        }
         if kind == 0 {
             e.val &= !P;
         } else {
@@ -635,10 +703,15 @@ fn build(c: &Case) -> Built {
         }
     }
     let window_va = c.vm.shadow.then(|| {
-        // The window: top-level slot WINDOW_IDX, then index 0 down to a leaf of 1 GiB,
-        // 2 MiB or 4 KiB pages mapping gpa 0 (all of the table area), supervisor+writable.
-        let leaf = 1 + (c.window & 3) % 3;
-        let va = sign_extend(WINDOW_IDX << r.shift_of(top), r.shift_of(top) + 9);
+        // The window: top-level slot WINDOW_IDX (PAE: PDPTE PAE_WINDOW_PDPTE, 32-bit: PDE
+        // BITS32_WINDOW_PDE), then index 0 down to a leaf of 1 GiB, 2/4 MiB or 4 KiB pages
+        // mapping gpa 0 (all of the table area), supervisor+writable.
+        let (top_idx, leaf) = r.window_layout(c.window);
+        let va = match r.mode {
+            Mode::Level4 | Mode::Level5 => sign_extend(top_idx << r.shift_of(top), r.shift_of(top) + 9),
+            _ => top_idx << r.shift_of(top),
+        };
+        let esize = u64::from(r.esize());
         let w = c.window;
         let table_flags = if w & 64 != 0 { P | RW | A } else { P | RW };
         let mut leaf_flags = P | RW;
@@ -647,31 +720,31 @@ fn build(c: &Case) -> Built {
                 leaf_flags |= mask;
             }
         }
-        let mut table = root;
+        let mut table = if r.mode == Mode::Pae { cr3 & !0x1f } else { root };
         for l in (leaf..=top).rev() {
-            let idx = if l == top { WINDOW_IDX } else { 0 };
-            let at = table + idx * 8;
+            let idx = if l == top { top_idx } else { 0 };
+            let at = table + idx * esize;
             if l == leaf {
                 let pages = if leaf == 1 { TABLES_END >> 12 } else { 1 };
                 for i in 0..pages {
                     let val = leaf_flags | if leaf > 1 { PS } else { 0 } | (i << 12);
                     ents.insert(
-                        at + i * 8,
+                        at + i * esize,
                         Ent { level: l, leaf: true, pdpte: false, window: true, va_base: va + (i << 12), val },
                     );
                 }
             } else {
                 let t = alloc(&mut tables).expect("table space for the window");
-                ents.insert(
-                    at,
-                    Ent { level: l, leaf: false, pdpte: false, window: true, va_base: va, val: table_flags | t },
-                );
+                // A PAE PDPTE has no R/W, U/S or A bits (they are reserved).
+                let pdpte = r.mode == Mode::Pae && l == 3;
+                let val = if pdpte { P | t } else { table_flags | t };
+                ents.insert(at, Ent { level: l, leaf: false, pdpte, window: true, va_base: va, val });
                 table = t;
             }
         }
         va
     });
-    Built { cr3, ents, tables, maps, window_va }
+    Built { cr3, ents, tables, maps, window_va, direct_maps: Vec::new(), paging_at: 0 }
 }
 
 // ------------------------------------------------------------------------------------
@@ -827,6 +900,12 @@ fn describe(c: &Case, b: &Built) -> String {
             e.val
         );
     }
+    for m in &b.direct_maps {
+        let _ = writeln!(s, "  paging off: page va = gpa {:#x}", m.va);
+    }
+    if r.mode == Mode::NoPaging {
+        let _ = writeln!(s, "  PAE paging on before op {} (PAE mappings follow)", b.paging_at);
+    }
     for m in &b.maps {
         let _ = writeln!(s, "  mapping va {:#x} size 1<<{} leaf at {:#x}", m.va, m.shift, m.leaf_at);
     }
@@ -870,12 +949,13 @@ fn run_case(c: &Case) -> Result<Ran, String> {
     // Seed the data the accesses will hit, and remember the pages to compare at the end.
     let mut data_pages = BTreeSet::new();
     let mut ents = b.ents.clone();
-    let gva_of = |op: &Op| -> Option<(u64, u64)> {
+    let gva_of = |i: usize, op: &Op| -> Option<(u64, u64, Mapping)> {
         let Op::Access { map, sub, off, size, .. } = op else { return None };
-        if b.maps.is_empty() {
+        let maps = if i >= b.paging_at { &b.maps } else { &b.direct_maps };
+        if maps.is_empty() {
             return None;
         }
-        let m = &b.maps[usize::from(*map) % b.maps.len()];
+        let m = &maps[usize::from(*map) % maps.len()];
         let pages = 1u64 << (m.shift - 12);
         let mut sub = u64::from(*sub) % pages;
         if m.shift == 30 {
@@ -885,17 +965,13 @@ fn run_case(c: &Case) -> Result<Ran, String> {
         let off =
             if off & 0x8000 != 0 { 4096 - u64::from(off % 8).min(u64::from(*size)) } else { u64::from(*off) % 4096 };
         let off = off.min(4095);
-        Some((m.va + (sub << 12) + off, sub))
+        Some((m.va + (sub << 12) + off, sub, m.clone()))
     };
-    for op in &c.ops {
-        if let Some((gva, sub)) = gva_of(op) {
-            let m = &b.maps[match op {
-                Op::Access { map, .. } => usize::from(*map) % b.maps.len(),
-                _ => unreachable!(),
-            }];
+    for (i, op) in c.ops.iter().enumerate() {
+        if let Some((gva, sub, m)) = gva_of(i, op) {
             // Guess the gpa from the initial leaf (an exact record is not needed: it only
             // decides which bytes are seeded and compared).
-            let leaf = b.ents[&m.leaf_at].val;
+            let leaf = b.ents.get(&m.leaf_at).map_or(m.va, |e| e.val);
             let base = if r.wide() {
                 leaf & 0x000f_ffff_ffff_f000 & !((1u64 << m.shift) - 1)
             } else if m.shift == 22 {
@@ -944,11 +1020,32 @@ fn run_case(c: &Case) -> Result<Ran, String> {
     let keys: Vec<u64> = ents.iter().filter(|(_, e)| !e.window).map(|(&at, _)| at).collect();
     let mut results = Vec::new();
     let mut unsync = 0;
+    // CR4 as the guest has it (a non-paging guest sets CR4.PAE when it turns paging on).
+    let mut cr4_now = r.cr4();
 
     for (i, op) in c.ops.iter().enumerate() {
+        if i == b.paging_at && r.mode == Mode::NoPaging {
+            // Paging on: PAE, as a kernel does it (a #GP on a reserved PDPTE bit leaves
+            // paging off on both machines).
+            let pr = Regs { mode: Mode::Pae, ..r.clone() };
+            let f = |cpu: &mut dyn GuestCpu| {
+                cpu.write_cr4(pr.cr4())?;
+                cpu.write_efer(pr.efer())?;
+                cpu.write_cr3(b.cr3)?;
+                cpu.write_cr0(pr.cr0()).map(|()| 0)
+            };
+            let (a, v) = both(&mut native, &mut vcpu, f);
+            cr4_now = pr.cr4();
+            if a != v || native.paging() != vcpu.paging() {
+                return Err(ctx(format!("op {i}: turning PAE paging on: native {a:?} vs {who} {v:?}")));
+            }
+        }
+        // With paging off (a non-paging guest, or a PAE guest whose CR0.PG write took #GP)
+        // the guest stores to its tables at their physical addresses.
+        let window_va = if native.paging().mode() == PagingMode::NonPaging { Some(0) } else { b.window_va };
         match op {
             Op::Access { kind, size, val, .. } => {
-                let Some((gva, _)) = gva_of(op) else { continue };
+                let Some((gva, _, _)) = gva_of(i, op) else { continue };
                 let (a, v) = both(&mut native, &mut vcpu, |cpu| access(cpu, *kind, gva, *size, *val));
                 if a != v {
                     return Err(ctx(format!(
@@ -959,6 +1056,16 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                 results.push(a);
             }
             Op::Raw { kind, gva, size, val } => {
+                // A 32-bit guest's linear addresses are 32 bits wide. (Under TDP the walker
+                // gets the whole value and must ignore the upper half; with paging off -- a
+                // non-paging guest, or a PAE guest whose CR0.PG write took #GP -- the native
+                // machine uses all 64 bits as the address, the shadow MMU 32: no guest can
+                // produce that address, so shadow cases do not try.)
+                let gva = &if c.vm.shadow && !matches!(r.mode, Mode::Level4 | Mode::Level5) {
+                    gva & 0xffff_ffff
+                } else {
+                    *gva
+                };
                 let (a, v) = both(&mut native, &mut vcpu, |cpu| access(cpu, *kind, *gva, *size, *val));
                 if a != v {
                     return Err(ctx(format!(
@@ -1030,7 +1137,7 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                 }
                 e.val = val;
                 let avoid_shadow = c.vm.shadow && r.avoid_shadow_bugs;
-                store_entry(&mut native, &mut vcpu, &kvm, r, b.window_va, cpl3, at, val)
+                store_entry(&mut native, &mut vcpu, &kvm, r, window_va, cpl3, at, val)
                     .map_err(|e| ctx(format!("op {i}: {e}")))?;
                 if c.vm.shadow {
                     // (A gauge: syncing brings it back down, so sample it here.)
@@ -1048,8 +1155,25 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                     native.invlpg(Gva::new(g));
                     vcpu.invlpg(Gva::new(g));
                     (format!("invlpg {g:#x}"), Ok(0), Ok(0))
+                } else if c.vm.shadow && e.pdpte {
+                    // Under shadow paging a PDPTE rewrite is always followed by a CR3 reload
+                    // (which is what loads the PDPTEs), then with CR4.PGE a PGE toggle: a CR3
+                    // reload keeps global translations natively, and the shadow MMU may drop
+                    // them (the guest has not flushed them; either is architectural).
+                    let cr4 = cr4_now;
+                    let pge = r.pge;
+                    let f = |cpu: &mut dyn GuestCpu| {
+                        cpu.write_cr3(b.cr3)?;
+                        if pge {
+                            cpu.write_cr4(cr4 ^ Cr4::PGE)?;
+                            cpu.write_cr4(cr4)?;
+                        }
+                        Ok(0)
+                    };
+                    let (a, v) = both(&mut native, &mut vcpu, f);
+                    ("CR3 reload (+ PGE toggle)".to_string(), a, v)
                 } else if r.pge || flush % 4 == 1 || (avoid_shadow && e.leaf) {
-                    let cr4 = r.cr4();
+                    let cr4 = cr4_now;
                     let f = |cpu: &mut dyn GuestCpu| {
                         cpu.write_cr4(cr4 ^ Cr4::PGE)?;
                         cpu.write_cr4(cr4)?;
@@ -1074,7 +1198,7 @@ fn run_case(c: &Case) -> Result<Ran, String> {
                     // The flush faulted (#GP: a PAE PDPTE with reserved bits), so nothing was
                     // flushed and either translation may be used: put the entry back.
                     e.val = before;
-                    store_entry(&mut native, &mut vcpu, &kvm, r, b.window_va, cpl3, at, before)
+                    store_entry(&mut native, &mut vcpu, &kvm, r, window_va, cpl3, at, before)
                         .map_err(|e| ctx(format!("op {i}: {e}")))?;
                 }
             }
@@ -1166,6 +1290,30 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Shadow paging of a PAE guest: the window is PDPTE PAE_WINDOW_PDPTE; PDPTE rewrites
+    /// are followed by a CR3 reload (the PDPTEs are loaded only then, natively too).
+    #[test]
+    fn transparent_shadow_pae(c in shadow_case_strategy(vec![Mode::Pae])) {
+        check(&c)?;
+    }
+
+    /// Shadow paging of a 32-bit guest, with and without CR4.PSE (4-byte entries,
+    /// quadrants, 4 MiB pages): the window is PDE BITS32_WINDOW_PDE.
+    #[test]
+    fn transparent_shadow_32bit(c in shadow_case_strategy(vec![Mode::Bits32])) {
+        check(&c)?;
+    }
+
+    /// Shadow paging of a guest with CR0.PG=0: accesses only (direct pages, MMIO).
+    #[test]
+    fn transparent_shadow_no_paging(c in shadow_case_strategy(vec![Mode::NoPaging])) {
+        check(&c)?;
+    }
+}
+
 // ------------------------------------------------------------------------------------
 // Fixed cases: each paging mode's happy path, so a broken generator cannot pass vacuously.
 
@@ -1243,8 +1391,14 @@ fn every_mode_translates_and_matches() {
     for thp in [false, true] {
         let vm =
             VmVariant { shadow: true, tdp: TdpKind::Ept, eptad: true, thp, tdp_huge_page_level: 3, max_tdp_level: 4 };
-        for mode in [Mode::Level4, Mode::Level5] {
-            for leaf in 1..=3 {
+        for (mode, leaves) in [
+            (Mode::NoPaging, 1..=1),
+            (Mode::Bits32, 1..=2),
+            (Mode::Pae, 1..=2),
+            (Mode::Level4, 1..=3),
+            (Mode::Level5, 1..=3),
+        ] {
+            for leaf in leaves {
                 let mut c = simple_case(mode, leaf, vm.clone());
                 c.window = leaf - 1;
                 let b = build(&c);
@@ -1268,13 +1422,21 @@ fn generator_reaches_every_outcome() {
     // Under shadow paging also: guest table writes the MMU emulated, unsync pages, and guest
     // huge pages mapped by huge SPTEs.
     let shadow = ["ok", "pf-rsvd", "pf-prot", "pf-not-present", "emulated", "tdp-huge", "pte-write", "unsync"];
-    let runs: [(&str, BoxedStrategy<Case>, u32, &[&str]); 6] = [
+    // PAE and 32-bit guests: the same. (32-bit: only with CR4.PSE do guest huge pages exist;
+    // the generator picks PSE half of the time.) Without paging there are no guest tables:
+    // data, and MMIO past guest RAM, until the guest turns PAE paging on (half of the cases):
+    // then the PAE outcomes, and its stores before that are plain physical ones.
+    let no_paging = ["ok", "emulated", "tdp-huge", "pf-rsvd", "pf-prot", "pf-not-present", "pte-write"];
+    let runs: [(&str, BoxedStrategy<Case>, u32, &[&str]); 9] = [
         ("Bits32", case_strategy(vec![Mode::Bits32]).boxed(), 300, &tdp),
         ("Pae", case_strategy(vec![Mode::Pae]).boxed(), 300, &tdp),
         ("Level4", case_strategy(vec![Mode::Level4]).boxed(), 300, &tdp),
         ("Level5", case_strategy(vec![Mode::Level5]).boxed(), 300, &tdp),
         ("shadow Level4", shadow_case_strategy(vec![Mode::Level4]).boxed(), 150, &shadow),
         ("shadow Level5", shadow_case_strategy(vec![Mode::Level5]).boxed(), 150, &shadow),
+        ("shadow Pae", shadow_case_strategy(vec![Mode::Pae]).boxed(), 150, &shadow),
+        ("shadow Bits32", shadow_case_strategy(vec![Mode::Bits32]).boxed(), 150, &shadow),
+        ("shadow NoPaging", shadow_case_strategy(vec![Mode::NoPaging]).boxed(), 100, &no_paging),
     ];
     for (mode, strat, n, want) in runs {
         let mut seen = BTreeMap::<&str, u32>::new();
@@ -1591,4 +1753,41 @@ fn shadow_pml4e_write_protect_is_honoured() {
     );
     c.vm.thp = true;
     assert_transparent(&c);
+}
+
+/// Paging off (CR0.PG=0) with CR4.SMEP: a supervisor fetch from guest RAM. Natively SMEP
+/// does nothing without paging (the fetch reads the byte); under shadow paging the vCPU is
+/// `Stuck` on "#PF intercept at 0x100000 (P|F)". The direct shadow pages of a non-paging
+/// guest are user pages (ACC_ALL), and `CpuState::hw_state` (crates/vmmu/src/hw/cpu.rs,
+/// ~line 267) keeps the guest's CR4.SMEP/SMAP in the CR4 the hardware walks the shadow
+/// tables with even when the guest's CR0.PG=0, so SMEP refuses the supervisor fetch, the
+/// MMU finds nothing to fix (the guest has no tables) and retries forever. KVM clears
+/// SMEP/SMAP/PKE from the hardware CR4 while the guest is not paging (`vmx_set_cr4`: "SMEP/
+/// SMAP/PKU is disabled if CPU is in non-paging mode in hardware"). The same happens to a
+/// PAE guest whose CR0.PG write #GPs on a reserved PDPTE bit (it stays with paging off).
+#[test]
+fn shadow_no_paging_ignores_smep() {
+    let mut c = no_paging_case();
+    c.regs.smep = true;
+    c.ops = vec![Op::Access { kind: 2, map: 0, sub: 0, off: 0, size: 1, val: 0 }];
+    assert_transparent(&c);
+}
+
+/// Paging off with CR4.SMAP (EFLAGS.AC=0): a supervisor read of guest RAM; natively it reads
+/// the byte, under shadow paging `Stuck` on "#PF intercept (P)". Same cause as
+/// `shadow_no_paging_ignores_smep`.
+#[test]
+fn shadow_no_paging_ignores_smap() {
+    let mut c = no_paging_case();
+    c.regs.smap = true;
+    c.ops = vec![read(0, 0)];
+    assert_transparent(&c);
+}
+
+/// A shadow-paging case with CR0.PG=0: one data page at gpa 0x100000 (gva = gpa).
+fn no_paging_case() -> Case {
+    let maps = vec![MapSpec { idx: [0; 5], leaf: 1, target: 0, place: 0, flags: [0; 5] }];
+    let mut c = shadow_case(maps, vec![]);
+    c.regs.mode = Mode::NoPaging;
+    c
 }

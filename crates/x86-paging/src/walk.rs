@@ -269,8 +269,10 @@ pub fn walk<M: GuestPhys, O: WalkObserver>(
 ) -> Result<Translation, WalkError<M::Error>> {
     let mode = st.mode();
     if mode == PagingMode::NonPaging {
+        // Without paging the processor is in real or 32-bit protected mode: linear
+        // addresses are 32 bits and map 1:1.
         return Ok(Translation {
-            gpa: Gpa(gva.0),
+            gpa: Gpa(gva.0 & 0xffff_ffff),
             size: PageSize::Size4K,
             perms: PagePerms::ALL,
             level: 0,

@@ -264,7 +264,14 @@ impl Cpu {
                 let mut s = self.st;
                 s.cr0 |= Cr0::PG | Cr0::PE | Cr0::WP;
                 s.efer = Efer::NXE | if r.level >= 4 { Efer::LME | Efer::LMA } else { Efer::empty() };
-                s.cr4 = (s.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PGE | Cr4::PCIDE)) | Cr4::PAE;
+                // SMEP/SMAP/PKE are off in hardware while the guest is not paging (its direct
+                // shadow pages are user pages), as vmx_set_cr4 does.
+                let keep = if self.st.cr0.contains(Cr0::PG) {
+                    Cr4::SMEP | Cr4::SMAP | Cr4::PGE | Cr4::PCIDE
+                } else {
+                    Cr4::PGE | Cr4::PCIDE
+                };
+                s.cr4 = (s.cr4 & keep) | Cr4::PAE;
                 if r.level == 5 {
                     s.cr4 |= Cr4::LA57;
                 }
