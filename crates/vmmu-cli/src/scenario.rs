@@ -263,8 +263,8 @@ pub enum Op {
     },
     /// Kernel layout: fork/exec churn, as a shell running short commands: `iterations`
     /// times, fork the current process, switch to the child, write `pages` pages from
-    /// `start` (copy-on-write faults), exec, touch `pages` fresh pages, switch back and let
-    /// the child exit.
+    /// `start` (copy-on-write faults), munmap the second half, exec, touch `pages` fresh
+    /// pages, switch back and let the child exit.
     ProcessChurn {
         /// Rounds.
         iterations: u32,
