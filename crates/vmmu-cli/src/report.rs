@@ -117,6 +117,11 @@ pub fn side_by_side(runs: &[RunResult]) -> String {
     let mut out = String::new();
     let names: Vec<&str> = runs.iter().map(|r| r.mmu.as_str()).collect();
     let _ = writeln!(out, "side by side: {}", names.join(" vs "));
+    let _ = writeln!(
+        out,
+        "(wall includes the host kernel populating the VM's memory on first touch, which the first run \
+         pays most; the counters are deterministic)"
+    );
     let cols = ["pf_taken", "pf_fixed", "pf_emulate", "pf_guest", "exits", "tlb_flush", "mmu_cache_miss", "mmu_unsync"];
     let mut h = format!("{:<12} {:>10}", "phase", "mmu");
     for c in ["wall"].iter().chain(cols.iter()) {
