@@ -464,9 +464,11 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
                     ensure_mapped(k, cur, start.0, *pages)?;
                     for _ in 0..*iterations {
                         let child = k.fork(cpu, cur).map_err(run_err)?;
-                        k.switch_to(cpu, child).map_err(run_err)?;                        accesses += workload::run(Workload::FirstTouch, &mut KernelSpace { kernel: k, cpu }, start.0, *pages)
-                            .map_err(run_err)?
-                            .accesses;
+                        k.switch_to(cpu, child).map_err(run_err)?;
+                        accesses +=
+                            workload::run(Workload::FirstTouch, &mut KernelSpace { kernel: k, cpu }, start.0, *pages)
+                                .map_err(run_err)?
+                                .accesses;
                         // munmap the second half (PTE clears + INVLPG), then exec drops the rest.
                         let half = (*pages / 2) * 4096;
                         if half > 0 {
