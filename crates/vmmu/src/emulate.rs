@@ -33,6 +33,10 @@ impl<'a> KvmGuestMem<'a> {
         if write && slot.readonly() {
             return None;
         }
+        if write {
+            // kvm_vcpu_write_guest marks the page dirty.
+            slot.mark_page_dirty(gpa.gfn());
+        }
         let hva = slot.gfn_to_hva(gpa.gfn());
         let p = self.kvm.host().get_user_page(hva, write).ok()?;
         Some(Hpa::new(p.pfn.hpa().raw() + gpa.page_offset()))

@@ -71,14 +71,6 @@ pub enum MemslotError {
         /// MAXPHYADDR.
         maxphyaddr: u8,
     },
-    /// A flag this build does not implement.
-    #[error("memslot {slot}: flag {flag} is not supported yet")]
-    Unsupported {
-        /// Slot id.
-        slot: u32,
-        /// The flag's name.
-        flag: &'static str,
-    },
 }
 
 /// Huge-page levels with lpage_info (2 MiB and 1 GiB).
@@ -99,6 +91,10 @@ pub struct Memslot {
     pub flags: MemslotFlags,
     /// `lpage_info[level-2][index]`: a count of reasons a huge page may not map there.
     lpage_info: [Box<[AtomicU32]>; 2],
+    /// The dirty bitmap, one bit per page, while KVM_MEM_LOG_DIRTY_PAGES is set.
+    /// Shared with the slot's next version on a flags-only change that keeps logging on, so
+    /// marks made through either version land in one log.
+    dirty_bitmap: Option<Arc<[crate::sync::AtomicU64]>>,
 }
 
 /// Pages per mapping at `level` (1 = 4 KiB).
@@ -140,7 +136,31 @@ impl Memslot {
             userspace_addr: r.userspace_addr,
             flags: r.flags,
             lpage_info,
+            dirty_bitmap: r
+                .flags
+                .contains(MemslotFlags::LOG_DIRTY_PAGES)
+                .then(|| (0..npages.div_ceil(64)).map(|_| crate::sync::AtomicU64::new(0)).collect()),
         }
+    }
+
+    /// Whether dirty logging is on (`kvm_slot_dirty_track_enabled`).
+    #[inline]
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_bitmap.is_some()
+    }
+
+    /// `mark_page_dirty_in_slot`.
+    #[inline]
+    pub fn mark_page_dirty(&self, gfn: Gfn) {
+        if let Some(b) = &self.dirty_bitmap {
+            let i = gfn.raw() - self.base_gfn.raw();
+            b[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the dirty bitmap (KVM_GET_DIRTY_LOG's harvest): each word read and cleared.
+    pub fn take_dirty_bitmap(&self) -> Vec<u64> {
+        self.dirty_bitmap.as_ref().map(|b| b.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect()).unwrap_or_default()
     }
 
     /// One past the last gfn.
@@ -283,7 +303,14 @@ impl Memslots {
             if let Some(o) = slots.iter().find(|s| s.base_gfn.raw() < end_gfn && s.end_gfn().raw() > start_gfn) {
                 return Err(MemslotError::Overlap { slot: r.slot, start: r.guest_phys_addr, end, other: o.id });
             }
-            slots.push(Arc::new(Memslot::new(r)));
+            let mut slot = Memslot::new(r);
+            if let Some(o) = old.as_ref().filter(|o| o.base_gfn.raw() == start_gfn && o.npages == slot.npages) {
+                if slot.dirty_bitmap.is_some() && o.dirty_bitmap.is_some() {
+                    // Logging stays on across the update: keep the log (and its pending bits).
+                    slot.dirty_bitmap = o.dirty_bitmap.clone();
+                }
+            }
+            slots.push(Arc::new(slot));
             match &old {
                 None => MemslotChange::Create,
                 Some(o) if o.base_gfn.raw() != start_gfn => MemslotChange::Move,

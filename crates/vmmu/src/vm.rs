@@ -314,13 +314,6 @@ impl Kvm {
     /// KVM_SET_USER_MEMORY_REGION.
     pub fn set_user_memory_region(&self, r: UserspaceMemoryRegion) -> Result<(), VmError> {
         let _s = self.slots_lock.lock();
-        if r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
-            return Err(MemslotError::Unsupported {
-                slot: r.slot,
-                flag: "KVM_MEM_LOG_DIRTY_PAGES (dirty logging, issue #4)",
-            }
-            .into());
-        }
         let cur = self.memslots();
         if let Some(old) = cur.by_id(r.slot) {
             if r.memory_size != 0
@@ -332,7 +325,9 @@ impl Kvm {
                 )));
             }
         }
-        let (new, change, _old) = cur.update(&r, self.config.maxphyaddr)?;
+        let (new, change, old) = cur.update(&r, self.config.maxphyaddr)?;
+        let was_logging = old.as_ref().is_some_and(|o| o.dirty_logging());
+        let logging = r.memory_size != 0 && r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
         if matches!(change, MemslotChange::Create | MemslotChange::Delete) {
             // kvm_arch_commit_memory_region: the default shadow-page limit follows RAM.
             self.mmu.shadow.lock().update_n_max(&new);
@@ -343,7 +338,90 @@ impl Kvm {
             // kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast.
             self.kvm_mmu_zap_all_fast();
         }
+        // kvm_mmu_slot_apply_flags.
+        if logging && !was_logging {
+            // Write-protect everything (huge mappings too): the next write to each page faults
+            // and is logged; huge pages are mapped 4 KiB while logging.
+            self.mmu_slot_remove_write_access(r.slot)?;
+        } else if was_logging && !logging && change == MemslotChange::FlagsOnly {
+            // Zap the slot's mappings so they fault back in, huge again where possible
+            // (kvm_mmu_zap_collapsible_sptes, done wholesale).
+            self.zap_slot_leaves(r.slot);
+        }
         Ok(())
+    }
+
+    /// Zaps every leaf mapping of memslot `slot` (both MMUs) and flushes.
+    fn zap_slot_leaves(&self, slot: u32) {
+        let slots = self.memslots();
+        let Some(s) = slots.by_id(slot) else { return };
+        let (start, end) = (s.base_gfn, s.end_gfn());
+        let _w = self.mmu.mmu_lock.write();
+        let mut flush = false;
+        for r in self.mmu.roots.lock().clone().iter().filter(|r| !r.zapped.load(Ordering::Acquire)) {
+            flush |= tdp_mmu::tdp_mmu_zap_leafs(self, u32::MAX, r, start, end);
+        }
+        let mut sh = self.mmu.shadow.lock();
+        let mut ctx =
+            crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
+        flush |= ctx.unmap_gfn_range(start, end);
+        drop(sh);
+        self.flush_and_free_deferred(None, flush);
+    }
+
+    /// KVM_GET_DIRTY_LOG: the pages of memslot `slot` written since the last call (one bit
+    /// per page, bit i of word i/64 = page i of the slot); those pages are write-protected
+    /// again, so their next write is logged (`kvm_arch_mmu_enable_log_dirty_pt_masked`).
+    pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+        let slots = self.memslots();
+        let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
+        if !s.dirty_logging() {
+            return Err(VmError::InvalidConfig(format!(
+                "memslot {slot} does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES)"
+            )));
+        }
+        let bitmap = s.take_dirty_bitmap();
+        let mut changed = false;
+        let base = s.base_gfn.raw();
+        for (w, bits) in bitmap.iter().enumerate() {
+            let mut b = *bits;
+            while b != 0 {
+                let i = b.trailing_zeros() as u64;
+                b &= b - 1;
+                let gfn = x86_paging::addr::Gfn::new(base + w as u64 * 64 + i);
+                changed |= self.write_protect_gfn_for_log(gfn);
+            }
+        }
+        if changed {
+            self.flush_remote_tlbs(None);
+        }
+        Ok(bitmap)
+    }
+
+    /// Clears W (keeping MMU-writable) on every SPTE mapping `gfn`, in both MMUs.
+    fn write_protect_gfn_for_log(&self, gfn: x86_paging::addr::Gfn) -> bool {
+        let mut changed = if self.config.mmu == MmuKind::Tdp {
+            tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, gfn, x86_paging::addr::Gfn::new(gfn.raw() + 1))
+        } else {
+            false
+        };
+        if self.config.mmu != MmuKind::Tdp {
+            let _w = self.mmu.mmu_lock.write();
+            let sh = self.mmu.shadow.lock();
+            let slots = self.memslots();
+            if let Some(slot) = slots.find(gfn) {
+                for level in 1..=3u8 {
+                    for sptep in sh.rmaps.get(slot, gfn, level) {
+                        let v = self.mem().load(sptep);
+                        if v & crate::mmu::spte::PT_WRITABLE != 0 {
+                            self.mem().store(sptep, v & !crate::mmu::spte::PT_WRITABLE);
+                            changed = true;
+                        }
+                    }
+                }
+            }
+        }
+        changed
     }
 
     pub(crate) fn memslots_generation(&self) -> u64 {

@@ -70,6 +70,10 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
         }
         if fault.write && spte.is_mmu_writable(&m) {
             new = Spte(new.0 | PT_WRITABLE);
+            // A huge SPTE in a dirty-logged slot is split by the slow path instead.
+            if level > 1 && vcpu.slots.find(fault.gfn).is_some_and(|s| s.dirty_logging()) {
+                break;
+            }
         }
         if new == spte || !is_access_allowed(kvm, fault, new) {
             break;
@@ -77,6 +81,12 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
         // fast_pf_fix_direct_spte.
         if kvm.mem().cmpxchg(sptep, spte.0, new.0).is_ok() {
             ret = RetPf::Fixed;
+            // fast_pf_fix_direct_spte: W went 0 -> 1, the page is dirty.
+            if !spte.is_writable() && new.is_writable() {
+                if let Some(s) = vcpu.slots.find(fault.gfn) {
+                    s.mark_page_dirty(fault.gfn);
+                }
+            }
             break;
         }
         retries += 1;

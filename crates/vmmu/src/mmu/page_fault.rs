@@ -292,7 +292,8 @@ pub fn is_page_fault_stale(kvm: &Kvm, vcpu: &VcpuArch, fault: &KvmPageFault) -> 
 pub fn kvm_mmu_hugepage_adjust(kvm: &Kvm, slots: &Memslots, fault: &mut KvmPageFault) {
     fault.huge_page_disallowed = fault.exec && fault.nx_huge_page_workaround_enabled;
     let Some(slot) = fault.slot.map(|i| slots.at(i)) else { return };
-    if fault.max_level == 1 {
+    // Dirty logging maps 4 KiB, so each write is logged at page granularity.
+    if fault.max_level == 1 || slot.dirty_logging() {
         return;
     }
     let mut level = fault.max_level.min(kvm.config().tdp_huge_page_level);

@@ -506,6 +506,12 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     let (new, _) = make_spte(&m, &req, old, || ctx.try_to_unsync_pages(gfn, false, true));
     let flush = old.is_mmu_writable(&m) && !new.is_mmu_writable(&m);
     ctx.kvm.mem().store(sptep, new.0);
+    if new.is_writable() {
+        // make_spte -> mark_page_dirty_in_slot.
+        if let Some(slot) = ctx.slots.find(gfn) {
+            slot.mark_page_dirty(gfn);
+        }
+    }
     i32::from(flush)
 }
 

@@ -509,6 +509,12 @@ impl Ctx<'_> {
             return RetPf::Spurious;
         }
         self.store(sptep, new);
+        if new.is_writable() {
+            // make_spte -> mark_page_dirty_in_slot.
+            if let Some(slot) = self.slots.find(gfn) {
+                slot.mark_page_dirty(gfn);
+            }
+        }
         if self.kvm.tracer.events_on() {
             let u = if new.0 & m.user != 0 { "u" } else { "-" };
             self.kvm.tracer.event(

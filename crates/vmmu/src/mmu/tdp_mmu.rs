@@ -290,6 +290,12 @@ fn tdp_mmu_map_handle_target_level(
         // A table was replaced by a huge page: other vCPUs may cache its translations.
         kvm.flush_remote_tlbs(Some(vcpu.id));
     }
+    if new.is_writable() {
+        // make_spte -> mark_page_dirty_in_slot: a writable mapping may be written at once.
+        if let Some(slot) = fault.slot.map(|i| vcpu.slots.at(i)) {
+            slot.mark_page_dirty(fault.gfn);
+        }
+    }
     if new.is_mmio(&masks) {
         vcpu.stat.pf_mmio_spte_created += 1;
         if kvm.tracer.events_on() {

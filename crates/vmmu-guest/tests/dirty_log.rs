@@ -1,0 +1,221 @@
+//! Dirty logging (KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG), write-protect mode, under
+//! every MMU: the oracle is the guest kernel's own page tables — the frames behind the pages
+//! a workload wrote are exactly the pages logged.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use vmmu::host::{Backing, FrameAllocator, HostMm};
+use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+use vmmu::{Kvm, MmuKind, Vcpu, VmConfig};
+use vmmu_guest::kernel::{KernelConfig, USER_BASE};
+use vmmu_guest::workload::{run, KernelSpace, Workload};
+use vmmu_guest::GuestKernel;
+
+const MEM: u64 = 256 << 20;
+
+struct Guest {
+    kvm: Arc<Kvm>,
+    cpu: Vcpu,
+    k: GuestKernel,
+    pid: u32,
+    hva: vmmu::host::Hva,
+}
+
+fn region(hva: vmmu::host::Hva, flags: MemslotFlags) -> UserspaceMemoryRegion {
+    UserspaceMemoryRegion { slot: 0, flags, guest_phys_addr: 0, memory_size: MEM, userspace_addr: hva }
+}
+
+/// Boots a guest whose process has `pages` pages mapped and touched once.
+fn guest(mmu: MmuKind, backing: Backing, pages: u64) -> Guest {
+    let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
+    let host = Arc::new(HostMm::new(frames).unwrap());
+    let kvm = Kvm::new(VmConfig { mmu, ..Default::default() }, host.clone()).unwrap();
+    let hva = host.mmap(MEM, backing, true, false).unwrap();
+    kvm.set_user_memory_region(region(hva, MemslotFlags::empty())).unwrap();
+    let mut cpu = kvm.create_vcpu().unwrap();
+    let mut k = GuestKernel::boot(&*kvm, &mut cpu, KernelConfig { mem_size: MEM, ..Default::default() }).unwrap();
+    let pid = k.create_process(&mut cpu).unwrap();
+    k.mmap(pid, USER_BASE, pages * 4096, true).unwrap();
+    k.switch_to(&mut cpu, pid).unwrap();
+    run(Workload::FirstTouch, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, pages).unwrap();
+    Guest { kvm, cpu, k, pid, hva }
+}
+
+impl Guest {
+    fn set_logging(&self, on: bool) {
+        let flags = if on { MemslotFlags::LOG_DIRTY_PAGES } else { MemslotFlags::empty() };
+        self.kvm.set_user_memory_region(region(self.hva, flags)).unwrap();
+    }
+
+    fn write_pages(&mut self, first: u64, n: u64) {
+        let space = &mut KernelSpace { kernel: &mut self.k, cpu: &mut self.cpu };
+        run(Workload::ReTouch, space, USER_BASE + first * 4096, n).unwrap();
+    }
+
+    fn read_pages(&mut self, first: u64, n: u64) {
+        let space = &mut KernelSpace { kernel: &mut self.k, cpu: &mut self.cpu };
+        run(Workload::Read, space, USER_BASE + first * 4096, n).unwrap();
+    }
+
+    /// The gfns behind user pages [first, first + n), from the guest's own PTEs.
+    fn gfns(&mut self, first: u64, n: u64) -> BTreeSet<u64> {
+        (first..first + n)
+            .map(|i| {
+                let pte = self.k.user_pte(&mut self.cpu, self.pid, USER_BASE + i * 4096).unwrap().unwrap();
+                (pte & 0x000f_ffff_ffff_f000) >> 12
+            })
+            .collect()
+    }
+
+    /// The gfns of the guest page tables that translate user pages [first, first + n): under
+    /// TDP the walk itself writes them (EPT with A/D bits treats guest paging-structure
+    /// accesses as writes; NPT as KVM models it), so they are dirtied by any access.
+    fn table_gfns(&self, first: u64, n: u64) -> BTreeSet<u64> {
+        (first..first + n).flat_map(|i| self.walk_tables(i)).collect()
+    }
+
+    /// The gfns of the four guest tables (PML4 first, PT last) that map user page `i`.
+    fn walk_tables(&self, i: u64) -> [u64; 4] {
+        let root = self.k.processes().iter().find(|p| p.pid == self.pid).unwrap().root.raw();
+        let host = self.kvm.host();
+        let va = USER_BASE + i * 4096;
+        let mut out = [0; 4];
+        let mut table = root & !0xfff;
+        for (n, level) in (1..=4u32).rev().enumerate() {
+            out[n] = table >> 12;
+            let idx = (va >> (12 + 9 * (level - 1))) & 511;
+            let e = host.read(vmmu::host::Hva(self.hva.raw() + table + idx * 8), 8).unwrap();
+            table = e & 0x000f_ffff_ffff_f000;
+        }
+        out
+    }
+
+    /// Checks a harvest: exactly `want`, plus (under TDP) page-table pages of the walks.
+    fn check(&self, got: &BTreeSet<u64>, want: &BTreeSet<u64>, tables: &BTreeSet<u64>, what: &str) {
+        let mmu = self.kvm.config().mmu;
+        assert!(got.is_superset(want), "{mmu:?} {what}: missing {:?}", want.difference(got).collect::<Vec<_>>());
+        let extra: BTreeSet<u64> = got.difference(want).copied().collect();
+        if mmu == MmuKind::Shadow {
+            assert!(extra.is_empty(), "{mmu:?} {what}: extra {extra:?}");
+        } else {
+            assert!(extra.is_subset(tables), "{mmu:?} {what}: extra {extra:?}, tables {tables:?}");
+        }
+    }
+
+    /// KVM_GET_DIRTY_LOG on slot 0, as a set of gfns.
+    fn harvest(&self) -> BTreeSet<u64> {
+        let bm = self.kvm.get_dirty_log(0).unwrap();
+        let mut out = BTreeSet::new();
+        for (w, bits) in bm.iter().enumerate() {
+            for b in 0..64 {
+                if bits & (1 << b) != 0 {
+                    out.insert(w as u64 * 64 + b);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn logs_exactly_the_written_pages(mmu: MmuKind) {
+    let mut g = guest(mmu, Backing::Anon4k, 512);
+    // The oracle: look the frames up before logging starts (lookups only read).
+    let a = g.gfns(0, 100);
+    let b = g.gfns(300, 50);
+    g.set_logging(true);
+    g.harvest();
+    assert!(g.harvest().is_empty(), "{mmu:?}: nothing ran, nothing is dirty");
+
+    g.write_pages(0, 100);
+    g.read_pages(100, 300);
+    g.write_pages(300, 50);
+    let want: BTreeSet<u64> = a.union(&b).copied().collect();
+    let tables = g.table_gfns(0, 512);
+    // A flags-only update that keeps logging on keeps the pending log.
+    g.set_logging(true);
+    let got = g.harvest();
+    g.check(&got, &want, &tables, "first harvest");
+    assert!(g.harvest().is_empty(), "{mmu:?}: the harvest cleared the log");
+
+    // Harvesting write-protected the pages again: the next write to each is logged too.
+    let fast = g.cpu.stat.pf_fast;
+    let taken = g.cpu.stat.pf_taken;
+    g.write_pages(0, 100);
+    let got = g.harvest();
+    g.check(&got, &a, &tables, "second round");
+    assert!(g.cpu.stat.pf_taken - taken >= 100, "{mmu:?}: each re-write faulted");
+    if mmu != MmuKind::Shadow {
+        assert!(g.cpu.stat.pf_fast - fast >= 100, "{mmu:?}: re-writes are fixed by fast page fault");
+    }
+
+    // Demand paging while logging: the new data pages and the leaf table the guest kernel
+    // stored PTEs into (an emulated, write-tracked store under shadow paging) are logged.
+    g.k.mmap(g.pid, USER_BASE + 512 * 4096, 64 * 4096, true).unwrap();
+    g.write_pages(512, 64);
+    let mut want = g.gfns(512, 64);
+    want.insert(g.walk_tables(512)[3]);
+    let got = g.harvest();
+    assert!(got.is_superset(&want), "{mmu:?}: demand paging: missing {:?}", want.difference(&got).collect::<Vec<_>>());
+
+    // Reads alone dirty nothing.
+    g.read_pages(0, 512);
+    let got = g.harvest();
+    g.check(&got, &BTreeSet::new(), &tables, "reads");
+    g.kvm.audit().unwrap();
+
+    // Logging off: writes fault no more and the log is gone.
+    g.set_logging(false);
+    g.write_pages(0, 100);
+    let taken = g.cpu.stat.pf_taken;
+    g.write_pages(0, 100);
+    assert_eq!(g.cpu.stat.pf_taken, taken, "{mmu:?}: writable again");
+    assert!(g.kvm.get_dirty_log(0).is_err(), "{mmu:?}: no log without LOG_DIRTY_PAGES");
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn tdp_logs_exactly_the_written_pages() {
+    logs_exactly_the_written_pages(MmuKind::Tdp);
+}
+
+#[test]
+fn legacy_tdp_logs_exactly_the_written_pages() {
+    logs_exactly_the_written_pages(MmuKind::LegacyTdp);
+}
+
+#[test]
+fn shadow_logs_exactly_the_written_pages() {
+    logs_exactly_the_written_pages(MmuKind::Shadow);
+}
+
+#[test]
+fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops() {
+    let pages = 4096;
+    let mut g = guest(MmuKind::Tdp, Backing::Thp, pages);
+    assert!(g.kvm.vm_stats()["pages_2m"] > 0);
+    let w = g.gfns(1000, 3);
+    g.set_logging(true);
+    g.harvest();
+    g.write_pages(1000, 3);
+    let tables = g.table_gfns(1000, 3);
+    let got = g.harvest();
+    g.check(&got, &w, &tables, "one 4 KiB page per write, not the whole 2 MiB page");
+    let st = g.kvm.vm_stats();
+    assert!(st["pages_4k"] >= 3, "the written huge page was split: {st:?}");
+    g.kvm.audit().unwrap();
+
+    g.set_logging(false);
+    assert_eq!(g.kvm.vm_stats()["pages_2m"], 0, "disabling zapped the slot's mappings");
+    g.write_pages(0, pages);
+    assert!(g.kvm.vm_stats()["pages_2m"] > 0, "huge again once logging is off");
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn get_dirty_log_rejects_bad_slots() {
+    let g = guest(MmuKind::Tdp, Backing::Anon4k, 1);
+    let e = g.kvm.get_dirty_log(7).unwrap_err().to_string();
+    assert!(e.contains('7'), "{e}");
+    let e = g.kvm.get_dirty_log(0).unwrap_err().to_string();
+    assert!(e.contains("LOG_DIRTY_PAGES"), "{e}");
+}
