@@ -272,6 +272,7 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
     out.extend(frame_alloc(iters)?);
     out.extend(fault_scaling(iters)?);
     out.extend(memory_overhead(iters)?);
+    out.extend(dirty_log(iters)?);
     out.extend(shadow(iters)?);
     Ok(out)
 }
@@ -494,6 +495,48 @@ fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, String> {
             (host_pt * 4096) as f64 * 100.0 / touched as f64
         )));
     }
+    Ok(out)
+}
+
+/// Dirty logging under the TDP MMU: turning KVM_MEM_LOG_DIRTY_PAGES on over mapped memory
+/// (write-protecting every SPTE), and KVM_GET_DIRTY_LOG after the guest wrote every page.
+fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
+    let e = |e: vmmu::VmError| e.to_string();
+    let pages = iters.clamp(8192, 262_144).next_multiple_of(512);
+    let mut m = machine("4k", true, &mem_for(pages * 4096), 1)?;
+    let base = m.data_start;
+    touch(&mut m.vcpus[0], base, pages)?;
+    let slots = m.kvm.memslots();
+    let slot = slots.iter().max_by_key(|s| s.npages).ok_or("no memslot")?;
+    let region = vmmu::memslot::UserspaceMemoryRegion {
+        slot: slot.id,
+        flags: slot.flags | vmmu::memslot::MemslotFlags::LOG_DIRTY_PAGES,
+        guest_phys_addr: slot.base_gfn.raw() << 12,
+        memory_size: slot.npages << 12,
+        userspace_addr: slot.userspace_addr,
+    };
+    let slot_bytes = slot.npages << 12;
+    drop(slots);
+    let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0);
+    let t = time(|| m.kvm.set_user_memory_region(region).map_err(e))?;
+    let mut r = BenchResult::time("enable dirty logging (write-protect the slot)", t, 1, None);
+    r.value = t / 1e6 * (1u64 << 30) as f64 / slot_bytes as f64;
+    r.unit = "ms/GiB";
+    let mut out = vec![r.note(format!(
+        "KVM_SET_USER_MEMORY_REGION adding LOG_DIRTY_PAGES to a {} MiB slot with {mapped} 4 KiB SPTEs mapped; scaled to 1 GiB",
+        slot_bytes >> 20
+    ))];
+
+    m.kvm.get_dirty_log(region.slot).map_err(e)?;
+    touch(&mut m.vcpus[0], base, pages)?;
+    let mut dirty = 0u64;
+    let t = time(|| {
+        dirty = m.kvm.get_dirty_log(region.slot).map_err(e)?.iter().map(|w| u64::from(w.count_ones())).sum();
+        Ok(())
+    })?;
+    out.push(BenchResult::time("KVM_GET_DIRTY_LOG, per dirty page", t, dirty.max(1), None).note(format!(
+        "{dirty} dirty pages harvested (the {pages} written plus guest page-table pages the walks dirtied), each write-protected again; one TLB flush"
+    )));
     Ok(out)
 }
 
