@@ -17,6 +17,8 @@ const NAMES: &[&str] = &[
     "TDP fault throughput, 2 threads vs 1",
     "memory overhead per touched 4 KiB page, 4 KiB backing",
     "memory overhead per touched 4 KiB page, THP backing",
+    "enable dirty logging (write-protect the slot)",
+    "KVM_GET_DIRTY_LOG, per dirty page",
     "shadow fault end to end (first touch)",
     "shadow: guest PTE write through write tracking",
     "shadow: CR3 switch to a cached root (+1 access)",
