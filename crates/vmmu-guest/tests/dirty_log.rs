@@ -219,3 +219,67 @@ fn get_dirty_log_rejects_bad_slots() {
     let e = g.kvm.get_dirty_log(0).unwrap_err().to_string();
     assert!(e.contains("LOG_DIRTY_PAGES"), "{e}");
 }
+
+/// Dirty completeness (DESIGN §3): with another thread harvesting the log while the vCPU
+/// writes, every write shows up in a harvest that returned after the write — the last harvest
+/// of a page may race with the write, but then that same harvest or a later one reports it.
+fn completeness_with_racing_harvests(mmu: MmuKind, writes: &[u16]) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let pages = 256u64;
+    let mut g = guest(mmu, Backing::Anon4k, pages);
+    let gfn: Vec<u64> = (0..pages).map(|i| g.gfns(i, 1).into_iter().next().unwrap()).collect();
+    g.set_logging(true);
+    g.harvest();
+    let kvm = g.kvm.clone();
+    let done_harvests = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let mut harvests: Vec<BTreeSet<u64>> = Vec::new();
+    let mut log: Vec<(u64, usize)> = Vec::new();
+    std::thread::scope(|s| {
+        let harvester = s.spawn(|| {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let bm = kvm.get_dirty_log(0).unwrap();
+                out.push(
+                    bm.iter()
+                        .enumerate()
+                        .flat_map(|(w, &bits)| {
+                            (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b)
+                        })
+                        .collect::<BTreeSet<u64>>(),
+                );
+                done_harvests.fetch_add(1, Ordering::SeqCst);
+                std::thread::yield_now();
+            }
+            out
+        });
+        for &w in writes {
+            let p = u64::from(w) % pages;
+            g.write_pages(p, 1);
+            log.push((p, done_harvests.load(Ordering::SeqCst)));
+        }
+        stop.store(true, Ordering::Release);
+        harvests = harvester.join().unwrap();
+    });
+    harvests.push(g.harvest());
+    for (i, &(p, h)) in log.iter().enumerate() {
+        assert!(
+            harvests[h.min(harvests.len() - 1)..].iter().any(|set| set.contains(&gfn[p as usize])),
+            "{mmu:?}: write #{i} to page {p} (gfn {:#x}) after {h} harvests is in no later harvest",
+            gfn[p as usize]
+        );
+    }
+    g.kvm.audit().unwrap();
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 12, ..Default::default() })]
+
+    #[test]
+    fn dirty_completeness_with_racing_harvests(
+        writes in proptest::collection::vec(0u16..256, 1..400),
+        mmu in proptest::sample::select(vec![MmuKind::Tdp, MmuKind::LegacyTdp, MmuKind::Shadow]),
+    ) {
+        completeness_with_racing_harvests(mmu, &writes);
+    }
+}
