@@ -70,6 +70,45 @@ pub fn text(r: &RunResult, description: &str) -> String {
         extras.push(format!("tlb hits {} misses {} walk refs {}", p.hw.tlb_hits, p.hw.tlb_misses, p.hw.walk_mem_refs));
         let _ = writeln!(out, "{:<12} {}", p.name, extras.join(", "));
     }
+    for mig in &r.migrations {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "live migration (pre-copy, dirty logging by write protection) of memslot {}, {} pages:",
+            mig.slot, mig.slot_pages
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10}  note",
+            "round", "guest", "accesses", "pf_taken", "pf_fast", "dirty", "harvest", "copy"
+        );
+        for rd in &mig.rounds {
+            let note = match (rd.round, rd.stop_and_copy) {
+                (0, _) => "logging on (harvest = enabling), full copy",
+                (_, true) => "stop-and-copy (guest paused)",
+                _ => "",
+            };
+            let _ = writeln!(
+                out,
+                "{:>5} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10}  {note}",
+                rd.round,
+                human_ns(rd.guest_ns),
+                rd.guest_accesses,
+                rd.pf_taken,
+                rd.pf_fast,
+                rd.dirty_pages,
+                human_ns(rd.harvest_ns),
+                human_ns(rd.copy_ns)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "copied {} pages ({} MiB) in all; estimated downtime {} (last harvest + copy); the copy matches guest memory",
+            mig.copied_pages,
+            (mig.copied_pages * 4096) >> 20,
+            human_ns(mig.downtime_ns)
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

@@ -88,6 +88,9 @@ pub struct RunResult {
     pub stats: BTreeMap<String, i64>,
     /// Host-side accounting.
     pub host: HostSummary,
+    /// The `migrate` ops' per-round reports.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<crate::migrate::MigrationReport>,
     /// Rendered trace, if tracing.
     #[serde(skip)]
     pub trace: Option<String>,
@@ -157,6 +160,8 @@ pub struct Machine {
     guest: Guest,
     /// Where workload data starts (identity: after the page tables; kernel: USER_BASE).
     pub data_start: u64,
+    /// Reports of the `migrate` ops run so far.
+    pub migrations: Vec<crate::migrate::MigrationReport>,
 }
 
 fn vm_config(s: &Scenario, mmu: &str) -> Result<VmConfig, RunError> {
@@ -265,6 +270,7 @@ pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
         slots,
         guest: Guest::Identity { roots: Vec::new(), levels: 4 },
         data_start: 16 << 20,
+        migrations: Vec::new(),
     };
     if s.guest.layout == "kernel" {
         let mem_size = s.memslots.iter().map(|x| x.gpa.0 + x.size.0).max().unwrap_or(0);
@@ -388,26 +394,41 @@ fn ensure_mapped(k: &mut GuestKernel, pid: u32, start: u64, pages: u64) -> Resul
     Ok(())
 }
 
+/// A workload by name, with the scenario's optional access count and seed.
+fn make_workload(name: &str, pages: u64, accesses: Option<u64>, seed: Option<u64>) -> Result<Workload, RunError> {
+    let mut w = Workload::parse(name, pages).ok_or_else(|| RunError::Config(format!("unknown workload `{name}`")))?;
+    if let Workload::Random { accesses: a, seed: s } | Workload::Zipf { accesses: a, seed: s, .. } = &mut w {
+        if let Some(x) = accesses {
+            *a = x;
+        }
+        if let Some(x) = seed {
+            *s = x;
+        }
+    }
+    Ok(w)
+}
+
 fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
     match op {
         Op::Write { start, pages } => run_workload(m, Workload::FirstTouch, start.0, *pages),
         Op::Read { start, pages } => run_workload(m, Workload::Read, start.0, *pages),
         Op::ReadThenWrite { start, pages } => run_workload(m, Workload::ReadThenWrite, start.0, *pages),
         Op::Workload { name, start, pages, accesses, seed } => {
-            let mut w =
-                Workload::parse(name, *pages).ok_or_else(|| RunError::Config(format!("unknown workload `{name}`")))?;
-            match &mut w {
-                Workload::Random { accesses: a, seed: s } | Workload::Zipf { accesses: a, seed: s, .. } => {
-                    if let Some(x) = accesses {
-                        *a = *x;
-                    }
-                    if let Some(x) = seed {
-                        *s = *x;
-                    }
-                }
-                _ => {}
-            }
+            let w = make_workload(name, *pages, *accesses, *seed)?;
             run_workload(m, w, start.0, *pages)
+        }
+        Op::Migrate { slot, workload, start, pages, accesses, seed, max_rounds, stop_pages } => {
+            let plan = crate::migrate::Plan { slot: *slot, max_rounds: *max_rounds, stop_pages: *stop_pages };
+            let mut next_seed = seed.unwrap_or(1);
+            let mut guest_round = |m: &mut Machine| {
+                let w = make_workload(workload, *pages, *accesses, Some(next_seed))?;
+                next_seed += 1;
+                run_workload(m, w, start.0, *pages)
+            };
+            let report = crate::migrate::run(m, &plan, &mut guest_round)?;
+            let accesses = report.rounds.iter().map(|r| r.guest_accesses).sum();
+            m.migrations.push(report);
+            Ok(accesses)
         }
         Op::Switch { process } => {
             if let Guest::Kernel(k) = &mut m.guest {
@@ -639,6 +660,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         phases: results,
         stats,
         host,
+        migrations: std::mem::take(&mut m.migrations),
         trace,
     })
 }

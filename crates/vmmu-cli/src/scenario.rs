@@ -301,6 +301,38 @@ pub enum Op {
     },
     /// Check the MMU's invariants; the run fails if they do not hold.
     Audit,
+    /// Pre-copy live migration of memslot `slot` (dirty logging, write-protect mode): turn
+    /// logging on and copy the whole slot, then rounds of guest work (the workload, with the
+    /// seed advanced per round), KVM_GET_DIRTY_LOG and copying the pages it reports, until a
+    /// round dirties at most `stop_pages` pages or `max_rounds` ran; that round is the
+    /// stop-and-copy (the guest paused). The copy is then compared with guest memory page by
+    /// page — the run fails on any difference — and logging is turned off again.
+    Migrate {
+        /// Memslot index.
+        slot: u32,
+        /// The guest's workload during each round (first-touch, re-touch, random, zipf, ...).
+        workload: String,
+        /// First address of the workload.
+        start: Size,
+        /// Pages the workload covers.
+        pages: u64,
+        /// Accesses per round (random, zipf).
+        #[serde(default)]
+        accesses: Option<u64>,
+        /// Seed of the first round.
+        #[serde(default)]
+        seed: Option<u64>,
+        /// Most rounds after the initial copy (the last is always stop-and-copy).
+        #[serde(default = "default_max_rounds")]
+        max_rounds: u32,
+        /// Stop-and-copy once a round dirties at most this many pages.
+        #[serde(default)]
+        stop_pages: u64,
+    },
+}
+
+fn default_max_rounds() -> u32 {
+    8
 }
 
 /// A scenario problem: the field and what is wrong with it.
@@ -461,6 +493,23 @@ impl Scenario {
                     }
                     Op::MadviseDontneed { slot, .. } if *slot as usize >= self.memslots.len() => {
                         return Err(err(f("slot"), "no such memslot"))
+                    }
+                    Op::Migrate { slot, workload, pages, max_rounds, .. } => {
+                        if *slot as usize >= self.memslots.len() {
+                            return Err(err(f("slot"), "no such memslot"));
+                        }
+                        if vmmu_guest::Workload::parse(workload, *pages).is_none() {
+                            return Err(err(
+                                f("workload"),
+                                format!("`{workload}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
+                            ));
+                        }
+                        if *pages == 0 {
+                            return Err(err(f("pages"), "must be > 0"));
+                        }
+                        if *max_rounds == 0 {
+                            return Err(err(f("max_rounds"), "must be > 0"));
+                        }
                     }
                     _ => {}
                 }

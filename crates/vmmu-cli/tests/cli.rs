@@ -108,6 +108,11 @@ fn bad_input_is_one_line_and_exit_2() {
         ("bad-value.toml", "name = \"x\"\n[vm]\ntdp = \"rvi\"\n[[memslot]]\ngpa = 0\nsize = \"1MiB\"\n", "vm.tdp"),
         ("not-toml.toml", "this is not toml", "line 1"),
         (
+            "migrate-rounds.toml",
+            "name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"2MiB\"\n[[phase]]\nname = \"m\"\nops = [{ op = \"migrate\", slot = 0, workload = \"re-touch\", start = 0, pages = 1, max_rounds = 0 }]\n",
+            "max_rounds",
+        ),
+        (
             "overlap.toml",
             "name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"2MiB\"\n[[memslot]]\ngpa = \"1MiB\"\nsize = \"2MiB\"\n",
             "overlaps",
@@ -205,4 +210,34 @@ fn scenario_ops_rewrite_the_guests_own_tables() {
     assert_eq!(stat(&pde, "mmu_flooded"), 1, "the third floods the directory");
     let roots = ph("roots");
     assert!(stat(&roots, "pf_taken") <= 4, "the second root shares the lower-level shadow pages");
+}
+
+#[test]
+fn migrate_scenario_prints_rounds_and_its_copy_matches() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/migrate.toml");
+    for mmu in ["tdp", "shadow", "legacy-tdp"] {
+        let v = json(&["run", f.to_str().unwrap(), "--mmu", mmu, "--json"]);
+        let mig = &v["migrations"][0];
+        let slot_pages = mig["slot_pages"].as_u64().unwrap();
+        let rounds = mig["rounds"].as_array().unwrap();
+        assert_eq!(rounds[0]["dirty_pages"].as_u64(), Some(slot_pages), "{mmu}: round 0 copies the slot");
+        assert!(rounds.len() >= 2, "{mmu}: {rounds:?}");
+        let last = rounds.last().unwrap();
+        assert_eq!(last["stop_and_copy"], true, "{mmu}");
+        assert_eq!(rounds.iter().filter(|r| r["stop_and_copy"] == true).count(), 1, "{mmu}");
+        for r in &rounds[1..] {
+            let dirty = r["dirty_pages"].as_u64().unwrap();
+            // A zipf working set: some pages re-dirtied each round, far fewer than the slot.
+            assert!(dirty > 0 && dirty < slot_pages / 2, "{mmu}: {r}");
+            // Each dirtied page was write-protected: the guest faulted on its first write.
+            assert!(r["pf_taken"].as_u64().unwrap() >= dirty / 2, "{mmu}: {r}");
+            if mmu != "shadow" {
+                assert!(r["pf_fast"].as_u64().unwrap() > 0, "{mmu}: fast page fault fixes re-dirtying: {r}");
+            }
+        }
+        assert!(mig["downtime_ns"].as_u64().unwrap() > 0, "{mmu}");
+    }
+    let (code, out, err) = vmmu(&["run", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("stop-and-copy (guest paused)") && out.contains("the copy matches guest memory"), "{out}");
 }

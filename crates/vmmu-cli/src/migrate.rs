@@ -1,0 +1,188 @@
+//! Pre-copy live migration over dirty logging, as a VMM does it: turn on
+//! KVM_MEM_LOG_DIRTY_PAGES, copy all of guest memory, then rounds of "let the guest run,
+//! KVM_GET_DIRTY_LOG, copy what it reports" until the dirty set is small, and a final
+//! stop-and-copy. The destination is a buffer in this process; at the end it must equal
+//! guest memory page for page, which checks the log's completeness end to end.
+
+use crate::runner::{Machine, RunError};
+use std::time::Instant;
+use vmmu::host::Hva;
+use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+use vmmu::x86_paging::addr::Hpa;
+
+/// What to migrate and when to stop.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Scenario memslot index.
+    pub slot: u32,
+    /// Most rounds after the initial copy.
+    pub max_rounds: u32,
+    /// Stop-and-copy once a round dirties at most this many pages.
+    pub stop_pages: u64,
+}
+
+/// One round.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Round {
+    /// 0 = the initial full copy.
+    pub round: u32,
+    /// Whether this round was the stop-and-copy (guest paused while copying).
+    pub stop_and_copy: bool,
+    /// Guest accesses made while the round ran.
+    pub guest_accesses: u64,
+    /// Wall time of the guest's work.
+    pub guest_ns: u64,
+    /// Guest page faults intercepted during the round (pf_taken), of which fixed by fast
+    /// page fault (pf_fast): the cost dirty logging puts on the guest.
+    pub pf_taken: u64,
+    /// Of `pf_taken`, fixed by fast page fault.
+    pub pf_fast: u64,
+    /// Pages KVM_GET_DIRTY_LOG reported (round 0: the whole slot).
+    pub dirty_pages: u64,
+    /// Time of KVM_GET_DIRTY_LOG (round 0: of enabling logging).
+    pub harvest_ns: u64,
+    /// Time to copy the pages.
+    pub copy_ns: u64,
+}
+
+/// A migration's result.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MigrationReport {
+    /// The memslot migrated (KVM slot id).
+    pub slot: u32,
+    /// Its size in pages.
+    pub slot_pages: u64,
+    /// The rounds, initial copy first.
+    pub rounds: Vec<Round>,
+    /// Estimated downtime: the stop-and-copy round's harvest and copy.
+    pub downtime_ns: u64,
+    /// Pages copied in all.
+    pub copied_pages: u64,
+}
+
+/// Copies page `i` of the slot from guest memory into `dst`, as the VMM reads its own mapping.
+fn copy_page(m: &Machine, hva: Hva, i: u64, dst: &mut [u64]) -> Result<(), RunError> {
+    let host = m.kvm.host();
+    let page = host
+        .get_user_page(Hva(hva.raw() + i * 4096), false)
+        .map_err(|e| RunError::Failed(format!("migrate: reading page {i} of the slot: {e}")))?;
+    let mem = host.frames().mem();
+    let base = page.pfn.hpa().raw();
+    for (w, d) in dst.iter_mut().enumerate() {
+        *d = mem.load(Hpa::new(base + w as u64 * 8));
+    }
+    Ok(())
+}
+
+fn fault_counts(m: &Machine) -> (u64, u64) {
+    m.vcpus.iter().fold((0, 0), |(t, f), v| (t + v.stat.pf_taken, f + v.stat.pf_fast))
+}
+
+/// Runs the migration; `guest` runs one round of guest work and returns its accesses.
+pub fn run(
+    m: &mut Machine,
+    plan: &Plan,
+    guest: &mut dyn FnMut(&mut Machine) -> Result<u64, RunError>,
+) -> Result<MigrationReport, RunError> {
+    let (gpa, size, hva) = *m
+        .slots
+        .get(plan.slot as usize)
+        .ok_or_else(|| RunError::Config(format!("migrate: no memslot {}", plan.slot)))?;
+    let slots = m.kvm.memslots();
+    let slot = slots
+        .iter()
+        .find(|s| s.base_gfn.raw() == gpa >> 12)
+        .ok_or_else(|| RunError::Failed(format!("migrate: memslot {} is not registered", plan.slot)))?;
+    let mut region = UserspaceMemoryRegion {
+        slot: slot.id,
+        flags: slot.flags | MemslotFlags::LOG_DIRTY_PAGES,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: hva,
+    };
+    let base_flags = slot.flags;
+    drop(slots);
+    let npages = size / 4096;
+    let mut dst = vec![0u64; (npages * 512) as usize];
+    let mut report = MigrationReport { slot: region.slot, slot_pages: npages, ..Default::default() };
+    let kvm_err = |e: vmmu::VmError| RunError::Failed(format!("migrate: {e}"));
+    for v in m.vcpus.iter_mut() {
+        v.exit_guest();
+    }
+
+    // Round 0: logging on, then the whole slot copied.
+    let t = Instant::now();
+    m.kvm.set_user_memory_region(region).map_err(kvm_err)?;
+    let harvest_ns = t.elapsed().as_nanos() as u64;
+    let t = Instant::now();
+    for i in 0..npages {
+        copy_page(m, hva, i, &mut dst[(i * 512) as usize..((i + 1) * 512) as usize])?;
+    }
+    let copy_ns = t.elapsed().as_nanos() as u64;
+    report.rounds.push(Round { dirty_pages: npages, harvest_ns, copy_ns, ..Default::default() });
+    report.copied_pages = npages;
+
+    for round in 1..=plan.max_rounds {
+        let (taken0, fast0) = fault_counts(m);
+        let t = Instant::now();
+        let guest_accesses = guest(m)?;
+        let guest_ns = t.elapsed().as_nanos() as u64;
+        for v in m.vcpus.iter_mut() {
+            v.exit_guest();
+        }
+        let (taken1, fast1) = fault_counts(m);
+        let t = Instant::now();
+        let bitmap = m.kvm.get_dirty_log(region.slot).map_err(kvm_err)?;
+        let harvest_ns = t.elapsed().as_nanos() as u64;
+        let t = Instant::now();
+        let mut dirty = 0;
+        for (w, bits) in bitmap.iter().enumerate() {
+            let mut b = *bits;
+            while b != 0 {
+                let i = w as u64 * 64 + u64::from(b.trailing_zeros());
+                b &= b - 1;
+                copy_page(m, hva, i, &mut dst[(i * 512) as usize..((i + 1) * 512) as usize])?;
+                dirty += 1;
+            }
+        }
+        let copy_ns = t.elapsed().as_nanos() as u64;
+        report.copied_pages += dirty;
+        let last = dirty <= plan.stop_pages || round == plan.max_rounds;
+        report.rounds.push(Round {
+            round,
+            stop_and_copy: last,
+            guest_accesses,
+            guest_ns,
+            pf_taken: taken1 - taken0,
+            pf_fast: fast1 - fast0,
+            dirty_pages: dirty,
+            harvest_ns,
+            copy_ns,
+        });
+        if last {
+            report.downtime_ns = harvest_ns + copy_ns;
+            break;
+        }
+    }
+
+    // The destination must now be guest memory, page for page.
+    let mut page = vec![0u64; 512];
+    let mut differ = Vec::new();
+    for i in 0..npages {
+        copy_page(m, hva, i, &mut page)?;
+        if page[..] != dst[(i * 512) as usize..((i + 1) * 512) as usize] {
+            differ.push(i);
+        }
+    }
+    if !differ.is_empty() {
+        return Err(RunError::Failed(format!(
+            "migrate: {} pages of memslot {} differ from the copy after stop-and-copy (first gfns {:#x?}): a write was not logged",
+            differ.len(),
+            plan.slot,
+            differ.iter().take(8).map(|i| (gpa >> 12) + i).collect::<Vec<_>>()
+        )));
+    }
+    region.flags = base_flags;
+    m.kvm.set_user_memory_region(region).map_err(kvm_err)?;
+    Ok(report)
+}
