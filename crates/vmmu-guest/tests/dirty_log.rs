@@ -283,3 +283,77 @@ proptest::proptest! {
         completeness_with_racing_harvests(mmu, &writes);
     }
 }
+
+fn bits_to_set(bm: &[u64]) -> BTreeSet<u64> {
+    bm.iter()
+        .enumerate()
+        .flat_map(|(w, &bits)| (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b))
+        .collect()
+}
+
+/// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET: enabling logging marks every page
+/// and protects nothing; GET only reads; CLEAR clears and write-protects exactly what it is
+/// given, so only those pages fault (and are logged) on their next write.
+fn manual_protect_initially_set(mmu: MmuKind) {
+    let mut g = guest(mmu, Backing::Anon4k, 512);
+    g.kvm
+        .enable_manual_dirty_log_protect(
+            (vmmu::ManualDirtyLog::MANUAL_PROTECT_ENABLE | vmmu::ManualDirtyLog::INITIALLY_SET).bits(),
+        )
+        .unwrap();
+    g.set_logging(true);
+    let npages = MEM / 4096;
+    let bm = g.kvm.get_dirty_log(0).unwrap();
+    assert_eq!(bits_to_set(&bm).len() as u64, npages, "{mmu:?}: initially set");
+    assert_eq!(g.kvm.get_dirty_log(0).unwrap(), bm, "{mmu:?}: GET does not clear under manual protect");
+
+    // Nothing was write-protected: writes take no faults.
+    let taken = g.cpu.stat.pf_taken;
+    g.write_pages(0, 512);
+    assert_eq!(g.cpu.stat.pf_taken, taken, "{mmu:?}: INITIALLY_SET protects nothing up front");
+
+    // (The oracle's lookups walk the guest's tables, which dirties them under TDP: do them first.)
+    let a = g.gfns(0, 40);
+    // Clear the whole log: every mapped page is write-protected now.
+    g.kvm.clear_dirty_log(0, 0, npages, &vec![u64::MAX; npages.div_ceil(64) as usize]).unwrap();
+    let got = bits_to_set(&g.kvm.get_dirty_log(0).unwrap());
+    let tables = g.table_gfns(0, 512);
+    g.check(&got, &BTreeSet::new(), &tables, "after clearing everything");
+
+    g.write_pages(0, 40);
+    let got = bits_to_set(&g.kvm.get_dirty_log(0).unwrap());
+    g.check(&got, &a, &tables, "writes after the clear");
+
+    // Clear only the first 64-page block's bits: pages outside it stay logged (and writable).
+    let first = *a.iter().next().unwrap();
+    let block = first / 64 * 64;
+    let word = g.kvm.get_dirty_log(0).unwrap()[(block / 64) as usize];
+    g.kvm.clear_dirty_log(0, block, 64, &[word]).unwrap();
+    let left = bits_to_set(&g.kvm.get_dirty_log(0).unwrap());
+    assert!(left.iter().all(|&p| p < block || p >= block + 64), "{mmu:?}: block cleared");
+    assert_eq!(left, got.iter().copied().filter(|&p| p < block || p >= block + 64).collect(), "{mmu:?}: rest kept");
+
+    // Misuse is reported.
+    for (fp, n, why) in [(1, 64, "multiple of 64"), (0, 63, "multiple of 64"), (npages, 64, "past the slot")] {
+        let e = g.kvm.clear_dirty_log(0, fp, n, &[u64::MAX; 2]).unwrap_err().to_string();
+        assert!(e.contains(why), "{e}");
+    }
+    assert!(g.kvm.enable_manual_dirty_log_protect(2).is_err(), "INITIALLY_SET alone");
+    assert!(g.kvm.enable_manual_dirty_log_protect(8).is_err(), "unknown flag");
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn tdp_manual_protect_initially_set() {
+    manual_protect_initially_set(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_manual_protect_initially_set() {
+    manual_protect_initially_set(MmuKind::Shadow);
+}
+
+#[test]
+fn legacy_tdp_manual_protect_initially_set() {
+    manual_protect_initially_set(MmuKind::LegacyTdp);
+}

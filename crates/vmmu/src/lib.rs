@@ -21,5 +21,5 @@ pub mod sync;
 pub mod trace;
 pub mod vm;
 
-pub use vm::{GuestError, Kvm, MmuKind, TdpKind, Vcpu, VmConfig, VmError};
+pub use vm::{GuestError, Kvm, ManualDirtyLog, MmuKind, TdpKind, Vcpu, VmConfig, VmError};
 pub use x86_paging;

@@ -158,6 +158,31 @@ impl Memslot {
         }
     }
 
+    /// Sets every page's bit (KVM_DIRTY_LOG_INITIALLY_SET).
+    pub fn set_all_dirty(&self) {
+        if let Some(b) = &self.dirty_bitmap {
+            for (w, word) in b.iter().enumerate() {
+                let left = self.npages - w as u64 * 64;
+                word.store(if left >= 64 { u64::MAX } else { (1 << left) - 1 }, Ordering::Release);
+            }
+        }
+    }
+
+    /// A copy of the dirty bitmap (KVM_GET_DIRTY_LOG with manual protection).
+    pub fn read_dirty_bitmap(&self) -> Vec<u64> {
+        self.dirty_bitmap.as_ref().map(|b| b.iter().map(|w| w.load(Ordering::Acquire)).collect()).unwrap_or_default()
+    }
+
+    /// Clears the bits of `mask` in the words from `first_word` on; returns, per word, the
+    /// bits that were set and are now clear.
+    pub fn clear_dirty_bits(&self, first_word: u64, mask: &[u64]) -> Vec<u64> {
+        let Some(b) = &self.dirty_bitmap else { return vec![0; mask.len()] };
+        mask.iter()
+            .enumerate()
+            .map(|(i, &m)| b.get(first_word as usize + i).map_or(0, |w| w.fetch_and(!m, Ordering::AcqRel) & m))
+            .collect()
+    }
+
     /// Takes the dirty bitmap (KVM_GET_DIRTY_LOG's harvest): each word read and cleared.
     pub fn take_dirty_bitmap(&self) -> Vec<u64> {
         self.dirty_bitmap.as_ref().map(|b| b.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect()).unwrap_or_default()

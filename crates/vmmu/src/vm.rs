@@ -98,6 +98,19 @@ impl VmConfig {
     }
 }
 
+bitflags::bitflags! {
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct ManualDirtyLog: u64 {
+        /// KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: KVM_GET_DIRTY_LOG only reads the log;
+        /// KVM_CLEAR_DIRTY_LOG clears bits and write-protects their pages.
+        const MANUAL_PROTECT_ENABLE = 1 << 0;
+        /// KVM_DIRTY_LOG_INITIALLY_SET: enabling logging sets every bit instead of
+        /// write-protecting the slot (protection then comes page by page with the clears).
+        const INITIALLY_SET = 1 << 1;
+    }
+}
+
 /// Errors of the VM API.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum VmError {
@@ -191,6 +204,8 @@ pub struct Kvm {
     pub tracer: Tracer,
     memslots: RwLock<Arc<Memslots>>,
     memslots_gen: AtomicU64,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags ([`ManualDirtyLog`] bits).
+    manual_dirty_log: AtomicU64,
     slots_lock: Mutex<()>,
     vcpus: RwLock<Vec<Arc<VcpuShared>>>,
     mmio: RwLock<MmioBus>,
@@ -254,6 +269,7 @@ impl Kvm {
             tracer: Tracer::default(),
             memslots: RwLock::new(Arc::new(Memslots::default())),
             memslots_gen: AtomicU64::new(0),
+            manual_dirty_log: AtomicU64::new(0),
             slots_lock: Mutex::new(()),
             vcpus: RwLock::new(Vec::new()),
             mmio: RwLock::new(MmioBus::default()),
@@ -332,6 +348,13 @@ impl Kvm {
             // kvm_arch_commit_memory_region: the default shadow-page limit follows RAM.
             self.mmu.shadow.lock().update_n_max(&new);
         }
+        let initially_set = logging && !was_logging && self.dirty_log_initially_set();
+        if initially_set {
+            // Every page starts dirty; nothing is write-protected until userspace clears.
+            if let Some(s) = new.by_id(r.slot) {
+                s.set_all_dirty();
+            }
+        }
         *self.memslots.write() = Arc::new(new);
         self.memslots_gen.fetch_add(1, Ordering::AcqRel);
         if matches!(change, MemslotChange::Delete | MemslotChange::Move) {
@@ -339,7 +362,7 @@ impl Kvm {
             self.kvm_mmu_zap_all_fast();
         }
         // kvm_mmu_slot_apply_flags.
-        if logging && !was_logging {
+        if logging && !was_logging && !initially_set {
             // Write-protect everything (huge mappings too): the next write to each page faults
             // and is logged; huge pages are mapped 4 KiB while logging.
             self.mmu_slot_remove_write_access(r.slot)?;
@@ -369,20 +392,95 @@ impl Kvm {
         self.flush_and_free_deferred(None, flush);
     }
 
-    /// KVM_GET_DIRTY_LOG: the pages of memslot `slot` written since the last call (one bit
-    /// per page, bit i of word i/64 = page i of the slot); those pages are write-protected
-    /// again, so their next write is logged (`kvm_arch_mmu_enable_log_dirty_pt_masked`).
-    pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
-        let slots = self.memslots();
+    /// KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): `flags` 0 turns manual protection
+    /// off. Takes effect for slots whose logging is turned on afterwards.
+    pub fn enable_manual_dirty_log_protect(&self, flags: u64) -> Result<(), VmError> {
+        let f = ManualDirtyLog::from_bits(flags).ok_or_else(|| {
+            VmError::InvalidConfig(format!(
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: unknown flags {:#x} (known: MANUAL_PROTECT_ENABLE = 1, INITIALLY_SET = 2)",
+                flags & !ManualDirtyLog::all().bits()
+            ))
+        })?;
+        if f == ManualDirtyLog::INITIALLY_SET {
+            return Err(VmError::InvalidConfig(
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: INITIALLY_SET needs MANUAL_PROTECT_ENABLE".into(),
+            ));
+        }
+        self.manual_dirty_log.store(f.bits(), Ordering::Release);
+        Ok(())
+    }
+
+    fn manual_dirty_log(&self) -> ManualDirtyLog {
+        ManualDirtyLog::from_bits_truncate(self.manual_dirty_log.load(Ordering::Acquire))
+    }
+
+    fn dirty_log_initially_set(&self) -> bool {
+        self.manual_dirty_log().contains(ManualDirtyLog::MANUAL_PROTECT_ENABLE | ManualDirtyLog::INITIALLY_SET)
+    }
+
+    /// The logging memslot `slot` (for the dirty-log ioctls).
+    fn logging_slot(&self, slots: &Memslots, slot: u32) -> Result<Arc<crate::memslot::Memslot>, VmError> {
         let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
         if !s.dirty_logging() {
             return Err(VmError::InvalidConfig(format!(
                 "memslot {slot} does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES)"
             )));
         }
+        Ok(s.clone())
+    }
+
+    /// KVM_GET_DIRTY_LOG: the pages of memslot `slot` written since the last call (one bit
+    /// per page, bit i of word i/64 = page i of the slot). Without manual protection the log
+    /// is cleared and those pages are write-protected again, so their next write is logged
+    /// (`kvm_arch_mmu_enable_log_dirty_pt_masked`); with it, the log is only read and
+    /// [`Kvm::clear_dirty_log`] does the clearing.
+    pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+        let slots = self.memslots();
+        let s = self.logging_slot(&slots, slot)?;
+        if self.manual_dirty_log().contains(ManualDirtyLog::MANUAL_PROTECT_ENABLE) {
+            return Ok(s.read_dirty_bitmap());
+        }
         let bitmap = s.take_dirty_bitmap();
+        self.reprotect_masked(&s, 0, &bitmap);
+        Ok(bitmap)
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG: for pages [first_page, first_page + num_pages) of memslot `slot`,
+    /// clears the log bits set in `bitmap` (bit i = page first_page + i) and write-protects
+    /// those pages. `first_page` must be a multiple of 64, and so must `num_pages` unless the
+    /// range ends at the end of the slot.
+    pub fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u64, bitmap: &[u64]) -> Result<(), VmError> {
+        let slots = self.memslots();
+        let s = self.logging_slot(&slots, slot)?;
+        let bad = |why: String| Err(VmError::InvalidConfig(format!("KVM_CLEAR_DIRTY_LOG on memslot {slot}: {why}")));
+        if first_page % 64 != 0 {
+            return bad(format!("first_page {first_page} is not a multiple of 64"));
+        }
+        let end = first_page.checked_add(num_pages).filter(|&e| e <= s.npages);
+        let Some(end) = end else {
+            return bad(format!("pages {first_page}+{num_pages} go past the slot's {} pages", s.npages));
+        };
+        if num_pages % 64 != 0 && end != s.npages {
+            return bad(format!("num_pages {num_pages} is not a multiple of 64 and does not reach the slot's end"));
+        }
+        let words = num_pages.div_ceil(64) as usize;
+        if bitmap.len() < words {
+            return bad(format!("the bitmap has {} words, {num_pages} pages need {words}", bitmap.len()));
+        }
+        let mut mask: Vec<u64> = bitmap[..words].to_vec();
+        if num_pages % 64 != 0 {
+            mask[words - 1] &= (1u64 << (num_pages % 64)) - 1;
+        }
+        let cleared = s.clear_dirty_bits(first_page / 64, &mask);
+        self.reprotect_masked(&s, first_page, &cleared);
+        Ok(())
+    }
+
+    /// Write-protects the pages whose bits are set in `bitmap` (bit i of word w = page
+    /// first_page + 64 w + i of `s`), then flushes if any SPTE lost W.
+    fn reprotect_masked(&self, s: &crate::memslot::Memslot, first_page: u64, bitmap: &[u64]) {
         let mut changed = false;
-        let base = s.base_gfn.raw();
+        let base = s.base_gfn.raw() + first_page;
         for (w, bits) in bitmap.iter().enumerate() {
             let mut b = *bits;
             while b != 0 {
@@ -395,7 +493,6 @@ impl Kvm {
         if changed {
             self.flush_remote_tlbs(None);
         }
-        Ok(bitmap)
     }
 
     /// Clears W (keeping MMU-writable) on every SPTE mapping `gfn`, in both MMUs.
