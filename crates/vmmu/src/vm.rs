@@ -453,14 +453,14 @@ impl Kvm {
         let slots = self.memslots();
         let s = self.logging_slot(&slots, slot)?;
         let bad = |why: String| Err(VmError::InvalidConfig(format!("KVM_CLEAR_DIRTY_LOG on memslot {slot}: {why}")));
-        if first_page % 64 != 0 {
+        if !first_page.is_multiple_of(64) {
             return bad(format!("first_page {first_page} is not a multiple of 64"));
         }
         let end = first_page.checked_add(num_pages).filter(|&e| e <= s.npages);
         let Some(end) = end else {
             return bad(format!("pages {first_page}+{num_pages} go past the slot's {} pages", s.npages));
         };
-        if num_pages % 64 != 0 && end != s.npages {
+        if !num_pages.is_multiple_of(64) && end != s.npages {
             return bad(format!("num_pages {num_pages} is not a multiple of 64 and does not reach the slot's end"));
         }
         let words = num_pages.div_ceil(64) as usize;
@@ -468,7 +468,7 @@ impl Kvm {
             return bad(format!("the bitmap has {} words, {num_pages} pages need {words}", bitmap.len()));
         }
         let mut mask: Vec<u64> = bitmap[..words].to_vec();
-        if num_pages % 64 != 0 {
+        if !num_pages.is_multiple_of(64) {
             mask[words - 1] &= (1u64 << (num_pages % 64)) - 1;
         }
         let cleared = s.clear_dirty_bits(first_page / 64, &mask);
