@@ -180,6 +180,7 @@ fn vm_config(s: &Scenario, mmu: &str) -> Result<VmConfig, RunError> {
         nx_huge_pages: v.nx_huge_pages,
         mmio_caching: v.mmio_caching,
         tdp_huge_page_level: ((page_shift(&v.tdp_huge_page).unwrap_or(30) - 12) / 9 + 1) as u8,
+        eager_page_split: v.eager_page_split,
     })
 }
 

@@ -73,6 +73,8 @@ pub struct VmSection {
     pub mmio_caching: bool,
     /// Largest TDP page: "4k", "2m" or "1g".
     pub tdp_huge_page: String,
+    /// kvm.eager_page_split (TDP MMU): enabling dirty logging splits huge pages at once.
+    pub eager_page_split: bool,
     /// Host physical memory to model.
     pub host_memory: Size,
 }
@@ -88,6 +90,7 @@ impl Default for VmSection {
             nx_huge_pages: false,
             mmio_caching: true,
             tdp_huge_page: "1g".into(),
+            eager_page_split: true,
             host_memory: Size(16 << 30),
         }
     }

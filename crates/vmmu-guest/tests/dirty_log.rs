@@ -27,9 +27,13 @@ fn region(hva: vmmu::host::Hva, flags: MemslotFlags) -> UserspaceMemoryRegion {
 
 /// Boots a guest whose process has `pages` pages mapped and touched once.
 fn guest(mmu: MmuKind, backing: Backing, pages: u64) -> Guest {
+    guest_with(VmConfig { mmu, ..Default::default() }, backing, pages)
+}
+
+fn guest_with(cfg: VmConfig, backing: Backing, pages: u64) -> Guest {
     let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
     let host = Arc::new(HostMm::new(frames).unwrap());
-    let kvm = Kvm::new(VmConfig { mmu, ..Default::default() }, host.clone()).unwrap();
+    let kvm = Kvm::new(cfg, host.clone()).unwrap();
     let hva = host.mmap(MEM, backing, true, false).unwrap();
     kvm.set_user_memory_region(region(hva, MemslotFlags::empty())).unwrap();
     let mut cpu = kvm.create_vcpu().unwrap();
@@ -188,15 +192,31 @@ fn shadow_logs_exactly_the_written_pages() {
     logs_exactly_the_written_pages(MmuKind::Shadow);
 }
 
-#[test]
-fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops() {
+fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split: bool) {
     let pages = 4096;
-    let mut g = guest(MmuKind::Tdp, Backing::Thp, pages);
-    assert!(g.kvm.vm_stats()["pages_2m"] > 0);
+    let cfg = VmConfig { eager_page_split, ..Default::default() };
+    let mut g = guest_with(cfg, Backing::Thp, pages);
+    let huge = g.kvm.vm_stats()["pages_2m"];
+    assert!(huge > 0);
     let w = g.gfns(1000, 3);
     g.set_logging(true);
+    let st = g.kvm.vm_stats();
+    if eager_page_split {
+        assert_eq!(st["pages_2m"], 0, "eager split: no huge SPTE left {st:?}");
+        assert!(st["pages_4k"] >= huge * 512, "{st:?}");
+    } else {
+        assert_eq!(st["pages_2m"], huge, "lazy: huge SPTEs stay until written {st:?}");
+    }
     g.harvest();
+    let (fast, fixed) = (g.cpu.stat.pf_fast, g.cpu.stat.pf_fixed);
     g.write_pages(1000, 3);
+    if eager_page_split {
+        // pf_fixed counts fast fixes too: every fix was a fast one, none split a page.
+        assert!(g.cpu.stat.pf_fast - fast >= 3, "eager split: 4 KiB fast page faults");
+        assert_eq!(g.cpu.stat.pf_fixed - fixed, g.cpu.stat.pf_fast - fast, "eager split: no slow-path fault");
+    } else {
+        assert!(g.cpu.stat.pf_fixed > fixed, "lazy: the first write splits in the slow path");
+    }
     let tables = g.table_gfns(1000, 3);
     let got = g.harvest();
     g.check(&got, &w, &tables, "one 4 KiB page per write, not the whole 2 MiB page");
@@ -209,6 +229,16 @@ fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops() {
     g.write_pages(0, pages);
     assert!(g.kvm.vm_stats()["pages_2m"] > 0, "huge again once logging is off");
     g.kvm.audit().unwrap();
+}
+
+#[test]
+fn huge_pages_eager_split() {
+    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(true);
+}
+
+#[test]
+fn huge_pages_lazy_split() {
+    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(false);
 }
 
 #[test]

@@ -65,6 +65,9 @@ pub struct VmConfig {
     pub mmio_caching: bool,
     /// Largest huge page the TDP MMU maps (2 = 2 MiB, 3 = 1 GiB).
     pub tdp_huge_page_level: u8,
+    /// kvm.eager_page_split: enabling dirty logging splits the slot's huge SPTEs down to
+    /// 4 KiB at once (TDP MMU), instead of on each first write.
+    pub eager_page_split: bool,
 }
 
 impl Default for VmConfig {
@@ -78,6 +81,7 @@ impl Default for VmConfig {
             nx_huge_pages: false,
             mmio_caching: true,
             tdp_huge_page_level: 3,
+            eager_page_split: true,
         }
     }
 }
@@ -366,6 +370,13 @@ impl Kvm {
             // Write-protect everything (huge mappings too): the next write to each page faults
             // and is logged; huge pages are mapped 4 KiB while logging.
             self.mmu_slot_remove_write_access(r.slot)?;
+            if self.config.eager_page_split && self.config.mmu == MmuKind::Tdp {
+                // kvm_mmu_slot_try_split_huge_pages: the split children inherit the
+                // write protection, so each first write is a 4 KiB fast page fault.
+                if let Some(s) = self.memslots().by_id(r.slot) {
+                    tdp_mmu::kvm_tdp_mmu_try_split_huge_pages(self, s.base_gfn, s.end_gfn())?;
+                }
+            }
         } else if was_logging && !logging && change == MemslotChange::FlagsOnly {
             // Zap the slot's mappings so they fault back in, huge again where possible
             // (kvm_mmu_zap_collapsible_sptes, done wholesale).

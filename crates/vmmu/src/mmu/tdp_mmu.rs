@@ -385,6 +385,50 @@ pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: Hpa, root_level: u8, gfn: Gfn) ->
     last
 }
 
+/// `kvm_tdp_mmu_try_split_huge_pages`: replaces every huge leaf SPTE mapping a gfn in
+/// [start, end) by a table of 512 SPTEs one level down with the same pfns and permissions
+/// (a 1 GiB page goes to 2 MiB pages, which the walk then meets and splits to 4 KiB).
+/// Runs under `mmu_lock` for read with compare-exchange; returns the pages split.
+pub fn kvm_tdp_mmu_try_split_huge_pages(kvm: &Kvm, start: Gfn, end: Gfn) -> Result<u64, crate::host::HostError> {
+    let _r = kvm.mmu.mmu_lock.read();
+    let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
+    let masks = kvm.mmu.masks;
+    let mut split = 0;
+    for root in roots {
+        let ad_disabled = root.role.ad_disabled() != 0;
+        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
+        while it.valid {
+            let s = it.old_spte;
+            if it.level > 1 && s.is_shadow_present() && s.is_large() {
+                let sp = kvm.frames().alloc_4k()?;
+                for i in 0..512u64 {
+                    let child = make_small_spte(&masks, s, it.level, i, kvm.nx_huge_pages());
+                    kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
+                }
+                let level = it.level;
+                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, make_nonleaf_spte(&masks, sp.hpa(), ad_disabled))
+                    .is_err()
+                {
+                    kvm.frames().free_4k(sp);
+                    continue; // re-examine the refreshed value
+                }
+                kvm.mmu.tdp_mmu_pages.add(1);
+                kvm.stats.update_page_stats(level - 1, 512);
+                split += 1;
+                if kvm.tracer.events_on() {
+                    kvm.tracer.event(
+                        u32::MAX,
+                        "kvm_mmu_split_huge_page",
+                        format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), it.old_spte.0, level),
+                    );
+                }
+            }
+            it.next();
+        }
+    }
+    Ok(split)
+}
+
 /// `kvm_tdp_mmu_wrprot_slot`: clears W on every leaf SPTE mapping a gfn in [start, end),
 /// keeping MMU-writable so the next write is fixed by fast page fault (the first step of
 /// dirty logging in write-protect mode). Runs under `mmu_lock` for read with
