@@ -18,6 +18,7 @@ const NAMES: &[&str] = &[
     "memory overhead per touched 4 KiB page, 4 KiB backing",
     "memory overhead per touched 4 KiB page, THP backing",
     "enable dirty logging (write-protect the slot)",
+    "enable dirty logging with eager split (THP)",
     "KVM_GET_DIRTY_LOG, per dirty page",
     "shadow fault end to end (first touch)",
     "shadow: guest PTE write through write tracking",
