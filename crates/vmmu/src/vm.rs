@@ -231,6 +231,18 @@ impl MmuNotifier for Notifier {
             crate::mmu::mmu_notifier::invalidate_range_end(&kvm, range);
         }
     }
+    fn clear_flush_young(&self, range: crate::host::HvaRange) -> bool {
+        use crate::mmu::mmu_notifier::{age_hva_range, Aging};
+        self.0.upgrade().is_some_and(|kvm| age_hva_range(&kvm, range, Aging::ClearFlush))
+    }
+    fn clear_young(&self, range: crate::host::HvaRange) -> bool {
+        use crate::mmu::mmu_notifier::{age_hva_range, Aging};
+        self.0.upgrade().is_some_and(|kvm| age_hva_range(&kvm, range, Aging::Clear))
+    }
+    fn test_young(&self, range: crate::host::HvaRange) -> bool {
+        use crate::mmu::mmu_notifier::{age_hva_range, Aging};
+        self.0.upgrade().is_some_and(|kvm| age_hva_range(&kvm, range, Aging::Test))
+    }
 }
 
 impl Kvm {

@@ -88,6 +88,8 @@ pub struct HostMm {
     next_hva: AtomicU64,
     notifiers: RwLock<Vec<Arc<dyn MmuNotifier>>>,
     pt_pages: AtomicU64,
+    /// Idle page tracking's flags (/sys/kernel/mm/page_idle/bitmap), by host page number.
+    idle: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn index(hva: u64, level: u8) -> u64 {
@@ -106,6 +108,7 @@ impl HostMm {
             next_hva: AtomicU64::new(HVA_BASE),
             notifiers: RwLock::new(Vec::new()),
             pt_pages: AtomicU64::new(1),
+            idle: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -312,6 +315,48 @@ impl HostMm {
 
     fn live_notifiers(&self) -> Vec<Arc<dyn MmuNotifier>> {
         self.notifiers.read().clone()
+    }
+
+    /// Page aging as reclaim does it (`mmu_notifier_clear_flush_young`): whether any
+    /// secondary MMU accessed `hva..hva+len` since the last call; their accessed state is
+    /// cleared and their TLBs flushed.
+    pub fn clear_flush_young(&self, hva: Hva, len: u64) -> bool {
+        let r = HvaRange { start: hva, end: Hva(hva.0 + len) };
+        self.live_notifiers().iter().fold(false, |y, n| n.clear_flush_young(r) | y)
+    }
+
+    /// `mmu_notifier_clear_young`: like [`HostMm::clear_flush_young`] without the flush.
+    pub fn clear_young(&self, hva: Hva, len: u64) -> bool {
+        let r = HvaRange { start: hva, end: Hva(hva.0 + len) };
+        self.live_notifiers().iter().fold(false, |y, n| n.clear_young(r) | y)
+    }
+
+    /// `mmu_notifier_test_young`: whether any secondary MMU accessed the range.
+    pub fn test_young(&self, hva: Hva, len: u64) -> bool {
+        let r = HvaRange { start: hva, end: Hva(hva.0 + len) };
+        self.live_notifiers().iter().any(|n| n.test_young(r))
+    }
+
+    /// Idle page tracking, writing the page_idle bitmap: marks each page of `hva..hva+len`
+    /// idle and clears its young state in the secondary MMUs (`clear_young`, no flush).
+    pub fn page_idle_mark(&self, hva: Hva, len: u64) {
+        let (first, end) = (hva.0 >> 12, (hva.0 + len).div_ceil(4096));
+        let mut idle = self.idle.lock();
+        for p in first..end {
+            self.clear_young(Hva(p << 12), 4096);
+            idle.insert(p);
+        }
+    }
+
+    /// Idle page tracking, reading the page_idle bitmap: whether the page at `hva` is still
+    /// idle. A page a secondary MMU accessed since it was marked (`test_young`) is not.
+    pub fn page_idle_read(&self, hva: Hva) -> bool {
+        let p = hva.0 >> 12;
+        let mut idle = self.idle.lock();
+        if idle.contains(&p) && self.test_young(Hva(p << 12), 4096) {
+            idle.remove(&p);
+        }
+        idle.contains(&p)
     }
 
     fn notify_start(&self, range: HvaRange, ev: MmuNotifyEvent) {

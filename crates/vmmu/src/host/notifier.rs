@@ -32,4 +32,17 @@ pub trait MmuNotifier: Send + Sync {
     fn invalidate_range_start(&self, range: HvaRange, event: MmuNotifyEvent);
     /// The change announced by `invalidate_range_start` is complete.
     fn invalidate_range_end(&self, range: HvaRange, event: MmuNotifyEvent);
+    /// Page aging (reclaim): whether the secondary MMU accessed the range since the last
+    /// call; clears its accessed state and flushes its TLBs if it had.
+    fn clear_flush_young(&self, _range: HvaRange) -> bool {
+        false
+    }
+    /// Like `clear_flush_young` without the TLB flush (idle page tracking uses this).
+    fn clear_young(&self, _range: HvaRange) -> bool {
+        false
+    }
+    /// Whether the secondary MMU accessed the range, changing nothing.
+    fn test_young(&self, _range: HvaRange) -> bool {
+        false
+    }
 }

@@ -65,3 +65,83 @@ pub fn invalidate_range_end(kvm: &Kvm, _range: HvaRange) {
     m.mmu_invalidate_seq.fetch_add(1, Ordering::AcqRel);
     m.mmu_invalidate_in_progress.fetch_sub(1, Ordering::AcqRel);
 }
+
+/// What an aging call does with accessed SPTEs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aging {
+    /// `kvm_mmu_notifier_clear_flush_young`: clear, then flush if any was young.
+    ClearFlush,
+    /// `kvm_mmu_notifier_clear_young`: clear, no flush.
+    Clear,
+    /// `kvm_mmu_notifier_test_young`: only report.
+    Test,
+}
+
+/// `kvm_age_gfn` / `kvm_test_age_gfn` over the gfns behind an hva range, in both MMUs:
+/// whether any leaf SPTE there was accessed. Clearing takes the Accessed bit away (with
+/// A/D bits) or makes the SPTE access-tracked (without: R/X saved in high bits, the SPTE
+/// non-present to hardware until fast page fault restores it).
+pub fn age_hva_range(kvm: &Kvm, range: HvaRange, how: Aging) -> bool {
+    let m = kvm.mmu.masks;
+    let clear = how != Aging::Test;
+    let mut young = false;
+    let ranges = gfn_ranges(kvm, range);
+    {
+        let _r = kvm.mmu.mmu_lock.read();
+        let roots: Vec<_> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
+        for (start, end) in &ranges {
+            for root in &roots {
+                let mut it = super::tdp_iter::TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, *start, *end);
+                while it.valid {
+                    let s = it.old_spte;
+                    if s.is_shadow_present() && s.is_last(it.level) && s.is_accessed(&m) {
+                        young = true;
+                        if clear {
+                            let new = super::spte::mark_spte_for_access_track(&m, s);
+                            if tdp_mmu::tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, new).is_err() {
+                                continue; // re-examine the refreshed value
+                            }
+                        }
+                    }
+                    it.next();
+                }
+            }
+        }
+    }
+    // The rmaps of the shadow MMU (shadow paging and the legacy TDP MMU).
+    if kvm.config().mmu != crate::vm::MmuKind::Tdp {
+        let _w = kvm.mmu.mmu_lock.write();
+        let sh = kvm.mmu.shadow.lock();
+        let slots = kvm.memslots();
+        for (start, end) in &ranges {
+            let Some(slot) = slots.find(*start) else { continue };
+            for level in 1..=3u8 {
+                let step = 1u64 << (9 * (u32::from(level) - 1));
+                let mut g = start.raw() & !(step - 1);
+                while g < end.raw() {
+                    for sptep in sh.rmaps.get(slot, Gfn::new(g), level) {
+                        loop {
+                            let s = super::spte::Spte(kvm.mem().load(sptep));
+                            if !(s.is_shadow_present() && s.is_accessed(&m)) {
+                                break;
+                            }
+                            young = true;
+                            if !clear {
+                                break;
+                            }
+                            let new = super::spte::mark_spte_for_access_track(&m, s);
+                            if kvm.mem().cmpxchg(sptep, s.0, new.0).is_ok() {
+                                break;
+                            }
+                        }
+                    }
+                    g += step;
+                }
+            }
+        }
+    }
+    if young && how == Aging::ClearFlush {
+        kvm.flush_remote_tlbs(None);
+    }
+    young
+}

@@ -1,0 +1,104 @@
+//! Aging and idle page tracking through the MMU notifiers (kvm_age_gfn, kvm_test_age_gfn),
+//! with A/D bits (the Accessed bit cleared) and without (access-tracked SPTEs restored by
+//! fast page fault), under the TDP MMU, the legacy TDP MMU and shadow paging. The oracle is
+//! the guest's own access pattern.
+
+use std::sync::Arc;
+use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
+use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+use vmmu::{MmuKind, VmConfig};
+use vmmu_guest::kernel::{KernelConfig, USER_BASE};
+use vmmu_guest::workload::{run, KernelSpace, Workload};
+use vmmu_guest::GuestKernel;
+
+const MEM: u64 = 256 << 20;
+
+fn idle_tracking(cfg: VmConfig) {
+    let what = format!("{:?} eptad={}", cfg.mmu, cfg.eptad);
+    let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
+    let host = Arc::new(HostMm::new(frames).unwrap());
+    let tracked = !cfg.eptad && cfg.mmu != MmuKind::Shadow;
+    let kvm = vmmu::Kvm::new(cfg, host.clone()).unwrap();
+    let hva = host.mmap(MEM, Backing::Anon4k, true, false).unwrap();
+    let r = UserspaceMemoryRegion {
+        slot: 0,
+        flags: MemslotFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: MEM,
+        userspace_addr: hva,
+    };
+    kvm.set_user_memory_region(r).unwrap();
+    let mut cpu = kvm.create_vcpu().unwrap();
+    let mut k = GuestKernel::boot(&*kvm, &mut cpu, KernelConfig { mem_size: MEM, ..Default::default() }).unwrap();
+    let pid = k.create_process(&mut cpu).unwrap();
+    let pages = 256u64;
+    k.mmap(pid, USER_BASE, pages * 4096, true).unwrap();
+    k.switch_to(&mut cpu, pid).unwrap();
+    run(Workload::FirstTouch, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, pages).unwrap();
+    let gpa = |k: &GuestKernel, cpu: &mut vmmu::Vcpu, i: u64| {
+        k.user_pte(cpu, pid, USER_BASE + i * 4096).unwrap().unwrap() & 0x000f_ffff_ffff_f000
+    };
+    let data: Vec<u64> = (0..pages).map(|i| gpa(&k, &mut cpu, i)).collect();
+    let page_hva = |g: u64| Hva(hva.raw() + g);
+
+    assert!(host.test_young(page_hva(data[0]), 4096), "{what}: a touched page is young");
+    // The guest flushes its TLB first (a CR3 reload), so after the marking every access
+    // walks the tables again. Under shadow paging the reload also syncs the unsync page
+    // tables at the next entry, and sync_spte makes the synced SPTEs accessed (as KVM's
+    // make_spte does when synchronizing): run once and reload again before marking.
+    let cr3 = cpu.cpu().paging().cr3;
+    cpu.write_cr3(cr3).unwrap();
+    run(Workload::Read, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, 1).unwrap();
+    cpu.write_cr3(cr3).unwrap();
+    host.page_idle_mark(hva, MEM);
+    assert!(!host.test_young(page_hva(data[0]), 4096), "{what}: marking idle cleared young");
+    assert!(data.iter().all(|&g| host.page_idle_read(page_hva(g))), "{what}: all idle after marking");
+
+    // The guest reads the first 100 pages: only those are young again, through the
+    // hardware's Accessed bit or, without A/D bits, fast page faults restoring the
+    // access-tracked SPTEs.
+    let (fast, taken) = (cpu.stat.pf_fast, cpu.stat.pf_taken);
+    run(Workload::Read, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, 100).unwrap();
+    for (i, &g) in data.iter().enumerate() {
+        assert_eq!(host.page_idle_read(page_hva(g)), i >= 100, "{what}: page {i}");
+    }
+    if tracked {
+        assert!(cpu.stat.pf_fast - fast >= 100, "{what}: access-tracked SPTEs restored by fast page fault");
+    } else {
+        assert_eq!(cpu.stat.pf_taken, taken, "{what}: the Accessed bit needs no fault");
+    }
+
+    // clear_flush_young reports and clears; a second call finds nothing.
+    assert!(host.clear_flush_young(hva, MEM), "{what}");
+    assert!(!host.clear_flush_young(hva, MEM), "{what}: cleared");
+    assert!(!host.test_young(hva, MEM), "{what}");
+    kvm.audit().unwrap();
+    // And the guest still reads what it wrote (the workload verifies its data).
+    run(Workload::ReadThenWrite, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, pages).unwrap();
+    assert!(host.test_young(hva, MEM), "{what}: young again");
+}
+
+#[test]
+fn tdp_ad_idle_tracking() {
+    idle_tracking(VmConfig { mmu: MmuKind::Tdp, eptad: true, ..Default::default() });
+}
+
+#[test]
+fn tdp_access_tracking_idle_tracking() {
+    idle_tracking(VmConfig { mmu: MmuKind::Tdp, eptad: false, ..Default::default() });
+}
+
+#[test]
+fn legacy_tdp_ad_idle_tracking() {
+    idle_tracking(VmConfig { mmu: MmuKind::LegacyTdp, eptad: true, ..Default::default() });
+}
+
+#[test]
+fn legacy_tdp_access_tracking_idle_tracking() {
+    idle_tracking(VmConfig { mmu: MmuKind::LegacyTdp, eptad: false, ..Default::default() });
+}
+
+#[test]
+fn shadow_idle_tracking() {
+    idle_tracking(VmConfig { mmu: MmuKind::Shadow, ..Default::default() });
+}
