@@ -273,6 +273,7 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
     out.extend(fault_scaling(iters)?);
     out.extend(memory_overhead(iters)?);
     out.extend(dirty_log(iters)?);
+    out.extend(aging(iters)?);
     out.extend(shadow(iters)?);
     Ok(out)
 }
@@ -563,6 +564,41 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
     out.push(BenchResult::time("KVM_GET_DIRTY_LOG, per dirty page", t, dirty.max(1), None).note(format!(
         "{dirty} dirty pages harvested (the {pages} written plus guest page-table pages the walks dirtied), each write-protected again; one TLB flush"
     )));
+    Ok(out)
+}
+
+/// Aging: one clear_young pass (the MMU notifier, as idle page tracking calls it) over a
+/// slot whose pages are all mapped and accessed, with EPT A/D bits and without them.
+fn aging(iters: u64) -> Result<Vec<BenchResult>, String> {
+    let mut out = Vec::new();
+    for (name, eptad) in
+        [("aging pass (clear_young), A/D bits", true), ("aging pass (clear_young), access tracking", false)]
+    {
+        let pages = iters.clamp(8192, 262_144).next_multiple_of(512);
+        let toml = format!(
+            "name = \"bench\"\n[vm]\neptad = {eptad}\n[[memslot]]\ngpa = 0\nsize = \"{}\"\nprefault = true\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"preset\"\n",
+            mem_for(pages * 4096)
+        );
+        let sc = Scenario::parse(&toml).map_err(|e| e.to_string())?;
+        let mut m = build(&sc, &RunOptions::default()).map_err(|e| e.to_string())?;
+        let base = m.data_start;
+        touch(&mut m.vcpus[0], base, pages)?;
+        m.vcpus[0].exit_guest();
+        let (_, size, hva) = m.slots[0];
+        let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0).max(1) as u64;
+        let mut young = false;
+        let t = time(|| {
+            young = m.kvm.host().clear_young(hva, size);
+            Ok(())
+        })?;
+        if !young {
+            return Err(format!("{name}: no young page found"));
+        }
+        out.push(BenchResult::time(name, t, mapped, Some(10.0)).note(format!(
+            "one clear_young over a {} MiB slot with {mapped} 4 KiB SPTEs, all accessed; ns per mapped page",
+            size >> 20
+        )));
+    }
     Ok(out)
 }
 

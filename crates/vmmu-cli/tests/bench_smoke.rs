@@ -20,6 +20,8 @@ const NAMES: &[&str] = &[
     "enable dirty logging (write-protect the slot)",
     "enable dirty logging with eager split (THP)",
     "KVM_GET_DIRTY_LOG, per dirty page",
+    "aging pass (clear_young), A/D bits",
+    "aging pass (clear_young), access tracking",
     "shadow fault end to end (first touch)",
     "shadow: guest PTE write through write tracking",
     "shadow: CR3 switch to a cached root (+1 access)",
