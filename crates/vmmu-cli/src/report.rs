@@ -109,6 +109,38 @@ pub fn text(r: &RunResult, description: &str) -> String {
             human_ns(mig.downtime_ns)
         );
     }
+    for idle in &r.idle_tracking {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "idle page tracking over memslot {}, {} pages:", idle.slot, idle.slot_pages);
+        let _ = writeln!(
+            out,
+            "{:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10}",
+            "pass", "mark", "guest", "accesses", "pf_taken", "pf_fast", "young", "read"
+        );
+        for p in &idle.passes {
+            let _ = writeln!(
+                out,
+                "{:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10}{}",
+                p.pass,
+                human_ns(p.mark_ns),
+                human_ns(p.guest_ns),
+                p.guest_accesses,
+                p.pf_taken,
+                p.pf_fast,
+                p.young_pages,
+                human_ns(p.read_ns),
+                if p.pass == 0 { "  baseline (not marked)" } else { "" }
+            );
+        }
+        let base = idle.passes[0].guest_ns.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "guest slowdown per marking pass: {}{} ({:+.1} % of the baseline pass)",
+            if idle.slowdown_ns < 0 { "-" } else { "+" },
+            human_ns(idle.slowdown_ns.unsigned_abs()),
+            idle.slowdown_ns as f64 * 100.0 / base
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

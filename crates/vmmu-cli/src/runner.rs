@@ -91,6 +91,9 @@ pub struct RunResult {
     /// The `migrate` ops' per-round reports.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<crate::migrate::MigrationReport>,
+    /// The `idle-tracking` ops' per-pass reports.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub idle_tracking: Vec<crate::idle::IdleReport>,
     /// Rendered trace, if tracing.
     #[serde(skip)]
     pub trace: Option<String>,
@@ -162,6 +165,8 @@ pub struct Machine {
     pub data_start: u64,
     /// Reports of the `migrate` ops run so far.
     pub migrations: Vec<crate::migrate::MigrationReport>,
+    /// Reports of the `idle-tracking` ops run so far.
+    pub idle_tracking: Vec<crate::idle::IdleReport>,
 }
 
 fn vm_config(s: &Scenario, mmu: &str) -> Result<VmConfig, RunError> {
@@ -272,6 +277,7 @@ pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
         guest: Guest::Identity { roots: Vec::new(), levels: 4 },
         data_start: 16 << 20,
         migrations: Vec::new(),
+        idle_tracking: Vec::new(),
     };
     if s.guest.layout == "kernel" {
         let mem_size = s.memslots.iter().map(|x| x.gpa.0 + x.size.0).max().unwrap_or(0);
@@ -429,6 +435,16 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
             let report = crate::migrate::run(m, &plan, &mut guest_round)?;
             let accesses = report.rounds.iter().map(|r| r.guest_accesses).sum();
             m.migrations.push(report);
+            Ok(accesses)
+        }
+        Op::IdleTracking { slot, workload, start, pages, accesses, seed, passes } => {
+            let mut guest_pass = |m: &mut Machine| {
+                let w = make_workload(workload, *pages, *accesses, *seed)?;
+                run_workload(m, w, start.0, *pages)
+            };
+            let report = crate::idle::run(m, *slot, *passes, &mut guest_pass)?;
+            let accesses = report.passes.iter().map(|p| p.guest_accesses).sum();
+            m.idle_tracking.push(report);
             Ok(accesses)
         }
         Op::Switch { process } => {
@@ -662,6 +678,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         stats,
         host,
         migrations: std::mem::take(&mut m.migrations),
+        idle_tracking: std::mem::take(&mut m.idle_tracking),
         trace,
     })
 }

@@ -332,6 +332,34 @@ pub enum Op {
         #[serde(default)]
         stop_pages: u64,
     },
+    /// Idle page tracking's cost to the guest (after KVM's access_tracking_perf_test): a
+    /// baseline pass of the workload, then `passes` times: the host marks all of memslot
+    /// `slot` idle (clear_young), the guest runs the same workload again, the host reads
+    /// the idle bitmap back. Reports per pass the marking time, the guest's time and faults
+    /// and the pages found accessed; the slowdown is against the baseline.
+    IdleTracking {
+        /// Memslot index.
+        slot: u32,
+        /// The guest's workload each pass (same seed every pass).
+        workload: String,
+        /// First address of the workload.
+        start: Size,
+        /// Pages the workload covers.
+        pages: u64,
+        /// Accesses per pass (random, zipf).
+        #[serde(default)]
+        accesses: Option<u64>,
+        /// Seed.
+        #[serde(default)]
+        seed: Option<u64>,
+        /// Marking passes after the baseline.
+        #[serde(default = "default_passes")]
+        passes: u32,
+    },
+}
+
+fn default_passes() -> u32 {
+    4
 }
 
 fn default_max_rounds() -> u32 {
@@ -512,6 +540,20 @@ impl Scenario {
                         }
                         if *max_rounds == 0 {
                             return Err(err(f("max_rounds"), "must be > 0"));
+                        }
+                    }
+                    Op::IdleTracking { slot, workload, pages, passes, .. } => {
+                        if *slot as usize >= self.memslots.len() {
+                            return Err(err(f("slot"), "no such memslot"));
+                        }
+                        if vmmu_guest::Workload::parse(workload, *pages).is_none() {
+                            return Err(err(
+                                f("workload"),
+                                format!("`{workload}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
+                            ));
+                        }
+                        if *pages == 0 || *passes == 0 {
+                            return Err(err(f("passes"), "pages and passes must be > 0"));
                         }
                     }
                     _ => {}

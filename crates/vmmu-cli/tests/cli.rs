@@ -241,3 +241,31 @@ fn migrate_scenario_prints_rounds_and_its_copy_matches() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("stop-and-copy (guest paused)") && out.contains("the copy matches guest memory"), "{out}");
 }
+
+#[test]
+fn idle_tracking_scenarios_answer_what_marking_costs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let ad = dir.join("idle-tracking.toml");
+    let noad = dir.join("idle-tracking-noad.toml");
+    for (f, mmu, tracked) in
+        [(&ad, "tdp", false), (&ad, "shadow", false), (&noad, "tdp", true), (&noad, "legacy-tdp", true)]
+    {
+        let v = json(&["run", f.to_str().unwrap(), "--mmu", mmu, "--json"]);
+        let passes = v["idle_tracking"][0]["passes"].as_array().unwrap().clone();
+        assert_eq!(passes[0]["pf_taken"], 0, "{mmu}: the baseline pass runs on mapped memory");
+        for p in &passes[1..] {
+            let young = p["young_pages"].as_u64().unwrap();
+            // 100000 random accesses over 16384 pages touch nearly all of them.
+            assert!((16_000..=16_384 + 64).contains(&young), "{mmu}: {p}");
+            let fast = p["pf_fast"].as_u64().unwrap();
+            if tracked {
+                assert!(fast >= 16_000, "{mmu}: access-tracked SPTEs restored by fast page fault: {p}");
+            } else {
+                assert_eq!(p["pf_taken"], 0, "{mmu}: with A/D bits marking costs the guest no fault: {p}");
+            }
+        }
+    }
+    let (code, out, err) = vmmu(&["run", noad.to_str().unwrap(), "--mmu", "tdp"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("guest slowdown per marking pass:"), "{out}");
+}
