@@ -466,18 +466,35 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
             }
             Ok(0)
         }
-        Op::MadviseDontneed { slot, offset, size } => {
+        Op::MadviseDontneed { slot, offset, size }
+        | Op::MigratePages { slot, offset, size }
+        | Op::SwapOut { slot, offset, size } => {
+            let name = match op {
+                Op::MadviseDontneed { .. } => "madvise-dontneed",
+                Op::MigratePages { .. } => "migrate-pages",
+                _ => "swap-out",
+            };
             let (_, len, hva) = m.slots[*slot as usize];
             if offset.0 + size.0 > len {
                 return Err(RunError::Config(format!(
-                    "madvise-dontneed: range {:#x}+{:#x} is beyond memslot {slot}",
+                    "{name}: range {:#x}+{:#x} is beyond memslot {slot}",
                     offset.0, size.0
                 )));
             }
             for v in m.vcpus.iter_mut() {
                 v.exit_guest();
             }
-            m.kvm.host().madvise_dontneed(Hva(hva.raw() + offset.0), size.0).map_err(run_err)?;
+            let host = m.kvm.host();
+            let at = Hva(hva.raw() + offset.0);
+            match op {
+                Op::MadviseDontneed { .. } => host.madvise_dontneed(at, size.0).map_err(run_err)?,
+                Op::MigratePages { .. } => {
+                    host.migrate_pages(at, size.0).map_err(run_err)?;
+                }
+                _ => {
+                    host.swap_out(at, size.0).map_err(run_err)?;
+                }
+            }
             Ok(0)
         }
         Op::Fork | Op::Exec | Op::Exit { .. } | Op::ProcessChurn { .. } => {

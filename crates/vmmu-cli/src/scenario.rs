@@ -255,6 +255,25 @@ pub enum Op {
         /// Bytes.
         size: Size,
     },
+    /// The host migrates part of a memslot's memory to new frames (same contents).
+    MigratePages {
+        /// Memslot index.
+        slot: u32,
+        /// Offset into the slot.
+        offset: Size,
+        /// Bytes.
+        size: Size,
+    },
+    /// The host swaps part of a memslot's memory out (contents kept in the swap store,
+    /// faulted back in on the next access).
+    SwapOut {
+        /// Memslot index.
+        slot: u32,
+        /// Offset into the slot.
+        offset: Size,
+        /// Bytes.
+        size: Size,
+    },
     /// Kernel layout: fork the current process (the child gets the next pid).
     Fork,
     /// Kernel layout: exec in the current process (drop all of its user memory).
@@ -522,7 +541,9 @@ impl Scenario {
                     {
                         return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout"))
                     }
-                    Op::MadviseDontneed { slot, .. } if *slot as usize >= self.memslots.len() => {
+                    Op::MadviseDontneed { slot, .. } | Op::MigratePages { slot, .. } | Op::SwapOut { slot, .. }
+                        if *slot as usize >= self.memslots.len() =>
+                    {
                         return Err(err(f("slot"), "no such memslot"))
                     }
                     Op::Migrate { slot, workload, pages, max_rounds, .. } => {

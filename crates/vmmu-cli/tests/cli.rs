@@ -269,3 +269,24 @@ fn idle_tracking_scenarios_answer_what_marking_costs() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("guest slowdown per marking pass:"), "{out}");
 }
+
+#[test]
+fn host_events_scenario_zaps_and_refaults() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/host-events.toml");
+    let v = json(&["run", f.to_str().unwrap(), "--mmu", "tdp", "--json"]);
+    let ph = |n: &str| v["phases"].as_array().unwrap().iter().find(|p| p["name"] == n).cloned().unwrap();
+    for event in ["migrate", "swap-out"] {
+        assert!(stat(&ph(event), "remote_tlb_flush") > 0, "{event}: the notifier flushed");
+        assert!(stat(&ph(event), "pages_4k") < 4096, "{event}: the SPTEs were zapped");
+    }
+    for after in ["after-mig", "swap-in"] {
+        assert_eq!(stat(&ph(after), "pf_taken"), 4096, "{after}: every page faulted back in");
+    }
+    let dir = std::env::temp_dir().join(format!("vmmu-host-ev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("beyond.toml");
+    std::fs::write(&bad, "name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"2MiB\"\n[[phase]]\nname = \"p\"\nops = [{ op = \"swap-out\", slot = 0, offset = \"1MiB\", size = \"2MiB\" }]\n").unwrap();
+    let (code, _, err) = vmmu(&["run", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("swap-out") && err.contains("beyond memslot 0"), "{err}");
+}

@@ -90,6 +90,8 @@ pub struct HostMm {
     pt_pages: AtomicU64,
     /// Idle page tracking's flags (/sys/kernel/mm/page_idle/bitmap), by host page number.
     idle: Mutex<std::collections::BTreeSet<u64>>,
+    /// Swapped-out pages' contents, by page-aligned hva (the swap device).
+    swap: Mutex<std::collections::HashMap<u64, Box<[u64]>>>,
 }
 
 fn index(hva: u64, level: u8) -> u64 {
@@ -109,6 +111,7 @@ impl HostMm {
             notifiers: RwLock::new(Vec::new()),
             pt_pages: AtomicU64::new(1),
             idle: Mutex::new(std::collections::BTreeSet::new()),
+            swap: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -304,6 +307,16 @@ impl HostMm {
             self.notify_end(range, MmuNotifyEvent::Cow);
             return r;
         }
+        if let Some(words) = self.swap.lock().remove(&(hva & !4095)) {
+            // Swap-in: a fresh frame with the saved contents.
+            let f = self.frames.alloc_4k()?;
+            for (i, w) in words.iter().enumerate() {
+                self.frames.mem().store(Hpa::new(f.hpa().raw() + i as u64 * 8), *w);
+            }
+            let new = f.hpa().raw() | P | prot | U | A | if write { D } else { 0 };
+            pte.store(new, Ordering::Release);
+            return Ok(Self::page_of(new, 1, hva));
+        }
         let new = if write {
             self.frames.alloc_4k()?.hpa().raw() | P | prot | U | A | D
         } else {
@@ -385,6 +398,7 @@ impl HostMm {
         let nend = if huge(end - 1) { (end - 1) / (2 << 20) * (2 << 20) + (2 << 20) } else { end };
         let range = HvaRange { start: Hva(nstart), end: Hva(nend) };
         self.notify_start(range, ev);
+        self.swap.lock().retain(|&p, _| p < start || p >= end);
         let mut a = start;
         while a < end {
             let step = match self.lookup(a) {
@@ -447,6 +461,106 @@ impl HostMm {
         }
         pmd.store(pt.hpa().raw() | P | W | U | A, Ordering::Release);
         Ok(())
+    }
+
+    fn check_range(hva: Hva, len: u64) -> Result<(u64, u64), HostError> {
+        if !hva.0.is_multiple_of(4096) || !len.is_multiple_of(4096) || len == 0 {
+            return Err(HostError::Invalid(format!("range {hva}+{len:#x} is not page aligned")));
+        }
+        Ok((hva.0, hva.0 + len))
+    }
+
+    /// Page migration (migrate_pages, NUMA balancing, compaction): every page mapped in the
+    /// range moves to a new frame with the same contents, notifiers told around each move
+    /// (a 2 MiB page moves whole). The shared zero pages stay. Returns the 4 KiB pages moved.
+    pub fn migrate_pages(&self, hva: Hva, len: u64) -> Result<u64, HostError> {
+        let (start, end) = Self::check_range(hva, len)?;
+        let _g = self.mmap_lock.lock();
+        let mem = self.frames.mem();
+        let mut moved = 0;
+        let mut a = start;
+        while a < end {
+            let Some((v, level, e)) = self.lookup(a) else {
+                a += 4096;
+                continue;
+            };
+            let size = if level == 2 { 2u64 << 20 } else { 4096 };
+            let base = a & !(size - 1);
+            let old = Pfn::new((v & ADDR) >> 12);
+            if !self.frames.is_zero_pfn(old) {
+                let range = HvaRange { start: Hva(base), end: Hva(base + size) };
+                self.notify_start(range, MmuNotifyEvent::Migrate);
+                let new = if level == 2 { self.frames.alloc_2m() } else { self.frames.alloc_4k() };
+                let new = match new {
+                    Ok(f) => f,
+                    Err(err) => {
+                        self.notify_end(range, MmuNotifyEvent::Migrate);
+                        return Err(err);
+                    }
+                };
+                let n = size / 4096;
+                for i in 0..n {
+                    mem.copy_frame(Pfn::new(old.raw() + i), Pfn::new(new.raw() + i));
+                }
+                e.store(new.hpa().raw() | (v & !ADDR), Ordering::Release);
+                if level == 2 {
+                    self.frames.free_2m(old);
+                } else {
+                    self.frames.free_4k(old);
+                }
+                self.notify_end(range, MmuNotifyEvent::Migrate);
+                moved += n;
+            }
+            a = base + size;
+        }
+        Ok(moved)
+    }
+
+    /// Swap-out (reclaim): every page mapped in the range is written to the swap store and
+    /// its frame freed, notifiers told first; huge pages are split first. The next access
+    /// faults it back in with the same contents. Returns the pages swapped out.
+    pub fn swap_out(&self, hva: Hva, len: u64) -> Result<u64, HostError> {
+        let (start, end) = Self::check_range(hva, len)?;
+        let _g = self.mmap_lock.lock();
+        let huge = |a: u64| matches!(self.lookup(a), Some((_, 2, _)));
+        let nstart = if huge(start) { start & !((2 << 20) - 1) } else { start };
+        let nend = if huge(end - 1) { (end - 1) / (2 << 20) * (2 << 20) + (2 << 20) } else { end };
+        let range = HvaRange { start: Hva(nstart), end: Hva(nend) };
+        self.notify_start(range, MmuNotifyEvent::Clear);
+        let mem = self.frames.mem();
+        let mut n = 0;
+        let mut a = start;
+        let mut result = Ok(());
+        while a < end {
+            match self.lookup(a) {
+                Some((v, 2, e)) => {
+                    if let Err(err) = self.split_pmd(e, v) {
+                        result = Err(err);
+                        break;
+                    }
+                }
+                Some((v, _, e)) => {
+                    let pfn = Pfn::new((v & ADDR) >> 12);
+                    e.store(0, Ordering::Release);
+                    if !self.frames.is_zero_pfn(pfn) {
+                        let words: Box<[u64]> =
+                            (0..512u64).map(|i| mem.load(Hpa::new(pfn.hpa().raw() + i * 8))).collect();
+                        self.swap.lock().insert(a, words);
+                        self.frames.free_4k(pfn);
+                        n += 1;
+                    }
+                    a += 4096;
+                }
+                None => a += 4096,
+            }
+        }
+        self.notify_end(range, MmuNotifyEvent::Clear);
+        result.map(|()| n)
+    }
+
+    /// Pages in the swap store.
+    pub fn swapped_pages(&self) -> u64 {
+        self.swap.lock().len() as u64
     }
 
     /// munmap: removes the mapping; the frames go back to the host.

@@ -20,6 +20,8 @@ pub enum MmuNotifyEvent {
     Clear,
     /// A copy-on-write (for example the shared zero page replaced by a private page).
     Cow,
+    /// Page migration: the contents move to a new frame.
+    Migrate,
 }
 
 /// A secondary MMU that mirrors the host page tables.
