@@ -158,6 +158,14 @@ impl Memslot {
         }
     }
 
+    /// Whether `gfn`'s bit is set in the dirty log (false when not logging).
+    pub fn is_dirty(&self, gfn: Gfn) -> bool {
+        self.dirty_bitmap.as_ref().is_some_and(|b| {
+            let i = gfn.raw() - self.base_gfn.raw();
+            b[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+        })
+    }
+
     /// Sets every page's bit (KVM_DIRTY_LOG_INITIALLY_SET).
     pub fn set_all_dirty(&self) {
         if let Some(b) = &self.dirty_bitmap {

@@ -5,6 +5,8 @@
 //! - a huge leaf lies wholly inside one memslot and the host maps it at least as large;
 //! - a writable SPTE only where the memslot and the host mapping are writable;
 //! - no present SPTE maps a gfn outside every memslot;
+//! - in a dirty-logged memslot, every gfn a writable SPTE maps has its dirty bit set (else
+//!   a write through it would go unlogged);
 //! - the page counters (pages_4k/2m/1g) and tdp_mmu_pages equal a recount.
 
 use super::spte::Spte;
@@ -83,6 +85,9 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                                     errs.push(format!(
                                         "writable SPTE for gfn {gfn:#x} over a read-only host page or memslot"
                                     ));
+                                }
+                                if s.is_writable() {
+                                    check_logged(slot, gfn, level, &mut errs);
                                 }
                             }
                         }
@@ -186,6 +191,9 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                             errs.push(format!("SPTE for gfn {gfn:#x} maps pfn {:#x}, host has {p:?}", spte.pfn().raw()))
                         }
                     }
+                    if spte.is_writable() {
+                        check_logged(slot, gfn, level, &mut errs);
+                    }
                     if spte.is_writable() && s.write_track.is_tracked(gfn) {
                         errs.push(format!("write-tracked gfn {gfn:#x} is mapped writable"));
                     }
@@ -228,5 +236,22 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
         Ok(rep)
     } else {
         Err(AuditError(errs))
+    }
+}
+
+/// A writable SPTE of `level` mapping `gfn` in a dirty-logged slot: every page it covers must
+/// be marked dirty already.
+fn check_logged(slot: &crate::memslot::Memslot, gfn: Gfn, level: u8, errs: &mut Vec<String>) {
+    if !slot.dirty_logging() {
+        return;
+    }
+    let n = pages_at(level);
+    let first = gfn.raw() & !(n - 1);
+    if let Some(g) = (first..first + n).map(Gfn::new).find(|&g| slot.contains(g) && !slot.is_dirty(g)) {
+        errs.push(format!(
+            "writable level-{level} SPTE maps gfn {:#x} in dirty-logged memslot {} whose dirty bit is clear: a write would go unlogged",
+            g.raw(),
+            slot.id
+        ));
     }
 }
