@@ -468,11 +468,15 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
         }
         Op::MadviseDontneed { slot, offset, size }
         | Op::MigratePages { slot, offset, size }
-        | Op::SwapOut { slot, offset, size } => {
+        | Op::SwapOut { slot, offset, size }
+        | Op::ThpSplit { slot, offset, size }
+        | Op::ThpCollapse { slot, offset, size } => {
             let name = match op {
                 Op::MadviseDontneed { .. } => "madvise-dontneed",
                 Op::MigratePages { .. } => "migrate-pages",
-                _ => "swap-out",
+                Op::SwapOut { .. } => "swap-out",
+                Op::ThpSplit { .. } => "thp-split",
+                _ => "thp-collapse",
             };
             let (_, len, hva) = m.slots[*slot as usize];
             if offset.0 + size.0 > len {
@@ -491,8 +495,14 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
                 Op::MigratePages { .. } => {
                     host.migrate_pages(at, size.0).map_err(run_err)?;
                 }
-                _ => {
+                Op::SwapOut { .. } => {
                     host.swap_out(at, size.0).map_err(run_err)?;
+                }
+                Op::ThpSplit { .. } => {
+                    host.split_huge_pages(at, size.0).map_err(run_err)?;
+                }
+                _ => {
+                    host.collapse_huge_pages(at, size.0).map_err(run_err)?;
                 }
             }
             Ok(0)

@@ -274,6 +274,25 @@ pub enum Op {
         /// Bytes.
         size: Size,
     },
+    /// The host splits the THPs mapping part of a memslot into 4 KiB mappings.
+    ThpSplit {
+        /// Memslot index.
+        slot: u32,
+        /// Offset into the slot.
+        offset: Size,
+        /// Bytes.
+        size: Size,
+    },
+    /// The host (khugepaged) collapses fully-mapped 2 MiB blocks of a THP-backed memslot
+    /// back into huge pages.
+    ThpCollapse {
+        /// Memslot index.
+        slot: u32,
+        /// Offset into the slot.
+        offset: Size,
+        /// Bytes.
+        size: Size,
+    },
     /// Kernel layout: fork the current process (the child gets the next pid).
     Fork,
     /// Kernel layout: exec in the current process (drop all of its user memory).
@@ -541,7 +560,11 @@ impl Scenario {
                     {
                         return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout"))
                     }
-                    Op::MadviseDontneed { slot, .. } | Op::MigratePages { slot, .. } | Op::SwapOut { slot, .. }
+                    Op::MadviseDontneed { slot, .. }
+                    | Op::MigratePages { slot, .. }
+                    | Op::SwapOut { slot, .. }
+                    | Op::ThpSplit { slot, .. }
+                    | Op::ThpCollapse { slot, .. }
                         if *slot as usize >= self.memslots.len() =>
                     {
                         return Err(err(f("slot"), "no such memslot"))

@@ -290,3 +290,19 @@ fn host_events_scenario_zaps_and_refaults() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("swap-out") && err.contains("beyond memslot 0"), "{err}");
 }
+
+#[test]
+fn thp_events_scenario_moves_pages_2m() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/thp-events.toml");
+    let v = json(&["run", f.to_str().unwrap(), "--json"]);
+    let ph = |n: &str| v["phases"].as_array().unwrap().iter().find(|p| p["name"] == n).cloned().unwrap();
+    let populated = stat(&ph("populate"), "pages_2m");
+    assert!(populated >= 16, "THP-backed writes map 2 MiB: {populated}");
+    // After the split the 32 MiB range is mapped 4 KiB (8192 faults, one per page).
+    assert_eq!(stat(&ph("split"), "pf_taken"), 8192);
+    assert!(stat(&ph("split"), "pages_2m") < populated);
+    assert!(stat(&ph("split"), "remote_tlb_flush") >= 16, "one notifier flush per split huge page");
+    // After the collapse it is huge again: one fault per 2 MiB.
+    assert_eq!(stat(&ph("collapse"), "pf_taken"), 16);
+    assert_eq!(stat(&ph("collapse"), "pages_2m"), populated);
+}

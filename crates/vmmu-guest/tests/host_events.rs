@@ -182,3 +182,39 @@ fn host_coherence_with_concurrent_events() {
         coherence_with_concurrent_host_events(MmuKind::Shadow, seed);
     }
 }
+
+/// THP split and collapse under a running guest: after a split KVM's huge SPTEs are gone and
+/// the guest refaults at 4 KiB (the host maps the range small); after khugepaged-style
+/// collapse the guest's next faults map 2 MiB again. Contents survive both.
+fn thp_split_and_collapse(mmu: MmuKind) {
+    let what = format!("{mmu:?} THP");
+    let mut g = guest(mmu, Backing::Thp);
+    let huge = |g: &G| g.kvm.vm_stats()["pages_2m"];
+    if mmu != MmuKind::Shadow {
+        assert!(huge(&g) > 0, "{what}: THP-backed memory mapped huge");
+    }
+    let split = g.host.split_huge_pages(g.hva, MEM).unwrap();
+    assert!(split > 0, "{what}: {split} huge pages split");
+    assert_eq!(huge(&g), 0, "{what}: the split zapped the huge SPTEs");
+    g.check_contents(&what);
+    assert_eq!(huge(&g), 0, "{what}: refaulted at 4 KiB");
+    g.kvm.audit().unwrap();
+    let made = g.host.collapse_huge_pages(g.hva, MEM).unwrap();
+    assert!(made > 0, "{what}: {made} huge pages collapsed");
+    g.kvm.audit().unwrap();
+    g.check_contents(&what);
+    if mmu != MmuKind::Shadow {
+        assert!(huge(&g) > 0, "{what}: huge again after the collapse");
+    }
+    g.kvm.audit().unwrap();
+    // 4 KiB-backed memory is never collapsed.
+    let g4 = guest(mmu, Backing::Anon4k);
+    assert_eq!(g4.host.collapse_huge_pages(g4.hva, MEM).unwrap(), 0, "{what}");
+}
+
+#[test]
+fn thp_split_and_collapse_all_mmus() {
+    thp_split_and_collapse(MmuKind::Tdp);
+    thp_split_and_collapse(MmuKind::LegacyTdp);
+    thp_split_and_collapse(MmuKind::Shadow);
+}

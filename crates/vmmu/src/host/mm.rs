@@ -558,6 +558,95 @@ impl HostMm {
         result.map(|()| n)
     }
 
+    /// THP split (split_huge_pmd): every 2 MiB mapping in the range becomes 512 4 KiB
+    /// mappings of the same frames, notifiers told (KVM must drop its huge SPTEs, since
+    /// the host no longer maps the range huge). Returns the huge pages split.
+    pub fn split_huge_pages(&self, hva: Hva, len: u64) -> Result<u64, HostError> {
+        let (start, end) = Self::check_range(hva, len)?;
+        let _g = self.mmap_lock.lock();
+        let mut n = 0;
+        let mut a = start & !((2 << 20) - 1);
+        while a < end {
+            if let Some((v, 2, e)) = self.lookup(a) {
+                let range = HvaRange { start: Hva(a), end: Hva(a + (2 << 20)) };
+                self.notify_start(range, MmuNotifyEvent::Clear);
+                let r = self.split_pmd(e, v);
+                self.notify_end(range, MmuNotifyEvent::Clear);
+                r?;
+                n += 1;
+            }
+            a += 2 << 20;
+        }
+        Ok(n)
+    }
+
+    /// THP collapse (khugepaged): every 2 MiB-aligned block of a THP-backed VMA inside the
+    /// range whose 512 pages are all mapped privately is copied into a fresh 2 MiB frame and
+    /// mapped by one PMD; the old frames are freed, notifiers told. The next fault lets KVM
+    /// map the block huge again. Returns the huge pages made.
+    pub fn collapse_huge_pages(&self, hva: Hva, len: u64) -> Result<u64, HostError> {
+        let (start, end) = Self::check_range(hva, len)?;
+        let _g = self.mmap_lock.lock();
+        let mem = self.frames.mem();
+        let mut n = 0;
+        let mut a = start.next_multiple_of(2 << 20);
+        while a + (2 << 20) <= end {
+            let block = a;
+            a += 2 << 20;
+            let Some(vma) = self.vma(block) else { continue };
+            if vma.backing != Backing::Thp || block + (2 << 20) > vma.end {
+                continue;
+            }
+            let ptes: Option<Vec<(u64, &AtomicU64)>> = (0..512u64)
+                .map(|i| match self.lookup(block + i * 4096) {
+                    Some((v, 1, e)) if !self.frames.is_zero_pfn(Pfn::new((v & ADDR) >> 12)) => Some((v, e)),
+                    _ => None,
+                })
+                .collect();
+            let Some(ptes) = ptes else { continue };
+            let range = HvaRange { start: Hva(block), end: Hva(block + (2 << 20)) };
+            self.notify_start(range, MmuNotifyEvent::Clear);
+            let new = match self.frames.alloc_2m() {
+                Ok(f) => f,
+                Err(e) => {
+                    self.notify_end(range, MmuNotifyEvent::Clear);
+                    return Err(e);
+                }
+            };
+            let mut flags = P | U | A | PS;
+            for (i, (v, e)) in ptes.iter().enumerate() {
+                let old = Pfn::new((v & ADDR) >> 12);
+                mem.copy_frame(old, Pfn::new(new.raw() + i as u64));
+                flags |= v & (W | D);
+                e.store(0, Ordering::Release);
+                self.frames.free_4k(old);
+            }
+            // The PMD pointed at the page table just emptied; it becomes the huge mapping.
+            if let Some(pmd) = self.pmd_entry(block) {
+                let table = Pfn::new((pmd.load(Ordering::Acquire) & ADDR) >> 12);
+                pmd.store(new.hpa().raw() | flags, Ordering::Release);
+                self.frames.free_4k(table);
+                self.pt_pages.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.notify_end(range, MmuNotifyEvent::Clear);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The PMD entry covering `hva`, if the upper levels are present.
+    fn pmd_entry(&self, hva: u64) -> Option<&AtomicU64> {
+        let mut table = self.pgd;
+        for level in (3..=4u8).rev() {
+            let v = self.entry(table, index(hva, level)).load(Ordering::Acquire);
+            if v & P == 0 {
+                return None;
+            }
+            table = Pfn::new((v & ADDR) >> 12);
+        }
+        Some(self.entry(table, index(hva, 2)))
+    }
+
     /// Pages in the swap store.
     pub fn swapped_pages(&self) -> u64 {
         self.swap.lock().len() as u64
