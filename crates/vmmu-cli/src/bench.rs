@@ -499,6 +499,14 @@ fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, String> {
     Ok(out)
 }
 
+/// The region of `m`'s data memslot (its largest) with KVM_MEM_LOG_DIRTY_PAGES added.
+fn logging_region(m: &Machine) -> Result<vmmu::memslot::UserspaceMemoryRegion, String> {
+    let slots = m.kvm.memslots();
+    let mut r = slots.iter().max_by_key(|s| s.npages).ok_or("no memslot")?.region();
+    r.flags |= vmmu::memslot::MemslotFlags::LOG_DIRTY_PAGES;
+    Ok(r)
+}
+
 /// Dirty logging under the TDP MMU: turning KVM_MEM_LOG_DIRTY_PAGES on over mapped memory
 /// (write-protecting every SPTE), and KVM_GET_DIRTY_LOG after the guest wrote every page.
 fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
@@ -507,17 +515,8 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
     let mut m = machine("4k", true, &mem_for(pages * 4096), 1)?;
     let base = m.data_start;
     touch(&mut m.vcpus[0], base, pages)?;
-    let slots = m.kvm.memslots();
-    let slot = slots.iter().max_by_key(|s| s.npages).ok_or("no memslot")?;
-    let region = vmmu::memslot::UserspaceMemoryRegion {
-        slot: slot.id,
-        flags: slot.flags | vmmu::memslot::MemslotFlags::LOG_DIRTY_PAGES,
-        guest_phys_addr: slot.base_gfn.raw() << 12,
-        memory_size: slot.npages << 12,
-        userspace_addr: slot.userspace_addr,
-    };
-    let slot_bytes = slot.npages << 12;
-    drop(slots);
+    let region = logging_region(&m)?;
+    let slot_bytes = region.memory_size;
     let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0);
     let t = time(|| m.kvm.set_user_memory_region(region).map_err(e))?;
     let mut r = BenchResult::time("enable dirty logging (write-protect the slot)", t, 1, None);
@@ -533,16 +532,7 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
         let mut t = machine("thp", true, &mem_for(pages * 4096), 1)?;
         let base = t.data_start;
         touch(&mut t.vcpus[0], base, pages)?;
-        let slots = t.kvm.memslots();
-        let slot = slots.iter().max_by_key(|s| s.npages).ok_or("no memslot")?;
-        let r2 = vmmu::memslot::UserspaceMemoryRegion {
-            slot: slot.id,
-            flags: slot.flags | vmmu::memslot::MemslotFlags::LOG_DIRTY_PAGES,
-            guest_phys_addr: slot.base_gfn.raw() << 12,
-            memory_size: slot.npages << 12,
-            userspace_addr: slot.userspace_addr,
-        };
-        drop(slots);
+        let r2 = logging_region(&t)?;
         let huge = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
         let ns = time(|| t.kvm.set_user_memory_region(r2).map_err(e))?;
         let after = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);

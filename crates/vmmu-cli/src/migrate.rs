@@ -7,7 +7,7 @@
 use crate::runner::{Machine, RunError};
 use std::time::Instant;
 use vmmu::host::Hva;
-use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+use vmmu::memslot::MemslotFlags;
 use vmmu::x86_paging::addr::Hpa;
 
 /// What to migrate and when to stop.
@@ -93,14 +93,9 @@ pub fn run(
         .iter()
         .find(|s| s.base_gfn.raw() == gpa >> 12)
         .ok_or_else(|| RunError::Failed(format!("migrate: memslot {} is not registered", plan.slot)))?;
-    let mut region = UserspaceMemoryRegion {
-        slot: slot.id,
-        flags: slot.flags | MemslotFlags::LOG_DIRTY_PAGES,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: hva,
-    };
-    let base_flags = slot.flags;
+    let mut region = slot.region();
+    let base_flags = region.flags;
+    region.flags |= MemslotFlags::LOG_DIRTY_PAGES;
     drop(slots);
     let npages = size / 4096;
     let mut dst = vec![0u64; (npages * 512) as usize];

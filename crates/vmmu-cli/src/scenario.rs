@@ -396,6 +396,33 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The memslot index a host-side op names.
+    fn slot(&self) -> Option<u32> {
+        match self {
+            Op::MadviseDontneed { slot, .. }
+            | Op::MigratePages { slot, .. }
+            | Op::SwapOut { slot, .. }
+            | Op::ThpSplit { slot, .. }
+            | Op::ThpCollapse { slot, .. }
+            | Op::Migrate { slot, .. }
+            | Op::IdleTracking { slot, .. } => Some(*slot),
+            _ => None,
+        }
+    }
+
+    /// The named workload an op runs: (field holding the name, name, pages).
+    fn workload(&self) -> Option<(&'static str, &str, u64)> {
+        match self {
+            Op::Workload { name, pages, .. } => Some(("name", name, *pages)),
+            Op::Migrate { workload, pages, .. } | Op::IdleTracking { workload, pages, .. } => {
+                Some(("workload", workload, *pages))
+            }
+            _ => None,
+        }
+    }
+}
+
 fn default_passes() -> u32 {
     4
 }
@@ -518,6 +545,20 @@ impl Scenario {
         for (pi, p) in self.phases.iter().enumerate() {
             for (oi, op) in p.ops.iter().enumerate() {
                 let f = |x: &str| format!("phase[{pi}].ops[{oi}].{x}");
+                if op.slot().is_some_and(|slot| slot as usize >= self.memslots.len()) {
+                    return Err(err(f("slot"), "no such memslot"));
+                }
+                if let Some((field, name, pages)) = op.workload() {
+                    if vmmu_guest::Workload::parse(name, pages).is_none() {
+                        return Err(err(
+                            f(field),
+                            format!("`{name}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
+                        ));
+                    }
+                    if pages == 0 {
+                        return Err(err(f("pages"), "must be > 0"));
+                    }
+                }
                 match op {
                     Op::Write { pages, .. }
                     | Op::Read { pages, .. }
@@ -526,17 +567,6 @@ impl Scenario {
                         if *pages == 0 =>
                     {
                         return Err(err(f("pages"), "must be > 0"))
-                    }
-                    Op::Workload { name, pages, .. } => {
-                        if vmmu_guest::Workload::parse(name, *pages).is_none() {
-                            return Err(err(
-                                f("name"),
-                                format!("`{name}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
-                            ));
-                        }
-                        if *pages == 0 {
-                            return Err(err(f("pages"), "must be > 0"));
-                        }
                     }
                     Op::RewriteEntry { level, .. } if !(1..=5).contains(level) => {
                         return Err(err(f("level"), "must be 1..=5"))
@@ -560,46 +590,8 @@ impl Scenario {
                     {
                         return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout"))
                     }
-                    Op::MadviseDontneed { slot, .. }
-                    | Op::MigratePages { slot, .. }
-                    | Op::SwapOut { slot, .. }
-                    | Op::ThpSplit { slot, .. }
-                    | Op::ThpCollapse { slot, .. }
-                        if *slot as usize >= self.memslots.len() =>
-                    {
-                        return Err(err(f("slot"), "no such memslot"))
-                    }
-                    Op::Migrate { slot, workload, pages, max_rounds, .. } => {
-                        if *slot as usize >= self.memslots.len() {
-                            return Err(err(f("slot"), "no such memslot"));
-                        }
-                        if vmmu_guest::Workload::parse(workload, *pages).is_none() {
-                            return Err(err(
-                                f("workload"),
-                                format!("`{workload}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
-                            ));
-                        }
-                        if *pages == 0 {
-                            return Err(err(f("pages"), "must be > 0"));
-                        }
-                        if *max_rounds == 0 {
-                            return Err(err(f("max_rounds"), "must be > 0"));
-                        }
-                    }
-                    Op::IdleTracking { slot, workload, pages, passes, .. } => {
-                        if *slot as usize >= self.memslots.len() {
-                            return Err(err(f("slot"), "no such memslot"));
-                        }
-                        if vmmu_guest::Workload::parse(workload, *pages).is_none() {
-                            return Err(err(
-                                f("workload"),
-                                format!("`{workload}` is not one of {}", vmmu_guest::Workload::NAMES.join(", ")),
-                            ));
-                        }
-                        if *pages == 0 || *passes == 0 {
-                            return Err(err(f("passes"), "pages and passes must be > 0"));
-                        }
-                    }
+                    Op::Migrate { max_rounds: 0, .. } => return Err(err(f("max_rounds"), "must be > 0")),
+                    Op::IdleTracking { passes: 0, .. } => return Err(err(f("passes"), "must be > 0")),
                     _ => {}
                 }
             }

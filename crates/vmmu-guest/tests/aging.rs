@@ -3,38 +3,21 @@
 //! fast page fault), under the TDP MMU, the legacy TDP MMU and shadow paging. The oracle is
 //! the guest's own access pattern.
 
-use std::sync::Arc;
-use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
-use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
+mod common;
+
+use vmmu::host::{Backing, Hva};
 use vmmu::{MmuKind, VmConfig};
-use vmmu_guest::kernel::{KernelConfig, USER_BASE};
+use vmmu_guest::kernel::USER_BASE;
 use vmmu_guest::workload::{run, KernelSpace, Workload};
 use vmmu_guest::GuestKernel;
 
-const MEM: u64 = 256 << 20;
+use common::MEM;
 
 fn idle_tracking(cfg: VmConfig) {
     let what = format!("{:?} eptad={}", cfg.mmu, cfg.eptad);
-    let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
-    let host = Arc::new(HostMm::new(frames).unwrap());
     let tracked = !cfg.eptad && cfg.mmu != MmuKind::Shadow;
-    let kvm = vmmu::Kvm::new(cfg, host.clone()).unwrap();
-    let hva = host.mmap(MEM, Backing::Anon4k, true, false).unwrap();
-    let r = UserspaceMemoryRegion {
-        slot: 0,
-        flags: MemslotFlags::empty(),
-        guest_phys_addr: 0,
-        memory_size: MEM,
-        userspace_addr: hva,
-    };
-    kvm.set_user_memory_region(r).unwrap();
-    let mut cpu = kvm.create_vcpu().unwrap();
-    let mut k = GuestKernel::boot(&*kvm, &mut cpu, KernelConfig { mem_size: MEM, ..Default::default() }).unwrap();
-    let pid = k.create_process(&mut cpu).unwrap();
     let pages = 256u64;
-    k.mmap(pid, USER_BASE, pages * 4096, true).unwrap();
-    k.switch_to(&mut cpu, pid).unwrap();
-    run(Workload::FirstTouch, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, pages).unwrap();
+    let common::Booted { kvm, host, hva, mut cpu, mut k, pid } = common::boot(cfg, Backing::Anon4k, pages);
     let gpa = |k: &GuestKernel, cpu: &mut vmmu::Vcpu, i: u64| {
         k.user_pte(cpu, pid, USER_BASE + i * 4096).unwrap().unwrap() & 0x000f_ffff_ffff_f000
     };

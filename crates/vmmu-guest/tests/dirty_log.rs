@@ -2,47 +2,19 @@
 //! every MMU: the oracle is the guest kernel's own page tables — the frames behind the pages
 //! a workload wrote are exactly the pages logged.
 
+mod common;
+
+use common::{region, Booted as Guest, MEM};
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use vmmu::host::{Backing, FrameAllocator, HostMm};
-use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
-use vmmu::{Kvm, MmuKind, Vcpu, VmConfig};
-use vmmu_guest::kernel::{KernelConfig, USER_BASE};
+use vmmu::host::Backing;
+use vmmu::memslot::MemslotFlags;
+use vmmu::{MmuKind, VmConfig};
+use vmmu_guest::kernel::USER_BASE;
 use vmmu_guest::workload::{run, KernelSpace, Workload};
-use vmmu_guest::GuestKernel;
-
-const MEM: u64 = 256 << 20;
-
-struct Guest {
-    kvm: Arc<Kvm>,
-    cpu: Vcpu,
-    k: GuestKernel,
-    pid: u32,
-    hva: vmmu::host::Hva,
-}
-
-fn region(hva: vmmu::host::Hva, flags: MemslotFlags) -> UserspaceMemoryRegion {
-    UserspaceMemoryRegion { slot: 0, flags, guest_phys_addr: 0, memory_size: MEM, userspace_addr: hva }
-}
 
 /// Boots a guest whose process has `pages` pages mapped and touched once.
 fn guest(mmu: MmuKind, backing: Backing, pages: u64) -> Guest {
-    guest_with(VmConfig { mmu, ..Default::default() }, backing, pages)
-}
-
-fn guest_with(cfg: VmConfig, backing: Backing, pages: u64) -> Guest {
-    let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
-    let host = Arc::new(HostMm::new(frames).unwrap());
-    let kvm = Kvm::new(cfg, host.clone()).unwrap();
-    let hva = host.mmap(MEM, backing, true, false).unwrap();
-    kvm.set_user_memory_region(region(hva, MemslotFlags::empty())).unwrap();
-    let mut cpu = kvm.create_vcpu().unwrap();
-    let mut k = GuestKernel::boot(&*kvm, &mut cpu, KernelConfig { mem_size: MEM, ..Default::default() }).unwrap();
-    let pid = k.create_process(&mut cpu).unwrap();
-    k.mmap(pid, USER_BASE, pages * 4096, true).unwrap();
-    k.switch_to(&mut cpu, pid).unwrap();
-    run(Workload::FirstTouch, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, pages).unwrap();
-    Guest { kvm, cpu, k, pid, hva }
+    common::boot(VmConfig { mmu, ..Default::default() }, backing, pages)
 }
 
 impl Guest {
@@ -81,7 +53,7 @@ impl Guest {
     /// The gfns of the four guest tables (PML4 first, PT last) that map user page `i`.
     fn walk_tables(&self, i: u64) -> [u64; 4] {
         let root = self.k.processes().iter().find(|p| p.pid == self.pid).unwrap().root.raw();
-        let host = self.kvm.host();
+        let host = &self.host;
         let va = USER_BASE + i * 4096;
         let mut out = [0; 4];
         let mut table = root & !0xfff;
@@ -108,16 +80,7 @@ impl Guest {
 
     /// KVM_GET_DIRTY_LOG on slot 0, as a set of gfns.
     fn harvest(&self) -> BTreeSet<u64> {
-        let bm = self.kvm.get_dirty_log(0).unwrap();
-        let mut out = BTreeSet::new();
-        for (w, bits) in bm.iter().enumerate() {
-            for b in 0..64 {
-                if bits & (1 << b) != 0 {
-                    out.insert(w as u64 * 64 + b);
-                }
-            }
-        }
-        out
+        bits_to_set(&self.kvm.get_dirty_log(0).unwrap())
     }
 }
 
@@ -195,7 +158,7 @@ fn shadow_logs_exactly_the_written_pages() {
 fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split: bool) {
     let pages = 4096;
     let cfg = VmConfig { eager_page_split, ..Default::default() };
-    let mut g = guest_with(cfg, Backing::Thp, pages);
+    let mut g = common::boot(cfg, Backing::Thp, pages);
     let huge = g.kvm.vm_stats()["pages_2m"];
     assert!(huge > 0);
     let w = g.gfns(1000, 3);
@@ -269,15 +232,7 @@ fn completeness_with_racing_harvests(mmu: MmuKind, writes: &[u16]) {
         let harvester = s.spawn(|| {
             let mut out = Vec::new();
             while !stop.load(Ordering::Acquire) {
-                let bm = kvm.get_dirty_log(0).unwrap();
-                out.push(
-                    bm.iter()
-                        .enumerate()
-                        .flat_map(|(w, &bits)| {
-                            (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b)
-                        })
-                        .collect::<BTreeSet<u64>>(),
-                );
+                out.push(bits_to_set(&kvm.get_dirty_log(0).unwrap()));
                 done_harvests.fetch_add(1, Ordering::SeqCst);
                 std::thread::yield_now();
             }

@@ -3,46 +3,19 @@
 //! zapped by the MMU notifier and fault back in on the new frames (pf_taken, the audit
 //! checks every SPTE against the host mapping).
 
-use std::sync::Arc;
-use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
-use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
-use vmmu::x86_paging::access::AccessKind;
-use vmmu::{Kvm, MmuKind, Vcpu, VmConfig};
-use vmmu_guest::kernel::{KernelConfig, USER_BASE};
-use vmmu_guest::workload::{run, KernelSpace, Workload};
-use vmmu_guest::GuestKernel;
+mod common;
 
-const MEM: u64 = 256 << 20;
+use common::{Booted as G, MEM};
+use vmmu::host::{Backing, Hva};
+use vmmu::x86_paging::access::AccessKind;
+use vmmu::{MmuKind, VmConfig};
+use vmmu_guest::kernel::USER_BASE;
+
 const PAGES: u64 = 1024;
 
-struct G {
-    kvm: Arc<Kvm>,
-    host: Arc<HostMm>,
-    hva: Hva,
-    cpu: Vcpu,
-    k: GuestKernel,
-}
-
+/// A booted guest that stored a known value in each of its `PAGES` pages.
 fn guest(mmu: MmuKind, backing: Backing) -> G {
-    let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
-    let host = Arc::new(HostMm::new(frames).unwrap());
-    let kvm = Kvm::new(VmConfig { mmu, ..Default::default() }, host.clone()).unwrap();
-    let hva = host.mmap(MEM, backing, true, false).unwrap();
-    let r = UserspaceMemoryRegion {
-        slot: 0,
-        flags: MemslotFlags::empty(),
-        guest_phys_addr: 0,
-        memory_size: MEM,
-        userspace_addr: hva,
-    };
-    kvm.set_user_memory_region(r).unwrap();
-    let mut cpu = kvm.create_vcpu().unwrap();
-    let mut k = GuestKernel::boot(&*kvm, &mut cpu, KernelConfig { mem_size: MEM, ..Default::default() }).unwrap();
-    let pid = k.create_process(&mut cpu).unwrap();
-    k.mmap(pid, USER_BASE, PAGES * 4096, true).unwrap();
-    k.switch_to(&mut cpu, pid).unwrap();
-    run(Workload::FirstTouch, &mut KernelSpace { kernel: &mut k, cpu: &mut cpu }, USER_BASE, PAGES).unwrap();
-    let mut g = G { kvm, host, hva, cpu, k };
+    let mut g = common::boot(VmConfig { mmu, ..Default::default() }, backing, PAGES);
     for i in 0..PAGES {
         g.k.access(&mut g.cpu, USER_BASE + i * 4096 + 64, AccessKind::Write, 8, i * 0x9e37_79b9 + 1).unwrap();
     }
@@ -62,7 +35,7 @@ impl G {
     }
 
     fn data_gpa(&mut self, i: u64) -> u64 {
-        let pid = self.k.current_pid().unwrap();
+        let pid = self.pid;
         self.k.user_pte(&mut self.cpu, pid, USER_BASE + i * 4096).unwrap().unwrap() & 0x000f_ffff_ffff_f000
     }
 }
@@ -131,7 +104,7 @@ fn legacy_tdp_migrate_and_swap() {
 /// the audit finds no SPTE mapping a frame the host freed or moved.
 fn coherence_with_concurrent_host_events(mmu: MmuKind, seed: u64) {
     use rand::{Rng, SeedableRng};
-    let G { kvm, host, hva, mut cpu, mut k } = guest(mmu, Backing::Anon4k);
+    let G { kvm, host, hva, mut cpu, mut k, .. } = guest(mmu, Backing::Anon4k);
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let stop = &stop;

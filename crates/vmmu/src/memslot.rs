@@ -158,6 +158,18 @@ impl Memslot {
         }
     }
 
+    /// The KVM_SET_USER_MEMORY_REGION argument that describes this slot as it is (change
+    /// `flags` to update it).
+    pub fn region(&self) -> UserspaceMemoryRegion {
+        UserspaceMemoryRegion {
+            slot: self.id,
+            flags: self.flags,
+            guest_phys_addr: self.base_gfn.raw() << 12,
+            memory_size: self.npages << 12,
+            userspace_addr: self.userspace_addr,
+        }
+    }
+
     /// Whether `gfn`'s bit is set in the dirty log (false when not logging).
     pub fn is_dirty(&self, gfn: Gfn) -> bool {
         self.dirty_bitmap.as_ref().is_some_and(|b| {

@@ -520,28 +520,14 @@ impl Kvm {
 
     /// Clears W (keeping MMU-writable) on every SPTE mapping `gfn`, in both MMUs.
     fn write_protect_gfn_for_log(&self, gfn: x86_paging::addr::Gfn) -> bool {
-        let mut changed = if self.config.mmu == MmuKind::Tdp {
-            tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, gfn, x86_paging::addr::Gfn::new(gfn.raw() + 1))
-        } else {
-            false
-        };
-        if self.config.mmu != MmuKind::Tdp {
-            let _w = self.mmu.mmu_lock.write();
-            let sh = self.mmu.shadow.lock();
-            let slots = self.memslots();
-            if let Some(slot) = slots.find(gfn) {
-                for level in 1..=3u8 {
-                    for sptep in sh.rmaps.get(slot, gfn, level) {
-                        let v = self.mem().load(sptep);
-                        if v & crate::mmu::spte::PT_WRITABLE != 0 {
-                            self.mem().store(sptep, v & !crate::mmu::spte::PT_WRITABLE);
-                            changed = true;
-                        }
-                    }
-                }
-            }
+        if self.config.mmu == MmuKind::Tdp {
+            return tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, gfn, x86_paging::addr::Gfn::new(gfn.raw() + 1));
         }
-        changed
+        let _w = self.mmu.mmu_lock.write();
+        let mut sh = self.mmu.shadow.lock();
+        let mut ctx =
+            crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: self.memslots(), vcpu: None, cpu: u32::MAX };
+        ctx.write_protect_gfn(gfn, false)
     }
 
     pub(crate) fn memslots_generation(&self) -> u64 {
@@ -661,19 +647,11 @@ impl Kvm {
         } else {
             // rmap_write_protect with pt_protect = false: W goes, MMU-writable stays.
             let _w = self.mmu.mmu_lock.write();
-            let sh = self.mmu.shadow.lock();
-            let mut changed = false;
-            for (id, _, sptep) in sh.rmaps.all() {
-                if id != slot {
-                    continue;
-                }
-                let v = self.mem().load(sptep);
-                if v & crate::mmu::spte::PT_WRITABLE != 0 {
-                    self.mem().store(sptep, v & !crate::mmu::spte::PT_WRITABLE);
-                    changed = true;
-                }
-            }
-            changed
+            let mut sh = self.mmu.shadow.lock();
+            let sptes: Vec<_> = sh.rmaps.all().into_iter().filter(|&(id, _, _)| id == slot).collect();
+            let mut ctx =
+                crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
+            sptes.into_iter().fold(false, |changed, (_, _, sptep)| ctx.spte_write_protect(sptep, false) | changed)
         };
         if changed {
             self.flush_remote_tlbs(None);

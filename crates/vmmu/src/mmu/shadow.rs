@@ -293,7 +293,7 @@ impl Ctx<'_> {
         if level > 1 {
             self.s.write_track.add(gfn);
         }
-        if self.write_protect_gfn(gfn) {
+        if self.write_protect_gfn(gfn, true) {
             self.kvm.flush_remote_tlbs(self.me());
         }
     }
@@ -312,19 +312,27 @@ impl Ctx<'_> {
         }
     }
 
-    /// `kvm_mmu_slot_gfn_write_protect` at every level: clears W and MMU-writable on every
-    /// SPTE mapping `gfn` (`rmap_write_protect` with pt_protect); returns whether to flush.
-    pub fn write_protect_gfn(&mut self, gfn: Gfn) -> bool {
+    /// `spte_write_protect`: clears W on the SPTE at `sptep`, and with `pt_protect` also
+    /// MMU-writable (shadowing a page table: fast page fault must not make it writable
+    /// again; without it, as dirty logging does, the next write is a fast page fault).
+    /// Returns whether W was set (a TLB flush is needed).
+    pub(crate) fn spte_write_protect(&mut self, sptep: Hpa, pt_protect: bool) -> bool {
+        let clear = super::spte::PT_WRITABLE | if pt_protect { self.kvm.mmu.masks.mmu_writable } else { 0 };
+        let s = self.load(sptep);
+        if s.0 & clear != 0 {
+            self.store(sptep, Spte(s.0 & !clear));
+        }
+        s.is_writable()
+    }
+
+    /// `kvm_mmu_slot_gfn_write_protect` at every level: [`Ctx::spte_write_protect`] on every
+    /// SPTE mapping `gfn` (`rmap_write_protect`); returns whether to flush.
+    pub fn write_protect_gfn(&mut self, gfn: Gfn, pt_protect: bool) -> bool {
         let Some(slot) = self.slots.find(gfn).cloned() else { return false };
-        let m = self.kvm.mmu.masks;
         let mut flush = false;
         for level in 1..=3u8 {
             for sptep in self.s.rmaps.get(&slot, gfn, level) {
-                let s = self.load(sptep);
-                if s.is_writable() || s.is_mmu_writable(&m) {
-                    self.store(sptep, Spte(s.0 & !(super::spte::PT_WRITABLE | m.mmu_writable)));
-                    flush |= s.is_writable();
-                }
+                flush |= self.spte_write_protect(sptep, pt_protect);
             }
         }
         flush
@@ -691,7 +699,7 @@ impl Ctx<'_> {
             let mut flush = false;
             for &id in &batch {
                 let gfn = self.s.pages.get(id).gfn;
-                flush |= self.write_protect_gfn(gfn);
+                flush |= self.write_protect_gfn(gfn, true);
             }
             if flush {
                 self.kvm.flush_remote_tlbs(self.me());
