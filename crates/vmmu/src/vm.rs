@@ -505,12 +505,14 @@ impl Kvm {
         let mut changed = false;
         let base = s.base_gfn.raw() + first_page;
         for (w, bits) in bitmap.iter().enumerate() {
+            // Each run of consecutive set bits is one range of dirty gfns: one walk each.
             let mut b = *bits;
             while b != 0 {
-                let i = b.trailing_zeros() as u64;
-                b &= b - 1;
-                let gfn = x86_paging::addr::Gfn::new(base + w as u64 * 64 + i);
-                changed |= self.write_protect_gfn_for_log(gfn);
+                let first = u64::from(b.trailing_zeros());
+                let len = u64::from((!(b >> first)).trailing_zeros());
+                b &= !(u64::MAX >> (64 - len) << first);
+                let start = base + w as u64 * 64 + first;
+                changed |= self.write_protect_range_for_log(start, start + len);
             }
         }
         if changed {
@@ -518,16 +520,18 @@ impl Kvm {
         }
     }
 
-    /// Clears W (keeping MMU-writable) on every SPTE mapping `gfn`, in both MMUs.
-    fn write_protect_gfn_for_log(&self, gfn: x86_paging::addr::Gfn) -> bool {
+    /// Clears W (keeping MMU-writable) on every SPTE mapping a gfn in [start, end), in
+    /// both MMUs; returns whether any SPTE lost W.
+    fn write_protect_range_for_log(&self, start: u64, end: u64) -> bool {
+        use x86_paging::addr::Gfn;
         if self.config.mmu == MmuKind::Tdp {
-            return tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, gfn, x86_paging::addr::Gfn::new(gfn.raw() + 1));
+            return tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, Gfn::new(start), Gfn::new(end));
         }
         let _w = self.mmu.mmu_lock.write();
         let mut sh = self.mmu.shadow.lock();
         let mut ctx =
             crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: self.memslots(), vcpu: None, cpu: u32::MAX };
-        ctx.write_protect_gfn(gfn, false)
+        (start..end).fold(false, |changed, g| ctx.write_protect_gfn(Gfn::new(g), false) | changed)
     }
 
     pub(crate) fn memslots_generation(&self) -> u64 {
