@@ -52,6 +52,9 @@ pub struct MigrationReport {
     pub slot: u32,
     /// Its size in pages.
     pub slot_pages: u64,
+    /// How KVM logged: "write protection" or "D bits + PML", and whether enabling split huge
+    /// pages eagerly.
+    pub mode: String,
     /// The rounds, initial copy first.
     pub rounds: Vec<Round>,
     /// Estimated downtime: the stop-and-copy round's harvest and copy.
@@ -99,7 +102,13 @@ pub fn run(
     drop(slots);
     let npages = size / 4096;
     let mut dst = vec![0u64; (npages * 512) as usize];
-    let mut report = MigrationReport { slot: region.slot, slot_pages: npages, ..Default::default() };
+    let cfg = m.kvm.config();
+    let mode = format!(
+        "{}{}",
+        if m.kvm.pml_in_use() { "D bits + PML" } else { "write protection" },
+        if cfg.eager_page_split && cfg.mmu == vmmu::MmuKind::Tdp { ", eager page split" } else { "" }
+    );
+    let mut report = MigrationReport { slot: region.slot, slot_pages: npages, mode, ..Default::default() };
     let kvm_err = |e: vmmu::VmError| RunError::Failed(format!("migrate: {e}"));
     for v in m.vcpus.iter_mut() {
         v.exit_guest();

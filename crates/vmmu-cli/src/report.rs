@@ -74,8 +74,8 @@ pub fn text(r: &RunResult, description: &str) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "live migration (pre-copy, dirty logging by write protection) of memslot {}, {} pages:",
-            mig.slot, mig.slot_pages
+            "live migration (pre-copy, dirty logging by {}) of memslot {}, {} pages:",
+            mig.mode, mig.slot, mig.slot_pages
         );
         let _ = writeln!(
             out,
@@ -194,7 +194,8 @@ pub fn side_by_side(runs: &[RunResult]) -> String {
          pays most; the counters are deterministic)"
     );
     let cols = ["pf_taken", "pf_fixed", "pf_emulate", "pf_guest", "exits", "tlb_flush", "mmu_cache_miss", "mmu_unsync"];
-    let mut h = format!("{:<12} {:>10}", "phase", "mmu");
+    let mw = runs.iter().map(|r| r.mmu.len()).max().unwrap_or(0).max(10);
+    let mut h = format!("{:<12} {:>mw$}", "phase", "mmu");
     for c in ["wall"].iter().chain(cols.iter()) {
         let _ = write!(h, " {:>w$}", c, w = c.len().max(9));
     }
@@ -203,7 +204,7 @@ pub fn side_by_side(runs: &[RunResult]) -> String {
     for i in 0..n {
         for r in runs {
             let Some(p) = r.phases.get(i) else { continue };
-            let mut line = format!("{:<12} {:>10} {:>9}", p.name, r.mmu, human_ns(p.wall_ns));
+            let mut line = format!("{:<12} {:>mw$} {:>9}", p.name, r.mmu, human_ns(p.wall_ns));
             for c in cols {
                 let _ = write!(line, " {:>w$}", p.stats.get(c).copied().unwrap_or(0), w = c.len().max(9));
             }

@@ -169,14 +169,13 @@ pub struct Machine {
     pub idle_tracking: Vec<crate::idle::IdleReport>,
 }
 
-fn vm_config(s: &Scenario, mmu: &str) -> Result<VmConfig, RunError> {
-    let v = &s.vm;
+fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, RunError> {
+    let (mmu, v) = s.vm.variant(variant).map_err(|e| RunError::Config(format!("--mmu: {e}")))?;
     Ok(VmConfig {
-        mmu: match mmu {
+        mmu: match mmu.as_str() {
             "tdp" => MmuKind::Tdp,
             "shadow" => MmuKind::Shadow,
-            "legacy-tdp" => MmuKind::LegacyTdp,
-            m => return Err(RunError::Config(format!("--mmu: `{m}` is not one of tdp, shadow, legacy-tdp"))),
+            _ => MmuKind::LegacyTdp,
         },
         tdp: if v.tdp == "npt" { TdpKind::Npt } else { TdpKind::Ept },
         eptad: v.eptad,
@@ -186,6 +185,7 @@ fn vm_config(s: &Scenario, mmu: &str) -> Result<VmConfig, RunError> {
         mmio_caching: v.mmio_caching,
         tdp_huge_page_level: ((page_shift(&v.tdp_huge_page).unwrap_or(30) - 12) / 9 + 1) as u8,
         eager_page_split: v.eager_page_split,
+        pml: v.pml,
     })
 }
 

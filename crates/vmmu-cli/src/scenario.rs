@@ -47,8 +47,9 @@ pub struct Scenario {
     /// Phases.
     #[serde(rename = "phase", default)]
     pub phases: Vec<Phase>,
-    /// Run the scenario once per MMU listed here (e.g. `["tdp", "shadow"]`) and report them
-    /// side by side; `--mmu` picks one.
+    /// Run the scenario once per variant listed here and report them side by side; `--mmu`
+    /// picks one. A variant is an MMU (`tdp`, `shadow`, `legacy-tdp`) optionally followed by
+    /// `[vm]` settings that differ for it, e.g. `"tdp pml=false eager_page_split=false"`.
     #[serde(default)]
     pub compare: Vec<String>,
 }
@@ -75,8 +76,48 @@ pub struct VmSection {
     pub tdp_huge_page: String,
     /// kvm.eager_page_split (TDP MMU): enabling dirty logging splits huge pages at once.
     pub eager_page_split: bool,
+    /// kvm_intel.pml: dirty logging with D bits and the page-modification log (EPT with
+    /// A/D bits) instead of write protection.
+    pub pml: bool,
     /// Host physical memory to model.
     pub host_memory: Size,
+}
+
+impl VmSection {
+    /// This section with a comparison variant applied: `MMU [key=value ...]`, where keys are
+    /// the boolean settings pml, eptad, eager_page_split, nx_huge_pages, mmio_caching and
+    /// `tdp` (ept | npt). Returns the MMU name and the settings.
+    pub fn variant(&self, v: &str) -> Result<(String, VmSection), String> {
+        let mut words = v.split_whitespace();
+        let mmu = words.next().ok_or("an empty variant (expected an MMU: tdp, shadow or legacy-tdp)")?;
+        if !["tdp", "shadow", "legacy-tdp"].contains(&mmu) {
+            return Err(format!("`{mmu}` is not one of tdp, shadow, legacy-tdp"));
+        }
+        let mut out = self.clone();
+        for w in words {
+            let (k, val) = w.split_once('=').ok_or_else(|| format!("`{w}` is not key=value"))?;
+            let flag = || match val {
+                "true" | "on" | "1" => Ok(true),
+                "false" | "off" | "0" => Ok(false),
+                _ => Err(format!("`{k}={val}`: expected true or false")),
+            };
+            match k {
+                "pml" => out.pml = flag()?,
+                "eptad" => out.eptad = flag()?,
+                "eager_page_split" => out.eager_page_split = flag()?,
+                "nx_huge_pages" => out.nx_huge_pages = flag()?,
+                "mmio_caching" => out.mmio_caching = flag()?,
+                "tdp" if ["ept", "npt"].contains(&val) => out.tdp = val.into(),
+                "tdp" => return Err(format!("`tdp={val}`: expected ept or npt")),
+                _ => {
+                    return Err(format!(
+                        "unknown setting `{k}` (known: pml, eptad, eager_page_split, nx_huge_pages, mmio_caching, tdp)"
+                    ))
+                }
+            }
+        }
+        Ok((mmu.to_string(), out))
+    }
 }
 
 impl Default for VmSection {
@@ -91,6 +132,7 @@ impl Default for VmSection {
             mmio_caching: true,
             tdp_huge_page: "1g".into(),
             eager_page_split: true,
+            pml: true,
             host_memory: Size(16 << 30),
         }
     }
@@ -482,9 +524,7 @@ impl Scenario {
             return Err(err("vm.tdp_huge_page", format!("`{}` is not one of 4k, 2m, 1g", self.vm.tdp_huge_page)));
         }
         for (i, m) in self.compare.iter().enumerate() {
-            if !["tdp", "shadow", "legacy-tdp"].contains(&m.as_str()) {
-                return Err(err(format!("compare[{i}]"), format!("`{m}` is not one of tdp, shadow, legacy-tdp")));
-            }
+            self.vm.variant(m).map_err(|e| err(format!("compare[{i}]"), e))?;
         }
         if self.memslots.is_empty() {
             return Err(err("memslot", "a scenario needs at least one [[memslot]]"));

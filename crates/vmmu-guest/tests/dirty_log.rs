@@ -1,6 +1,7 @@
-//! Dirty logging (KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG), write-protect mode, under
-//! every MMU: the oracle is the guest kernel's own page tables — the frames behind the pages
-//! a workload wrote are exactly the pages logged.
+//! Dirty logging (KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG, the dirty
+//! ring) in both of KVM's modes — write protection and D bits + PML — under every MMU: the
+//! oracle is the guest kernel's own page tables — the frames behind the pages a workload wrote
+//! are exactly the pages logged.
 
 mod common;
 
@@ -12,9 +13,10 @@ use vmmu::{MmuKind, VmConfig};
 use vmmu_guest::kernel::USER_BASE;
 use vmmu_guest::workload::{run, KernelSpace, Workload};
 
-/// Boots a guest whose process has `pages` pages mapped and touched once.
-fn guest(mmu: MmuKind, backing: Backing, pages: u64) -> Guest {
-    common::boot(VmConfig { mmu, ..Default::default() }, backing, pages)
+/// Boots a guest whose process has `pages` pages mapped and touched once; `pml` is
+/// kvm_intel.pml (used only where EPT A/D bits are: TDP and legacy TDP).
+fn guest(mmu: MmuKind, pml: bool, backing: Backing, pages: u64) -> Guest {
+    common::boot(VmConfig { mmu, pml, ..Default::default() }, backing, pages)
 }
 
 impl Guest {
@@ -84,8 +86,10 @@ impl Guest {
     }
 }
 
-fn logs_exactly_the_written_pages(mmu: MmuKind) {
-    let mut g = guest(mmu, Backing::Anon4k, 512);
+fn logs_exactly_the_written_pages(mmu: MmuKind, pml: bool) {
+    let mut g = guest(mmu, pml, Backing::Anon4k, 512);
+    assert_eq!(g.kvm.pml_in_use(), pml && mmu != MmuKind::Shadow);
+    let pml = g.kvm.pml_in_use();
     // The oracle: look the frames up before logging starts (lookups only read).
     let a = g.gfns(0, 100);
     let b = g.gfns(300, 50);
@@ -104,14 +108,19 @@ fn logs_exactly_the_written_pages(mmu: MmuKind) {
     g.check(&got, &want, &tables, "first harvest");
     assert!(g.harvest().is_empty(), "{mmu:?}: the harvest cleared the log");
 
-    // Harvesting write-protected the pages again: the next write to each is logged too.
+    // Harvesting re-armed the pages (write protection, or D bits cleared under PML): the
+    // next write to each is logged too.
     let fast = g.cpu.stat.pf_fast;
     let taken = g.cpu.stat.pf_taken;
     g.write_pages(0, 100);
     let got = g.harvest();
     g.check(&got, &a, &tables, "second round");
-    assert!(g.cpu.stat.pf_taken - taken >= 100, "{mmu:?}: each re-write faulted");
-    if mmu != MmuKind::Shadow {
+    if pml {
+        assert_eq!(g.cpu.stat.pf_taken, taken, "{mmu:?}: PML logs re-writes without a fault");
+    } else {
+        assert!(g.cpu.stat.pf_taken - taken >= 100, "{mmu:?}: each re-write faulted");
+    }
+    if mmu != MmuKind::Shadow && !pml {
         assert!(g.cpu.stat.pf_fast - fast >= 100, "{mmu:?}: re-writes are fixed by fast page fault");
     }
 
@@ -142,22 +151,32 @@ fn logs_exactly_the_written_pages(mmu: MmuKind) {
 
 #[test]
 fn tdp_logs_exactly_the_written_pages() {
-    logs_exactly_the_written_pages(MmuKind::Tdp);
+    logs_exactly_the_written_pages(MmuKind::Tdp, false);
+}
+
+#[test]
+fn tdp_pml_logs_exactly_the_written_pages() {
+    logs_exactly_the_written_pages(MmuKind::Tdp, true);
 }
 
 #[test]
 fn legacy_tdp_logs_exactly_the_written_pages() {
-    logs_exactly_the_written_pages(MmuKind::LegacyTdp);
+    logs_exactly_the_written_pages(MmuKind::LegacyTdp, false);
+}
+
+#[test]
+fn legacy_tdp_pml_logs_exactly_the_written_pages() {
+    logs_exactly_the_written_pages(MmuKind::LegacyTdp, true);
 }
 
 #[test]
 fn shadow_logs_exactly_the_written_pages() {
-    logs_exactly_the_written_pages(MmuKind::Shadow);
+    logs_exactly_the_written_pages(MmuKind::Shadow, true);
 }
 
-fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split: bool) {
+fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split: bool, pml: bool) {
     let pages = 4096;
-    let cfg = VmConfig { eager_page_split, ..Default::default() };
+    let cfg = VmConfig { eager_page_split, pml, ..Default::default() };
     let mut g = common::boot(cfg, Backing::Thp, pages);
     let huge = g.kvm.vm_stats()["pages_2m"];
     assert!(huge > 0);
@@ -171,9 +190,11 @@ fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split
         assert_eq!(st["pages_2m"], huge, "lazy: huge SPTEs stay until written {st:?}");
     }
     g.harvest();
-    let (fast, fixed) = (g.cpu.stat.pf_fast, g.cpu.stat.pf_fixed);
+    let (fast, fixed, taken) = (g.cpu.stat.pf_fast, g.cpu.stat.pf_fixed, g.cpu.stat.pf_taken);
     g.write_pages(1000, 3);
-    if eager_page_split {
+    if eager_page_split && pml {
+        assert_eq!(g.cpu.stat.pf_taken, taken, "eager split + PML: the split SPTEs stay writable, D cleared");
+    } else if eager_page_split {
         // pf_fixed counts fast fixes too: every fix was a fast one, none split a page.
         assert!(g.cpu.stat.pf_fast - fast >= 3, "eager split: 4 KiB fast page faults");
         assert_eq!(g.cpu.stat.pf_fixed - fixed, g.cpu.stat.pf_fast - fast, "eager split: no slow-path fault");
@@ -196,17 +217,27 @@ fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split
 
 #[test]
 fn huge_pages_eager_split() {
-    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(true);
+    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(true, false);
 }
 
 #[test]
 fn huge_pages_lazy_split() {
-    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(false);
+    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(false, false);
+}
+
+#[test]
+fn huge_pages_eager_split_pml() {
+    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(true, true);
+}
+
+#[test]
+fn huge_pages_lazy_split_pml() {
+    huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(false, true);
 }
 
 #[test]
 fn get_dirty_log_rejects_bad_slots() {
-    let g = guest(MmuKind::Tdp, Backing::Anon4k, 1);
+    let g = guest(MmuKind::Tdp, true, Backing::Anon4k, 1);
     let e = g.kvm.get_dirty_log(7).unwrap_err().to_string();
     assert!(e.contains('7'), "{e}");
     let e = g.kvm.get_dirty_log(0).unwrap_err().to_string();
@@ -216,10 +247,10 @@ fn get_dirty_log_rejects_bad_slots() {
 /// Dirty completeness (DESIGN §3): with another thread harvesting the log while the vCPU
 /// writes, every write shows up in a harvest that returned after the write — the last harvest
 /// of a page may race with the write, but then that same harvest or a later one reports it.
-fn completeness_with_racing_harvests(mmu: MmuKind, writes: &[u16]) {
+fn completeness_with_racing_harvests(mmu: MmuKind, pml: bool, writes: &[u16]) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let pages = 256u64;
-    let mut g = guest(mmu, Backing::Anon4k, pages);
+    let mut g = guest(mmu, pml, Backing::Anon4k, pages);
     let gfn: Vec<u64> = (0..pages).map(|i| g.gfns(i, 1).into_iter().next().unwrap()).collect();
     g.set_logging(true);
     g.harvest();
@@ -264,8 +295,9 @@ proptest::proptest! {
     fn dirty_completeness_with_racing_harvests(
         writes in proptest::collection::vec(0u16..256, 1..400),
         mmu in proptest::sample::select(vec![MmuKind::Tdp, MmuKind::LegacyTdp, MmuKind::Shadow]),
+        pml: bool,
     ) {
-        completeness_with_racing_harvests(mmu, &writes);
+        completeness_with_racing_harvests(mmu, pml, &writes);
     }
 }
 
@@ -279,8 +311,8 @@ fn bits_to_set(bm: &[u64]) -> BTreeSet<u64> {
 /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET: enabling logging marks every page
 /// and protects nothing; GET only reads; CLEAR clears and write-protects exactly what it is
 /// given, so only those pages fault (and are logged) on their next write.
-fn manual_protect_initially_set(mmu: MmuKind) {
-    let mut g = guest(mmu, Backing::Anon4k, 512);
+fn manual_protect_initially_set(mmu: MmuKind, pml: bool) {
+    let mut g = guest(mmu, pml, Backing::Anon4k, 512);
     g.kvm
         .enable_manual_dirty_log_protect(
             (vmmu::ManualDirtyLog::MANUAL_PROTECT_ENABLE | vmmu::ManualDirtyLog::INITIALLY_SET).bits(),
@@ -330,15 +362,210 @@ fn manual_protect_initially_set(mmu: MmuKind) {
 
 #[test]
 fn tdp_manual_protect_initially_set() {
-    manual_protect_initially_set(MmuKind::Tdp);
+    manual_protect_initially_set(MmuKind::Tdp, false);
+    manual_protect_initially_set(MmuKind::Tdp, true);
 }
 
 #[test]
 fn shadow_manual_protect_initially_set() {
-    manual_protect_initially_set(MmuKind::Shadow);
+    manual_protect_initially_set(MmuKind::Shadow, true);
 }
 
 #[test]
 fn legacy_tdp_manual_protect_initially_set() {
-    manual_protect_initially_set(MmuKind::LegacyTdp);
+    manual_protect_initially_set(MmuKind::LegacyTdp, false);
+    manual_protect_initially_set(MmuKind::LegacyTdp, true);
+}
+
+/// A guest whose vCPU has a dirty ring of `ring_bytes`.
+fn ring_guest(mmu: MmuKind, pml: bool, pages: u64, ring_bytes: u32) -> Guest {
+    let cfg = VmConfig { mmu, pml, ..Default::default() };
+    common::boot_with(cfg, Backing::Anon4k, pages, |kvm| kvm.enable_dirty_ring(ring_bytes).unwrap())
+}
+
+impl Guest {
+    /// Userspace's harvest of vCPU 0's ring (gfns of slot 0), then KVM_RESET_DIRTY_RINGS.
+    fn harvest_ring(&self) -> BTreeSet<u64> {
+        let ring = self.kvm.dirty_ring(self.cpu.id()).expect("a dirty ring");
+        let mut got = BTreeSet::new();
+        ring.collect(|g| {
+            assert_eq!(g.slot, 0);
+            got.insert(g.offset);
+        });
+        self.kvm.reset_dirty_rings();
+        got
+    }
+
+    /// Writes user page `p`, harvesting the ring whenever the vCPU exits because it is full.
+    /// Returns the harvests made on the way.
+    fn write_page_ring(&mut self, p: u64) -> Vec<BTreeSet<u64>> {
+        let mut harvests = Vec::new();
+        loop {
+            let space = &mut KernelSpace { kernel: &mut self.k, cpu: &mut self.cpu };
+            match run(Workload::ReTouch, space, USER_BASE + p * 4096, 1) {
+                Ok(_) => return harvests,
+                Err(vmmu_guest::kernel::KernelError::Guest(vmmu::GuestError::Vm(vmmu::VmError::DirtyRingFull {
+                    vcpu,
+                }))) => {
+                    assert_eq!(vcpu, self.cpu.id());
+                    harvests.push(self.harvest_ring());
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+/// KVM_CAP_DIRTY_LOG_RING: written pages are pushed to the vCPU's ring, a full ring stops
+/// the vCPU (KVM_EXIT_DIRTY_RING_FULL) until userspace collects and resets, and a reset
+/// re-arms logging for the collected pages.
+fn dirty_ring_logs_writes_and_stops_when_full(mmu: MmuKind, pml: bool) {
+    let pages = 1024;
+    let mut g = ring_guest(mmu, pml, pages, 16384);
+    let ring = g.kvm.dirty_ring(g.cpu.id()).unwrap();
+    assert_eq!(ring.size(), 1024);
+    let gfn: Vec<u64> = (0..pages).map(|i| g.gfns(i, 1).into_iter().next().unwrap()).collect();
+    g.set_logging(true);
+    let e = g.kvm.get_dirty_log(0).unwrap_err().to_string();
+    assert!(e.contains("dirty ring"), "{e}");
+    g.harvest_ring();
+
+    // A few writes: exactly their pages (plus, under TDP, the tables the walks dirtied).
+    for p in 0..50 {
+        assert!(g.write_page_ring(p).is_empty(), "{mmu:?}: 50 pages do not fill the ring");
+    }
+    let want: BTreeSet<u64> = gfn[..50].iter().copied().collect();
+    let tables = g.table_gfns(0, 50);
+    let got = g.harvest_ring();
+    g.check(&got, &want, &tables, "ring");
+    g.kvm.audit().unwrap();
+
+    // Re-writing the collected pages after the reset logs them again.
+    for p in 0..50 {
+        g.write_page_ring(p);
+    }
+    let got = g.harvest_ring();
+    g.check(&got, &want, &tables, "ring after reset");
+
+    // More pages than the soft limit: the vCPU exits, we harvest, it goes on; nothing lost.
+    let mut all = BTreeSet::new();
+    for p in 0..pages {
+        all.extend(g.write_page_ring(p).into_iter().flatten());
+    }
+    all.extend(g.harvest_ring());
+    let want: BTreeSet<u64> = gfn.iter().copied().collect();
+    assert!(all.is_superset(&want), "{mmu:?}: missing {:?}", want.difference(&all).collect::<Vec<_>>());
+    assert_eq!(
+        ring.overflows.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the soft limit kept the ring from overflowing"
+    );
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn dirty_ring_tdp() {
+    dirty_ring_logs_writes_and_stops_when_full(MmuKind::Tdp, false);
+    dirty_ring_logs_writes_and_stops_when_full(MmuKind::Tdp, true);
+}
+
+#[test]
+fn dirty_ring_legacy_tdp_and_shadow() {
+    dirty_ring_logs_writes_and_stops_when_full(MmuKind::LegacyTdp, true);
+    dirty_ring_logs_writes_and_stops_when_full(MmuKind::Shadow, false);
+}
+
+#[test]
+fn dirty_ring_rejects_bad_sizes() {
+    let frames = std::sync::Arc::new(vmmu::host::FrameAllocator::new(1 << 30).unwrap());
+    let host = std::sync::Arc::new(vmmu::host::HostMm::new(frames).unwrap());
+    for (pml, bytes, why) in [
+        (false, 4000, "power of two"),
+        (false, 2048, "at least 4096"),
+        (true, 4096, "reserved"),
+        (false, 1 << 21, "at most"),
+    ] {
+        let kvm = vmmu::Kvm::new(VmConfig { pml, ..Default::default() }, host.clone()).unwrap();
+        let e = kvm.enable_dirty_ring(bytes).unwrap_err().to_string();
+        assert!(e.contains(why), "{bytes}: {e}");
+    }
+    let kvm = vmmu::Kvm::new(VmConfig::default(), host.clone()).unwrap();
+    kvm.enable_dirty_ring(1 << 16).unwrap();
+    assert!(kvm.enable_dirty_ring(1 << 16).unwrap_err().to_string().contains("already"));
+    let kvm = vmmu::Kvm::new(VmConfig::default(), host).unwrap();
+    let _vcpu = kvm.create_vcpu().unwrap();
+    assert!(kvm.enable_dirty_ring(1 << 16).unwrap_err().to_string().contains("before any vCPU"));
+}
+
+/// Dirty completeness with the ring: another thread collects and resets the rings while the
+/// vCPU writes; every write appears in a collection made after it started.
+fn ring_completeness_with_racing_resets(mmu: MmuKind, pml: bool, writes: &[u16]) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let pages = 256u64;
+    let mut g = ring_guest(mmu, pml, pages, 16384);
+    let gfn: Vec<u64> = (0..pages).map(|i| g.gfns(i, 1).into_iter().next().unwrap()).collect();
+    g.set_logging(true);
+    g.harvest_ring();
+    let kvm = g.kvm.clone();
+    let ring = kvm.dirty_ring(g.cpu.id()).unwrap();
+    let done = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let mut harvests: Vec<BTreeSet<u64>> = Vec::new();
+    let mut log: Vec<(u64, usize)> = Vec::new();
+    std::thread::scope(|s| {
+        let harvester = s.spawn(|| {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let mut set = BTreeSet::new();
+                ring.collect(|g| {
+                    set.insert(g.offset);
+                });
+                kvm.reset_dirty_rings();
+                out.push(set);
+                done.fetch_add(1, Ordering::SeqCst);
+                std::thread::yield_now();
+            }
+            out
+        });
+        for &w in writes {
+            let p = u64::from(w) % pages;
+            let before = done.load(Ordering::SeqCst);
+            loop {
+                let space = &mut KernelSpace { kernel: &mut g.k, cpu: &mut g.cpu };
+                match run(Workload::ReTouch, space, USER_BASE + p * 4096, 1) {
+                    Ok(_) => break,
+                    // Full: the other thread is collecting; run again once it has.
+                    Err(vmmu_guest::kernel::KernelError::Guest(vmmu::GuestError::Vm(
+                        vmmu::VmError::DirtyRingFull { .. },
+                    ))) => std::thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            log.push((p, before));
+        }
+        stop.store(true, Ordering::Release);
+        harvests = harvester.join().unwrap();
+    });
+    harvests.push(g.harvest_ring());
+    for (i, &(p, h)) in log.iter().enumerate() {
+        assert!(
+            harvests[h.min(harvests.len() - 1)..].iter().any(|set| set.contains(&gfn[p as usize])),
+            "{mmu:?} pml={pml}: write #{i} to page {p} (gfn {:#x}) is in no collection made after it",
+            gfn[p as usize]
+        );
+    }
+    g.kvm.audit().unwrap();
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 12, ..Default::default() })]
+
+    #[test]
+    fn dirty_ring_completeness_with_racing_resets(
+        writes in proptest::collection::vec(0u16..256, 1..400),
+        mmu in proptest::sample::select(vec![MmuKind::Tdp, MmuKind::LegacyTdp, MmuKind::Shadow]),
+        pml: bool,
+    ) {
+        ring_completeness_with_racing_resets(mmu, pml, &writes);
+    }
 }

@@ -17,6 +17,7 @@ pub struct KvmGuestMem<'a> {
     kvm: &'a Kvm,
     slots: &'a Memslots,
     bus: &'a MmioBus,
+    ring: Option<&'a crate::dirty_log::DirtyRing>,
     /// MMIO accesses made.
     pub mmio_accesses: u64,
 }
@@ -24,7 +25,13 @@ pub struct KvmGuestMem<'a> {
 impl<'a> KvmGuestMem<'a> {
     /// A view over `kvm`'s memory with the memslots `slots`.
     pub fn new(kvm: &'a Kvm, slots: &'a Memslots, bus: &'a MmioBus) -> Self {
-        KvmGuestMem { kvm, slots, bus, mmio_accesses: 0 }
+        KvmGuestMem { kvm, slots, bus, ring: None, mmio_accesses: 0 }
+    }
+
+    /// Marks written pages in `ring` (the running vCPU's dirty ring) instead of the bitmap.
+    pub fn with_ring(mut self, ring: Option<&'a crate::dirty_log::DirtyRing>) -> Self {
+        self.ring = ring;
+        self
     }
 
     /// Host address of `gpa` if it is guest RAM (writable when `write`).
@@ -35,7 +42,7 @@ impl<'a> KvmGuestMem<'a> {
         }
         if write {
             // kvm_vcpu_write_guest marks the page dirty.
-            slot.mark_page_dirty(gpa.gfn());
+            crate::dirty_log::mark_page_dirty_in_slot(self.ring, slot, gpa.gfn());
         }
         let hva = slot.gfn_to_hva(gpa.gfn());
         let p = self.kvm.host().get_user_page(hva, write).ok()?;
@@ -104,7 +111,8 @@ pub fn emulate_access(
     vcpu.refresh_memslots(kvm);
     let slots = vcpu.slots.clone();
     let bus = kvm.mmio_bus();
-    let mut mem = KvmGuestMem::new(kvm, &slots, &bus);
+    let ring = vcpu.dirty_ring.clone();
+    let mut mem = KvmGuestMem::new(kvm, &slots, &bus).with_ring(ring.as_deref());
     let st = *vcpu.cpu.paging();
     let access = Access { kind, cpl: vcpu.cpu.cpl(), implicit_supervisor: false, eflags_ac: vcpu.cpu.eflags_ac() };
     let in_page = 4096 - (gva.raw() & 0xfff);

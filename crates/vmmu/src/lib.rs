@@ -9,6 +9,7 @@
 //! - [`stats`], [`trace`]: KVM's statistics and tracepoints.
 #![warn(missing_docs)]
 
+pub mod dirty_log;
 pub mod emulate;
 pub mod host;
 pub mod hw;

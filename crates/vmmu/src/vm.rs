@@ -68,6 +68,9 @@ pub struct VmConfig {
     /// kvm.eager_page_split: enabling dirty logging splits the slot's huge SPTEs down to
     /// 4 KiB at once (TDP MMU), instead of on each first write.
     pub eager_page_split: bool,
+    /// kvm_intel.pml: with EPT A/D bits, dirty logging clears D bits and reads the
+    /// page-modification log instead of write-protecting (see [`crate::dirty_log`]).
+    pub pml: bool,
 }
 
 impl Default for VmConfig {
@@ -82,6 +85,7 @@ impl Default for VmConfig {
             mmio_caching: true,
             tdp_huge_page_level: 3,
             eager_page_split: true,
+            pml: true,
         }
     }
 }
@@ -145,6 +149,13 @@ pub enum VmError {
         /// The last exit.
         last: String,
     },
+    /// KVM_EXIT_DIRTY_RING_FULL: the vCPU's dirty ring reached its soft limit; collect the
+    /// ring, call KVM_RESET_DIRTY_RINGS and run the vCPU again.
+    #[error("vCPU {vcpu}: dirty ring full (KVM_EXIT_DIRTY_RING_FULL): collect it and reset the rings")]
+    DirtyRingFull {
+        /// vCPU id.
+        vcpu: u32,
+    },
 }
 
 /// What stops a guest operation: an exception for the guest, or a VM failure.
@@ -172,6 +183,13 @@ pub mod req {
     pub const TLB_FLUSH_GUEST: u64 = 1 << 27;
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS.
     pub const MMU_FREE_OBSOLETE_ROOTS: u64 = 1 << 31;
+    /// KVM_REQ_UPDATE_CPU_DIRTY_LOGGING: turn the page-modification log on or off.
+    pub const UPDATE_CPU_DIRTY_LOGGING: u64 = 1 << 30;
+    /// KVM_REQ_DIRTY_RING_SOFT_FULL: exit to userspace until the ring is reset.
+    pub const DIRTY_RING_SOFT_FULL: u64 = 1 << 32;
+    /// Not a request: what `kvm_vcpu_kick`'s IPI does, a VM exit. The vCPU clears it on its
+    /// next entry, after the exit that emptied its page-modification log.
+    pub const KICK: u64 = 1 << 33;
 }
 
 /// vCPU modes (`vcpu->mode`).
@@ -209,9 +227,15 @@ pub struct Kvm {
     memslots: RwLock<Arc<Memslots>>,
     memslots_gen: AtomicU64,
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags ([`ManualDirtyLog`] bits).
-    manual_dirty_log: AtomicU64,
+    pub(crate) manual_dirty_log: AtomicU64,
+    /// Memslots logging dirty pages with PML (`cpu_dirty_logging_count`).
+    pub(crate) cpu_dirty_logging_count: AtomicU32,
+    /// Entries per vCPU dirty ring (0 = none).
+    pub(crate) dirty_ring_entries: AtomicU32,
+    /// Every vCPU's dirty ring.
+    pub(crate) dirty_rings: Mutex<Vec<Arc<crate::dirty_log::DirtyRing>>>,
     slots_lock: Mutex<()>,
-    vcpus: RwLock<Vec<Arc<VcpuShared>>>,
+    pub(crate) vcpus: RwLock<Vec<Arc<VcpuShared>>>,
     mmio: RwLock<MmioBus>,
     next_vcpu: AtomicU32,
     n_vcpus_live: AtomicU32,
@@ -286,6 +310,9 @@ impl Kvm {
             memslots: RwLock::new(Arc::new(Memslots::default())),
             memslots_gen: AtomicU64::new(0),
             manual_dirty_log: AtomicU64::new(0),
+            cpu_dirty_logging_count: AtomicU32::new(0),
+            dirty_ring_entries: AtomicU32::new(0),
+            dirty_rings: Mutex::new(Vec::new()),
             slots_lock: Mutex::new(()),
             vcpus: RwLock::new(Vec::new()),
             mmio: RwLock::new(MmioBus::default()),
@@ -377,28 +404,18 @@ impl Kvm {
             // kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast.
             self.kvm_mmu_zap_all_fast();
         }
-        // kvm_mmu_slot_apply_flags.
-        if logging && !was_logging && !initially_set {
-            // Write-protect everything (huge mappings too): the next write to each page faults
-            // and is logged; huge pages are mapped 4 KiB while logging.
-            self.mmu_slot_remove_write_access(r.slot)?;
-            if self.config.eager_page_split && self.config.mmu == MmuKind::Tdp {
-                // kvm_mmu_slot_try_split_huge_pages: the split children inherit the
-                // write protection, so each first write is a 4 KiB fast page fault.
-                if let Some(s) = self.memslots().by_id(r.slot) {
-                    tdp_mmu::kvm_tdp_mmu_try_split_huge_pages(self, s.base_gfn, s.end_gfn())?;
-                }
-            }
-        } else if was_logging && !logging && change == MemslotChange::FlagsOnly {
-            // Zap the slot's mappings so they fault back in, huge again where possible
-            // (kvm_mmu_zap_collapsible_sptes, done wholesale).
-            self.zap_slot_leaves(r.slot);
+        if logging != was_logging {
+            // Toggling KVM_MEM_LOG_DIRTY_PAGES, deletion included.
+            self.update_cpu_dirty_logging(logging);
+        }
+        if change != MemslotChange::Delete {
+            self.kvm_mmu_slot_apply_flags(r.slot, was_logging, logging, change, initially_set)?;
         }
         Ok(())
     }
 
     /// Zaps every leaf mapping of memslot `slot` (both MMUs) and flushes.
-    fn zap_slot_leaves(&self, slot: u32) {
+    pub(crate) fn zap_slot_leaves(&self, slot: u32) {
         let slots = self.memslots();
         let Some(s) = slots.by_id(slot) else { return };
         let (start, end) = (s.base_gfn, s.end_gfn());
@@ -415,125 +432,6 @@ impl Kvm {
         self.flush_and_free_deferred(None, flush);
     }
 
-    /// KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): `flags` 0 turns manual protection
-    /// off. Takes effect for slots whose logging is turned on afterwards.
-    pub fn enable_manual_dirty_log_protect(&self, flags: u64) -> Result<(), VmError> {
-        let f = ManualDirtyLog::from_bits(flags).ok_or_else(|| {
-            VmError::InvalidConfig(format!(
-                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: unknown flags {:#x} (known: MANUAL_PROTECT_ENABLE = 1, INITIALLY_SET = 2)",
-                flags & !ManualDirtyLog::all().bits()
-            ))
-        })?;
-        if f == ManualDirtyLog::INITIALLY_SET {
-            return Err(VmError::InvalidConfig(
-                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: INITIALLY_SET needs MANUAL_PROTECT_ENABLE".into(),
-            ));
-        }
-        self.manual_dirty_log.store(f.bits(), Ordering::Release);
-        Ok(())
-    }
-
-    fn manual_dirty_log(&self) -> ManualDirtyLog {
-        ManualDirtyLog::from_bits_truncate(self.manual_dirty_log.load(Ordering::Acquire))
-    }
-
-    fn dirty_log_initially_set(&self) -> bool {
-        self.manual_dirty_log().contains(ManualDirtyLog::MANUAL_PROTECT_ENABLE | ManualDirtyLog::INITIALLY_SET)
-    }
-
-    /// The logging memslot `slot` (for the dirty-log ioctls).
-    fn logging_slot(&self, slots: &Memslots, slot: u32) -> Result<Arc<crate::memslot::Memslot>, VmError> {
-        let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
-        if !s.dirty_logging() {
-            return Err(VmError::InvalidConfig(format!(
-                "memslot {slot} does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES)"
-            )));
-        }
-        Ok(s.clone())
-    }
-
-    /// KVM_GET_DIRTY_LOG: the pages of memslot `slot` written since the last call (one bit
-    /// per page, bit i of word i/64 = page i of the slot). Without manual protection the log
-    /// is cleared and those pages are write-protected again, so their next write is logged
-    /// (`kvm_arch_mmu_enable_log_dirty_pt_masked`); with it, the log is only read and
-    /// [`Kvm::clear_dirty_log`] does the clearing.
-    pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
-        let slots = self.memslots();
-        let s = self.logging_slot(&slots, slot)?;
-        if self.manual_dirty_log().contains(ManualDirtyLog::MANUAL_PROTECT_ENABLE) {
-            return Ok(s.read_dirty_bitmap());
-        }
-        let bitmap = s.take_dirty_bitmap();
-        self.reprotect_masked(&s, 0, &bitmap);
-        Ok(bitmap)
-    }
-
-    /// KVM_CLEAR_DIRTY_LOG: for pages [first_page, first_page + num_pages) of memslot `slot`,
-    /// clears the log bits set in `bitmap` (bit i = page first_page + i) and write-protects
-    /// those pages. `first_page` must be a multiple of 64, and so must `num_pages` unless the
-    /// range ends at the end of the slot.
-    pub fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u64, bitmap: &[u64]) -> Result<(), VmError> {
-        let slots = self.memslots();
-        let s = self.logging_slot(&slots, slot)?;
-        let bad = |why: String| Err(VmError::InvalidConfig(format!("KVM_CLEAR_DIRTY_LOG on memslot {slot}: {why}")));
-        if !first_page.is_multiple_of(64) {
-            return bad(format!("first_page {first_page} is not a multiple of 64"));
-        }
-        let end = first_page.checked_add(num_pages).filter(|&e| e <= s.npages);
-        let Some(end) = end else {
-            return bad(format!("pages {first_page}+{num_pages} go past the slot's {} pages", s.npages));
-        };
-        if !num_pages.is_multiple_of(64) && end != s.npages {
-            return bad(format!("num_pages {num_pages} is not a multiple of 64 and does not reach the slot's end"));
-        }
-        let words = num_pages.div_ceil(64) as usize;
-        if bitmap.len() < words {
-            return bad(format!("the bitmap has {} words, {num_pages} pages need {words}", bitmap.len()));
-        }
-        let mut mask: Vec<u64> = bitmap[..words].to_vec();
-        if !num_pages.is_multiple_of(64) {
-            mask[words - 1] &= (1u64 << (num_pages % 64)) - 1;
-        }
-        let cleared = s.clear_dirty_bits(first_page / 64, &mask);
-        self.reprotect_masked(&s, first_page, &cleared);
-        Ok(())
-    }
-
-    /// Write-protects the pages whose bits are set in `bitmap` (bit i of word w = page
-    /// first_page + 64 w + i of `s`), then flushes if any SPTE lost W.
-    fn reprotect_masked(&self, s: &crate::memslot::Memslot, first_page: u64, bitmap: &[u64]) {
-        let mut changed = false;
-        let base = s.base_gfn.raw() + first_page;
-        for (w, bits) in bitmap.iter().enumerate() {
-            // Each run of consecutive set bits is one range of dirty gfns: one walk each.
-            let mut b = *bits;
-            while b != 0 {
-                let first = u64::from(b.trailing_zeros());
-                let len = u64::from((!(b >> first)).trailing_zeros());
-                b &= !(u64::MAX >> (64 - len) << first);
-                let start = base + w as u64 * 64 + first;
-                changed |= self.write_protect_range_for_log(start, start + len);
-            }
-        }
-        if changed {
-            self.flush_remote_tlbs(None);
-        }
-    }
-
-    /// Clears W (keeping MMU-writable) on every SPTE mapping a gfn in [start, end), in
-    /// both MMUs; returns whether any SPTE lost W.
-    fn write_protect_range_for_log(&self, start: u64, end: u64) -> bool {
-        use x86_paging::addr::Gfn;
-        if self.config.mmu == MmuKind::Tdp {
-            return tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, Gfn::new(start), Gfn::new(end));
-        }
-        let _w = self.mmu.mmu_lock.write();
-        let mut sh = self.mmu.shadow.lock();
-        let mut ctx =
-            crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: self.memslots(), vcpu: None, cpu: u32::MAX };
-        (start..end).fold(false, |changed, g| ctx.write_protect_gfn(Gfn::new(g), false) | changed)
-    }
-
     pub(crate) fn memslots_generation(&self) -> u64 {
         self.memslots_gen.load(Ordering::Acquire)
     }
@@ -542,6 +440,11 @@ impl Kvm {
     pub fn create_vcpu(self: &Arc<Self>) -> Result<Vcpu, VmError> {
         let id = self.next_vcpu.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(VcpuShared { id, ..Default::default() });
+        if self.pml_in_use() {
+            // vmx_vcpu_create: PML follows the logging slots from the start.
+            shared.requests.fetch_or(req::UPDATE_CPU_DIRTY_LOGGING, Ordering::Relaxed);
+        }
+        let dirty_ring = self.new_dirty_ring(shared.clone());
         self.vcpus.write().push(shared.clone());
         self.n_vcpus_live.fetch_add(1, Ordering::Relaxed);
         let cpu = Cpu::new(self.host.frames().mem().clone(), CpuMode::Native, (id + 1) as u16, self.config.maxphyaddr);
@@ -555,6 +458,7 @@ impl Kvm {
                 stat: VcpuStats::default(),
                 slots: self.memslots(),
                 shadow: Default::default(),
+                dirty_ring,
             },
         })
     }
@@ -759,6 +663,8 @@ pub struct VcpuArch {
     pub stat: VcpuStats,
     pub(crate) slots: Arc<Memslots>,
     pub(crate) shadow: crate::mmu::shadow::VcpuShadow,
+    /// The dirty ring, with KVM_CAP_DIRTY_LOG_RING.
+    pub(crate) dirty_ring: Option<Arc<crate::dirty_log::DirtyRing>>,
 }
 
 impl std::ops::Deref for Vcpu {
@@ -859,8 +765,22 @@ impl Vcpu {
     }
 
     /// The requests `vcpu_enter_guest` services before entering the guest.
-    fn service_requests(&mut self) {
+    fn service_requests(&mut self) -> Result<(), VmError> {
         let r = self.shared.requests.swap(0, Ordering::AcqRel);
+        if r & req::DIRTY_RING_SOFT_FULL != 0 && self.arch.dirty_ring.as_ref().is_some_and(|d| d.soft_full()) {
+            // kvm_dirty_ring_check_request: exit to userspace, and again on every entry until
+            // the ring is reset. The other requests stay pending for that entry.
+            self.shared.requests.fetch_or(r & !req::KICK, Ordering::AcqRel);
+            return Err(VmError::DirtyRingFull { vcpu: self.arch.id });
+        }
+        if r & req::UPDATE_CPU_DIRTY_LOGGING != 0 {
+            // vmx_update_cpu_dirty_logging.
+            let on = self.kvm.cpu_dirty_logging();
+            if !on {
+                self.flush_pml();
+            }
+            self.cpu.set_pml(on);
+        }
         if r & req::MMU_FREE_OBSOLETE_ROOTS != 0 {
             if let Some(root) = self.arch.mmu.root.take_if(|r| r.is_invalid()) {
                 tdp_mmu::kvm_tdp_mmu_put_root(&self.kvm, &root);
@@ -886,6 +806,20 @@ impl Vcpu {
             self.stat.tlb_flush += 1;
             self.cpu.flush_tlb_current();
         }
+        Ok(())
+    }
+
+    /// `vmx_flush_pml_buffer`: every page in the page-modification log is marked dirty
+    /// (`kvm_vcpu_mark_page_dirty`), into the dirty ring if there is one.
+    #[cold]
+    fn flush_pml(&mut self) {
+        let VcpuArch { cpu, slots, dirty_ring, .. } = &mut self.arch;
+        cpu.drain_pml(|gfn| {
+            let gfn = x86_paging::addr::Gfn::new(gfn);
+            if let Some(slot) = slots.find(gfn) {
+                crate::dirty_log::mark_page_dirty_in_slot(dirty_ring.as_deref(), slot, gfn);
+            }
+        });
     }
 
     /// Enters guest mode for one operation (`vcpu_enter_guest`): publish IN_GUEST_MODE,
@@ -905,7 +839,7 @@ impl Vcpu {
     fn enter_slow(&mut self) -> Result<(), VmError> {
         loop {
             self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
-            self.service_requests();
+            self.service_requests()?;
             if self.mmu.root.is_none() && self.shadow.root.is_none() {
                 self.kvm_mmu_load()?;
             }
@@ -916,9 +850,14 @@ impl Vcpu {
         }
     }
 
-    /// Leaves guest mode after an operation.
+    /// Leaves guest mode after an operation: an exit, so the page-modification log is
+    /// emptied first (a vCPU outside guest mode never holds logged pages).
     #[inline]
     fn leave(&mut self) {
+        if self.cpu.pml_pending() {
+            self.arch.refresh_memslots(&self.kvm);
+            self.flush_pml();
+        }
         self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::Release);
     }
 
@@ -940,6 +879,8 @@ impl Vcpu {
             VmExit::Tdp(TdpExit::Npf { gpa, error_code }) => (gpa.raw(), error_code),
             VmExit::Tdp(TdpExit::Contended { .. }) => return Ok(ExitAction::Resume),
             VmExit::PageFault { gva, error_code } => (gva.raw(), u64::from(error_code.0)),
+            // handle_pml_full: the log was emptied on the way out; run again.
+            VmExit::PmlFull => return Ok(ExitAction::Resume),
         };
         let r = crate::mmu::page_fault::kvm_mmu_page_fault(kvm, arch, addr, ec)?;
         Ok(if r == RetPf::Emulate { ExitAction::Emulate } else { ExitAction::Resume })

@@ -163,6 +163,9 @@ pub struct EptTranslation {
     pub x: bool,
     /// The leaf's dirty flag after this walk (always true when A/D is disabled).
     pub dirty: bool,
+    /// This walk set the leaf's dirty flag (0 -> 1): the event the page-modification log
+    /// (PML) records. Always false for NPT, which has no such log.
+    pub dirtied: bool,
     /// Memory references made: every table entry read plus every A/D
     /// compare-and-exchange (over all restarts).
     pub refs: u32,
@@ -423,12 +426,14 @@ fn ept_walk_once<H: HostPhys>(
         return Err(ept_violation(cfg, gpa, acc, perm));
     }
     let mut dirty = true;
+    let mut dirtied = false;
     if cfg.ad_enabled {
         for l in (level..=levels).rev() {
             let (at, old) = used[usize::from(l - 1)];
             let new = old | EPT_A | if l == level && as_write { EPT_D } else { 0 };
             if l == level {
                 dirty = new & EPT_D != 0;
+                dirtied = dirty && old & EPT_D == 0;
             }
             if new != old {
                 *refs += 1;
@@ -452,6 +457,7 @@ fn ept_walk_once<H: HostPhys>(
         w: perm & EptEntry::WRITE != 0,
         x: perm & EptEntry::EXEC != 0,
         dirty,
+        dirtied,
         refs: *refs,
     }))
 }
@@ -513,6 +519,7 @@ pub fn npt_walk<H: HostPhys>(h: &H, cfg: &NptConfig, gpa: Gpa, acc: &EptAccess) 
             w: t.perms.writable,
             x: !t.perms.nx,
             dirty: t.perms.dirty,
+            dirtied: false,
             refs,
         }),
         Err(WalkError::PageFault(ec)) => Err(TdpExit::Npf {

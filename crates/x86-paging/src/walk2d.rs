@@ -66,6 +66,37 @@ pub struct Translation2d {
     pub mem_refs: u32,
 }
 
+/// Up to six guest frame numbers (five guest page-table pages and the final page) whose TDP
+/// dirty flag one 2D walk set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirtiedGfns {
+    gfns: [u64; 6],
+    len: u8,
+}
+
+impl DirtiedGfns {
+    /// Records `gpa`'s frame (ignored past six, which a walk cannot reach).
+    #[inline]
+    pub fn push(&mut self, gpa: Gpa) {
+        if let Some(slot) = self.gfns.get_mut(usize::from(self.len)) {
+            *slot = gpa.0 >> 12;
+            self.len += 1;
+        }
+    }
+
+    /// The recorded frame numbers, in walk order.
+    #[inline]
+    pub fn as_slice(&self) -> &[u64] {
+        &self.gfns[..usize::from(self.len)]
+    }
+
+    /// Whether nothing was recorded.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Why a 2D walk failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum Walk2dError {
@@ -166,6 +197,7 @@ struct Nested<'a, H: ?Sized> {
     tdp: &'a Tdp,
     refs: u32,
     cache: Option<&'a mut GpaCache>,
+    dirtied: &'a mut DirtiedGfns,
 }
 
 impl<H: HostPhys + ?Sized> Nested<'_, H> {
@@ -189,6 +221,9 @@ impl<H: HostPhys + ?Sized> Nested<'_, H> {
         }
         let t = self.tdp.walk(&self.h, gpa, &EptAccess::guest_table(kind, gva))?;
         self.refs += t.refs;
+        if t.dirtied {
+            self.dirtied.push(gpa);
+        }
         let write_ok = t.w && t.dirty;
         let read_ok = if self.table_reads_are_writes() { write_ok } else { t.r };
         if let Some(c) = self.cache.as_deref_mut() {
@@ -277,7 +312,28 @@ pub fn walk_2d_cached<H: HostPhys, O: WalkObserver>(
     cache: Option<&mut GpaCache>,
     obs: &mut O,
 ) -> Result<Translation2d, Walk2dError> {
-    let mut nested = Nested { h, tdp, refs: 0, cache };
+    walk_2d_logged(h, tdp, st, gva, access, opts, cache, &mut DirtiedGfns::default(), obs)
+}
+
+/// [`walk_2d_cached`] that also records in `dirtied` every guest-physical page whose TDP
+/// leaf dirty flag the walk set (0 -> 1): guest page-table pages written by A/D updates (EPT
+/// with A/D bits treats every guest paging-structure access as a write) and the final page
+/// of a write — what the page-modification log records. The record is made as the flags
+/// are set, so it holds even when the walk then fails (a guest fault, an EPT violation on
+/// a later step).
+#[allow(clippy::too_many_arguments)]
+pub fn walk_2d_logged<H: HostPhys, O: WalkObserver>(
+    h: &H,
+    tdp: &Tdp,
+    st: &PagingState,
+    gva: Gva,
+    access: &Access,
+    opts: WalkOptions,
+    cache: Option<&mut GpaCache>,
+    dirtied: &mut DirtiedGfns,
+    obs: &mut O,
+) -> Result<Translation2d, Walk2dError> {
+    let mut nested = Nested { h, tdp, refs: 0, cache, dirtied };
     let guest = walk(&mut nested, st, gva, access, opts, obs).map_err(|e| match e {
         WalkError::PageFault(ec) => Walk2dError::Guest(ec),
         WalkError::NonCanonical => Walk2dError::NonCanonical,
@@ -285,6 +341,10 @@ pub fn walk_2d_cached<H: HostPhys, O: WalkObserver>(
         WalkError::Contended => Walk2dError::Contended,
     })?;
     let host = tdp.walk(h, guest.gpa, &EptAccess::final_gpa(access.kind, Some(gva)))?;
+    let dirtied = nested.dirtied;
+    if host.dirtied {
+        dirtied.push(guest.gpa);
+    }
     Ok(Translation2d {
         hpa: host.hpa,
         gpa: guest.gpa,
@@ -517,8 +577,27 @@ mod tests {
         if let Tdp::Ept(c) = &mut w.tdp {
             c.ad_enabled = true;
         }
-        let t = w.go(Access::read(3)).unwrap();
+        let logged = |access: Access| {
+            let mut d = DirtiedGfns::default();
+            let st = &w.fix.st;
+            let t = walk_2d_logged(
+                &w.host.mem,
+                &w.tdp,
+                st,
+                w.fix.gva,
+                &access,
+                WalkOptions::ARCH,
+                None,
+                &mut d,
+                &mut NoObserver,
+            );
+            (t.unwrap(), d)
+        };
+        let (t, dirtied) = logged(Access::read(3));
         assert!(!t.host_dirty, "the data page was only read");
+        // PML would log the four guest table pages, top level first, and not the data page.
+        let tables: Vec<u64> = (1..=4u8).rev().map(|l| w.fix.at[usize::from(l - 1)] >> 12).collect();
+        assert_eq!(dirtied.as_slice(), tables.as_slice());
         let m = EptEntry::ACCESSED | EptEntry::DIRTY;
         for l in 1..=4u8 {
             let pt_leaf = w.tdp_leaf_at(w.fix.at[usize::from(l - 1)] & !0xfff);
@@ -526,9 +605,37 @@ mod tests {
         }
         let data_leaf = w.tdp_leaf_at(w.fix.expected_gpa().0);
         assert_eq!(w.host.mem.load_u64(data_leaf).unwrap() & m, EptEntry::ACCESSED);
-        let t = w.go(Access::write(3)).unwrap();
+        let (t, dirtied) = logged(Access::write(3));
         assert!(t.host_dirty);
         assert_eq!(t.mem_refs, 24 + 1, "only the data page's D flag was left to set");
+        assert_eq!(dirtied.as_slice(), &[w.fix.expected_gpa().0 >> 12]);
+        let (_, dirtied) = logged(Access::write(3));
+        assert!(dirtied.is_empty(), "D was already set: nothing new to log");
+    }
+
+    #[test]
+    fn a_failed_walk_still_reports_the_tables_it_dirtied() {
+        let mut w = TwoD::new(PagingMode::Level4, 1, 1, 4, false);
+        if let Tdp::Ept(c) = &mut w.tdp {
+            c.ad_enabled = true;
+        }
+        // The data page is not mapped in EPT: the walk sets D on the four guest tables' EPT
+        // leaves, then exits on the final access.
+        w.host.mem.store_u64(w.tdp_leaf_at(w.fix.expected_gpa().0), 0).unwrap();
+        let mut d = DirtiedGfns::default();
+        let r = walk_2d_logged(
+            &w.host.mem,
+            &w.tdp,
+            &w.fix.st,
+            w.fix.gva,
+            &Access::read(3),
+            WalkOptions::ARCH,
+            None,
+            &mut d,
+            &mut NoObserver,
+        );
+        assert!(matches!(r, Err(Walk2dError::Exit(TdpExit::EptViolation { .. }))), "{r:?}");
+        assert_eq!(d.as_slice().len(), 4, "the page-modification log must still see the tables");
     }
 
     #[test]

@@ -31,9 +31,16 @@ pub fn region(hva: Hva, flags: MemslotFlags) -> UserspaceMemoryRegion {
 
 /// Boots the guest described in the module docs.
 pub fn boot(cfg: VmConfig, backing: Backing, pages: u64) -> Booted {
+    boot_with(cfg, backing, pages, |_| {})
+}
+
+/// [`boot`], calling `setup` on the VM before its memslot and vCPU exist (for capabilities
+/// that must come first, such as the dirty ring).
+pub fn boot_with(cfg: VmConfig, backing: Backing, pages: u64, setup: impl FnOnce(&Kvm)) -> Booted {
     let frames = Arc::new(FrameAllocator::new(4 << 30).unwrap());
     let host = Arc::new(HostMm::new(frames).unwrap());
     let kvm = Kvm::new(cfg, host.clone()).unwrap();
+    setup(&kvm);
     let hva = host.mmap(MEM, backing, true, false).unwrap();
     kvm.set_user_memory_region(region(hva, MemslotFlags::empty())).unwrap();
     let mut cpu = kvm.create_vcpu().unwrap();

@@ -12,7 +12,7 @@ use x86_paging::ept::{HostPhys, TdpExit};
 use x86_paging::mode::{PagingMode, PagingState, PdptrError};
 use x86_paging::regs::{Cr0, Cr4, Efer};
 use x86_paging::walk::{walk, GuestPhys, NoObserver, WalkError, WalkOptions};
-use x86_paging::walk2d::{walk_2d_cached, GpaCache, Tdp, Walk2dError};
+use x86_paging::walk2d::{walk_2d_logged, DirtiedGfns, GpaCache, Tdp, Walk2dError};
 
 impl HostPhys for PhysMem {
     #[inline]
@@ -97,6 +97,8 @@ pub enum VmExit {
         /// Error code.
         error_code: PfErrorCode,
     },
+    /// The page-modification log is full (VMX "page-modification log full" exit).
+    PmlFull,
 }
 
 impl std::fmt::Display for VmExit {
@@ -104,6 +106,7 @@ impl std::fmt::Display for VmExit {
         match self {
             VmExit::Tdp(x) => write!(f, "{x}"),
             VmExit::PageFault { gva, error_code } => write!(f, "#PF intercept at {gva} ({error_code})"),
+            VmExit::PmlFull => write!(f, "page-modification log full"),
         }
     }
 }
@@ -166,8 +169,25 @@ pub struct Cpu {
     gpa_cache: GpaCache,
     ctx: u32,
     mode_index: usize,
+    /// The page-modification log, when the hypervisor enabled it.
+    pml: Option<Box<PmlLog>>,
     /// Counters.
     pub counters: HwCounters,
+}
+
+/// Entries of the VMX page-modification log (one 4 KiB page of guest-physical addresses).
+pub const PML_ENTRIES: usize = 512;
+
+/// The page-modification log (VMX PML): with EPT A/D bits on, each time the processor sets
+/// an EPT leaf's dirty flag it appends the guest-physical page to the log; when the log is
+/// full the vCPU exits ([`VmExit::PmlFull`]) and the hypervisor empties it.
+///
+/// The model logs the (at most six) pages one walk dirtied, then exits if the log reached
+/// [`PML_ENTRIES`]; the hardware exits just before the write that would overflow. Either
+/// way no dirtied page is missed.
+#[derive(Debug)]
+struct PmlLog {
+    gfns: Vec<u64>,
 }
 
 fn kind_index(k: AccessKind) -> usize {
@@ -198,6 +218,7 @@ impl Cpu {
             gpa_cache: GpaCache::new(),
             ctx: 0,
             mode_index: 0,
+            pml: None,
             counters: HwCounters::default(),
         };
         c.recompute_perm_table();
@@ -228,6 +249,35 @@ impl Cpu {
     /// Host memory the vCPU reads.
     pub fn mem(&self) -> &Arc<PhysMem> {
         &self.mem
+    }
+
+    /// Turns the page-modification log on or off (the secondary execution control "enable
+    /// PML"). Turning it off drops nothing: take the entries with [`Cpu::drain_pml`] first.
+    pub fn set_pml(&mut self, on: bool) {
+        match (on, self.pml.is_some()) {
+            (true, false) => self.pml = Some(Box::new(PmlLog { gfns: Vec::with_capacity(PML_ENTRIES + 6) })),
+            (false, true) if !self.pml_pending() => self.pml = None,
+            _ => {}
+        }
+    }
+
+    /// Whether the page-modification log is on.
+    pub fn pml_enabled(&self) -> bool {
+        self.pml.is_some()
+    }
+
+    /// Whether the page-modification log holds entries.
+    #[inline]
+    pub fn pml_pending(&self) -> bool {
+        self.pml.as_ref().is_some_and(|p| !p.gfns.is_empty())
+    }
+
+    /// Empties the page-modification log, oldest entry first, passing each logged guest
+    /// frame number to `f`.
+    pub fn drain_pml(&mut self, mut f: impl FnMut(u64)) {
+        if let Some(p) = self.pml.as_mut() {
+            p.gfns.drain(..).for_each(&mut f);
+        }
     }
 
     /// Sets the TDP tables (the hypervisor loads an EPTP / nCR3). Hardware does not flush on
@@ -401,8 +451,9 @@ impl Cpu {
                 (Hpa::new(t.gpa.raw()), t.perms, shift, guest_shift, class::ALL)
             }
             CpuMode::Tdp(tdp) => {
-                let t = loop {
-                    match walk_2d_cached(
+                let mut dirtied = DirtiedGfns::default();
+                let r = loop {
+                    match walk_2d_logged(
                         &*self.mem,
                         tdp,
                         &self.st,
@@ -410,15 +461,27 @@ impl Cpu {
                         &access,
                         WalkOptions { set_ad: true },
                         Some(&mut self.gpa_cache),
+                        &mut dirtied,
                         &mut NoObserver,
                     ) {
-                        Ok(t) => break t,
                         Err(Walk2dError::Contended) => continue,
-                        Err(Walk2dError::Guest(ec)) => return Err(self.page_fault(gva, ec)),
-                        Err(Walk2dError::NonCanonical) => return Err(Stop::Exception(Exception::GeneralProtection)),
-                        Err(Walk2dError::Exit(x)) => return Err(Stop::Exit(VmExit::Tdp(x))),
+                        r => break r,
                     }
                 };
+                // The page-modification log records each D flag as the walk sets it, whether
+                // or not the access then completes.
+                let pml_full = !dirtied.is_empty() && self.log_dirtied(&dirtied);
+                let t = match r {
+                    Ok(t) => t,
+                    Err(Walk2dError::Guest(ec)) => return Err(self.page_fault(gva, ec)),
+                    Err(Walk2dError::NonCanonical) => return Err(Stop::Exception(Exception::GeneralProtection)),
+                    Err(Walk2dError::Exit(x)) => return Err(Stop::Exit(VmExit::Tdp(x))),
+                    Err(Walk2dError::Contended) => unreachable!("retried above"),
+                };
+                if pml_full {
+                    // Nothing cached: the access is retried after the exit.
+                    return Err(Stop::Exit(VmExit::PmlFull));
+                }
                 self.counters.walk_mem_refs += u64::from(t.mem_refs);
                 let mut allow = kind_mask(0);
                 if t.host_writable && t.host_dirty {
@@ -465,6 +528,18 @@ impl Cpu {
         let fill = TlbFill { ctx: self.ctx(), global, page_shift: shift, guest_shift, hpa: hpa.raw(), allow };
         self.tlb.fill(gva.raw(), fill);
         Ok(hpa)
+    }
+
+    /// Appends `dirtied` to the page-modification log if it is on; true when the log is
+    /// full (the vCPU must exit).
+    fn log_dirtied(&mut self, dirtied: &DirtiedGfns) -> bool {
+        match self.pml.as_mut() {
+            Some(p) => {
+                p.gfns.extend_from_slice(dirtied.as_slice());
+                p.gfns.len() >= PML_ENTRIES
+            }
+            None => false,
+        }
     }
 
     fn page_fault(&self, gva: Gva, ec: PfErrorCode) -> Stop {

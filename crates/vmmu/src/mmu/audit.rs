@@ -5,8 +5,10 @@
 //! - a huge leaf lies wholly inside one memslot and the host maps it at least as large;
 //! - a writable SPTE only where the memslot and the host mapping are writable;
 //! - no present SPTE maps a gfn outside every memslot;
-//! - in a dirty-logged memslot, every gfn a writable SPTE maps has its dirty bit set (else
-//!   a write through it would go unlogged);
+//! - in a dirty-logged memslot, every gfn a writable SPTE maps is already logged (its bit
+//!   set in the bitmap, or an entry in a vCPU's dirty ring), else a write through it would go
+//!   unlogged; under PML a 4 KiB SPTE with D clear is exempt (the write sets D and the
+//!   page-modification log records it);
 //! - the page counters (pages_4k/2m/1g) and tdp_mmu_pages equal a recount.
 
 use super::spte::Spte;
@@ -38,6 +40,7 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
     }
     let _w = kvm.mmu.mmu_lock.write();
     let slots = kvm.memslots();
+    let logged = Logged::new(kvm);
     let host = kvm.host();
     let m = kvm.mmu.masks;
     let mut rep = AuditReport::default();
@@ -87,7 +90,7 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                                     ));
                                 }
                                 if s.is_writable() {
-                                    check_logged(slot, gfn, level, &mut errs);
+                                    logged.check(slot, gfn, level, s, &mut errs);
                                 }
                             }
                         }
@@ -133,6 +136,7 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
     let _w = kvm.mmu.mmu_lock.write();
     let s = kvm.mmu.shadow.lock();
     let slots = kvm.memslots();
+    let logged = Logged::new(kvm);
     let host = kvm.host();
     let m = kvm.mmu.masks;
     let mut rep = AuditReport::default();
@@ -192,7 +196,7 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                         }
                     }
                     if spte.is_writable() {
-                        check_logged(slot, gfn, level, &mut errs);
+                        logged.check(slot, gfn, level, spte, &mut errs);
                     }
                     if spte.is_writable() && s.write_track.is_tracked(gfn) {
                         errs.push(format!("write-tracked gfn {gfn:#x} is mapped writable"));
@@ -239,19 +243,39 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
     }
 }
 
-/// A writable SPTE of `level` mapping `gfn` in a dirty-logged slot: every page it covers must
-/// be marked dirty already.
-fn check_logged(slot: &crate::memslot::Memslot, gfn: Gfn, level: u8, errs: &mut Vec<String>) {
-    if !slot.dirty_logging() {
-        return;
+/// What the dirty-state check needs: the PML setting and the pages sitting in dirty rings.
+struct Logged {
+    pml: bool,
+    dirty_mask: u64,
+    in_rings: std::collections::HashSet<(u32, u64)>,
+}
+
+impl Logged {
+    fn new(kvm: &Kvm) -> Self {
+        let in_rings = kvm.dirty_rings.lock().iter().flat_map(|r| r.pending()).map(|g| (g.slot, g.offset)).collect();
+        Logged { pml: kvm.pml_in_use(), dirty_mask: kvm.mmu.masks.dirty, in_rings }
     }
-    let n = pages_at(level);
-    let first = gfn.raw() & !(n - 1);
-    if let Some(g) = (first..first + n).map(Gfn::new).find(|&g| slot.contains(g) && !slot.is_dirty(g)) {
-        errs.push(format!(
-            "writable level-{level} SPTE maps gfn {:#x} in dirty-logged memslot {} whose dirty bit is clear: a write would go unlogged",
-            g.raw(),
-            slot.id
-        ));
+
+    /// A writable SPTE of `level` mapping `gfn` in a dirty-logged slot: every page it covers
+    /// must be logged already, unless PML will log the write (a 4 KiB SPTE with D clear).
+    fn check(&self, slot: &crate::memslot::Memslot, gfn: Gfn, level: u8, spte: Spte, errs: &mut Vec<String>) {
+        if !slot.dirty_logging() {
+            return;
+        }
+        if self.pml && level == 1 && spte.0 & self.dirty_mask == 0 {
+            return;
+        }
+        let n = pages_at(level);
+        let first = gfn.raw() & !(n - 1);
+        let logged = |g: Gfn| slot.is_dirty(g) || self.in_rings.contains(&(slot.id, g.raw() - slot.base_gfn.raw()));
+        if let Some(g) = (first..first + n).map(Gfn::new).find(|&g| slot.contains(g) && !logged(g)) {
+            errs.push(format!(
+                "writable level-{level} SPTE maps gfn {:#x} in dirty-logged memslot {} that is not logged (no dirty bit, \
+                 no dirty-ring entry{}): a write would go unlogged",
+                g.raw(),
+                slot.id,
+                if self.pml && level == 1 { ", and the SPTE's D bit is set" } else { "" }
+            ));
+        }
     }
 }

@@ -84,7 +84,7 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
             // fast_pf_fix_direct_spte: W went 0 -> 1, the page is dirty.
             if !spte.is_writable() && new.is_writable() {
                 if let Some(s) = vcpu.slots.find(fault.gfn) {
-                    s.mark_page_dirty(fault.gfn);
+                    crate::dirty_log::mark_page_dirty_in_slot(vcpu.dirty_ring.as_deref(), s, fault.gfn);
                 }
             }
             break;

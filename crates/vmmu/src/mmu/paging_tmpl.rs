@@ -121,7 +121,7 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
         );
     }
     let bus = kvm.mmio_bus();
-    let mut mem = KvmGuestMem::new(kvm, &vcpu.slots, &bus);
+    let mut mem = KvmGuestMem::new(kvm, &vcpu.slots, &bus).with_ring(vcpu.dirty_ring.as_deref());
     let r = loop {
         let r = if tracing {
             walk(&mut mem, &st, Gva::new(gva), &access, WalkOptions::ARCH, &mut TraceWalk { kvm, cpu: vcpu.id })
@@ -449,8 +449,13 @@ fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
             protect_clean_gpte(&mut a, gpte);
             (Gfn::new((gpte & PT64_ADDR) >> 12), a)
         };
-        // gfn_to_page_many_atomic: only pages the host already maps.
+        // gfn_to_memslot_dirty_bitmap: no writable prefetch into a dirty-logged slot (a
+        // prefetched writable SPTE would log a page the guest never wrote).
         let Some(slot) = ctx.slots.find(gfn).cloned() else { continue };
+        if access & ACC_WRITE != 0 && slot.dirty_logging() {
+            continue;
+        }
+        // gfn_to_page_many_atomic: only pages the host already maps.
         let Some(page) = ctx.kvm.host().get_user_page_fast_only(slot.gfn_to_hva(gfn), false) else { continue };
         let writable = !slot.readonly() && ctx.kvm.host().get_user_page_fast_only(slot.gfn_to_hva(gfn), true).is_some();
         ctx.mmu_set_spte(p, access, gfn, Some(page.pfn), writable, true, false);
@@ -509,7 +514,11 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     if new.is_writable() {
         // make_spte -> mark_page_dirty_in_slot.
         if let Some(slot) = ctx.slots.find(gfn) {
-            slot.mark_page_dirty(gfn);
+            crate::dirty_log::mark_page_dirty_in_slot(
+                ctx.vcpu.as_ref().and_then(|v| v.dirty_ring.as_deref()),
+                slot,
+                gfn,
+            );
         }
     }
     i32::from(flush)

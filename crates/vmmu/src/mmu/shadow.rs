@@ -328,14 +328,35 @@ impl Ctx<'_> {
     /// `kvm_mmu_slot_gfn_write_protect` at every level: [`Ctx::spte_write_protect`] on every
     /// SPTE mapping `gfn` (`rmap_write_protect`); returns whether to flush.
     pub fn write_protect_gfn(&mut self, gfn: Gfn, pt_protect: bool) -> bool {
+        self.write_protect_gfn_from(gfn, pt_protect, 1)
+    }
+
+    /// [`Ctx::write_protect_gfn`] for the SPTEs at `min_level` and above.
+    pub fn write_protect_gfn_from(&mut self, gfn: Gfn, pt_protect: bool, min_level: u8) -> bool {
         let Some(slot) = self.slots.find(gfn).cloned() else { return false };
         let mut flush = false;
-        for level in 1..=3u8 {
+        for level in min_level..=3u8 {
             for sptep in self.s.rmaps.get(&slot, gfn, level) {
                 flush |= self.spte_write_protect(sptep, pt_protect);
             }
         }
         flush
+    }
+
+    /// `__rmap_clear_dirty` for `gfn`'s 4 KiB SPTEs: clears `dirty` (the D bit) so the
+    /// next write sets it again and the page-modification log records it; returns whether
+    /// any SPTE changed.
+    pub fn clear_dirty_gfn(&mut self, gfn: Gfn, dirty: u64) -> bool {
+        let Some(slot) = self.slots.find(gfn).cloned() else { return false };
+        let mut changed = false;
+        for sptep in self.s.rmaps.get(&slot, gfn, 1) {
+            let s = self.load(sptep);
+            if s.0 & dirty != 0 {
+                self.store(sptep, Spte(s.0 & !dirty));
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// `link_shadow_page`: points `sptep` at `child`, dropping a huge leaf in the way.
@@ -520,7 +541,8 @@ impl Ctx<'_> {
         if new.is_writable() {
             // make_spte -> mark_page_dirty_in_slot.
             if let Some(slot) = self.slots.find(gfn) {
-                slot.mark_page_dirty(gfn);
+                let ring = self.vcpu.as_ref().and_then(|v| v.dirty_ring.as_deref());
+                crate::dirty_log::mark_page_dirty_in_slot(ring, slot, gfn);
             }
         }
         if self.kvm.tracer.events_on() {

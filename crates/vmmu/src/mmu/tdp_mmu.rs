@@ -293,7 +293,7 @@ fn tdp_mmu_map_handle_target_level(
     if new.is_writable() {
         // make_spte -> mark_page_dirty_in_slot: a writable mapping may be written at once.
         if let Some(slot) = fault.slot.map(|i| vcpu.slots.at(i)) {
-            slot.mark_page_dirty(fault.gfn);
+            crate::dirty_log::mark_page_dirty_in_slot(vcpu.dirty_ring.as_deref(), slot, fault.gfn);
         }
     }
     if new.is_mmio(&masks) {
