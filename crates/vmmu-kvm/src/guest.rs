@@ -1,6 +1,6 @@
 //! Builds the guest: RAM (vm-memory), a GDT with CPL3 segments and a TSS whose I/O permission
-//! bitmap lets CPL3 code `out` to the backend's ports, an IDT whose #UD handler does `invlpg` or
-//! `mov cr3` for the CPL3 workload, 4-level page tables with U/S set at every level, and the
+//! bitmap lets CPL3 code `out` to the backend's ports, an IDT whose #UD and #BP handlers do
+//! `invlpg` or `mov cr3` for the CPL3 workload, 4-level page tables with U/S set at every level, and the
 //! workload's code (iced-x86's `CodeAssembler`). It also runs the workload on a model of its
 //! own page tables to know what the guest must leave behind (the oracles in [`Expected`]).
 //!
@@ -10,7 +10,7 @@
 //! | GPA | what |
 //! |---|---|
 //! | `0x1000` | GDT: null, kernel code/data, user data/code (DPL 3), 64-bit TSS |
-//! | `0x2000` | IDT: 32 interrupt gates |
+//! | `0x2000` | IDT: 32 interrupt gates (#BP's with DPL 3, so `int3` works from CPL3) |
 //! | `0x3000` | TSS (RSP0) and its I/O permission bitmap (ports 0-255 allowed) |
 //! | `0x4000-0x5fff` | kernel stack (exception frames) |
 //! | `0x6000-0x7fff` | user stack |
@@ -25,7 +25,7 @@ use iced_x86::BlockEncoderOptions;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::KvmError;
-use crate::spec::{Access, Op, WorkloadSpec, DATA_GPA, PAGE};
+use crate::spec::{Access, KernelEntry, Op, WorkloadSpec, DATA_GPA, PAGE};
 
 pub(crate) const GDT_GPA: u64 = 0x1000;
 pub(crate) const IDT_GPA: u64 = 0x2000;
@@ -277,7 +277,7 @@ fn write_idt(mem: &GuestMemoryMmap, handlers: &[u64]) -> Result<(), KvmError> {
     for (v, &h) in handlers.iter().enumerate() {
         let low = (h & 0xffff)
             | ((SEL_KCODE as u64) << 16)
-            | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+            | (if v == 3 { 0xee } else { 0x8e } << 40) // present, DPL 0 (3 for #BP), interrupt gate
             | (((h >> 16) & 0xffff) << 48);
         let at = IDT_GPA + 16 * v as u64;
         mem.write_obj(low, GuestAddress(at)).map_err(mem_err)?;
@@ -352,12 +352,12 @@ fn emit_user(
                 Op::Invlpg { region, page } => {
                     a.mov(eax, UD_INVLPG as u32)?;
                     a.mov(rdi, spec.regions[region].gva + page * PAGE)?;
-                    a.ud2()?;
+                    enter_kernel(a, spec.kernel_entry)?;
                 }
                 Op::SwitchRoot(r) => {
                     a.mov(eax, UD_MOV_CR3 as u32)?;
                     a.mov(rdi, roots[r])?;
-                    a.ud2()?;
+                    enter_kernel(a, spec.kernel_entry)?;
                 }
             }
         }
@@ -373,14 +373,22 @@ fn emit_user(
     a.jmp(done)
 }
 
-/// The ring-0 handlers: #UD does the requested `invlpg` / `mov cr3`, skips the `ud2` and
-/// returns with `iretq`; every other vector reports itself on [`PORT_FATAL`] and halts.
+fn enter_kernel(a: &mut CodeAssembler, how: KernelEntry) -> Result<(), IcedError> {
+    match how {
+        KernelEntry::Ud2 => a.ud2(),
+        KernelEntry::Int3 => a.int3(),
+    }
+}
+
+/// The ring-0 handlers: #UD (after `ud2`) and #BP (after `int3`) do the requested `invlpg` / `mov cr3`, skips the `ud2` and
+/// returns with `iretq` (#UD first skips the `ud2`; #BP is a trap, its saved RIP is already
+/// past the `int3`); every other vector reports itself on [`PORT_FATAL`] and halts.
 fn emit_handlers(a: &mut CodeAssembler) -> Result<Vec<CodeLabel>, IcedError> {
     let mut labels = Vec::new();
     for vector in 0..IDT_VECTORS as u32 {
         let mut l = a.create_label();
         a.set_label(&mut l)?;
-        if vector == 6 {
+        if vector == 6 || vector == 3 {
             let mut not_invlpg = a.create_label();
             let mut not_cr3 = a.create_label();
             let mut done = a.create_label();
@@ -393,7 +401,9 @@ fn emit_handlers(a: &mut CodeAssembler) -> Result<Vec<CodeLabel>, IcedError> {
             a.jne(not_cr3)?;
             a.mov(cr3, rdi)?;
             a.set_label(&mut done)?;
-            a.add(qword_ptr(rsp), 2)?; // skip ud2 (0f 0b)
+            if vector == 6 {
+                a.add(qword_ptr(rsp), 2)?; // skip ud2 (0f 0b)
+            }
             a.iretq()?;
             a.set_label(&mut not_cr3)?;
         }

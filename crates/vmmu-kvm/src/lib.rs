@@ -23,7 +23,11 @@
 //! `out` allowed by the TSS I/O permission bitmap (a KVM_EXIT_IO), and reaches ring 0 only
 //! through `ud2`: the #UD handler does the `invlpg` or `mov cr3` asked for in RAX/RDI, skips
 //! the `ud2` and returns with `iretq`. Any other exception is reported as
-//! [`KvmError::GuestException`].
+//! [`KvmError::GuestException`]. Skipping the `ud2` means the handler writes the exception
+//! frame (`add qword [rsp], 2`), and on PVM that ring-0 write is emulated, so KVM counts it in
+//! `mmu_pte_write` (which counts every emulated guest write once the VM has shadow pages, not
+//! only writes to page tables): one per round trip. [`KernelEntry::Int3`] enters through a
+//! DPL-3 #BP gate instead; #BP is a trap, so its handler writes no memory.
 //!
 //! # Oracles
 //!
@@ -45,5 +49,5 @@ mod sys;
 pub use error::KvmError;
 pub use host::{HostKind, Paging, Vendor};
 pub use run::{kvm_available, run_workload, KvmPhase, KvmRun, Translation};
-pub use spec::{Access, Op, PhaseSpec, RegionSpec, WorkloadSpec, DATA_GPA, PAGE, REGION_GVA};
+pub use spec::{Access, KernelEntry, Op, PhaseSpec, RegionSpec, WorkloadSpec, DATA_GPA, PAGE, REGION_GVA};
 pub use stats::{StatDesc, StatKind, StatValue, StatsFd, StatsLayout, StatsSnapshot};

@@ -31,7 +31,7 @@ pub enum Access {
 }
 
 /// One guest operation. All of them run at CPL3; [`Op::Invlpg`] and [`Op::SwitchRoot`] reach
-/// ring 0 through `ud2` and the guest's #UD handler.
+/// ring 0 through `ud2` (or `int3`, see [`KernelEntry`]) and the guest's handler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
@@ -69,6 +69,20 @@ pub enum Op {
     SwitchRoot(usize),
 }
 
+/// How the CPL3 workload asks its ring-0 handler for `invlpg` / `mov cr3`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelEntry {
+    /// `ud2`: a #UD fault; the handler skips the 2-byte instruction by adding 2 to the saved
+    /// RIP in the exception frame (a memory write by ring-0 code, which PVM emulates, so each
+    /// round trip also counts one emulated guest write: `mmu_pte_write` += 1).
+    #[default]
+    Ud2,
+    /// `int3`: a #BP trap through a DPL-3 gate; the saved RIP already points past it, so the
+    /// handler writes no memory.
+    Int3,
+}
+
 /// A measured phase: its operations run `repeat` times, then the guest reports the end of the
 /// phase with an `out` (a KVM_EXIT_IO) and the host snapshots the statistics.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -86,8 +100,10 @@ pub struct PhaseSpec {
 pub struct WorkloadSpec {
     /// Workload name (for reports).
     pub name: String,
-    /// Page-table roots (1 or 2); the guest starts on root 0.
+    /// Page-table roots (1 to 4); the guest starts on root 0.
     pub roots: usize,
+    /// How the guest enters ring 0 for [`Op::Invlpg`] and [`Op::SwitchRoot`].
+    pub kernel_entry: KernelEntry,
     /// Mapped regions.
     pub regions: Vec<RegionSpec>,
     /// Phases, in order. The backend runs an implicit `boot` phase first (the guest's first
@@ -109,6 +125,12 @@ fn touch(region: usize, pages: u64, access: Access) -> Op {
 }
 
 impl WorkloadSpec {
+    /// The same workload entering ring 0 with `entry` instead.
+    pub fn with_kernel_entry(mut self, entry: KernelEntry) -> Self {
+        self.kernel_entry = entry;
+        self
+    }
+
     /// (a) first-touch: write one qword to each of `pages` pages whose PTEs are present with
     /// A/D clear (every write takes a shadow fault), then write them all again (`re-touch`,
     /// no faults expected).
@@ -116,6 +138,7 @@ impl WorkloadSpec {
         WorkloadSpec {
             name: format!("first-touch ({pages} pages)"),
             roots: 1,
+            kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages, gpa: vec![DATA_GPA] }],
             phases: vec![
                 phase("first-touch", vec![touch(0, pages, Access::Write)], 1),
@@ -129,6 +152,7 @@ impl WorkloadSpec {
         WorkloadSpec {
             name: format!("write-after-read ({pages} pages)"),
             roots: 1,
+            kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages, gpa: vec![DATA_GPA] }],
             phases: vec![
                 phase("read", vec![touch(0, pages, Access::Read)], 1),
@@ -155,6 +179,7 @@ impl WorkloadSpec {
         WorkloadSpec {
             name: format!("pte-rewrite ({iterations} iterations)"),
             roots: 1,
+            kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages: 1, gpa: vec![frame_a] }],
             phases: vec![
                 phase("warm", vec![touch(0, 1, Access::Write), Op::Invlpg { region: 0, page: 0 }], 1),
@@ -171,6 +196,7 @@ impl WorkloadSpec {
         WorkloadSpec {
             name: format!("cr3-switch ({pages} pages, {iterations} iterations)"),
             roots: 2,
+            kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages, gpa: vec![DATA_GPA, gpa_b] }],
             phases: vec![
                 phase("touch-root0", vec![touch(0, pages, Access::Write)], 1),

@@ -1,7 +1,7 @@
 //! Runs the workloads on the real /dev/kvm when it can be opened; otherwise each test prints
 //! "skipped: /dev/kvm not available" and returns.
 
-use vmmu_kvm::{kvm_available, run_workload, HostKind, KvmRun, WorkloadSpec};
+use vmmu_kvm::{kvm_available, run_workload, KernelEntry, KvmRun, WorkloadSpec};
 
 fn kvm_or_skip(test: &str) -> bool {
     match kvm_available() {
@@ -50,5 +50,36 @@ fn first_touch() {
     }
     let n = 1024;
     let run = run_workload(&WorkloadSpec::first_touch(n)).unwrap();
+    show(&run);
+}
+
+#[test]
+fn write_after_read() {
+    if !kvm_or_skip("write_after_read") {
+        return;
+    }
+    let run = run_workload(&WorkloadSpec::write_after_read(1024)).unwrap();
+    show(&run);
+}
+
+#[test]
+fn pte_rewrite() {
+    if !kvm_or_skip("pte_rewrite") {
+        return;
+    }
+    let run = run_workload(&WorkloadSpec::pte_rewrite(100)).unwrap();
+    show(&run);
+    let run = run_workload(&WorkloadSpec::pte_rewrite(100).with_kernel_entry(KernelEntry::Int3)).unwrap();
+    show(&run);
+}
+
+#[test]
+fn cr3_switch() {
+    if !kvm_or_skip("cr3_switch") {
+        return;
+    }
+    let run = run_workload(&WorkloadSpec::cr3_switch(256, 10)).unwrap();
+    show(&run);
+    let run = run_workload(&WorkloadSpec::cr3_switch(256, 10).with_kernel_entry(KernelEntry::Int3)).unwrap();
     show(&run);
 }
