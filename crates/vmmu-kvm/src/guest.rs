@@ -38,7 +38,6 @@ const PT_POOL_END: u64 = 0x20_0000;
 
 /// GDT selectors.
 pub(crate) const SEL_KCODE: u16 = 0x08;
-pub(crate) const SEL_KDATA: u16 = 0x10;
 pub(crate) const SEL_UDATA: u16 = 0x18 | 3;
 pub(crate) const SEL_UCODE: u16 = 0x20 | 3;
 pub(crate) const SEL_TSS: u16 = 0x28;

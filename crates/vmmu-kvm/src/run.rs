@@ -9,7 +9,7 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::KvmError;
-use crate::guest::{self, BuiltGuest, PTE_ADDR};
+use crate::guest::{self, BuiltGuest};
 use crate::host::HostKind;
 use crate::spec::WorkloadSpec;
 use crate::stats::{StatsFd, StatsSnapshot};
@@ -148,7 +148,6 @@ fn setup_vcpu(kvm: &Kvm, m: &Machine) -> Result<(), KvmError> {
     r.rflags = 0x2; // IF clear, IOPL 0: port I/O goes through the TSS bitmap
     r.r15 = 1;
     m.vcpu.set_regs(&r).map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
-    let _ = guest::SEL_KDATA;
     Ok(())
 }
 
@@ -303,6 +302,5 @@ fn check(m: &mut Machine) -> Result<Vec<Translation>, KvmError> {
             )));
         }
     }
-    let _ = PTE_ADDR;
     Ok(out)
 }

@@ -29,7 +29,7 @@ pub(crate) fn get_stats_fd(fd: &impl AsRawFd) -> io::Result<File> {
 /// Registers every region of `mem` as a memslot of `vm` (slot numbers from 0, in order).
 ///
 /// `vm` must not outlive `mem`: the owner keeps both and drops the VM first
-/// ([`crate::guest::Guest`] declares the VM field before the memory field).
+/// (`run::Machine` declares the VM field before the memory field).
 pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> io::Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem.get_host_address(region.start_addr()).map_err(|e| io::Error::other(e.to_string()))?;
