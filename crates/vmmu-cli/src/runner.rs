@@ -303,6 +303,14 @@ pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
 
 fn stats_now(m: &Machine) -> (BTreeMap<String, i64>, HwSummary) {
     let mut st: BTreeMap<String, i64> = m.kvm.vm_stats().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    // The host side, as deltas per phase: frames allocated (negative: freed) and KSM's
+    // counters (/sys/kernel/mm/ksm).
+    let host = m.kvm.host();
+    let (counts, ksm) = (host.frames().counts(), host.ksm_stats());
+    st.insert("host_frames_4k".into(), counts.frames_4k as i64);
+    st.insert("host_frames_2m".into(), counts.frames_2m as i64);
+    st.insert("host_ksm_pages_shared".into(), ksm.pages_shared as i64);
+    st.insert("host_ksm_pages_sharing".into(), ksm.pages_sharing as i64);
     let mut hw = HwSummary::default();
     for v in &m.vcpus {
         for (k, x) in v.stats() {
@@ -470,12 +478,14 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
         | Op::MigratePages { slot, offset, size }
         | Op::SwapOut { slot, offset, size }
         | Op::ThpSplit { slot, offset, size }
-        | Op::ThpCollapse { slot, offset, size } => {
+        | Op::ThpCollapse { slot, offset, size }
+        | Op::KsmMerge { slot, offset, size } => {
             let name = match op {
                 Op::MadviseDontneed { .. } => "madvise-dontneed",
                 Op::MigratePages { .. } => "migrate-pages",
                 Op::SwapOut { .. } => "swap-out",
                 Op::ThpSplit { .. } => "thp-split",
+                Op::KsmMerge { .. } => "ksm-merge",
                 _ => "thp-collapse",
             };
             let (_, len, hva) = m.slots[*slot as usize];
@@ -500,6 +510,9 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
                 }
                 Op::ThpSplit { .. } => {
                     host.split_huge_pages(at, size.0).map_err(run_err)?;
+                }
+                Op::KsmMerge { .. } => {
+                    host.ksm_merge(at, size.0).map_err(run_err)?;
                 }
                 _ => {
                     host.collapse_huge_pages(at, size.0).map_err(run_err)?;

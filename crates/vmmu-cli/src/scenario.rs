@@ -335,6 +335,16 @@ pub enum Op {
         /// Bytes.
         size: Size,
     },
+    /// KSM scans part of a memslot's memory and merges pages with equal contents into
+    /// shared read-only frames (copied again on the guest's next write to one).
+    KsmMerge {
+        /// Memslot index.
+        slot: u32,
+        /// Offset into the slot.
+        offset: Size,
+        /// Bytes.
+        size: Size,
+    },
     /// Kernel layout: fork the current process (the child gets the next pid).
     Fork,
     /// Kernel layout: exec in the current process (drop all of its user memory).
@@ -447,6 +457,7 @@ impl Op {
             | Op::SwapOut { slot, .. }
             | Op::ThpSplit { slot, .. }
             | Op::ThpCollapse { slot, .. }
+            | Op::KsmMerge { slot, .. }
             | Op::Migrate { slot, .. }
             | Op::IdleTracking { slot, .. } => Some(*slot),
             _ => None,

@@ -321,3 +321,31 @@ fn thp_events_scenario_moves_pages_2m() {
     assert_eq!(stat(&ph("collapse"), "pf_taken"), 16);
     assert_eq!(stat(&ph("collapse"), "pages_2m"), populated);
 }
+
+#[test]
+fn ksm_and_zero_page_scenario_moves_the_host_and_kvm_counters() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/ksm-zero-page.toml");
+    for mmu in ["tdp", "shadow", "legacy-tdp"] {
+        let v = json(&["run", f.to_str().unwrap(), "--mmu", mmu, "--json"]);
+        let ph = |name: &str| v["phases"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+        let fresh = ph("read-fresh");
+        assert!(stat(&fresh, "host_frames_4k") < 64, "{mmu}: reads map the zero page: {fresh}");
+        let cow = ph("write-cow");
+        // Each first write faults on the read-only SPTE; the host's copy-on-write notifies
+        // KVM in the middle of that fault, which is then stale and retried: two faults.
+        assert_eq!(stat(&cow, "pf_taken"), 2 * 4096, "{mmu}: {cow}");
+        assert_eq!(stat(&cow, "pf_fixed"), 4096, "{mmu}");
+        assert_eq!(stat(&cow, "host_frames_4k"), 4096, "{mmu}: one private frame per page");
+        assert!(stat(&cow, "remote_tlb_flush") >= 4096, "{mmu}: the notifier zapped each zero-page SPTE");
+        let ksm = ph("ksm-merge");
+        assert_eq!(stat(&ksm, "host_ksm_pages_shared"), 256, "{mmu}: 256 distinct contents");
+        assert_eq!(stat(&ksm, "host_ksm_pages_sharing"), 4096 - 256, "{mmu}");
+        assert_eq!(stat(&ksm, "host_frames_4k"), -(4096 - 256), "{mmu}: the duplicates' frames freed");
+        assert!(stat(&ksm, "remote_tlb_flush") >= 4096, "{mmu}: KVM's SPTEs zapped");
+        let read = ph("read-merged");
+        assert!(stat(&read, "pf_taken") > 0, "{mmu}: reads fault the merged pages back in");
+        let unmerge = ph("write-unmerge");
+        assert_eq!(stat(&unmerge, "pf_taken"), 2 * 4096, "{mmu}: copy-on-write again");
+        assert_eq!(stat(&unmerge, "host_ksm_pages_sharing"), -(4096 - 256), "{mmu}: nothing shared any more");
+    }
+}

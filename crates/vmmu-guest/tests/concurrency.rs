@@ -14,6 +14,13 @@
 //!   mapping, identically) 0 if it was dropped after its last write, or that last write;
 //!   the audit passes.
 //!
+//! - Host coherence with two vCPU threads, for every MMU: each thread writes and reads back
+//!   its own pages while the main thread runs random host events over the data pages —
+//!   MADV_DONTNEED, page migration, swap-out, KSM merging, THP split and collapse. Every read
+//!   returns 0 (dropped after the last write) or the thread's last write; afterwards the vCPU
+//!   and the VMM read the same bytes and the audit finds no SPTE mapping a frame the host
+//!   freed or moved.
+//!
 //! A vCPU thread never blocks while in guest mode: it calls `Vcpu::exit_guest` before
 //! waiting on a barrier or finishing.
 
@@ -44,9 +51,13 @@ struct Setup {
 }
 
 fn setup(tdp: TdpKind, backing: Backing) -> Setup {
+    setup_cfg(VmConfig { tdp, ..VmConfig::default() }, backing)
+}
+
+fn setup_cfg(cfg: VmConfig, backing: Backing) -> Setup {
     let frames = Arc::new(FrameAllocator::new(4 * MEM).unwrap());
     let host = Arc::new(HostMm::new(frames).unwrap());
-    let kvm = Kvm::new(VmConfig { tdp, ..VmConfig::default() }, host.clone()).unwrap();
+    let kvm = Kvm::new(cfg, host.clone()).unwrap();
     let hva = host.mmap(MEM, backing, true, false).unwrap();
     kvm.set_user_memory_region(UserspaceMemoryRegion {
         slot: 0,
@@ -334,5 +345,116 @@ fn host_coherence_thp_partial_drops() {
     for _ in 0..40 {
         host_coherence(TdpKind::Ept, Backing::Thp, Drops::Mixed);
         host_coherence(TdpKind::Npt, Backing::Thp, Drops::Mixed);
+    }
+}
+
+/// Two vCPU threads (thread t owns the pages p with p % 2 == t) against random host events.
+fn host_coherence_two_vcpus(mmu: vmmu::MmuKind, backing: Backing, seed: u64) {
+    let what = format!("{mmu:?} {backing:?} seed {seed}");
+    let s = setup_cfg(VmConfig { mmu, ..VmConfig::default() }, backing);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(Barrier::new(3));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let mut cpu = s.kvm.create_vcpu().unwrap();
+            let (stop, started, cr3, what) = (stop.clone(), started.clone(), s.cr3, what.clone());
+            let progress = progress.clone();
+            std::thread::spawn(move || -> (Vcpu, Result<Vec<u64>, String>) {
+                let r = (|| -> Result<Vec<u64>, String> {
+                    boot(&mut cpu, cr3).map_err(|e| format!("boot: {e}"))?;
+                    cpu.exit_guest();
+                    started.wait();
+                    let mut last = vec![0u64; PAGES as usize];
+                    let mut stuck = 0u64;
+                    let mut x = 0x2545_f491_4f6c_dd1du64 ^ (seed << 8) ^ t;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) || n < 10_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let p = (x % (PAGES / 2)) * 2 + t;
+                        n += 1;
+                        let gva = Gva::new(DATA + p * 4096);
+                        let got =
+                            retry_stuck(&stop, &mut stuck, || cpu.read(gva, 8)).map_err(|e| format!("read: {e}"))?;
+                        if got != 0 && got != last[p as usize] {
+                            return Err(format!(
+                                "{what}: page {p} reads {got:#x}; last written {:#x}",
+                                last[p as usize]
+                            ));
+                        }
+                        // Few distinct values, so KSM finds identical pages to merge.
+                        let val = (n % 3 + 1) << 8 | t;
+                        retry_stuck(&stop, &mut stuck, || cpu.write(gva, 8, val)).map_err(|e| format!("write: {e}"))?;
+                        last[p as usize] = val;
+                        progress.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(last)
+                })();
+                cpu.exit_guest();
+                (cpu, r)
+            })
+        })
+        .collect();
+    started.wait();
+    let host = s.kvm.host().clone();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    // Pages (or huge pages) each kind of event changed.
+    let mut done = [0u64; 6];
+    let mut events = 0;
+    // Events keep coming while the vCPUs run: at least 120, and until they made 20,000
+    // accesses between them.
+    while events < 120 || progress.load(Ordering::Relaxed) < 20_000 {
+        events += 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let first = x % PAGES;
+        let len = (1 + (x >> 20) % 64).min(PAGES - first);
+        let at = Hva(s.hva.raw() + DATA + first * 4096);
+        let whole = Hva(s.hva.raw() + DATA + (first & !511) * 4096);
+        let kind = ((x >> 40) % 6) as usize;
+        done[kind] += match kind {
+            0 => host.madvise_dontneed(at, len * 4096).map(|()| len).unwrap(),
+            1 => host.migrate_pages(at, len * 4096).unwrap(),
+            2 => host.swap_out(at, len * 4096).unwrap(),
+            3 => host.ksm_merge(at, len * 4096).unwrap(),
+            4 => host.split_huge_pages(whole, 2 << 20).unwrap(),
+            _ => host.collapse_huge_pages(whole, 2 << 20).unwrap(),
+        };
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::Relaxed);
+    eprintln!("{what}: pages dropped, migrated, swapped, KSM-merged; huge pages split, collapsed: {done:?}");
+    assert!(done[..4].iter().all(|&n| n > 0), "{what}: every kind of 4 KiB event changed something: {done:?}");
+    let mut cpus = Vec::new();
+    let mut lasts = Vec::new();
+    for th in threads {
+        let (cpu, r) = th.join().expect("vCPU thread panicked");
+        lasts.push(r.unwrap_or_else(|e| panic!("{e}")));
+        cpus.push(cpu);
+    }
+    s.kvm.audit().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let cpu = &mut cpus[0];
+    for p in 0..PAGES {
+        let gva = Gva::new(DATA + p * 4096);
+        let guest = cpu.read(gva, 8).unwrap();
+        let vmm = host.read(Hva(s.hva.raw() + DATA + p * 4096), 8).unwrap();
+        assert_eq!(guest, vmm, "{what}: page {p}: the vCPU and the VMM see different bytes");
+        let last = lasts[(p % 2) as usize][p as usize];
+        assert!(guest == 0 || guest == last, "{what}: page {p} reads {guest:#x}; last written {last:#x}");
+    }
+    cpu.exit_guest();
+    s.kvm.audit().unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn host_coherence_two_vcpus_all_mmus() {
+    for seed in 1..=2 {
+        for mmu in [vmmu::MmuKind::Tdp, vmmu::MmuKind::LegacyTdp, vmmu::MmuKind::Shadow] {
+            host_coherence_two_vcpus(mmu, Backing::Anon4k, seed);
+            host_coherence_two_vcpus(mmu, Backing::Thp, seed);
+        }
     }
 }

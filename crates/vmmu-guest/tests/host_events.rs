@@ -1,7 +1,8 @@
-//! Host events under a running guest: page migration and swap-out/in. The guest-visible
-//! effect is that nothing changes — it reads back what it wrote — while KVM's SPTEs were
-//! zapped by the MMU notifier and fault back in on the new frames (pf_taken, the audit
-//! checks every SPTE against the host mapping).
+//! Host events under a running guest: page migration, swap-out/in, THP split and collapse,
+//! KSM merging and the copy-on-write of the shared zero page. The guest-visible effect is
+//! that nothing changes — it reads back what it wrote — while KVM's SPTEs were zapped by the
+//! MMU notifier and fault back in on the new frames (pf_taken, the audit checks every SPTE
+//! against the host mapping).
 
 mod common;
 
@@ -190,4 +191,97 @@ fn thp_split_and_collapse_all_mmus() {
     thp_split_and_collapse(MmuKind::Tdp);
     thp_split_and_collapse(MmuKind::LegacyTdp);
     thp_split_and_collapse(MmuKind::Shadow);
+}
+
+/// KSM under a running guest: pages with equal contents are merged into shared read-only
+/// frames (the notifier zaps KVM's SPTEs); the guest still reads its data, through read-only
+/// SPTEs, and its next write to a merged page faults, copies it (COW, notifier again) and
+/// lands in a private frame, leaving the other sharers alone.
+fn ksm(mmu: MmuKind) {
+    let what = format!("{mmu:?} KSM");
+    let mut g = common::boot(VmConfig { mmu, ..Default::default() }, Backing::Anon4k, PAGES);
+    // With the byte the boot's first touch wrote (i & 0xff at offset 0), the pages hold 256
+    // distinct contents: KSM folds them into 256 frames.
+    let val = |i: u64| i % 8 + 1;
+    for i in 0..PAGES {
+        g.k.access(&mut g.cpu, USER_BASE + i * 4096 + 64, AccessKind::Write, 8, val(i)).unwrap();
+    }
+    let frames = g.host.frames().counts().frames_4k;
+    let flushes = g.kvm.vm_stats()["remote_tlb_flush"];
+    let merged = g.host.ksm_merge(g.hva, MEM).unwrap();
+    let st = g.host.ksm_stats();
+    assert!(merged >= PAGES, "{what}: {merged} pages merged");
+    assert_eq!((st.pages_shared, st.pages_sharing), (256, PAGES - 256), "{what}: {st:?}");
+    assert!(g.host.frames().counts().frames_4k <= frames - (PAGES - 256), "{what}: the duplicates' frames were freed");
+    assert!(g.kvm.vm_stats()["remote_tlb_flush"] > flushes, "{what}: the notifier zapped and flushed");
+    g.kvm.audit().unwrap();
+    let taken = g.cpu.stat.pf_taken;
+    for i in 0..PAGES {
+        let v = g.k.access(&mut g.cpu, USER_BASE + i * 4096 + 64, AccessKind::Read, 8, 0).unwrap();
+        assert_eq!(v, val(i), "{what}: page {i} after the merge");
+    }
+    assert!(g.cpu.stat.pf_taken > taken, "{what}: the zapped SPTEs faulted back in, read-only");
+    let (gpa0, gpa8) = (g.data_gpa(0), g.data_gpa(256));
+    assert_eq!(g.host_pfn(gpa0), g.host_pfn(gpa8), "{what}: pages 0 and 256 share a frame");
+    g.kvm.audit().unwrap();
+    // A write to page 0: a fault, a private copy; page 8 keeps the shared frame and value.
+    let taken = g.cpu.stat.pf_taken;
+    g.k.access(&mut g.cpu, USER_BASE + 64, AccessKind::Write, 8, 99).unwrap();
+    assert!(g.cpu.stat.pf_taken > taken, "{what}: the write to a shared page faulted");
+    assert_ne!(g.host_pfn(gpa0), g.host_pfn(gpa8), "{what}: copy on write");
+    let gpa512 = g.data_gpa(512);
+    assert_eq!(g.host_pfn(gpa8), g.host_pfn(gpa512), "{what}: the other sharers keep the frame");
+    let read = |g: &mut G, i: u64| g.k.access(&mut g.cpu, USER_BASE + i * 4096 + 64, AccessKind::Read, 8, 0).unwrap();
+    assert_eq!((read(&mut g, 0), read(&mut g, 256)), (99, val(256)), "{what}");
+    assert_eq!(g.host.ksm_stats().pages_sharing, st.pages_sharing - 1, "{what}");
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn ksm_all_mmus() {
+    ksm(MmuKind::Tdp);
+    ksm(MmuKind::LegacyTdp);
+    ksm(MmuKind::Shadow);
+}
+
+/// The shared zero page: a read of never-written guest memory maps the host's zero page
+/// (read-only, no frame allocated); the first write faults again and the host replaces it
+/// by a private frame (copy-on-write, the notifier zapping KVM's read-only SPTE). The guest
+/// kernel clears the frames it hands out, so the reads go to free frames at the top of RAM
+/// through its direct map.
+fn zero_page_cow(mmu: MmuKind) {
+    use vmmu::x86_paging::addr::Gva;
+    use vmmu_guest::kernel::DIRECT_MAP;
+    let what = format!("{mmu:?} zero page");
+    let mut g = common::boot(VmConfig { mmu, ..Default::default() }, Backing::Anon4k, 1);
+    g.cpu.set_cpl(0);
+    let gpa = |i: u64| MEM - (64 - i) * 4096;
+    let va = |i: u64| Gva::new(DIRECT_MAP + gpa(i));
+    let frames = g.host.frames().counts().frames_4k;
+    for i in 0..64 {
+        assert_eq!(g.cpu.read(va(i), 8).unwrap(), 0, "{what}");
+    }
+    assert_eq!(g.host_pfn(gpa(0)), g.host.frames().zero_pfn().raw(), "{what}: reads map the shared zero page");
+    let after_reads = g.host.frames().counts().frames_4k;
+    assert!(after_reads - frames < 64, "{what}: the reads allocated no data frames");
+    let (taken, flushes) = (g.cpu.stat.pf_taken, g.kvm.vm_stats()["remote_tlb_flush"]);
+    for i in 0..64 {
+        g.cpu.write(va(i), 8, i + 1).unwrap();
+    }
+    assert!(g.cpu.stat.pf_taken >= taken + 64, "{what}: each first write faulted (read-only SPTE)");
+    assert!(g.kvm.vm_stats()["remote_tlb_flush"] > flushes, "{what}: the COW notifier zapped the zero-page SPTEs");
+    assert_ne!(g.host_pfn(gpa(0)), g.host.frames().zero_pfn().raw(), "{what}: a private frame now");
+    assert!(g.host.frames().counts().frames_4k >= after_reads + 64, "{what}: 64 frames allocated by the writes");
+    for i in 0..64 {
+        assert_eq!(g.cpu.read(va(i), 8).unwrap(), i + 1, "{what}");
+    }
+    g.cpu.exit_guest();
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn zero_page_cow_all_mmus() {
+    zero_page_cow(MmuKind::Tdp);
+    zero_page_cow(MmuKind::LegacyTdp);
+    zero_page_cow(MmuKind::Shadow);
 }

@@ -29,6 +29,10 @@ struct Pool {
     carving: Option<(u64, u64)>,
     free_4k: Vec<Pfn>,
     free_2m: Vec<Pfn>,
+    /// 2 MiB frames split into 4 KiB frames ([`FrameAllocator::split_2m`]), by first pfn:
+    /// how many of their 512 frames are in use. When none is, the buddy allocator's merge
+    /// makes them one free 2 MiB frame again.
+    split: std::collections::HashMap<u64, u32>,
 }
 
 /// Allocates host frames.
@@ -49,7 +53,13 @@ impl FrameAllocator {
         let mem = Arc::new(PhysMem::new(size.max(8 * HUGE_FRAME_SIZE))?);
         let mut a = FrameAllocator {
             mem,
-            pool: Mutex::new(Pool { next_chunk: 0, carving: None, free_4k: Vec::new(), free_2m: Vec::new() }),
+            pool: Mutex::new(Pool {
+                next_chunk: 0,
+                carving: None,
+                free_4k: Vec::new(),
+                free_2m: Vec::new(),
+                split: std::collections::HashMap::new(),
+            }),
             frames_4k: AtomicU64::new(0),
             frames_2m: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
@@ -99,6 +109,9 @@ impl FrameAllocator {
     pub fn alloc_4k(&self) -> Result<Pfn, HostError> {
         let mut pool = self.pool.lock();
         let pfn = if let Some(p) = pool.free_4k.pop() {
+            if let Some(live) = pool.split.get_mut(&(p.raw() & !(FRAMES_PER_CHUNK - 1))) {
+                *live += 1;
+            }
             p
         } else {
             let (first, used) = match pool.carving {
@@ -125,12 +138,33 @@ impl FrameAllocator {
         Ok(Pfn::new(first))
     }
 
-    /// Frees a 4 KiB frame (zeroing it for its next user).
+    /// Frees a 4 KiB frame (zeroing it for its next user). The last frame of a split 2 MiB
+    /// frame to be freed makes the whole 2 MiB free again.
     pub fn free_4k(&self, pfn: Pfn) {
         debug_assert!(!self.is_zero_pfn(pfn));
         self.mem.zero_frame(pfn);
-        self.pool.lock().free_4k.push(pfn);
+        let mut pool = self.pool.lock();
+        pool.free_4k.push(pfn);
+        let chunk = pfn.raw() & !(FRAMES_PER_CHUNK - 1);
+        if let Some(live) = pool.split.get_mut(&chunk) {
+            *live -= 1;
+            if *live == 0 {
+                pool.split.remove(&chunk);
+                pool.free_4k.retain(|p| p.raw() & !(FRAMES_PER_CHUNK - 1) != chunk);
+                pool.free_2m.push(Pfn::new(chunk));
+            }
+        }
+        drop(pool);
         self.frames_4k.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Splits the 2 MiB frame at `pfn` into 512 4 KiB frames in use (a THP split): from now
+    /// on each is freed with [`FrameAllocator::free_4k`].
+    pub fn split_2m(&self, pfn: Pfn) {
+        debug_assert!(pfn.raw().is_multiple_of(FRAMES_PER_CHUNK) && !self.is_zero_pfn(pfn));
+        self.pool.lock().split.insert(pfn.raw(), FRAMES_PER_CHUNK as u32);
+        self.frames_2m.fetch_sub(1, Ordering::Relaxed);
+        self.frames_4k.fetch_add(FRAMES_PER_CHUNK, Ordering::Relaxed);
     }
 
     /// Frees a 2 MiB compound frame.
@@ -173,6 +207,24 @@ mod tests {
         assert_eq!(h.raw() % 512, 0);
         assert_eq!(a.counts().frames_4k, 2);
         assert_eq!(a.counts().frames_2m, 1);
+    }
+
+    #[test]
+    fn a_split_2m_frame_merges_back_when_all_its_pieces_are_free() {
+        let a = FrameAllocator::new(16 * HUGE_FRAME_SIZE).unwrap();
+        let h = a.alloc_2m().unwrap();
+        a.split_2m(h);
+        assert_eq!((a.counts().frames_2m, a.counts().frames_4k), (0, 512));
+        for i in 0..511 {
+            a.free_4k(Pfn::new(h.raw() + i));
+        }
+        // One piece still in use: the others are reusable as 4 KiB frames, not as 2 MiB.
+        let again = a.alloc_4k().unwrap();
+        assert_eq!(again.raw() & !(FRAMES_PER_CHUNK - 1), h.raw());
+        a.free_4k(again);
+        a.free_4k(Pfn::new(h.raw() + 511));
+        assert_eq!((a.counts().frames_2m, a.counts().frames_4k), (0, 0));
+        assert_eq!(a.alloc_2m().unwrap(), h, "the buddy merge returned the whole 2 MiB");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!   and telling MMU notifiers first.
 //! - THP-backed VMAs are mapped by 2 MiB PMD leaves when the 2 MiB range lies inside the VMA,
 //!   so KVM's host mapping level (a walk of these tables) is real.
+//! - KSM ([`HostMm::ksm_merge`]) merges identical 4 KiB pages into one write-protected
+//!   frame shared by all of them; the next write to any of them copies it (copy-on-write).
 //! - Lookups are lockless (atomic loads of the table entries, as GUP-fast); changes are
 //!   serialized by `mmap_lock`.
 
@@ -92,6 +94,25 @@ pub struct HostMm {
     idle: Mutex<std::collections::BTreeSet<u64>>,
     /// Swapped-out pages' contents, by page-aligned hva (the swap device).
     swap: Mutex<std::collections::HashMap<u64, Box<[u64]>>>,
+    /// KSM's shared pages.
+    ksm: Mutex<Ksm>,
+}
+
+/// KSM's state: the stable tree (shared frames by content hash) and how many PTEs map each
+/// shared frame. A shared frame is freed when its last mapping goes.
+#[derive(Default)]
+struct Ksm {
+    stable: std::collections::HashMap<u64, Vec<Pfn>>,
+    mapcount: std::collections::HashMap<u64, u32>,
+}
+
+/// KSM's counters, as /sys/kernel/mm/ksm reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KsmStats {
+    /// `pages_shared`: shared frames in use.
+    pub pages_shared: u64,
+    /// `pages_sharing`: further mappings of those frames (the pages saved).
+    pub pages_sharing: u64,
 }
 
 fn index(hva: u64, level: u8) -> u64 {
@@ -112,6 +133,7 @@ impl HostMm {
             pt_pages: AtomicU64::new(1),
             idle: Mutex::new(std::collections::BTreeSet::new()),
             swap: Mutex::new(std::collections::HashMap::new()),
+            ksm: Mutex::new(Ksm::default()),
         })
     }
 
@@ -297,11 +319,22 @@ impl HostMm {
             if !write || p.writable {
                 return Ok(p);
             }
+            if !self.frames.is_zero_pfn(p.pfn) && !self.is_ksm(p.pfn) {
+                // A private page KSM write-protected but did not merge: reuse it
+                // (wp_page_reuse); no secondary MMU maps it writable, nothing to notify.
+                pte.store(v | W | D, Ordering::Release);
+                return Ok(Self::page_of(pte.load(Ordering::Acquire), 1, hva));
+            }
+            // Copy-on-write: of the zero page (nothing to copy) or of a KSM page (copied).
             let page = hva & !4095;
             let range = HvaRange { start: Hva(page), end: Hva(page + 4096) };
             self.notify_start(range, MmuNotifyEvent::Cow);
             let r = self.frames.alloc_4k().map(|f| {
+                if !self.frames.is_zero_pfn(p.pfn) {
+                    self.frames.mem().copy_frame(p.pfn, f);
+                }
                 pte.store(f.hpa().raw() | P | prot | U | A | D, Ordering::Release);
+                self.put_4k(p.pfn);
                 Self::page_of(pte.load(Ordering::Acquire), 1, hva)
             });
             self.notify_end(range, MmuNotifyEvent::Cow);
@@ -419,10 +452,7 @@ impl HostMm {
                 }
                 Some((v, _, e)) => {
                     e.store(0, Ordering::Release);
-                    let pfn = Pfn::new((v & ADDR) >> 12);
-                    if !self.frames.is_zero_pfn(pfn) {
-                        self.frames.free_4k(pfn);
-                    }
+                    self.put_4k(Pfn::new((v & ADDR) >> 12));
                     4096
                 }
                 None => 4096,
@@ -455,6 +485,9 @@ impl HostMm {
     fn split_pmd(&self, pmd: &AtomicU64, v: u64) -> Result<(), HostError> {
         let pt = self.alloc_table()?;
         let base = v & ADDR;
+        if !self.frames.is_zero_pfn(Pfn::new(base >> 12)) {
+            self.frames.split_2m(Pfn::new(base >> 12));
+        }
         let flags = v & (P | W | U | A | D);
         for i in 0..512u64 {
             self.entry(pt, i).store((base + i * 4096) | flags, Ordering::Relaxed);
@@ -487,7 +520,9 @@ impl HostMm {
             let size = if level == 2 { 2u64 << 20 } else { 4096 };
             let base = a & !(size - 1);
             let old = Pfn::new((v & ADDR) >> 12);
-            if !self.frames.is_zero_pfn(old) {
+            // Shared pages stay: the zero pages, and KSM pages (moving one means moving all of
+            // its mappings at once, which this model does not do).
+            if !self.frames.is_zero_pfn(old) && !self.is_ksm(old) {
                 let range = HvaRange { start: Hva(base), end: Hva(base + size) };
                 self.notify_start(range, MmuNotifyEvent::Migrate);
                 let new = if level == 2 { self.frames.alloc_2m() } else { self.frames.alloc_4k() };
@@ -546,7 +581,7 @@ impl HostMm {
                         let words: Box<[u64]> =
                             (0..512u64).map(|i| mem.load(Hpa::new(pfn.hpa().raw() + i * 8))).collect();
                         self.swap.lock().insert(a, words);
-                        self.frames.free_4k(pfn);
+                        self.put_4k(pfn);
                         n += 1;
                     }
                     a += 4096;
@@ -581,9 +616,11 @@ impl HostMm {
     }
 
     /// THP collapse (khugepaged): every 2 MiB-aligned block of a THP-backed VMA inside the
-    /// range whose 512 pages are all mapped privately is copied into a fresh 2 MiB frame and
-    /// mapped by one PMD; the old frames are freed, notifiers told. The next fault lets KVM
-    /// map the block huge again. Returns the huge pages made.
+    /// range that is mapped by a page table holding at least one private page, and no
+    /// swapped-out page, is copied into a fresh 2 MiB frame and mapped by one PMD. As with
+    /// khugepaged's defaults (max_ptes_none = 511), empty and zero-page entries become zeroed
+    /// memory; KSM pages are copied (max_ptes_shared). The old frames are freed, notifiers
+    /// told; the next fault lets KVM map the block huge again. Returns the huge pages made.
     pub fn collapse_huge_pages(&self, hva: Hva, len: u64) -> Result<u64, HostError> {
         let (start, end) = Self::check_range(hva, len)?;
         let _g = self.mmap_lock.lock();
@@ -594,16 +631,31 @@ impl HostMm {
             let block = a;
             a += 2 << 20;
             let Some(vma) = self.vma(block) else { continue };
-            if vma.backing != Backing::Thp || block + (2 << 20) > vma.end {
+            if vma.backing != Backing::Thp || block < vma.start || block + (2 << 20) > vma.end {
                 continue;
             }
-            let ptes: Option<Vec<(u64, &AtomicU64)>> = (0..512u64)
+            // Only a block mapped by a page table (not already huge, not unpopulated).
+            let Some(pmd) = self.pmd_entry(block) else { continue };
+            let pv = pmd.load(Ordering::Acquire);
+            if pv & P == 0 || pv & PS != 0 {
+                continue;
+            }
+            let swap = self.swap.lock();
+            if swap.keys().any(|&k| (block..block + (2 << 20)).contains(&k)) {
+                continue; // khugepaged would swap these in first
+            }
+            drop(swap);
+            let ptes: Vec<Option<(u64, &AtomicU64)>> = (0..512u64)
                 .map(|i| match self.lookup(block + i * 4096) {
                     Some((v, 1, e)) if !self.frames.is_zero_pfn(Pfn::new((v & ADDR) >> 12)) => Some((v, e)),
                     _ => None,
                 })
                 .collect();
-            let Some(ptes) = ptes else { continue };
+            let private =
+                |o: &Option<(u64, &AtomicU64)>| o.is_some_and(|(v, _)| !self.is_ksm(Pfn::new((v & ADDR) >> 12)));
+            if !ptes.iter().any(private) {
+                continue;
+            }
             let range = HvaRange { start: Hva(block), end: Hva(block + (2 << 20)) };
             self.notify_start(range, MmuNotifyEvent::Clear);
             let new = match self.frames.alloc_2m() {
@@ -613,21 +665,28 @@ impl HostMm {
                     return Err(e);
                 }
             };
-            let mut flags = P | U | A | PS;
-            for (i, (v, e)) in ptes.iter().enumerate() {
-                let old = Pfn::new((v & ADDR) >> 12);
-                mem.copy_frame(old, Pfn::new(new.raw() + i as u64));
-                flags |= v & (W | D);
-                e.store(0, Ordering::Release);
-                self.frames.free_4k(old);
+            let mut flags = P | U | A | PS | if vma.writable { W } else { 0 };
+            for (i, pte) in ptes.iter().enumerate() {
+                let to = Pfn::new(new.raw() + i as u64);
+                match pte {
+                    Some((v, e)) => {
+                        let old = Pfn::new((v & ADDR) >> 12);
+                        mem.copy_frame(old, to);
+                        flags |= v & D;
+                        e.store(0, Ordering::Release);
+                        self.put_4k(old);
+                    }
+                    None => mem.zero_frame(to),
+                }
             }
-            // The PMD pointed at the page table just emptied; it becomes the huge mapping.
-            if let Some(pmd) = self.pmd_entry(block) {
-                let table = Pfn::new((pmd.load(Ordering::Acquire) & ADDR) >> 12);
-                pmd.store(new.hpa().raw() | flags, Ordering::Release);
-                self.frames.free_4k(table);
-                self.pt_pages.fetch_sub(1, Ordering::Relaxed);
+            // The page table just emptied goes; the PMD becomes the huge mapping.
+            let table = Pfn::new((pv & ADDR) >> 12);
+            for i in 0..512u64 {
+                self.entry(table, i).store(0, Ordering::Relaxed);
             }
+            pmd.store(new.hpa().raw() | flags, Ordering::Release);
+            self.frames.free_4k(table);
+            self.pt_pages.fetch_sub(1, Ordering::Relaxed);
             self.notify_end(range, MmuNotifyEvent::Clear);
             n += 1;
         }
@@ -645,6 +704,136 @@ impl HostMm {
             table = Pfn::new((v & ADDR) >> 12);
         }
         Some(self.entry(table, index(hva, 2)))
+    }
+
+    /// Drops one mapping of 4 KiB frame `pfn`: the zero page stays, a KSM page is freed with
+    /// its last mapping, a private page is freed.
+    fn put_4k(&self, pfn: Pfn) {
+        if self.frames.is_zero_pfn(pfn) {
+            return;
+        }
+        let mut ksm = self.ksm.lock();
+        if let Some(n) = ksm.mapcount.get_mut(&pfn.raw()) {
+            *n -= 1;
+            if *n > 0 {
+                return;
+            }
+            ksm.mapcount.remove(&pfn.raw());
+            ksm.stable.retain(|_, v| {
+                v.retain(|&f| f != pfn);
+                !v.is_empty()
+            });
+        }
+        drop(ksm);
+        self.frames.free_4k(pfn);
+    }
+
+    fn is_ksm(&self, pfn: Pfn) -> bool {
+        self.ksm.lock().mapcount.contains_key(&pfn.raw())
+    }
+
+    fn page_hash(&self, pfn: Pfn) -> u64 {
+        use std::hash::Hasher;
+        let mem = self.frames.mem();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for i in 0..512u64 {
+            h.write_u64(mem.load(Hpa::new(pfn.hpa().raw() + i * 8)));
+        }
+        h.finish()
+    }
+
+    fn same_contents(&self, a: Pfn, b: Pfn) -> bool {
+        let mem = self.frames.mem();
+        (0..512u64).all(|i| mem.load(Hpa::new(a.hpa().raw() + i * 8)) == mem.load(Hpa::new(b.hpa().raw() + i * 8)))
+    }
+
+    /// KSM (`ksmd` scanning a MADV_MERGEABLE range): every privately mapped 4 KiB page in
+    /// `hva..hva+len` whose contents equal another page's (in this scan or a shared page of
+    /// an earlier one) is merged: its PTE maps the shared frame read-only and its own frame
+    /// is freed, notifiers told around each change (KVM drops its SPTEs). The first write to
+    /// a merged page copies it back to a private frame. THP mappings are not scanned (KSM
+    /// would split them first). Returns the pages merged (mappings switched to a shared
+    /// frame, the page that became shared included).
+    pub fn ksm_merge(&self, hva: Hva, len: u64) -> Result<u64, HostError> {
+        let (start, end) = Self::check_range(hva, len)?;
+        let _g = self.mmap_lock.lock();
+        // The unstable tree: a candidate private page per content hash, for this scan.
+        let mut unstable: std::collections::HashMap<u64, (u64, Pfn)> = std::collections::HashMap::new();
+        let mut merged = 0;
+        for a in (start..end).step_by(4096) {
+            let Some((v, 1, _)) = self.lookup(a) else { continue };
+            let pfn = Pfn::new((v & ADDR) >> 12);
+            if self.frames.is_zero_pfn(pfn) || v & W == 0 || self.is_ksm(pfn) {
+                continue;
+            }
+            let hash = self.page_hash(pfn);
+            let shared = {
+                let ksm = self.ksm.lock();
+                ksm.stable.get(&hash).and_then(|c| c.iter().copied().find(|&k| self.same_contents(k, pfn)))
+            };
+            let (target, pair) = match shared {
+                Some(k) => (k, None),
+                None => match unstable.get(&hash).copied() {
+                    Some((other, opfn)) if self.same_contents(opfn, pfn) => {
+                        unstable.remove(&hash);
+                        (opfn, Some(other))
+                    }
+                    _ => {
+                        unstable.insert(hash, (a, pfn));
+                        continue;
+                    }
+                },
+            };
+            // As KSM does: write-protect first (secondary MMUs drop their mappings), then
+            // compare again: the contents cannot change under the comparison any more.
+            self.ksm_write_protect(a);
+            if let Some(other) = pair {
+                self.ksm_write_protect(other);
+            }
+            if !self.same_contents(target, pfn) {
+                continue; // written meanwhile; stays private (reused on its next write)
+            }
+            if let Some(other) = pair {
+                // The first page of the pair becomes the shared page.
+                self.ksm_map(other, target);
+                self.ksm.lock().stable.entry(hash).or_default().push(target);
+                merged += 1;
+            }
+            self.ksm_map(a, target);
+            self.frames.free_4k(pfn);
+            merged += 1;
+        }
+        Ok(merged)
+    }
+
+    /// KSM's `write_protect_page`: clears W in the PTE of `hva`, notifiers told.
+    fn ksm_write_protect(&self, hva: u64) {
+        let range = HvaRange { start: Hva(hva), end: Hva(hva + 4096) };
+        self.notify_start(range, MmuNotifyEvent::Clear);
+        if let Some((v, 1, e)) = self.lookup(hva) {
+            e.store(v & !W, Ordering::Release);
+        }
+        self.notify_end(range, MmuNotifyEvent::Clear);
+    }
+
+    /// Points the PTE of `hva` at shared frame `k`, read-only (for the page that becomes the
+    /// shared one, `k` is its own frame: it is only write-protected), and counts the mapping.
+    fn ksm_map(&self, hva: u64, k: Pfn) {
+        let range = HvaRange { start: Hva(hva), end: Hva(hva + 4096) };
+        self.notify_start(range, MmuNotifyEvent::Clear);
+        if let Some((_, 1, e)) = self.lookup(hva) {
+            e.store(k.hpa().raw() | P | U | A, Ordering::Release);
+        }
+        *self.ksm.lock().mapcount.entry(k.raw()).or_insert(0) += 1;
+        self.notify_end(range, MmuNotifyEvent::Clear);
+    }
+
+    /// KSM's `pages_shared` and `pages_sharing`.
+    pub fn ksm_stats(&self) -> KsmStats {
+        let ksm = self.ksm.lock();
+        let mappings: u64 = ksm.mapcount.values().map(|&n| u64::from(n)).sum();
+        let shared = ksm.mapcount.len() as u64;
+        KsmStats { pages_shared: shared, pages_sharing: mappings - shared }
     }
 
     /// Pages in the swap store.
@@ -699,6 +888,35 @@ mod tests {
         assert_ne!(w.pfn, mm.frames().zero_pfn());
         assert_eq!(mm.read(hva, 8).unwrap(), 77);
         assert_eq!(mm.host_mapping_level(hva), 1);
+    }
+
+    #[test]
+    fn ksm_merges_identical_pages_and_copies_on_write() {
+        let mm = mm();
+        let hva = mm.mmap(16 << 12, Backing::Anon4k, true, false).unwrap();
+        let at = |i: u64| Hva(hva.0 + i * 4096);
+        // Pages 0..4 hold 1, pages 4..8 hold 2, page 8 holds 3 (unique), the rest untouched.
+        for i in 0..9 {
+            mm.write(at(i), 8, [1, 2, 3][(i / 4).min(2) as usize]).unwrap();
+        }
+        let before = mm.frames().counts().frames_4k;
+        assert_eq!(mm.ksm_merge(hva, 16 << 12).unwrap(), 8);
+        assert_eq!(mm.ksm_stats(), KsmStats { pages_shared: 2, pages_sharing: 6 });
+        assert_eq!(mm.frames().counts().frames_4k, before - 6, "six private frames freed");
+        let p0 = mm.get_user_page(at(0), false).unwrap();
+        assert!(!p0.writable, "merged pages are mapped read-only");
+        assert_eq!(mm.get_user_page(at(3), false).unwrap().pfn, p0.pfn);
+        assert!(mm.get_user_page(at(8), false).unwrap().writable, "a unique page stays private");
+        assert_eq!(mm.ksm_merge(hva, 16 << 12).unwrap(), 0, "nothing left to merge");
+        // A write copies the shared page: the rest of its contents come along.
+        mm.write(Hva(at(2).0 + 8), 8, 99).unwrap();
+        assert_eq!((mm.read(at(2), 8).unwrap(), mm.read(Hva(at(2).0 + 8), 8).unwrap()), (1, 99));
+        assert_eq!(mm.read(Hva(at(1).0 + 8), 8).unwrap(), 0, "the others still share the old contents");
+        assert_eq!(mm.ksm_stats(), KsmStats { pages_shared: 2, pages_sharing: 5 });
+        // Dropping every mapping frees the shared frames.
+        mm.madvise_dontneed(hva, 16 << 12).unwrap();
+        assert_eq!(mm.ksm_stats(), KsmStats::default());
+        assert_eq!(mm.frames().counts().frames_4k, before - 9);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod notifier;
 pub mod phys;
 
 pub use frames::FrameAllocator;
-pub use mm::{Backing, HostMm, HostPage, Hva};
+pub use mm::{Backing, HostMm, HostPage, Hva, KsmStats};
 pub use notifier::{HvaRange, MmuNotifier, MmuNotifyEvent};
 pub use phys::PhysMem;
 

@@ -54,6 +54,11 @@ impl Rmaps {
         self.heads.get(&Self::key(slot, gfn, level)).is_some_and(|l| l.contains(sptep))
     }
 
+    /// Number of (slot, level, gfn) heads with at least one SPTE.
+    pub fn heads(&self) -> usize {
+        self.heads.len()
+    }
+
     /// Every (slot id, level, sptep) recorded (for the audit).
     pub fn all(&self) -> Vec<(u32, u8, Hpa)> {
         self.heads.iter().flat_map(|((s, l, _), list)| list.to_vec().into_iter().map(move |p| (*s, *l, p))).collect()

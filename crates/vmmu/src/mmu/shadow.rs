@@ -832,12 +832,36 @@ impl Ctx<'_> {
     /// `kvm_unmap_gfn_range` for the rmaps: zaps every leaf mapping a gfn in the range.
     pub fn unmap_gfn_range(&mut self, start: Gfn, end: Gfn) -> bool {
         let mut flush = false;
-        for (_slot, level, sptep) in self.s.rmaps.all() {
-            let Some((id, index)) = self.s.pages.sptep_to_sp(sptep) else { continue };
-            let gfn = self.s.sp_gfn_at(id, index);
-            if gfn.raw() + pages_at(level) > start.raw() && gfn.raw() < end.raw() {
-                self.drop_spte(sptep);
-                flush = true;
+        let span = end.raw().saturating_sub(start.raw());
+        if span > self.s.rmaps.heads() as u64 {
+            // A range wider than everything mapped: one pass over the rmaps is cheaper.
+            for (_slot, level, sptep) in self.s.rmaps.all() {
+                let Some((id, index)) = self.s.pages.sptep_to_sp(sptep) else { continue };
+                let gfn = self.s.sp_gfn_at(id, index);
+                if gfn.raw() + pages_at(level) > start.raw() && gfn.raw() < end.raw() {
+                    self.drop_spte(sptep);
+                    flush = true;
+                }
+            }
+            return flush;
+        }
+        // kvm_handle_gfn_range: per memslot, per level, the rmap of each gfn in the range.
+        let slots = self.slots.clone();
+        for slot in slots.iter() {
+            let (s, e) = (start.raw().max(slot.base_gfn.raw()), end.raw().min(slot.end_gfn().raw()));
+            if s >= e {
+                continue;
+            }
+            for level in 1..=3u8 {
+                let per = pages_at(level);
+                let mut g = s & !(per - 1);
+                while g < e {
+                    for sptep in self.s.rmaps.get(slot, Gfn::new(g.max(s)), level) {
+                        self.drop_spte(sptep);
+                        flush = true;
+                    }
+                    g += per;
+                }
             }
         }
         flush
