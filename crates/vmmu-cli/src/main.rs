@@ -72,6 +72,9 @@ enum Cmd {
         /// Output trace file (`-` for standard output); default PROGRAM.vtrace.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Leave out the first N accesses (the program's start-up: dynamic loading).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        skip: u64,
         /// Stop after this many records (the program is killed there).
         #[arg(long)]
         limit: Option<u64>,
@@ -133,13 +136,13 @@ fn main() -> ExitCode {
             json,
             trace_out,
         ),
-        Cmd::Record { output, limit, program } => {
+        Cmd::Record { output, skip, limit, program } => {
             let output = output.unwrap_or_else(|| {
                 let name = PathBuf::from(&program[0]);
                 let stem = name.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "trace".into());
                 PathBuf::from(format!("{stem}.vtrace"))
             });
-            finish_record(vmmu_cli::record::record(&program, &output, limit))
+            finish_record(vmmu_cli::record::record(&program, &output, skip, limit))
         }
         Cmd::Convert { from, input, output, limit } => {
             let f = match from {

@@ -65,6 +65,8 @@ pub struct RecordReport {
     pub output: PathBuf,
     /// Records, kinds, distinct pages, bytes.
     pub summary: TraceSummary,
+    /// Accesses left out at the start (`--skip`).
+    pub skipped_records: u64,
     /// Stopped at `--limit` (the program was killed there).
     pub limited: bool,
     /// How valgrind (the program) exited, if it ran to the end.
@@ -85,6 +87,9 @@ impl RecordReport {
             s.bytes,
             s.bytes_per_record()
         );
+        if self.skipped_records > 0 {
+            out.push_str(&format!("the first {} accesses were left out (--skip)\n", self.skipped_records));
+        }
         if self.limited {
             out.push_str("stopped at the record limit (the program was killed there)\n");
         } else if let Some(e) = self.exit.filter(|e| !e.success()) {
@@ -137,9 +142,10 @@ pub fn valgrind_available() -> bool {
     valgrind().is_ok()
 }
 
-/// Runs `program` under valgrind lackey and writes its accesses to `output`, at most `limit`
-/// records (the program is killed when the limit is reached).
-pub fn record(program: &[OsString], output: &Path, limit: Option<u64>) -> Result<RecordReport, RecordError> {
+/// Runs `program` under valgrind lackey and writes its accesses to `output`: the first
+/// `skip` are left out (start-up), then at most `limit` records (the program is killed when
+/// the limit is reached).
+pub fn record(program: &[OsString], output: &Path, skip: u64, limit: Option<u64>) -> Result<RecordReport, RecordError> {
     let (prog, args) = program.split_first().ok_or(RecordError::NoProgram)?;
     let vg = valgrind()?;
     let (reader, writer) = std::io::pipe().map_err(io("creating the lackey pipe"))?;
@@ -165,8 +171,8 @@ pub fn record(program: &[OsString], output: &Path, limit: Option<u64>) -> Result
     let mut child = KillOnDrop(Some(child));
     let input = BufReader::with_capacity(1 << 16, reader);
     let st = match &mut sink {
-        Sink::File(w) => lackey::convert(input, w, limit)?,
-        Sink::Stdout(w) => lackey::convert(input, w, limit)?,
+        Sink::File(w) => lackey::convert(input, w, skip, limit)?,
+        Sink::Stdout(w) => lackey::convert(input, w, skip, limit)?,
     };
     let exit = if st.limited {
         child.kill();
@@ -176,10 +182,19 @@ pub fn record(program: &[OsString], output: &Path, limit: Option<u64>) -> Result
     };
     let summary = sink.finish()?;
     if summary.counts.records == 0 {
+        if output.as_os_str() != "-" {
+            let _ = std::fs::remove_file(output);
+        }
         let how = exit.map_or_else(|| "no status".to_string(), |e| e.to_string());
         return Err(RecordError::NothingTraced(how));
     }
-    Ok(RecordReport { output: output.to_path_buf(), summary, limited: st.limited, exit })
+    Ok(RecordReport {
+        output: output.to_path_buf(),
+        summary,
+        skipped_records: st.skipped_records,
+        limited: st.limited,
+        exit,
+    })
 }
 
 /// Kills and reaps the child if it is still running when dropped (an error mid-recording).
@@ -250,8 +265,8 @@ pub fn convert(
     match from {
         InputFormat::Lackey => {
             let st = match &mut sink {
-                Sink::File(w) => lackey::convert(raw, w, limit)?,
-                Sink::Stdout(w) => lackey::convert(raw, w, limit)?,
+                Sink::File(w) => lackey::convert(raw, w, 0, limit)?,
+                Sink::Stdout(w) => lackey::convert(raw, w, 0, limit)?,
             };
             limited = st.limited;
         }
@@ -283,7 +298,7 @@ pub fn convert(
         }
     }
     let summary = sink.finish()?;
-    Ok(RecordReport { output: output.to_path_buf(), summary, limited, exit: None })
+    Ok(RecordReport { output: output.to_path_buf(), summary, skipped_records: 0, limited, exit: None })
 }
 
 /// Writes a report line to `out` (stderr when the trace itself went to stdout).

@@ -33,8 +33,10 @@ pub struct LackeyStats {
     pub lines: u64,
     /// Accesses converted.
     pub records: u64,
-    /// Valgrind message lines and blank lines skipped.
-    pub skipped: u64,
+    /// Accesses left out at the start (`skip`).
+    pub skipped_records: u64,
+    /// Valgrind message lines and blank lines.
+    pub messages: u64,
     /// Whether the conversion stopped at the record limit (more input was left).
     pub limited: bool,
 }
@@ -74,10 +76,12 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Record>, ()> {
 }
 
 /// Reads lackey output line by line (never all of it at once) and writes each access to
-/// `out`, stopping after `limit` records if given.
+/// `out`, leaving out the first `skip` accesses (a program's start-up) and stopping after
+/// `limit` records if given.
 pub fn convert<R: BufRead, W: Write>(
     mut input: R,
     out: &mut TraceWriter<W>,
+    skip: u64,
     limit: Option<u64>,
 ) -> Result<LackeyStats, LackeyError> {
     let mut st = LackeyStats::default();
@@ -93,11 +97,12 @@ pub fn convert<R: BufRead, W: Write>(
         }
         st.lines += 1;
         match parse_line(&line) {
+            Ok(Some(_)) if st.skipped_records < skip => st.skipped_records += 1,
             Ok(Some(r)) => {
                 out.write(r)?;
                 st.records += 1;
             }
-            Ok(None) => st.skipped += 1,
+            Ok(None) => st.messages += 1,
             Err(()) => {
                 let text = String::from_utf8_lossy(&line).trim_end().chars().take(80).collect();
                 return Err(LackeyError::BadLine { line: st.lines, text });
@@ -138,8 +143,8 @@ I  0400110d,15\n\
     #[test]
     fn converts_a_stream() {
         let mut w = TraceWriter::new(Vec::new()).unwrap();
-        let st = convert(SAMPLE.as_bytes(), &mut w, None).unwrap();
-        assert_eq!((st.records, st.skipped, st.limited), (7, 5, false));
+        let st = convert(SAMPLE.as_bytes(), &mut w, 0, None).unwrap();
+        assert_eq!((st.records, st.messages, st.limited), (7, 5, false));
         let (bytes, sum) = w.finish().unwrap();
         assert_eq!(sum.by_kind, [3, 2, 1, 1]);
         let recs: Vec<Record> = TraceReader::new(&bytes[..]).unwrap().map(|r| r.unwrap()).collect();
@@ -147,11 +152,17 @@ I  0400110d,15\n\
         assert_eq!(recs[6], Record { kind: Kind::Load, size: 32, addr: 0x1ffefffd70 });
 
         let mut w = TraceWriter::new(Vec::new()).unwrap();
-        let st = convert(SAMPLE.as_bytes(), &mut w, Some(2)).unwrap();
+        let st = convert(SAMPLE.as_bytes(), &mut w, 0, Some(2)).unwrap();
         assert_eq!((st.records, st.limited), (2, true));
+        let mut w = TraceWriter::new(Vec::new()).unwrap();
+        let st = convert(SAMPLE.as_bytes(), &mut w, 5, Some(1)).unwrap();
+        assert_eq!((st.skipped_records, st.records, st.limited), (5, 1, true));
+        let (bytes, _) = w.finish().unwrap();
+        let recs: Vec<Record> = TraceReader::new(&bytes[..]).unwrap().map(|r| r.unwrap()).collect();
+        assert_eq!(recs, [Record { kind: Kind::Fetch, size: 15, addr: 0x400110d }]);
 
         let mut w = TraceWriter::new(Vec::new()).unwrap();
-        let e = convert(&b"I  0400,3\nhello world\n"[..], &mut w, None).unwrap_err();
+        let e = convert(&b"I  0400,3\nhello world\n"[..], &mut w, 0, None).unwrap_err();
         assert_eq!(e.to_string(), "line 2: not a lackey --trace-mem line: \"hello world\"");
     }
 }
