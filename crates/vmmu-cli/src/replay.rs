@@ -50,7 +50,7 @@ pub fn default_guest_memory(counts: Option<Counts>) -> u64 {
 pub fn scenario_for(trace: &Path, guest_memory: Option<u64>) -> Result<Scenario, RunError> {
     let counts = header_counts(trace)?;
     let mem = guest_memory.unwrap_or_else(|| default_guest_memory(counts));
-    if mem % (2 << 20) != 0 || mem == 0 {
+    if !mem.is_multiple_of(2 << 20) || mem == 0 {
         return Err(RunError::Config("--guest-memory: must be a non-zero multiple of 2 MiB".into()));
     }
     let text = format!(

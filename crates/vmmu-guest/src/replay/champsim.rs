@@ -185,7 +185,7 @@ mod tests {
         let raw = Instr { ip: 1, ..Instr::default() }.encode();
         let r: Vec<_> = ChampSimReader::new(&raw[..40]).collect();
         assert!(matches!(r[..], [Err(ChampSimError::Truncated { instr: 0, bytes: 40 })]), "{r:?}");
-        let mut xz = vec![0u8; 64];
+        let mut xz = [0u8; 64];
         xz[..6].copy_from_slice(&XZ_MAGIC);
         assert!(matches!(ChampSimReader::new(&xz[..]).next(), Some(Err(ChampSimError::Compressed))));
     }

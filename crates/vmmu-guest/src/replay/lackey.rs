@@ -55,24 +55,39 @@ fn dec(s: &[u8]) -> Option<u32> {
     s.iter().try_fold(0u32, |v, &c| Some(v * 10 + (c as char).to_digit(10)?))
 }
 
-/// Parses one line: `Ok(Some(record))` for an access, `Ok(None)` for a line to skip.
-pub fn parse_line(line: &[u8]) -> Result<Option<Record>, ()> {
+/// What a line of lackey output is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// An access.
+    Access(Record),
+    /// A valgrind message or a blank line.
+    Message,
+    /// Neither.
+    Invalid,
+}
+
+/// Parses one line.
+pub fn parse_line(line: &[u8]) -> Line {
+    parse_access(line).unwrap_or(Line::Invalid)
+}
+
+fn parse_access(line: &[u8]) -> Option<Line> {
     let t = line.trim_ascii();
     if t.is_empty() || t.starts_with(b"==") || t.starts_with(b"--") || t.starts_with(b"**") {
-        return Ok(None);
+        return Some(Line::Message);
     }
     let kind = match t[0] {
         b'I' => Kind::Fetch,
         b'L' => Kind::Load,
         b'S' => Kind::Store,
         b'M' => Kind::Modify,
-        _ => return Err(()),
+        _ => return None,
     };
     let rest = t[1..].trim_ascii_start();
-    let comma = rest.iter().position(|&c| c == b',').ok_or(())?;
-    let addr = hex(&rest[..comma]).ok_or(())?;
-    let size = dec(rest[comma + 1..].trim_ascii()).ok_or(())?;
-    Ok(Some(Record { kind, size, addr }))
+    let comma = rest.iter().position(|&c| c == b',')?;
+    let addr = hex(&rest[..comma])?;
+    let size = dec(rest[comma + 1..].trim_ascii())?;
+    Some(Line::Access(Record { kind, size, addr }))
 }
 
 /// Reads lackey output line by line (never all of it at once) and writes each access to
@@ -97,13 +112,13 @@ pub fn convert<R: BufRead, W: Write>(
         }
         st.lines += 1;
         match parse_line(&line) {
-            Ok(Some(_)) if st.skipped_records < skip => st.skipped_records += 1,
-            Ok(Some(r)) => {
+            Line::Access(_) if st.skipped_records < skip => st.skipped_records += 1,
+            Line::Access(r) => {
                 out.write(r)?;
                 st.records += 1;
             }
-            Ok(None) => st.messages += 1,
-            Err(()) => {
+            Line::Message => st.messages += 1,
+            Line::Invalid => {
                 let text = String::from_utf8_lossy(&line).trim_end().chars().take(80).collect();
                 return Err(LackeyError::BadLine { line: st.lines, text });
             }
@@ -131,13 +146,16 @@ I  0400110d,15\n\
 
     #[test]
     fn parses_lackey_lines() {
-        assert_eq!(parse_line(b"I  04001100,3\n"), Ok(Some(Record { kind: Kind::Fetch, size: 3, addr: 0x4001100 })));
-        assert_eq!(parse_line(b" M 0402a0a8,4"), Ok(Some(Record { kind: Kind::Modify, size: 4, addr: 0x402a0a8 })));
-        assert_eq!(parse_line(b"==1== hello"), Ok(None));
-        assert_eq!(parse_line(b"--1-- warning"), Ok(None));
-        assert_eq!(parse_line(b" X 1234,4"), Err(()));
-        assert_eq!(parse_line(b" L 12zz,4"), Err(()));
-        assert_eq!(parse_line(b" L 1234"), Err(()));
+        assert_eq!(
+            parse_line(b"I  04001100,3\n"),
+            Line::Access(Record { kind: Kind::Fetch, size: 3, addr: 0x4001100 })
+        );
+        assert_eq!(parse_line(b" M 0402a0a8,4"), Line::Access(Record { kind: Kind::Modify, size: 4, addr: 0x402a0a8 }));
+        assert_eq!(parse_line(b"==1== hello"), Line::Message);
+        assert_eq!(parse_line(b"--1-- warning"), Line::Message);
+        assert_eq!(parse_line(b" X 1234,4"), Line::Invalid);
+        assert_eq!(parse_line(b" L 12zz,4"), Line::Invalid);
+        assert_eq!(parse_line(b" L 1234"), Line::Invalid);
     }
 
     #[test]
