@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod idle;
 pub mod migrate;
+pub mod record;
+pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -26,6 +26,14 @@ enum Trace {
     FunctionGraph,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum InputKind {
+    /// valgrind --tool=lackey --trace-mem=yes output.
+    Lackey,
+    /// ChampSim binary trace (input_instr records).
+    Champsim,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a scenario (the embedded default when no file is given).
@@ -51,6 +59,42 @@ enum Cmd {
         /// Write the trace to this file instead of standard output.
         #[arg(long)]
         trace_out: Option<PathBuf>,
+        /// Replay a recorded memory trace (`vmmu record`) as the guest process's workload:
+        /// two passes over it replace the phases.
+        #[arg(long, value_name = "TRACE")]
+        replay: Option<PathBuf>,
+        /// Guest RAM for --replay without a scenario file (default: sized from the trace).
+        #[arg(long, value_name = "SIZE")]
+        guest_memory: Option<String>,
+    },
+    /// Record a program's memory accesses under valgrind lackey into a binary trace.
+    Record {
+        /// Output trace file (`-` for standard output); default PROGRAM.vtrace.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Leave out the first N accesses (the program's start-up: dynamic loading).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        skip: u64,
+        /// Stop after this many records (the program is killed there).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// The program and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "PROGRAM")]
+        program: Vec<std::ffi::OsString>,
+    },
+    /// Convert a saved lackey log or a ChampSim trace (raw or .xz) to vmmu's trace format.
+    Convert {
+        /// Input format.
+        #[arg(long, value_enum)]
+        from: InputKind,
+        /// Input file.
+        input: PathBuf,
+        /// Output trace file (`-` for standard output).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Print the embedded default scenario.
     DefaultScenario,
@@ -75,7 +119,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out } => run(
+        Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out, replay, guest_memory } => run(
             scenario,
             RunOptions {
                 mmu,
@@ -86,10 +130,27 @@ fn main() -> ExitCode {
                     Some(Trace::Events) => TraceMode::Events,
                     Some(Trace::FunctionGraph) => TraceMode::FunctionGraph,
                 },
+                replay,
             },
+            guest_memory,
             json,
             trace_out,
         ),
+        Cmd::Record { output, skip, limit, program } => {
+            let output = output.unwrap_or_else(|| {
+                let name = PathBuf::from(&program[0]);
+                let stem = name.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "trace".into());
+                PathBuf::from(format!("{stem}.vtrace"))
+            });
+            finish_record(vmmu_cli::record::record(&program, &output, skip, limit))
+        }
+        Cmd::Convert { from, input, output, limit } => {
+            let f = match from {
+                InputKind::Lackey => vmmu_cli::record::InputFormat::Lackey,
+                InputKind::Champsim => vmmu_cli::record::InputFormat::ChampSim,
+            };
+            finish_record(vmmu_cli::record::convert(f, &input, &output, limit))
+        }
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS
@@ -107,21 +168,60 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: Option<PathBuf>, opts: RunOptions, json: bool, trace_out: Option<PathBuf>) -> ExitCode {
-    let (name, text) = match &path {
-        None => ("<default scenario>".to_string(), DEFAULT_SCENARIO.to_string()),
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(t) => (p.display().to_string(), t),
-            Err(e) => {
-                eprintln!("vmmu: {}: cannot read: {e}", p.display());
-                return ExitCode::from(2);
-            }
-        },
-    };
-    let scenario = match Scenario::parse(&text) {
-        Ok(s) => s,
+fn finish_record(r: Result<vmmu_cli::record::RecordReport, vmmu_cli::record::RecordError>) -> ExitCode {
+    match r {
+        Ok(r) => {
+            vmmu_cli::record::print_report(&r);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("vmmu: {name}: {e}");
+            eprintln!("vmmu: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The scenario to run: the file, the replay's own, or the embedded default.
+fn load_scenario(
+    path: Option<&PathBuf>,
+    opts: &RunOptions,
+    guest_memory: Option<String>,
+) -> anyhow::Result<(String, Scenario)> {
+    if let (Some(_), Some(_)) = (path, &guest_memory) {
+        anyhow::bail!("--guest-memory: only with --replay and no scenario file (the scenario's memslots say)");
+    }
+    if let (None, Some(t)) = (path, &opts.replay) {
+        let mem = match guest_memory {
+            Some(g) => Some(vmmu_cli::size::parse_size(&g).map_err(|e| anyhow::anyhow!("--guest-memory: {e}"))?),
+            None => None,
+        };
+        return Ok(("<replay>".into(), vmmu_cli::replay::scenario_for(t, mem)?));
+    }
+    if guest_memory.is_some() {
+        anyhow::bail!("--guest-memory: only with --replay");
+    }
+    let (name, text) = match path {
+        None => ("<default scenario>".to_string(), DEFAULT_SCENARIO.to_string()),
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?,
+        ),
+    };
+    let s = Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    Ok((name, s))
+}
+
+fn run(
+    path: Option<PathBuf>,
+    opts: RunOptions,
+    guest_memory: Option<String>,
+    json: bool,
+    trace_out: Option<PathBuf>,
+) -> ExitCode {
+    let (name, scenario) = match load_scenario(path.as_ref(), &opts, guest_memory) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmmu: {e:#}");
             return ExitCode::from(2);
         }
     };

@@ -141,6 +141,10 @@ pub fn text(r: &RunResult, description: &str) -> String {
             idle.slowdown_ns as f64 * 100.0 / base
         );
     }
+    if !r.replays.is_empty() {
+        let _ = writeln!(out);
+        out.push_str(&crate::replay::text(&r.replays));
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

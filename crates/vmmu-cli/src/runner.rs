@@ -38,11 +38,13 @@ pub struct RunOptions {
     pub pages: Option<u64>,
     /// `--trace`.
     pub trace: TraceMode,
+    /// `--replay`: replaces the phases with two passes over this trace.
+    pub replay: Option<std::path::PathBuf>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off }
+        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off, replay: None }
     }
 }
 
@@ -94,6 +96,9 @@ pub struct RunResult {
     /// The `idle-tracking` ops' per-pass reports.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub idle_tracking: Vec<crate::idle::IdleReport>,
+    /// The `replay` ops' reports.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replays: Vec<crate::replay::ReplayReport>,
     /// Rendered trace, if tracing.
     #[serde(skip)]
     pub trace: Option<String>,
@@ -167,6 +172,10 @@ pub struct Machine {
     pub migrations: Vec<crate::migrate::MigrationReport>,
     /// Reports of the `idle-tracking` ops run so far.
     pub idle_tracking: Vec<crate::idle::IdleReport>,
+    /// Reports of the `replay` ops run so far.
+    pub replays: Vec<crate::replay::ReplayReport>,
+    /// The phase being run (named in replay reports).
+    phase: String,
 }
 
 fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, RunError> {
@@ -278,6 +287,8 @@ pub fn build(s: &Scenario, opts: &RunOptions) -> Result<Machine, RunError> {
         data_start: 16 << 20,
         migrations: Vec::new(),
         idle_tracking: Vec::new(),
+        replays: Vec::new(),
+        phase: String::new(),
     };
     if s.guest.layout == "kernel" {
         let mem_size = s.memslots.iter().map(|x| x.gpa.0 + x.size.0).max().unwrap_or(0);
@@ -609,11 +620,25 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
             m.kvm.audit().map_err(run_err)?;
             Ok(0)
         }
+        Op::Replay { trace } => {
+            let Guest::Kernel(k) = &mut m.guest else { return Ok(0) };
+            let r = crate::replay::run(k, &mut m.vcpus[0], std::path::Path::new(trace), &m.phase)?;
+            let records = r.stats.records;
+            m.replays.push(r);
+            Ok(records)
+        }
     }
 }
 
-/// The phases to run: the scenario's, or two passes of `--workload`.
+/// The phases to run: the scenario's, or two passes of `--replay` or of `--workload`.
 fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenario::Phase> {
+    if let Some(t) = &opts.replay {
+        let op = Op::Replay { trace: t.display().to_string() };
+        return ["pass1", "pass2"]
+            .iter()
+            .map(|n| crate::scenario::Phase { name: n.to_string(), ops: vec![op.clone()] })
+            .collect();
+    }
     match (&opts.workload, opts.pages) {
         (None, None) => s.phases.clone(),
         (w, p) => {
@@ -662,6 +687,16 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
     if opts.pages == Some(0) {
         return Err(RunError::Config("--pages: must be > 0".into()));
     }
+    if let Some(t) = &opts.replay {
+        if opts.workload.is_some() || opts.pages.is_some() {
+            return Err(RunError::Config("--replay: cannot be combined with --workload or --pages".into()));
+        }
+        if s.guest.layout != "kernel" {
+            return Err(RunError::Config("--replay: needs the kernel layout (guest.layout = \"kernel\")".into()));
+        }
+        let ram: u64 = s.memslots.iter().filter(|x| !x.readonly).map(|x| x.size.0).sum();
+        crate::replay::check_fits(t, ram)?;
+    }
     let mut m = build(s, opts)?;
     let tracer = &m.kvm.tracer;
     match opts.trace {
@@ -675,6 +710,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         let t0 = Instant::now();
         let mut accesses = 0;
         let n = ph.ops.len().max(1);
+        m.phase.clone_from(&ph.name);
         for (i, op) in ph.ops.iter().enumerate() {
             accesses += run_op(&mut m, op)?;
             progress(&ph.name, (i + 1) as f64 / n as f64);
@@ -719,6 +755,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         host,
         migrations: std::mem::take(&mut m.migrations),
         idle_tracking: std::mem::take(&mut m.idle_tracking),
+        replays: std::mem::take(&mut m.replays),
         trace,
     })
 }

@@ -394,6 +394,12 @@ pub enum Op {
     },
     /// Check the MMU's invariants; the run fails if they do not hold.
     Audit,
+    /// Kernel layout: replay a recorded memory trace (`vmmu record`) in the current
+    /// process, mapping its address space on demand (docs/decisions/0007-trace-format.md).
+    Replay {
+        /// The trace file (relative to the working directory).
+        trace: String,
+    },
     /// Pre-copy live migration of memslot `slot` (dirty logging, write-protect mode): turn
     /// logging on and copy the whole slot, then rounds of guest work (the workload, with the
     /// seed advanced per round), KVM_GET_DIRTY_LOG and copying the pages it reports, until a
@@ -637,6 +643,7 @@ impl Scenario {
                     | Op::Exec
                     | Op::Exit { .. }
                     | Op::ProcessChurn { .. }
+                    | Op::Replay { .. }
                         if g.layout != "kernel" =>
                     {
                         return Err(err(format!("phase[{pi}].ops[{oi}].op"), "needs the kernel layout"))

@@ -92,6 +92,8 @@ pub struct Vma {
     pub end: u64,
     /// Writable.
     pub writable: bool,
+    /// Executable (PTEs without NX); the workloads' mappings are not.
+    pub executable: bool,
 }
 
 /// A process.
@@ -389,13 +391,27 @@ impl GuestKernel {
             .ok_or_else(|| KernelError::Invalid(format!("no process {pid}")))
     }
 
-    /// Adds an anonymous mapping [start, start+len) to a process (no pages yet).
+    /// Adds an anonymous mapping [start, start+len) to a process (no pages yet), not
+    /// executable.
     pub fn mmap(&mut self, pid: u32, start: u64, len: u64, writable: bool) -> Result<(), KernelError> {
+        self.mmap_prot(pid, start, len, writable, false)
+    }
+
+    /// Adds an anonymous mapping [start, start+len) with the given protection (its PTEs
+    /// get NX unless `executable`).
+    pub fn mmap_prot(
+        &mut self,
+        pid: u32,
+        start: u64,
+        len: u64,
+        writable: bool,
+        executable: bool,
+    ) -> Result<(), KernelError> {
         if !start.is_multiple_of(4096) || len == 0 || start.checked_add(len).is_none_or(|e| e > 1 << 47) {
             return Err(KernelError::Invalid(format!("bad mmap range {start:#x}+{len:#x}")));
         }
         let i = self.proc_index(pid)?;
-        self.processes[i].vmas.push(Vma { start, end: start + len.next_multiple_of(4096), writable });
+        self.processes[i].vmas.push(Vma { start, end: start + len.next_multiple_of(4096), writable, executable });
         Ok(())
     }
 
@@ -530,8 +546,9 @@ impl GuestKernel {
         let idx = (cr2 >> 12) & 511;
         let frame = self.alloc_frame(cpu, node)?;
         self.stats.pages_allocated += 1;
-        let w = if vma.writable { 2 } else { 0 };
-        Self::kwrite(cpu, table + idx * 8, frame | 0x5 | w | (1 << 63))?;
+        let w = if vma.writable { RW } else { 0 };
+        let nx = if vma.executable { 0 } else { 1 << 63 };
+        Self::kwrite(cpu, table + idx * 8, frame | 0x5 | w | nx)?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod kernel;
 pub mod pagetable;
+pub mod replay;
 pub mod workload;
 
 pub use kernel::{GuestKernel, KernelError};

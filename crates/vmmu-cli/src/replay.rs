@@ -1,0 +1,119 @@
+//! `vmmu run --replay TRACE`: a recorded trace as the guest's workload.
+//!
+//! Without a scenario file the run gets a scenario of its own ([`scenario_for`]): one
+//! memslot of guest RAM sized from the trace header's distinct-page count, the guest kernel
+//! with one process, TDP and shadow side by side, and two phases that each replay the whole
+//! trace (`pass1` demand-pages the program's memory, `pass2` runs over it resident). With a
+//! scenario file its VM and guest are used and its phases replaced the same way. The
+//! `replay` scenario op (`{ op = "replay", trace = "FILE" }`) replays inside any phase.
+
+use crate::runner::RunError;
+use crate::scenario::Scenario;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use vmmu::machine::GuestCpu;
+use vmmu_guest::replay::{self, Counts, ReplayStats, TraceReader};
+use vmmu_guest::GuestKernel;
+
+/// One replay op's result (in `--json` under `"replays"`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayReport {
+    /// The trace file.
+    pub trace: String,
+    /// The phase it ran in.
+    pub phase: String,
+    /// The counts the trace's header carries (null if it was streamed to a pipe).
+    pub header: Option<Counts>,
+    /// What the replay did.
+    pub stats: ReplayStats,
+}
+
+fn open(path: &Path) -> Result<TraceReader<BufReader<File>>, RunError> {
+    let f = File::open(path).map_err(|e| RunError::Config(format!("--replay: {}: {e}", path.display())))?;
+    TraceReader::new(BufReader::with_capacity(1 << 16, f))
+        .map_err(|e| RunError::Config(format!("--replay: {}: {e}", path.display())))
+}
+
+/// The counts in a trace's header (None if the writer could not fill them in).
+pub fn header_counts(path: &Path) -> Result<Option<Counts>, RunError> {
+    Ok(open(path)?.header_counts())
+}
+
+/// Guest RAM for a replay when neither a scenario nor `--guest-memory` says: sized from the
+/// header's distinct pages, 1 GiB if the header has no counts.
+pub fn default_guest_memory(counts: Option<Counts>) -> u64 {
+    counts.map_or(1 << 30, |c| replay::guest_memory_for(c.distinct_pages))
+}
+
+/// The scenario `vmmu run --replay TRACE` runs without a scenario file.
+pub fn scenario_for(trace: &Path, guest_memory: Option<u64>) -> Result<Scenario, RunError> {
+    let counts = header_counts(trace)?;
+    let mem = guest_memory.unwrap_or_else(|| default_guest_memory(counts));
+    if !mem.is_multiple_of(2 << 20) || mem == 0 {
+        return Err(RunError::Config("--guest-memory: must be a non-zero multiple of 2 MiB".into()));
+    }
+    let text = format!(
+        "name = \"replay\"\n\
+         description = \"A recorded program's memory trace replayed as a guest process: the guest kernel \
+         demand-pages the program's address space (2 MiB regions mapped on first touch), TDP and shadow \
+         paging side by side.\"\n\
+         compare = [\"tdp\", \"shadow\"]\n\
+         [[memslot]]\ngpa = 0\nsize = {mem}\nbacking = \"4k\"\n\
+         [guest]\nlayout = \"kernel\"\npage_size = \"2m\"\nprocesses = 1\n"
+    );
+    Scenario::parse(&text).map_err(|e| RunError::Config(e.to_string()))
+}
+
+/// Checks up front that a trace whose header has counts fits guest RAM of `mem_size` bytes.
+pub fn check_fits(trace: &Path, mem_size: u64) -> Result<(), RunError> {
+    if let Some(c) = header_counts(trace)? {
+        if c.distinct_pages.saturating_mul(4096) >= mem_size {
+            return Err(RunError::Config(format!(
+                "--replay: {} touches {} distinct pages ({} MiB), more than guest memory ({} MiB) holds; \
+                 give the guest more memory (--guest-memory, or the scenario's memslots)",
+                trace.display(),
+                c.distinct_pages,
+                (c.distinct_pages * 4096) >> 20,
+                mem_size >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Replays the trace at `path` in the kernel's current process.
+pub fn run<C: GuestCpu>(
+    kernel: &mut GuestKernel,
+    cpu: &mut C,
+    path: &Path,
+    phase: &str,
+) -> Result<ReplayReport, RunError> {
+    let reader = open(path)?;
+    let header = reader.header_counts();
+    let stats = replay::replay(kernel, cpu, reader)
+        .map_err(|e| RunError::Failed(format!("replay of {}: {e}", path.display())))?;
+    Ok(ReplayReport { trace: path.display().to_string(), phase: phase.to_string(), header, stats })
+}
+
+/// The report's lines for the replays of a run.
+pub fn text(reports: &[ReplayReport]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        let s = &r.stats;
+        let [i, l, st, m] = s.by_kind;
+        out.push_str(&format!(
+            "{:<12} replay {}: {} records (I {i}, L {l}, S {st}, M {m}), {} operations, {} distinct pages, \
+             {} regions mapped, {} guest #PF, checksum {:#x}\n",
+            r.phase,
+            r.trace,
+            s.records,
+            s.operations,
+            s.distinct_pages,
+            s.regions_mapped,
+            s.guest_page_faults,
+            s.checksum
+        ));
+    }
+    out
+}
