@@ -67,6 +67,12 @@ pub enum Op {
     },
     /// `mov cr3` to a root (through the #UD handler).
     SwitchRoot(usize),
+    /// The guest makes root `n` a copy of root 0's top-level table with CPL3 loads and stores
+    /// (512 entries, through the identity mapping of the page-table pool), as vmmu's `new-root`
+    /// scenario op does: root `n` then shares every lower-level table with root 0. The backend
+    /// leaves such a root's page empty until the copy, maps nothing in it, and requires every
+    /// region to use root 0's GPA window for it.
+    CopyRoot(usize),
 }
 
 /// How the CPL3 workload asks its ring-0 handler for `invlpg` / `mov cr3`.
