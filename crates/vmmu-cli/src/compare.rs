@@ -4,8 +4,8 @@
 //! clear). vmmu runs it as `vmmu run` would, with the MMU that matches the host's KVM (shadow
 //! with shadow, TDP with TDP: [`vmmu_kvm::HostKind::vmmu_mmu`]). For the real KVM its phases
 //! are translated op by op into a [`WorkloadSpec`] ([`translate`]): `write`/`read` become
-//! touches of the same pages, `rewrite-entry` (a level-1 retarget that clears A/D) a CPL3
-//! store to the same PTE, `invlpg` and `switch-root` the same instructions in the guest's
+//! touches of the same pages, `rewrite-entry` (a level-1 retarget that clears A/D) CPL3 loads
+//! of the four entries on the page's path and a CPL3 store to its PTE, `invlpg` and `switch-root` the same instructions in the guest's
 //! ring-0 handler (entered with `int3`), `new-root` the same 512-entry copy of the boot root
 //! by CPL3 loads and stores. docs/decisions/0007-compare-backend.md records why.
 //!
@@ -236,6 +236,8 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
                         return Err(cfg(format!("{}: must be page aligned and >= {DATA_GPA:#x}", at("target"))));
                     }
                     let (region, page) = locate(va.0);
+                    // vmmu's rewrite-entry loads the PML4E, PDPTE, PDE and the old PTE first.
+                    ops.push(vmmu_kvm::Op::WalkPte { root: current_root, region, page });
                     ops.push(vmmu_kvm::Op::SetPte { root: current_root, region, page, gpa: t.0 });
                 }
                 Op::NewRoot => {

@@ -189,6 +189,7 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
                     root < spec.roots && region_ok(region, page, 1) && gpa >= DATA_GPA && gpa % PAGE == 0
                 }
                 Op::Invlpg { region, page } => region_ok(region, page, 1),
+                Op::WalkPte { root, region, page } => root < spec.roots && region_ok(region, page, 1),
                 Op::SwitchRoot(r) => r < spec.roots,
                 Op::CopyRoot(r) => r > 0 && r < spec.roots,
             };
@@ -265,8 +266,28 @@ pub(crate) fn build(spec: &WorkloadSpec) -> Result<BuiltGuest, KvmError> {
         }
     }
 
+    // The entries each WalkPte loads: a copied root's PML4E is in its own page, the rest of
+    // its path in root 0's tables.
+    let mut paths: HashMap<(usize, u64), [u64; 4]> = HashMap::new();
+    for op in spec.phases.iter().flat_map(|p| p.ops.iter()) {
+        if let Op::WalkPte { root, region, page } = *op {
+            let gva = spec.regions[region].gva + page * PAGE;
+            let mut table = if copied.contains(&root) { roots[0] } else { roots[root] };
+            let mut path = [0u64; 4];
+            for (i, level) in (1..=4u64).rev().enumerate() {
+                let slot = table + ((gva >> (12 + 9 * (level - 1))) & 511) * 8;
+                path[i] = slot;
+                if level > 1 {
+                    table = t.read(slot)? & PTE_ADDR;
+                }
+            }
+            path[0] = roots[root] + ((gva >> 39) & 511) * 8;
+            paths.insert((root, gva), path);
+        }
+    }
+
     write_descriptors(&mem)?;
-    let (code, entry, handlers) = assemble(spec, &ptes, &roots)?;
+    let (code, entry, handlers) = assemble(spec, &ptes, &paths, &roots)?;
     if CODE_GPA + code.len() as u64 > PT_POOL {
         return Err(KvmError::Workload(format!(
             "generated code is {} bytes, more than the {} bytes reserved",
@@ -327,12 +348,13 @@ fn write_idt(mem: &GuestMemoryMmap, handlers: &[u64]) -> Result<(), KvmError> {
 fn assemble(
     spec: &WorkloadSpec,
     ptes: &HashMap<(usize, u64), (u64, u64)>,
+    paths: &HashMap<(usize, u64), [u64; 4]>,
     roots: &[u64],
 ) -> Result<(Vec<u8>, u64, Vec<u64>), KvmError> {
     let mut a = CodeAssembler::new(64).map_err(asm_err)?;
     let mut entry = a.create_label();
     a.set_label(&mut entry).map_err(asm_err)?;
-    emit_user(&mut a, spec, ptes, roots).map_err(asm_err)?;
+    emit_user(&mut a, spec, ptes, paths, roots).map_err(asm_err)?;
     let handlers = emit_handlers(&mut a).map_err(asm_err)?;
     let result = a.assemble_options(CODE_GPA, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).map_err(asm_err)?;
     let entry_ip = result.label_ip(&entry).map_err(asm_err)?;
@@ -351,6 +373,7 @@ fn emit_user(
     a: &mut CodeAssembler,
     spec: &WorkloadSpec,
     ptes: &HashMap<(usize, u64), (u64, u64)>,
+    paths: &HashMap<(usize, u64), [u64; 4]>,
     roots: &[u64],
 ) -> Result<(), IcedError> {
     phase_end(a, 0)?;
@@ -384,6 +407,12 @@ fn emit_user(
                     a.mov(rax, gpa | TABLE_FLAGS)?;
                     a.mov(rdi, leaf)?;
                     a.mov(qword_ptr(rdi), rax)?;
+                }
+                Op::WalkPte { root, region, page } => {
+                    for &entry in &paths[&(root, spec.regions[region].gva + page * PAGE)] {
+                        a.mov(rdi, entry)?;
+                        a.mov(rax, qword_ptr(rdi))?;
+                    }
                 }
                 Op::Invlpg { region, page } => {
                     a.mov(eax, UD_INVLPG as u32)?;
@@ -496,7 +525,7 @@ fn simulate(spec: &WorkloadSpec, ptes: &mut HashMap<(usize, u64), (u64, u64)>) -
                         let gva = spec.regions[region].gva + page * PAGE;
                         vals.insert(leaf(r, gva), gpa | TABLE_FLAGS);
                     }
-                    Op::Invlpg { .. } | Op::CopyRoot(_) => {}
+                    Op::Invlpg { .. } | Op::WalkPte { .. } | Op::CopyRoot(_) => {}
                     Op::SwitchRoot(r) => root = r,
                 }
             }

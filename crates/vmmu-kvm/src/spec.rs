@@ -58,6 +58,18 @@ pub enum Op {
         /// New guest-physical frame.
         gpa: u64,
     },
+    /// CPL3 loads of the four entries that map one page of a region in `root`'s tables (the
+    /// PML4E, PDPTE, PDE, then the PTE, through the identity mapping of the page-table pages),
+    /// as a kernel walking its own tables does before it rewrites an entry, and as vmmu's
+    /// `rewrite-entry` scenario op does. Usually followed by [`Op::SetPte`].
+    WalkPte {
+        /// Root index.
+        root: usize,
+        /// Region index.
+        region: usize,
+        /// Page in the region.
+        page: u64,
+    },
     /// `invlpg` on one page of a region (through the #UD handler).
     Invlpg {
         /// Region index.
