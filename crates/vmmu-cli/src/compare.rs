@@ -17,7 +17,9 @@ use crate::scenario::{Op, Scenario};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use vmmu_kvm::{Access, HostKind, KernelEntry, KvmError, KvmPhase, PhaseSpec, RegionSpec, WorkloadSpec, DATA_GPA, PAGE};
+use vmmu_kvm::{
+    Access, HostKind, KernelEntry, KvmError, KvmPhase, PhaseSpec, RegionSpec, WorkloadSpec, DATA_GPA, PAGE,
+};
 
 /// Guest-physical (and, identity-mapped, guest-virtual) page of the real-KVM guest's code.
 /// A scenario `read` of exactly this page stands for the KVM guest's instruction fetches
@@ -107,7 +109,10 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
         s.memslots.iter().all(|m| matches!(m.guest_page_size.as_deref(), None | Some("4k"))),
         "needs 4 KiB guest pages in every memslot",
     )?;
-    need(g.accessed_dirty == "clear", "needs `guest.accessed_dirty = \"clear\"` (the KVM guest's PTEs start with A/D clear)")?;
+    need(
+        g.accessed_dirty == "clear",
+        "needs `guest.accessed_dirty = \"clear\"` (the KVM guest's PTEs start with A/D clear)",
+    )?;
     need(
         g.user,
         "needs `guest.user = true`: the real-KVM guest runs its workload at CPL3 with U/S set at every level \
@@ -261,14 +266,11 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
     if phases.iter().any(|p| p.ops.iter().any(|o| matches!(o, Op::Audit))) {
         notes.push("`audit` checks vmmu's invariants only (no guest-visible work, nothing to translate)".into());
     }
-    notes.push("the KVM guest enters ring 0 for invlpg / mov cr3 with int3 (a trap: its handler writes no memory)".into());
-    let spec = WorkloadSpec {
-        name: s.name.clone(),
-        roots,
-        kernel_entry: KernelEntry::Int3,
-        regions,
-        phases: out_phases,
-    };
+    notes.push(
+        "the KVM guest enters ring 0 for invlpg / mov cr3 with int3 (a trap: its handler writes no memory)".into(),
+    );
+    let spec =
+        WorkloadSpec { name: s.name.clone(), roots, kernel_entry: KernelEntry::Int3, regions, phases: out_phases };
     Ok(Translation { spec, boot_phase, notes })
 }
 
@@ -427,7 +429,8 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         rows.push(("boot".into(), None, kvm_phases[0], false));
     }
     for (i, p) in vm.phases.iter().enumerate() {
-        let k = if kvm.is_some() { kvm_phases.get(if tr.boot_phase { i } else { i + 1 }).copied().flatten() } else { None };
+        let k =
+            if kvm.is_some() { kvm_phases.get(if tr.boot_phase { i } else { i + 1 }).copied().flatten() } else { None };
         rows.push((p.name.clone(), Some(p), k, true));
     }
 
@@ -590,11 +593,8 @@ pub fn text(c: &Comparison, description: &str) -> String {
     } else {
         let _ = writeln!(out, "{} statistic(s) differ (docs/compare.md explains why):", c.differences.len());
         for d in &c.differences {
-            let _ = writeln!(
-                out,
-                "  DIFFERS {}/{}: vmmu {} KVM {} ({:+})",
-                d.phase, d.stat, d.vmmu, d.kvm, d.difference
-            );
+            let _ =
+                writeln!(out, "  DIFFERS {}/{}: vmmu {} KVM {} ({:+})", d.phase, d.stat, d.vmmu, d.kvm, d.difference);
         }
     }
     out

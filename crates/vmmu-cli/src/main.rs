@@ -194,7 +194,9 @@ fn compare(path: &Path, mmu: Option<String>, json: bool) -> ExitCode {
             match &c.kvm_unavailable_reason {
                 None => ExitCode::SUCCESS,
                 Some(r) => {
-                    eprintln!("vmmu compare: /dev/kvm not available ({r}): printed the vmmu column only (exit status 3)");
+                    eprintln!(
+                        "vmmu compare: /dev/kvm not available ({r}): printed the vmmu column only (exit status 3)"
+                    );
                     ExitCode::from(3)
                 }
             }

@@ -205,7 +205,7 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
             return bad(format!("root {c} is a copy of root 0 (CopyRoot), so every region must map it like root 0"));
         }
         let first = |want: &dyn Fn(&Op) -> bool| {
-            spec.phases.iter().flat_map(|p| p.ops.iter()).position(|o| want(o)).unwrap_or(usize::MAX)
+            spec.phases.iter().flat_map(|p| p.ops.iter()).position(want).unwrap_or(usize::MAX)
         };
         if first(&|o| *o == Op::SwitchRoot(c)) < first(&|o| *o == Op::CopyRoot(c)) {
             return bad(format!("root {c} is switched to before the guest copies root 0 into it"));
