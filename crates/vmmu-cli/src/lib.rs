@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod compare;
 pub mod idle;
 pub mod migrate;
 pub mod record;

@@ -3,12 +3,12 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use vmmu_cli::runner::{self, RunError, RunOptions, TraceMode};
 use vmmu_cli::scenario::Scenario;
-use vmmu_cli::{report, DEFAULT_SCENARIO};
+use vmmu_cli::{compare, report, DEFAULT_SCENARIO};
 
 #[derive(Parser)]
 #[command(name = "vmmu", version, about = "The Linux KVM x86 MMU as a program you can run, trace and measure")]
@@ -96,6 +96,18 @@ enum Cmd {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Run a scenario on vmmu and on the real KVM (/dev/kvm) and compare every MMU statistic
+    /// per phase. Exit status 3: /dev/kvm not available (only the vmmu column is printed).
+    Compare {
+        /// Scenario file (TOML, identity layout at CPL3; see scenarios/compare/).
+        scenario: PathBuf,
+        /// vmmu MMU; must match the host's KVM (shadow with shadow, TDP with TDP).
+        #[arg(long)]
+        mmu: Option<String>,
+        /// Print one JSON object instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the embedded default scenario.
     DefaultScenario,
     /// Run the micro-benchmarks of the MMU's hot paths.
@@ -151,6 +163,7 @@ fn main() -> ExitCode {
             };
             finish_record(vmmu_cli::record::convert(f, &input, &output, limit))
         }
+        Cmd::Compare { scenario, mmu, json } => compare(&scenario, mmu, json),
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS
@@ -251,6 +264,49 @@ fn run(
         }
         Err(RunError::Failed(e)) => {
             eprintln!("vmmu: {name}: run failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vmmu compare`: exit status 0 when both sides ran, 3 when /dev/kvm is not available (the
+/// vmmu column is still printed), 2 for a scenario that cannot be compared, 1 if a run failed.
+fn compare(path: &Path, mmu: Option<String>, json: bool) -> ExitCode {
+    let name = path.display().to_string();
+    let scenario = match std::fs::read_to_string(path)
+        .with_context(|| format!("{name}: cannot read"))
+        .and_then(|t| Scenario::parse(&t).with_context(|| name.clone()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmmu: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let no_kvm = std::env::var_os(compare::NO_KVM_ENV).is_some_and(|v| v != "0");
+    match compare::compare(&scenario, &compare::CompareOptions { mmu, no_kvm }) {
+        Ok(c) => {
+            if json {
+                println!("{}", compare::json(&c));
+            } else {
+                print!("{}", compare::text(&c, &scenario.description));
+            }
+            match &c.kvm_unavailable_reason {
+                None => ExitCode::SUCCESS,
+                Some(r) => {
+                    eprintln!(
+                        "vmmu compare: /dev/kvm not available ({r}): printed the vmmu column only (exit status 3)"
+                    );
+                    ExitCode::from(3)
+                }
+            }
+        }
+        Err(compare::CompareError::Config(e)) => {
+            eprintln!("vmmu: {name}: {e}");
+            ExitCode::from(2)
+        }
+        Err(compare::CompareError::Failed(e)) => {
+            eprintln!("vmmu: {name}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -189,15 +189,43 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
                     root < spec.roots && region_ok(region, page, 1) && gpa >= DATA_GPA && gpa % PAGE == 0
                 }
                 Op::Invlpg { region, page } => region_ok(region, page, 1),
+                Op::WalkPte { root, region, page } => root < spec.roots && region_ok(region, page, 1),
                 Op::SwitchRoot(r) => r < spec.roots,
+                Op::CopyRoot(r) => r > 0 && r < spec.roots,
             };
             if !ok {
                 return bad(format!("phase {}: operation {op:?} is out of range", p.name));
             }
         }
     }
+    // A copied root shares root 0's tables: same windows, and no switch to it before the copy.
+    let copied = copied_roots(spec);
+    for &c in &copied {
+        if spec.regions.iter().any(|r| r.gpa[c] != r.gpa[0]) {
+            return bad(format!("root {c} is a copy of root 0 (CopyRoot), so every region must map it like root 0"));
+        }
+        let first = |want: &dyn Fn(&Op) -> bool| {
+            spec.phases.iter().flat_map(|p| p.ops.iter()).position(want).unwrap_or(usize::MAX)
+        };
+        if first(&|o| *o == Op::SwitchRoot(c)) < first(&|o| *o == Op::CopyRoot(c)) {
+            return bad(format!("root {c} is switched to before the guest copies root 0 into it"));
+        }
+    }
     // Round RAM up to 2 MiB.
     Ok(mem_end.div_ceil(0x20_0000) * 0x20_0000)
+}
+
+/// Roots that the guest fills itself with [`Op::CopyRoot`].
+fn copied_roots(spec: &WorkloadSpec) -> Vec<usize> {
+    let mut v: Vec<usize> = spec
+        .phases
+        .iter()
+        .flat_map(|p| p.ops.iter())
+        .filter_map(|o| if let Op::CopyRoot(r) = *o { Some(r) } else { None })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Builds guest memory, tables, descriptors and code for `spec`.
@@ -210,7 +238,11 @@ pub(crate) fn build(spec: &WorkloadSpec) -> Result<BuiltGuest, KvmError> {
     let mut t = Tables { mem: &mem, next: PT_POOL };
     let roots: Vec<u64> = (0..spec.roots).map(|_| t.alloc()).collect::<Result<_, _>>()?;
     let mut ptes: HashMap<(usize, u64), (u64, u64)> = HashMap::new(); // (root, gva) -> (pte gpa, value)
-    for &root in &roots {
+    let copied = copied_roots(spec);
+    for (ri, &root) in roots.iter().enumerate() {
+        if copied.contains(&ri) {
+            continue;
+        }
         let mut gva = PAGE;
         while gva < DATA_GPA {
             t.map(root, gva, gva)?;
@@ -221,6 +253,12 @@ pub(crate) fn build(spec: &WorkloadSpec) -> Result<BuiltGuest, KvmError> {
         for r in &spec.regions {
             for p in 0..r.pages {
                 let gva = r.gva + p * PAGE;
+                if copied.contains(&ri) {
+                    // Shares root 0's tables (and so its leaf PTEs) once the guest copied it.
+                    let shared = ptes[&(0, gva)];
+                    ptes.insert((ri, gva), shared);
+                    continue;
+                }
                 let gpa = r.gpa[ri] + p * PAGE;
                 let leaf = t.map(root, gva, gpa)?;
                 ptes.insert((ri, gva), (leaf, gpa | TABLE_FLAGS));
@@ -228,8 +266,28 @@ pub(crate) fn build(spec: &WorkloadSpec) -> Result<BuiltGuest, KvmError> {
         }
     }
 
+    // The entries each WalkPte loads: a copied root's PML4E is in its own page, the rest of
+    // its path in root 0's tables.
+    let mut paths: HashMap<(usize, u64), [u64; 4]> = HashMap::new();
+    for op in spec.phases.iter().flat_map(|p| p.ops.iter()) {
+        if let Op::WalkPte { root, region, page } = *op {
+            let gva = spec.regions[region].gva + page * PAGE;
+            let mut table = if copied.contains(&root) { roots[0] } else { roots[root] };
+            let mut path = [0u64; 4];
+            for (i, level) in (1..=4u64).rev().enumerate() {
+                let slot = table + ((gva >> (12 + 9 * (level - 1))) & 511) * 8;
+                path[i] = slot;
+                if level > 1 {
+                    table = t.read(slot)? & PTE_ADDR;
+                }
+            }
+            path[0] = roots[root] + ((gva >> 39) & 511) * 8;
+            paths.insert((root, gva), path);
+        }
+    }
+
     write_descriptors(&mem)?;
-    let (code, entry, handlers) = assemble(spec, &ptes, &roots)?;
+    let (code, entry, handlers) = assemble(spec, &ptes, &paths, &roots)?;
     if CODE_GPA + code.len() as u64 > PT_POOL {
         return Err(KvmError::Workload(format!(
             "generated code is {} bytes, more than the {} bytes reserved",
@@ -290,12 +348,13 @@ fn write_idt(mem: &GuestMemoryMmap, handlers: &[u64]) -> Result<(), KvmError> {
 fn assemble(
     spec: &WorkloadSpec,
     ptes: &HashMap<(usize, u64), (u64, u64)>,
+    paths: &HashMap<(usize, u64), [u64; 4]>,
     roots: &[u64],
 ) -> Result<(Vec<u8>, u64, Vec<u64>), KvmError> {
     let mut a = CodeAssembler::new(64).map_err(asm_err)?;
     let mut entry = a.create_label();
     a.set_label(&mut entry).map_err(asm_err)?;
-    emit_user(&mut a, spec, ptes, roots).map_err(asm_err)?;
+    emit_user(&mut a, spec, ptes, paths, roots).map_err(asm_err)?;
     let handlers = emit_handlers(&mut a).map_err(asm_err)?;
     let result = a.assemble_options(CODE_GPA, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).map_err(asm_err)?;
     let entry_ip = result.label_ip(&entry).map_err(asm_err)?;
@@ -314,6 +373,7 @@ fn emit_user(
     a: &mut CodeAssembler,
     spec: &WorkloadSpec,
     ptes: &HashMap<(usize, u64), (u64, u64)>,
+    paths: &HashMap<(usize, u64), [u64; 4]>,
     roots: &[u64],
 ) -> Result<(), IcedError> {
     phase_end(a, 0)?;
@@ -348,6 +408,12 @@ fn emit_user(
                     a.mov(rdi, leaf)?;
                     a.mov(qword_ptr(rdi), rax)?;
                 }
+                Op::WalkPte { root, region, page } => {
+                    for &entry in &paths[&(root, spec.regions[region].gva + page * PAGE)] {
+                        a.mov(rdi, entry)?;
+                        a.mov(rax, qword_ptr(rdi))?;
+                    }
+                }
                 Op::Invlpg { region, page } => {
                     a.mov(eax, UD_INVLPG as u32)?;
                     a.mov(rdi, spec.regions[region].gva + page * PAGE)?;
@@ -357,6 +423,19 @@ fn emit_user(
                     a.mov(eax, UD_MOV_CR3 as u32)?;
                     a.mov(rdi, roots[r])?;
                     enter_kernel(a, spec.kernel_entry)?;
+                }
+                Op::CopyRoot(r) => {
+                    let mut lp = a.create_label();
+                    a.mov(rsi, roots[0])?;
+                    a.mov(rdi, roots[r])?;
+                    a.mov(ecx, 512u32)?;
+                    a.set_label(&mut lp)?;
+                    a.mov(rax, qword_ptr(rsi))?;
+                    a.mov(qword_ptr(rdi), rax)?;
+                    a.add(rsi, 8)?;
+                    a.add(rdi, 8)?;
+                    a.dec(rcx)?;
+                    a.jnz(lp)?;
                 }
             }
         }
@@ -423,6 +502,9 @@ fn simulate(spec: &WorkloadSpec, ptes: &mut HashMap<(usize, u64), (u64, u64)>) -
     let mut e = Expected::default();
     let mut root = 0usize;
     let mut seq = 1u64;
+    // PTE values by the PTE's address: a copied root's entries alias root 0's.
+    let mut vals: HashMap<u64, u64> = ptes.values().map(|&(at, v)| (at, v)).collect();
+    let leaf = |r: usize, gva: u64| ptes.get(&(r, gva)).expect("mapped").0;
     for phase in &spec.phases {
         for _ in 0..phase.repeat {
             for op in &phase.ops {
@@ -430,7 +512,7 @@ fn simulate(spec: &WorkloadSpec, ptes: &mut HashMap<(usize, u64), (u64, u64)>) -
                     Op::Touch { region, first, pages, access } => {
                         for p in first..first + pages {
                             let gva = spec.regions[region].gva + p * PAGE;
-                            let pte = &mut ptes.get_mut(&(root, gva)).expect("mapped").1;
+                            let pte = vals.get_mut(&leaf(root, gva)).expect("mapped");
                             *pte |= PTE_A;
                             if access == Access::Write {
                                 *pte |= PTE_D;
@@ -441,26 +523,29 @@ fn simulate(spec: &WorkloadSpec, ptes: &mut HashMap<(usize, u64), (u64, u64)>) -
                     }
                     Op::SetPte { root: r, region, page, gpa } => {
                         let gva = spec.regions[region].gva + page * PAGE;
-                        ptes.get_mut(&(r, gva)).expect("mapped").1 = gpa | TABLE_FLAGS;
+                        vals.insert(leaf(r, gva), gpa | TABLE_FLAGS);
                     }
-                    Op::Invlpg { .. } => {}
+                    Op::Invlpg { .. } | Op::WalkPte { .. } | Op::CopyRoot(_) => {}
                     Op::SwitchRoot(r) => root = r,
                 }
             }
         }
     }
-    e.ptes = ptes.values().map(|&(at, v)| (at, v)).collect();
+    e.ptes = vals.iter().map(|(&at, &v)| (at, v)).collect();
     e.final_root = root;
     for r in &spec.regions {
         for p in [0, r.pages / 2, r.pages - 1] {
             let gva = r.gva + p * PAGE + 0x123;
-            let gpa = (ptes[&(root, gva & !(PAGE - 1))].1 & PTE_ADDR) + 0x123;
+            let gpa = (vals[&leaf(root, gva & !(PAGE - 1))] & PTE_ADDR) + 0x123;
             if !e.translations.contains(&(gva, gpa)) {
                 e.translations.push((gva, gpa));
             }
         }
     }
     e.translations.push((CODE_GPA + 0x10, CODE_GPA + 0x10));
+    for (at, v) in ptes.values_mut() {
+        *v = vals[at];
+    }
     e
 }
 
@@ -488,6 +573,28 @@ mod tests {
         assert_eq!(g.roots.len(), 2);
         assert_eq!(g.expected.final_root, 1);
         assert_eq!(g.expected.writes.len(), 128);
+    }
+
+    #[test]
+    fn copied_root_shares_root0s_tables() {
+        let mut s = WorkloadSpec::first_touch(8);
+        s.roots = 2;
+        s.regions[0].gpa = vec![DATA_GPA, DATA_GPA];
+        s.phases[1].ops.insert(0, Op::CopyRoot(1));
+        s.phases[1].ops.insert(1, Op::SwitchRoot(1));
+        let g = build(&s).unwrap();
+        // Root 1's page stays empty until the guest copies it.
+        assert_eq!(g.mem.read_obj::<u64>(GuestAddress(g.roots[1])).unwrap(), 0);
+        assert_eq!(g.expected.final_root, 1);
+        assert_eq!(g.expected.ptes.len(), 8, "one set of leaf PTEs, shared");
+        assert_eq!(g.expected.writes[&DATA_GPA], 9);
+
+        let mut bad = s.clone();
+        bad.regions[0].gpa[1] = DATA_GPA + 0x10_0000;
+        assert!(matches!(build(&bad), Err(KvmError::Workload(_))));
+        let mut early = s.clone();
+        early.phases[0].ops.insert(0, Op::SwitchRoot(1));
+        assert!(matches!(build(&early), Err(KvmError::Workload(_))));
     }
 
     #[test]

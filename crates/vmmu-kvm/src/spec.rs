@@ -58,6 +58,18 @@ pub enum Op {
         /// New guest-physical frame.
         gpa: u64,
     },
+    /// CPL3 loads of the four entries that map one page of a region in `root`'s tables (the
+    /// PML4E, PDPTE, PDE, then the PTE, through the identity mapping of the page-table pages),
+    /// as a kernel walking its own tables does before it rewrites an entry, and as vmmu's
+    /// `rewrite-entry` scenario op does. Usually followed by [`Op::SetPte`].
+    WalkPte {
+        /// Root index.
+        root: usize,
+        /// Region index.
+        region: usize,
+        /// Page in the region.
+        page: u64,
+    },
     /// `invlpg` on one page of a region (through the #UD handler).
     Invlpg {
         /// Region index.
@@ -67,6 +79,12 @@ pub enum Op {
     },
     /// `mov cr3` to a root (through the #UD handler).
     SwitchRoot(usize),
+    /// The guest makes root `n` a copy of root 0's top-level table with CPL3 loads and stores
+    /// (512 entries, through the identity mapping of the page-table pool), as vmmu's `new-root`
+    /// scenario op does: root `n` then shares every lower-level table with root 0. The backend
+    /// leaves such a root's page empty until the copy, maps nothing in it, and requires every
+    /// region to use root 0's GPA window for it.
+    CopyRoot(usize),
 }
 
 /// How the CPL3 workload asks its ring-0 handler for `invlpg` / `mov cr3`.

@@ -1,0 +1,151 @@
+//! `vmmu compare` on the four compare scenarios (scenarios/compare/). With a usable /dev/kvm
+//! both columns must be printed and the statistics that differ must be exactly the ones
+//! docs/compare.md lists (and explains), so an unexplained new difference fails this test.
+//! Without /dev/kvm the command must say so, print the vmmu column and exit with status 3.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SCENARIOS: &[&str] = &["first-touch", "write-after-read", "pte-rewrite", "cr3-switch"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vmmu(args: &[&str], no_kvm: bool) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmmu"));
+    c.args(args).current_dir(root());
+    if no_kvm {
+        c.env("VMMU_COMPARE_NO_KVM", "1");
+    } else {
+        c.env_remove("VMMU_COMPARE_NO_KVM");
+    }
+    let out = c.output().expect("run vmmu");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A documented difference: the values, when the document gives a number (None: "varies").
+type Documented = BTreeMap<(String, String, String), (Option<i64>, Option<i64>)>;
+
+/// The table between `<!-- differences:start -->` and `<!-- differences:end -->` in
+/// docs/compare.md: `| scenario | phase | stat | vmmu | KVM | why |`.
+fn documented() -> Documented {
+    let doc = std::fs::read_to_string(root().join("docs/compare.md")).expect("docs/compare.md");
+    let start = doc.find("<!-- differences:start -->").expect("start marker in docs/compare.md");
+    let end = doc.find("<!-- differences:end -->").expect("end marker in docs/compare.md");
+    let mut out = Documented::new();
+    for line in doc[start..end].lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<String> =
+            line.trim_matches('|').split('|').map(|c| c.trim().trim_matches('`').to_string()).collect();
+        if cells.len() < 6 || cells[0] == "scenario" || cells[0].starts_with("---") {
+            continue;
+        }
+        let num = |s: &str| s.parse::<i64>().ok();
+        let key = (cells[0].clone(), cells[1].clone(), cells[2].clone());
+        assert!(out.insert(key.clone(), (num(&cells[3]), num(&cells[4]))).is_none(), "{key:?} listed twice");
+    }
+    assert!(!out.is_empty(), "no differences table in docs/compare.md");
+    out
+}
+
+fn file(name: &str) -> String {
+    format!("scenarios/compare/{name}.toml")
+}
+
+#[test]
+fn compare_scenarios_differ_only_as_documented() {
+    let docs = documented();
+    let mut seen = Documented::new();
+    let mut skipped = false;
+    for name in SCENARIOS {
+        let (code, out, err) = vmmu(&["compare", &file(name), "--json"], false);
+        if code == 3 {
+            assert!(err.contains("/dev/kvm not available"), "{name}: exit 3 without the message: {err}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert_eq!(v["kvm_available"], false);
+            assert!(v["phases"][0]["vmmu"]["wall_ns"].is_u64(), "the vmmu column is still printed");
+            skipped = true;
+            continue;
+        }
+        assert_eq!(code, 0, "{name}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["kvm_available"], true);
+        assert!(v["host"]["vendor"].is_string() && v["host_description"].is_string());
+        let phases = v["phases"].as_array().unwrap();
+        assert!(phases.len() >= 3, "{name}: {phases:?}");
+        for p in phases {
+            assert_eq!(p["compared"], true, "{name}: phase {} not on both sides", p["name"]);
+            assert!(p["host"].is_string());
+            for side in ["vmmu", "kvm"] {
+                assert!(p[side]["wall_ns"].is_u64(), "{name}/{}: no {side} column", p["name"]);
+            }
+            let pf = p["stats"].as_array().unwrap().iter().find(|s| s["name"] == "pf_taken").unwrap();
+            assert!(pf["vmmu"].is_i64() && pf["kvm"].is_i64(), "{name}: both columns of pf_taken: {pf}");
+        }
+        for d in v["differences"].as_array().unwrap() {
+            let key = (name.to_string(), d["phase"].as_str().unwrap().into(), d["stat"].as_str().unwrap().into());
+            seen.insert(key, (d["vmmu"].as_i64(), d["kvm"].as_i64()));
+        }
+        // The table says DIFFERS exactly where the JSON lists a difference.
+        let (_, text, _) = vmmu(&["compare", &file(name)], false);
+        let n = v["differences"].as_array().unwrap().len();
+        assert!(text.contains("difference") && text.contains("KVM") && text.contains("host: "), "{text}");
+        assert_eq!(text.matches("  DIFFERS\n").count(), n, "{name}:\n{text}");
+    }
+    if skipped {
+        println!("skipped: /dev/kvm not available (checked the vmmu column and the message instead)");
+        return;
+    }
+    let unexplained: Vec<_> = seen.keys().filter(|k| !docs.contains_key(*k)).collect();
+    let gone: Vec<_> = docs.keys().filter(|k| !seen.contains_key(*k)).collect();
+    assert!(unexplained.is_empty(), "differences not explained in docs/compare.md: {unexplained:?} (values {seen:?})");
+    assert!(gone.is_empty(), "docs/compare.md explains differences that no longer occur: {gone:?}");
+    for (k, (dv, dk)) in &docs {
+        let (v, kv) = seen[k];
+        if let Some(dv) = dv {
+            assert_eq!(Some(*dv), v, "{k:?}: vmmu value changed from the documented one");
+        }
+        if let Some(dk) = dk {
+            assert_eq!(Some(*dk), kv, "{k:?}: KVM value changed from the documented one");
+        }
+    }
+}
+
+#[test]
+fn without_kvm_prints_the_vmmu_column_and_says_so() {
+    let (code, out, err) = vmmu(&["compare", &file("first-touch")], true);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("/dev/kvm not available"), "{err}");
+    assert!(out.contains("KVM:  not available"), "{out}");
+    assert!(out.contains("pf_taken") && out.contains("1024") && out.contains("n/a"), "{out}");
+    assert!(!out.contains("DIFFERS"), "{out}");
+    let (code, out, _) = vmmu(&["compare", &file("first-touch"), "--json"], true);
+    assert_eq!(code, 3);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kvm_available"], false);
+    assert!(v["host"].is_object() && v["kvm_unavailable_reason"].is_string());
+    assert!(v["differences"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn scenarios_that_cannot_be_compared_are_refused() {
+    // The default scenario uses the guest-kernel layout: no real-KVM translation.
+    let (code, _, err) = vmmu(&["compare", "scenarios/default.toml"], true);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("identity"), "{err}");
+    // Like with like only: with /dev/kvm usable, an MMU of another kind is refused.
+    let host = vmmu_kvm::HostKind::detect();
+    if vmmu_kvm::kvm_available().is_ok() {
+        let other = if host.vmmu_mmu() == "shadow" { "tdp" } else { "shadow" };
+        let (code, _, err) = vmmu(&["compare", &file("first-touch"), "--mmu", other], false);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("like with like"), "{err}");
+    } else {
+        println!("skipped the --mmu check: /dev/kvm not available");
+    }
+}
