@@ -291,7 +291,7 @@ fn host_events_scenario_zaps_and_refaults() {
     let v = json(&["run", f.to_str().unwrap(), "--mmu", "tdp", "--json"]);
     let ph = |n: &str| v["phases"].as_array().unwrap().iter().find(|p| p["name"] == n).cloned().unwrap();
     for event in ["migrate", "swap-out"] {
-        assert!(stat(&ph(event), "remote_tlb_flush") > 0, "{event}: the notifier flushed");
+        assert!(stat(&ph(event), "remote_tlb_flush_requests") > 0, "{event}: the notifier flushed");
         assert!(stat(&ph(event), "pages_4k") < 4096, "{event}: the SPTEs were zapped");
     }
     for after in ["after-mig", "swap-in"] {
@@ -316,7 +316,7 @@ fn thp_events_scenario_moves_pages_2m() {
     // After the split the 32 MiB range is mapped 4 KiB (8192 faults, one per page).
     assert_eq!(stat(&ph("split"), "pf_taken"), 8192);
     assert!(stat(&ph("split"), "pages_2m") < populated);
-    assert!(stat(&ph("split"), "remote_tlb_flush") >= 16, "one notifier flush per split huge page");
+    assert!(stat(&ph("split"), "remote_tlb_flush_requests") >= 16, "one notifier flush per split huge page");
     // After the collapse it is huge again: one fault per 2 MiB.
     assert_eq!(stat(&ph("collapse"), "pf_taken"), 16);
     assert_eq!(stat(&ph("collapse"), "pages_2m"), populated);
@@ -336,12 +336,12 @@ fn ksm_and_zero_page_scenario_moves_the_host_and_kvm_counters() {
         assert_eq!(stat(&cow, "pf_taken"), 2 * 4096, "{mmu}: {cow}");
         assert_eq!(stat(&cow, "pf_fixed"), 4096, "{mmu}");
         assert_eq!(stat(&cow, "host_frames_4k"), 4096, "{mmu}: one private frame per page");
-        assert!(stat(&cow, "remote_tlb_flush") >= 4096, "{mmu}: the notifier zapped each zero-page SPTE");
+        assert!(stat(&cow, "remote_tlb_flush_requests") >= 4096, "{mmu}: the notifier zapped each zero-page SPTE");
         let ksm = ph("ksm-merge");
         assert_eq!(stat(&ksm, "host_ksm_pages_shared"), 256, "{mmu}: 256 distinct contents");
         assert_eq!(stat(&ksm, "host_ksm_pages_sharing"), 4096 - 256, "{mmu}");
         assert_eq!(stat(&ksm, "host_frames_4k"), -(4096 - 256), "{mmu}: the duplicates' frames freed");
-        assert!(stat(&ksm, "remote_tlb_flush") >= 4096, "{mmu}: KVM's SPTEs zapped");
+        assert!(stat(&ksm, "remote_tlb_flush_requests") >= 4096, "{mmu}: KVM's SPTEs zapped");
         let read = ph("read-merged");
         assert!(stat(&read, "pf_taken") > 0, "{mmu}: reads fault the merged pages back in");
         let unmerge = ph("write-unmerge");

@@ -128,7 +128,7 @@ fn read_then_write_breaks_the_zero_page_cow() {
     assert_eq!(st(v, "pf_taken") - t0, 3);
     assert_eq!(st(v, "pf_fixed") - f0, 2);
     assert_eq!(v.read(a, 8).unwrap(), 42);
-    assert!(vmst(&m, "remote_tlb_flush") >= 1);
+    assert!(vmst(&m, "remote_tlb_flush_requests") >= 1);
     m.kvm.audit().unwrap();
 }
 
@@ -187,7 +187,7 @@ fn deleting_a_memslot_zaps_all_roots_fast() {
     let a = Gva::new(64 << 20);
     v.write(a, 8, 5).unwrap();
     let old_root = m.kvm.mmu().roots.lock()[0].hpa;
-    let flushes = vmst(&m, "remote_tlb_flush");
+    let flushes = vmst(&m, "remote_tlb_flush_requests");
     m.kvm
         .set_user_memory_region(vmmu::memslot::UserspaceMemoryRegion {
             slot: 1,
@@ -205,7 +205,7 @@ fn deleting_a_memslot_zaps_all_roots_fast() {
     assert_eq!(roots.len(), 1, "the obsolete root was dropped");
     assert!(roots[0].hpa != old_root || !roots[0].is_invalid());
     assert!(!roots[0].is_invalid());
-    assert!(vmst(&m, "remote_tlb_flush") > flushes);
+    assert!(vmst(&m, "remote_tlb_flush_requests") > flushes);
     m.kvm.audit().unwrap();
 }
 

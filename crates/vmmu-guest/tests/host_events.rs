@@ -46,11 +46,11 @@ fn migrate(mmu: MmuKind, backing: Backing) {
     let mut g = guest(mmu, backing);
     let gpa = g.data_gpa(5);
     let before = g.host_pfn(gpa);
-    let flushes = g.kvm.vm_stats()["remote_tlb_flush"];
+    let flushes = g.kvm.vm_stats()["remote_tlb_flush_requests"];
     let moved = g.host.migrate_pages(g.hva, MEM).unwrap();
     assert!(moved >= PAGES, "{what}: {moved} pages moved");
     assert_ne!(g.host_pfn(gpa), before, "{what}: the page has a new frame");
-    assert!(g.kvm.vm_stats()["remote_tlb_flush"] > flushes, "{what}: the notifier zapped and flushed");
+    assert!(g.kvm.vm_stats()["remote_tlb_flush_requests"] > flushes, "{what}: the notifier zapped and flushed");
     g.kvm.audit().unwrap();
     let taken = g.cpu.stat.pf_taken;
     g.check_contents(&what);
@@ -207,13 +207,13 @@ fn ksm(mmu: MmuKind) {
         g.k.access(&mut g.cpu, USER_BASE + i * 4096 + 64, AccessKind::Write, 8, val(i)).unwrap();
     }
     let frames = g.host.frames().counts().frames_4k;
-    let flushes = g.kvm.vm_stats()["remote_tlb_flush"];
+    let flushes = g.kvm.vm_stats()["remote_tlb_flush_requests"];
     let merged = g.host.ksm_merge(g.hva, MEM).unwrap();
     let st = g.host.ksm_stats();
     assert!(merged >= PAGES, "{what}: {merged} pages merged");
     assert_eq!((st.pages_shared, st.pages_sharing), (256, PAGES - 256), "{what}: {st:?}");
     assert!(g.host.frames().counts().frames_4k <= frames - (PAGES - 256), "{what}: the duplicates' frames were freed");
-    assert!(g.kvm.vm_stats()["remote_tlb_flush"] > flushes, "{what}: the notifier zapped and flushed");
+    assert!(g.kvm.vm_stats()["remote_tlb_flush_requests"] > flushes, "{what}: the notifier zapped and flushed");
     g.kvm.audit().unwrap();
     let taken = g.cpu.stat.pf_taken;
     for i in 0..PAGES {
@@ -264,12 +264,15 @@ fn zero_page_cow(mmu: MmuKind) {
     assert_eq!(g.host_pfn(gpa(0)), g.host.frames().zero_pfn().raw(), "{what}: reads map the shared zero page");
     let after_reads = g.host.frames().counts().frames_4k;
     assert!(after_reads - frames < 64, "{what}: the reads allocated no data frames");
-    let (taken, flushes) = (g.cpu.stat.pf_taken, g.kvm.vm_stats()["remote_tlb_flush"]);
+    let (taken, flushes) = (g.cpu.stat.pf_taken, g.kvm.vm_stats()["remote_tlb_flush_requests"]);
     for i in 0..64 {
         g.cpu.write(va(i), 8, i + 1).unwrap();
     }
     assert!(g.cpu.stat.pf_taken >= taken + 64, "{what}: each first write faulted (read-only SPTE)");
-    assert!(g.kvm.vm_stats()["remote_tlb_flush"] > flushes, "{what}: the COW notifier zapped the zero-page SPTEs");
+    assert!(
+        g.kvm.vm_stats()["remote_tlb_flush_requests"] > flushes,
+        "{what}: the COW notifier zapped the zero-page SPTEs"
+    );
     assert_ne!(g.host_pfn(gpa(0)), g.host.frames().zero_pfn().raw(), "{what}: a private frame now");
     assert!(g.host.frames().counts().frames_4k >= after_reads + 64, "{what}: 64 frames allocated by the writes");
     for i in 0..64 {

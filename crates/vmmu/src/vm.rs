@@ -485,10 +485,15 @@ impl Kvm {
         if vcpus.iter().any(|v| Some(v.id) != me) {
             crate::sync::barrier::heavy_barrier();
         }
+        // kvm_make_all_cpus_request: only a vCPU other than the caller that is not outside
+        // guest mode needs the IPI (KVM_REQ_TLB_FLUSH waits); remote_tlb_flush counts the
+        // flushes that sent one.
+        let mut kicked = false;
         for v in &vcpus {
             if Some(v.id) == me {
                 continue;
             }
+            kicked |= v.mode.load(Ordering::SeqCst) != mode::OUTSIDE_GUEST_MODE;
             let mut spins = 0u32;
             while v.requests.load(Ordering::SeqCst) & req::TLB_FLUSH != 0
                 && matches!(v.mode.load(Ordering::SeqCst), mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES)
@@ -501,7 +506,9 @@ impl Kvm {
                 }
             }
         }
-        self.stats.remote_tlb_flush.add(1);
+        if kicked {
+            self.stats.remote_tlb_flush.add(1);
+        }
     }
 
     /// Frees page-table frames unlinked earlier, after a remote flush. The caller holds

@@ -27,10 +27,12 @@ impl Rmaps {
         (slot.id, level, gfn_to_index(gfn, slot.base_gfn, level))
     }
 
-    /// `rmap_add`: records `sptep` as mapping `gfn` at `level`; returns the new length.
+    /// `rmap_add`: records `sptep` as mapping `gfn` at `level`; returns what
+    /// `pte_list_add` returns, the number of SPTEs the list held before (0 for the first),
+    /// which KVM compares with `max_mmu_rmap_size` and `RMAP_RECYCLE_THRESHOLD`.
     pub fn add(&mut self, slot: &Memslot, gfn: Gfn, level: u8, sptep: Hpa) -> usize {
         let l = self.heads.entry(Self::key(slot, gfn, level)).or_default();
-        l.add(sptep) + 1
+        l.add(sptep)
     }
 
     /// `rmap_remove`.
