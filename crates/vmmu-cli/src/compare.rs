@@ -278,6 +278,7 @@ fn op_name(op: &Op) -> &'static str {
     match op {
         Op::Write { .. } => "write",
         Op::Read { .. } => "read",
+        Op::Fetch { .. } => "fetch",
         Op::ReadThenWrite { .. } => "read-then-write",
         Op::Workload { .. } => "workload",
         Op::Switch { .. } => "switch",
@@ -289,6 +290,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::ThpSplit { .. } => "thp-split",
         Op::ThpCollapse { .. } => "thp-collapse",
         Op::KsmMerge { .. } => "ksm-merge",
+        Op::NxRecovery { .. } => "nx-recovery",
         Op::Replay { .. } => "replay",
         Op::Fork => "fork",
         Op::Exec => "exec",

@@ -191,6 +191,8 @@ fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, RunError> {
         max_tdp_level: v.max_tdp_level,
         maxphyaddr: v.maxphyaddr,
         nx_huge_pages: v.nx_huge_pages,
+        nx_huge_pages_recovery_ratio: v.nx_huge_pages_recovery_ratio,
+        nx_huge_pages_recovery_period_ms: v.nx_huge_pages_recovery_period_ms,
         mmio_caching: v.mmio_caching,
         tdp_huge_page_level: ((page_shift(&v.tdp_huge_page).unwrap_or(30) - 12) / 9 + 1) as u8,
         eager_page_split: v.eager_page_split,
@@ -438,6 +440,7 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
     match op {
         Op::Write { start, pages } => run_workload(m, Workload::FirstTouch, start.0, *pages),
         Op::Read { start, pages } => run_workload(m, Workload::Read, start.0, *pages),
+        Op::Fetch { start, pages } => run_workload(m, Workload::Fetch, start.0, *pages),
         Op::ReadThenWrite { start, pages } => run_workload(m, Workload::ReadThenWrite, start.0, *pages),
         Op::Workload { name, start, pages, accesses, seed } => {
             let w = make_workload(name, *pages, *accesses, *seed)?;
@@ -610,6 +613,15 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
                 .ok_or_else(|| RunError::Config(format!("switch-root: no root {root} (make one with new-root)")))?;
             for v in m.vcpus.iter_mut() {
                 v.write_cr3(cr3).map_err(run_err)?;
+            }
+            Ok(0)
+        }
+        Op::NxRecovery { passes } => {
+            for v in m.vcpus.iter_mut() {
+                v.exit_guest();
+            }
+            for _ in 0..*passes {
+                m.kvm.nx_huge_page_recovery();
             }
             Ok(0)
         }

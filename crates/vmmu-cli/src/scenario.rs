@@ -70,6 +70,10 @@ pub struct VmSection {
     pub maxphyaddr: u8,
     /// kvm.nx_huge_pages.
     pub nx_huge_pages: bool,
+    /// kvm.nx_huge_pages_recovery_ratio (0: no recovery).
+    pub nx_huge_pages_recovery_ratio: u32,
+    /// kvm.nx_huge_pages_recovery_period_ms (0: one hour / ratio).
+    pub nx_huge_pages_recovery_period_ms: u32,
     /// kvm.mmio_caching.
     pub mmio_caching: bool,
     /// Largest TDP page: "4k", "2m" or "1g".
@@ -129,6 +133,8 @@ impl Default for VmSection {
             max_tdp_level: 4,
             maxphyaddr: 46,
             nx_huge_pages: false,
+            nx_huge_pages_recovery_ratio: 60,
+            nx_huge_pages_recovery_period_ms: 0,
             mmio_caching: true,
             tdp_huge_page: "1g".into(),
             eager_page_split: true,
@@ -159,6 +165,10 @@ pub struct MemslotSection {
     /// `guest.page_size`.
     #[serde(default)]
     pub guest_page_size: Option<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn default_backing() -> String {
@@ -244,6 +254,13 @@ pub enum Op {
     },
     /// Read 8 bytes from each page.
     Read {
+        /// First address.
+        start: Size,
+        /// Pages.
+        pages: u64,
+    },
+    /// Fetch (execute) one byte from each page.
+    Fetch {
         /// First address.
         start: Size,
         /// Pages.
@@ -344,6 +361,13 @@ pub enum Op {
         offset: Size,
         /// Bytes.
         size: Size,
+    },
+    /// One pass of KVM's NX huge page recovery worker per `passes`: each zaps
+    /// ceil(nx_lpage_splits / nx_huge_pages_recovery_ratio) of the tables the mitigation made.
+    NxRecovery {
+        /// Passes.
+        #[serde(default = "one")]
+        passes: u32,
     },
     /// Kernel layout: fork the current process (the child gets the next pid).
     Fork,

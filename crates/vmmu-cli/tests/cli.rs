@@ -349,3 +349,22 @@ fn ksm_and_zero_page_scenario_moves_the_host_and_kvm_counters() {
         assert_eq!(stat(&unmerge, "host_ksm_pages_sharing"), -(4096 - 256), "{mmu}: nothing shared any more");
     }
 }
+
+#[test]
+fn nx_huge_pages_scenario_splits_and_recovers() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/nx-huge-pages.toml");
+    for mmu in ["tdp", "legacy-tdp", "shadow"] {
+        let v = json(&["run", f.to_str().unwrap(), "--mmu", mmu, "--json"]);
+        let ph = |name: &str| v["phases"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+        assert_eq!(stat(&ph("data"), "pages_2m"), 32, "{mmu}: 64 MiB of data mapped 2 MiB");
+        let exec = ph("execute");
+        assert_eq!(stat(&exec, "nx_lpage_splits"), 16, "{mmu}: one split per executed huge page");
+        assert_eq!(stat(&exec, "pages_2m"), 16, "{mmu}");
+        // ratio 4: passes zap 4, 3, 3 and 2 of the 16 tables.
+        let rec = ph("recover");
+        assert_eq!(stat(&rec, "nx_lpage_splits"), 4, "{mmu}");
+        let again = ph("data-again");
+        assert_eq!(stat(&again, "pf_taken"), 12, "{mmu}: the 12 recovered ranges fault back in");
+        assert_eq!(stat(&again, "pages_2m"), 28, "{mmu}: ... as huge pages");
+    }
+}

@@ -279,3 +279,79 @@ fn nx_huge_pages_split_executable_huge_pages() {
     assert!(m.kvm.vm_stats()["nx_lpage_splits"] >= 1);
     m.kvm.audit().unwrap();
 }
+
+/// The NX huge page mitigation and its recovery worker, for every MMU: fetches from huge
+/// guest pages are mapped 4 KiB below tables the mitigation made (nx_lpage_splits counts
+/// them); a recovery pass zaps ceil(nx_lpage_splits / ratio) of them, oldest first; data
+/// accesses then map the ranges huge again, and fetching again splits them again.
+#[test]
+fn nx_huge_page_recovery_zaps_split_pages_per_ratio() {
+    let slots = "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[memslot]]\ngpa = \"1GiB\"\nsize = \"64MiB\"\nbacking = \"thp\"\nguest_page_size = \"2m\"\n";
+    for mmu in ["tdp", "legacy-tdp", "shadow"] {
+        let vm = format!("mmu = \"{mmu}\"\nnx_huge_pages = true\nnx_huge_pages_recovery_ratio = 2");
+        let mut m = machine(&vm, slots, "");
+        let region = |r: u64| Gva::new((1 << 30) + r * (2 << 20));
+        // Fault the regions in with writes (host THPs), then fetch from four of them.
+        for r in 0..8 {
+            m.vcpus[0].write(region(r), 8, 0x90).unwrap();
+        }
+        let huge = vmst(&m, "pages_2m");
+        assert_eq!(huge, 8, "{mmu}: data accesses map 2 MiB");
+        for r in 0..4 {
+            m.vcpus[0].fetch(region(r), 1).unwrap();
+        }
+        assert_eq!(vmst(&m, "nx_lpage_splits"), 4, "{mmu}: one tracked table per fetched huge page");
+        assert_eq!(vmst(&m, "pages_2m"), 4, "{mmu}: the fetched huge pages were split");
+        assert_eq!(m.kvm.possible_nx_huge_pages(), 4);
+        m.kvm.audit().unwrap();
+        // ratio 2: a pass zaps ceil(4 / 2) = 2 tables, then ceil(2 / 2) = 1, then 1.
+        m.vcpus[0].exit_guest();
+        assert_eq!(m.kvm.nx_huge_page_recovery(), 2, "{mmu}");
+        assert_eq!(vmst(&m, "nx_lpage_splits"), 2, "{mmu}");
+        m.kvm.audit().unwrap();
+        // The zapped ranges (the oldest: regions 0 and 1) map huge again on a data access.
+        for r in 0..4 {
+            m.vcpus[0].read(region(r), 8).unwrap();
+        }
+        assert_eq!(vmst(&m, "pages_2m"), 6, "{mmu}: two ranges huge again");
+        assert_eq!(m.kvm.nx_huge_page_recovery(), 1);
+        assert_eq!(m.kvm.nx_huge_page_recovery(), 1);
+        assert_eq!(vmst(&m, "nx_lpage_splits"), 0, "{mmu}");
+        assert_eq!(m.kvm.nx_huge_page_recovery(), 0, "{mmu}: nothing left");
+        // Executing again splits again.
+        m.vcpus[0].fetch(region(0), 1).unwrap();
+        assert_eq!(vmst(&m, "nx_lpage_splits"), 1, "{mmu}");
+        m.kvm.audit().unwrap();
+        assert_eq!(m.vcpus[0].read(region(0), 8).unwrap(), 0x90, "{mmu}: contents kept");
+    }
+}
+
+#[test]
+fn nx_recovery_period_follows_kvm() {
+    let cfg = vmmu::VmConfig { nx_huge_pages: true, ..Default::default() };
+    assert_eq!(cfg.nx_huge_pages_recovery_period(), Some(std::time::Duration::from_secs(60)), "1 h / ratio 60");
+    let cfg = vmmu::VmConfig { nx_huge_pages_recovery_period_ms: 250, ..cfg };
+    assert_eq!(cfg.nx_huge_pages_recovery_period(), Some(std::time::Duration::from_millis(250)));
+    assert_eq!(vmmu::VmConfig { nx_huge_pages_recovery_ratio: 0, ..cfg.clone() }.nx_huge_pages_recovery_period(), None);
+    assert_eq!(vmmu::VmConfig { nx_huge_pages: false, ..cfg }.nx_huge_pages_recovery_period(), None);
+}
+
+#[test]
+fn nx_recovery_worker_thread_runs_per_period() {
+    let slots = "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[memslot]]\ngpa = \"1GiB\"\nsize = \"64MiB\"\nbacking = \"thp\"\nguest_page_size = \"2m\"\n";
+    let vm = "nx_huge_pages = true\nnx_huge_pages_recovery_ratio = 1\nnx_huge_pages_recovery_period_ms = 5";
+    let mut m = machine(vm, slots, "");
+    for r in 0..3u64 {
+        m.vcpus[0].fetch(Gva::new((1 << 30) + r * (2 << 20)), 1).unwrap();
+    }
+    m.vcpus[0].exit_guest();
+    assert_eq!(vmst(&m, "nx_lpage_splits"), 3);
+    let worker = m.kvm.start_nx_huge_page_recovery().expect("recovery is on");
+    let t0 = std::time::Instant::now();
+    while vmst(&m, "nx_lpage_splits") != 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the worker never ran");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    drop(worker);
+    m.kvm.audit().unwrap();
+}

@@ -23,6 +23,8 @@ pub enum Workload {
     ReadThenWrite,
     /// Read each page.
     Read,
+    /// Fetch one instruction byte from each page (execute).
+    Fetch,
     /// `accesses` random 8-byte accesses (reads and writes alternating) over the pages.
     Random {
         /// Number of accesses.
@@ -50,6 +52,7 @@ impl Workload {
             "re-touch" => Workload::ReTouch,
             "read-then-write" => Workload::ReadThenWrite,
             "read" => Workload::Read,
+            "fetch" => Workload::Fetch,
             "random" => Workload::Random { accesses: pages * 16, seed: 1 },
             "zipf" => Workload::Zipf { accesses: pages * 16, theta: 0.99, seed: 1 },
             _ => return None,
@@ -58,7 +61,7 @@ impl Workload {
 
     /// The names `parse` accepts.
     pub const NAMES: &'static [&'static str] =
-        &["first-touch", "re-touch", "read-then-write", "read", "random", "zipf"];
+        &["first-touch", "re-touch", "read-then-write", "read", "fetch", "random", "zipf"];
 }
 
 /// What a workload did.
@@ -129,6 +132,12 @@ pub fn run<S: Space>(w: Workload, space: &mut S, start: u64, pages: u64) -> Resu
         Workload::Read => {
             for i in 0..pages {
                 st.checksum = st.checksum.wrapping_add(space.access(page(i), AccessKind::Read, 8, 0)?);
+                st.accesses += 1;
+            }
+        }
+        Workload::Fetch => {
+            for i in 0..pages {
+                st.checksum = st.checksum.wrapping_add(space.access(page(i), AccessKind::Fetch, 1, 0)?);
                 st.accesses += 1;
             }
         }

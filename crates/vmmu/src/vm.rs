@@ -61,6 +61,11 @@ pub struct VmConfig {
     pub maxphyaddr: u8,
     /// kvm.nx_huge_pages.
     pub nx_huge_pages: bool,
+    /// kvm.nx_huge_pages_recovery_ratio: each recovery pass zaps 1/ratio of the tables the
+    /// mitigation made (0: no recovery).
+    pub nx_huge_pages_recovery_ratio: u32,
+    /// kvm.nx_huge_pages_recovery_period_ms (0: one hour / ratio).
+    pub nx_huge_pages_recovery_period_ms: u32,
     /// kvm.mmio_caching.
     pub mmio_caching: bool,
     /// Largest huge page the TDP MMU maps (2 = 2 MiB, 3 = 1 GiB).
@@ -82,6 +87,8 @@ impl Default for VmConfig {
             max_tdp_level: 4,
             maxphyaddr: 46,
             nx_huge_pages: false,
+            nx_huge_pages_recovery_ratio: 60,
+            nx_huge_pages_recovery_period_ms: 0,
             mmio_caching: true,
             tdp_huge_page_level: 3,
             eager_page_split: true,
@@ -98,6 +105,19 @@ impl VmConfig {
         } else {
             self.max_tdp_level
         }
+    }
+
+    /// `calc_nx_huge_pages_recovery_period`: the recovery worker's period, None when the
+    /// mitigation or the recovery is off.
+    pub fn nx_huge_pages_recovery_period(&self) -> Option<std::time::Duration> {
+        if !self.nx_huge_pages || self.nx_huge_pages_recovery_ratio == 0 {
+            return None;
+        }
+        let ms = match self.nx_huge_pages_recovery_period_ms {
+            0 => 60 * 60 * 1000 / self.nx_huge_pages_recovery_ratio.min(3600),
+            ms => ms,
+        };
+        Some(std::time::Duration::from_millis(u64::from(ms)))
     }
 
     /// `kvm_ad_enabled`.

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod fast_pf;
 pub mod mmio;
 pub mod mmu_notifier;
+pub mod nx_huge_pages;
 pub mod page;
 pub mod page_fault;
 pub mod page_track;
@@ -88,6 +89,8 @@ pub struct KvmMmu {
     pub shadow: Mutex<shadow::ShadowMmu>,
     /// The all-non-present page the hardware runs on before a shadow root exists.
     pub shadow_dummy_root: Mutex<Option<Pfn>>,
+    /// `possible_nx_huge_pages` and the TDP tables' `nx_huge_page_disallowed` flags.
+    pub nx_huge_pages: Mutex<nx_huge_pages::NxHugePages>,
 }
 
 impl KvmMmu {
@@ -106,6 +109,7 @@ impl KvmMmu {
             deferred_free: Mutex::new(Vec::new()),
             shadow: Mutex::new(shadow::ShadowMmu::default()),
             shadow_dummy_root: Mutex::new(None),
+            nx_huge_pages: Mutex::new(nx_huge_pages::NxHugePages::default()),
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct ShadowPage {
     pub root_count: u32,
     /// Emulated writes since a fault last used it.
     pub write_flooding_count: u32,
+    /// Made by a fault for which huge pages were disallowed (the NX mitigation).
+    pub nx_huge_page_disallowed: bool,
     /// `mmu_valid_gen` at creation.
     pub mmu_valid_gen: u64,
     /// Position in `active_mmu_pages`.
@@ -121,6 +123,7 @@ impl MmuPages {
             unsync_child_bitmap: [0; 8],
             root_count: 0,
             write_flooding_count: 0,
+            nx_huge_page_disallowed: false,
             mmu_valid_gen: gen,
             seq,
         };

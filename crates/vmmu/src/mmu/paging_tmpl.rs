@@ -334,11 +334,17 @@ fn fetch(
         let slots = ctx.slots.clone();
         page_fault::kvm_mmu_hugepage_adjust(ctx.kvm, &slots, fault);
     }
-    let goal = fault.goal_level.min(w.level);
+    fault.goal_level = fault.goal_level.min(w.level);
     // Direct levels: a guest huge page mapped by smaller SPTEs.
-    while level > goal {
+    loop {
         let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
         let mut spte = Spte(ctx.kvm.mem().load(sptep));
+        if fault.nx_huge_page_workaround_enabled {
+            ctx.disallowed_hugepage_adjust(fault, spte, level);
+        }
+        if level <= fault.goal_level {
+            break;
+        }
         // validate_direct_spte: a direct child made for other rights is replaced.
         if spte.is_shadow_present() && !spte.is_large() {
             if let Some(c) = ctx.s.pages.by_spt(spte.pfn()) {
@@ -359,6 +365,9 @@ fn fetch(
             let role = child_role_at(ctx.s.pages.get(sp).role, spte_index(gva >> 12, level), true, w.pte_access);
             let c = ctx.get_shadow_page(base, role);
             ctx.link_shadow_page(sptep, c);
+            if fault.huge_page_disallowed {
+                ctx.account_nx_huge_page(c, level, fault.req_level >= level);
+            }
             c
         };
         sp = child;
@@ -505,7 +514,7 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
         prefetch: true,
         synchronizing: true,
         host_writable: old.0 & m.host_writable != 0,
-        nx_huge_pages: false,
+        nx_huge_pages: ctx.kvm.nx_huge_pages(),
         ad_disabled: false,
     };
     let (new, _) = make_spte(&m, &req, old, || ctx.try_to_unsync_pages(gfn, false, true));

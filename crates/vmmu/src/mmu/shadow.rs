@@ -359,6 +359,29 @@ impl Ctx<'_> {
         changed
     }
 
+    /// `account_nx_huge_page` for shadow page `id`, linked by an SPTE at `level`.
+    pub fn account_nx_huge_page(&mut self, id: SpId, level: u8, possible: bool) {
+        let sp = self.s.pages.get_mut(id);
+        if sp.nx_huge_page_disallowed {
+            return; // already accounted (a direct page found in the hash)
+        }
+        sp.nx_huge_page_disallowed = true;
+        let (spt, gfn) = (sp.spt, sp.gfn);
+        self.kvm.account_nx_huge_page(spt, gfn, level, possible, false);
+    }
+
+    /// `disallowed_hugepage_adjust` for the shadow MMU: `spte` at `level` links a page made
+    /// by a fetch under the NX mitigation, so map below it instead of a huge page.
+    pub fn disallowed_hugepage_adjust(&self, fault: &mut super::page_fault::KvmPageFault, spte: Spte, level: u8) {
+        if level == fault.goal_level
+            && spte.is_shadow_present()
+            && !spte.is_large()
+            && self.s.pages.by_spt(spte.pfn()).is_some_and(|c| self.s.pages.get(c).nx_huge_page_disallowed)
+        {
+            super::tdp_mmu::disallowed_hugepage_adjust(fault, level);
+        }
+    }
+
     /// `link_shadow_page`: points `sptep` at `child`, dropping a huge leaf in the way.
     pub fn link_shadow_page(&mut self, sptep: Hpa, child: SpId) {
         let old = self.load(sptep);
@@ -530,7 +553,7 @@ impl Ctx<'_> {
             prefetch,
             synchronizing: false,
             host_writable,
-            nx_huge_pages: false,
+            nx_huge_pages: self.kvm.nx_huge_pages(),
             ad_disabled: false,
         };
         let (new, wrprot) = make_spte(&m, &req, old, || self.try_to_unsync_pages(gfn, true, prefetch));
@@ -630,6 +653,10 @@ impl Ctx<'_> {
         }
         if self.s.pages.get(id).role.direct() == 0 {
             self.unaccount_shadowed(id);
+        }
+        if self.s.pages.get(id).nx_huge_page_disallowed {
+            self.s.pages.get_mut(id).nx_huge_page_disallowed = false;
+            self.kvm.unaccount_nx_huge_page(self.s.pages.get(id).spt);
         }
         if self.s.pages.get(id).unsync {
             self.s.pages.get_mut(id).unsync = false;
@@ -1314,9 +1341,15 @@ impl Ctx<'_> {
         let gfn = fault.gfn.raw();
         let mut sp = root;
         let mut level = self.s.pages.get(root).role.level() as u8;
-        while level > fault.goal_level {
+        loop {
             let sptep = self.s.pages.get(sp).sptep(super::tdp_iter::spte_index(gfn, level));
             let spte = self.load(sptep);
+            if fault.nx_huge_page_workaround_enabled {
+                self.disallowed_hugepage_adjust(fault, spte, level);
+            }
+            if level <= fault.goal_level {
+                break;
+            }
             sp = if spte.is_shadow_present() && !spte.is_large() {
                 match self.s.pages.by_spt(spte.pfn()) {
                     Some(c) => c,
@@ -1327,6 +1360,9 @@ impl Ctx<'_> {
                 let role = kvm_mmu_child_role(self.s.pages.get(sp).role, true, ACC_ALL);
                 let c = self.get_shadow_page(base, role);
                 self.link_shadow_page(sptep, c);
+                if fault.huge_page_disallowed {
+                    self.account_nx_huge_page(c, level, fault.req_level >= level);
+                }
                 c
             };
             level -= 1;

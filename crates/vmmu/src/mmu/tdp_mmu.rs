@@ -141,6 +141,7 @@ pub(crate) fn handle_changed_spte(kvm: &Kvm, cpu: u32, gfn: Gfn, old: Spte, new:
 /// free the table once no walker can see it.
 fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared: bool) {
     kvm.mmu.tdp_mmu_pages.add(-1);
+    kvm.unaccount_nx_huge_page(pt.pfn());
     let mem = kvm.mem();
     for i in 0..512u64 {
         let sptep = Hpa::new(pt.raw() + i * 8);
@@ -191,8 +192,13 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
 
     let mut it = TdpIter::new(kvm.mem(), root_hpa, root_level, 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
     while it.valid {
-        if fault.nx_huge_page_workaround_enabled {
-            disallowed_hugepage_adjust(fault, it.old_spte, it.level);
+        if fault.nx_huge_page_workaround_enabled
+            && it.level == fault.goal_level
+            && it.old_spte.is_shadow_present()
+            && !it.old_spte.is_large()
+            && kvm.tdp_nx_huge_page_disallowed(it.old_spte.pfn())
+        {
+            disallowed_hugepage_adjust(fault, it.level);
         }
         if it.old_spte.is_frozen() {
             return RetPf::Retry;
@@ -231,24 +237,22 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
                 );
             }
         }
-        if fault.huge_page_disallowed && fault.req_level >= level {
-            // track_possible_nx_huge_page: this table exists only because of the mitigation.
-            kvm.stats.nx_lpage_splits.add(1);
+        if fault.huge_page_disallowed {
+            // tdp_mmu_init_child_sp: nx_huge_page_disallowed; track_possible_nx_huge_page
+            // when a huge page would have been mapped but for the mitigation.
+            let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+            kvm.account_nx_huge_page(sp, base, level, fault.req_level >= level, true);
         }
         it.next();
     }
     RetPf::Retry
 }
 
-/// `disallowed_hugepage_adjust`: under the NX mitigation, do not replace a table that was
-/// split for an executable mapping by a huge page again; map at the next level down.
-///
-/// KVM checks the child shadow page's `nx_huge_page_disallowed` flag; TDP shadow pages here
-/// carry no per-page metadata yet, so any table found at the goal level is kept while the
-/// mitigation is on (tables below a huge-page-capable level exist only for that reason or
-/// because the host mapped the range small when they were made).
-fn disallowed_hugepage_adjust(fault: &mut KvmPageFault, spte: Spte, level: u8) {
-    if level == fault.goal_level && fault.goal_level > 1 && spte.is_shadow_present() && !spte.is_large() {
+/// `disallowed_hugepage_adjust`: under the NX mitigation, a table that a fetch made (its
+/// `nx_huge_page_disallowed` flag; the caller checked it) is not replaced by a huge page
+/// again: map at the next level down, patching the pfn's next 9 bits back in.
+pub(crate) fn disallowed_hugepage_adjust(fault: &mut KvmPageFault, level: u8) {
+    if level > 1 && level == fault.goal_level {
         fault.goal_level -= 1;
         let pages = pages_at(fault.goal_level);
         fault.pfn = Pfn::new(fault.pfn.raw() | (fault.gfn.raw() & (pages_at(level) - 1) & !(pages - 1)));
