@@ -458,3 +458,98 @@ fn host_coherence_two_vcpus_all_mmus() {
         }
     }
 }
+
+/// The address of the guest PDE mapping `va` in `s`'s identity tables (2 MiB pages).
+fn pde_gpa(s: &Setup, va: u64) -> u64 {
+    use vmmu_guest::boot::BootMem;
+    let mut table = s.cr3 & !0xfff;
+    for level in [4u32, 3] {
+        let e = s.kvm.read_phys(Gpa::new(table + ((va >> (12 + 9 * (level - 1))) & 511) * 8), 8).unwrap();
+        table = e & 0x000f_ffff_ffff_f000;
+    }
+    table + ((va >> 21) & 511) * 8
+}
+
+/// Remote TLB flushes across vCPU threads, as KVM counts them: the main thread retargets a
+/// guest PDE between two 2 MiB frames holding different values and calls
+/// `kvm_flush_remote_tlbs`; two vCPU threads read through that PDE all along. A read that
+/// starts after a flush returned (and ends before the next retarget) must see the new
+/// target: the flush reached every vCPU in guest mode before returning. Every call counts in
+/// remote_tlb_flush_requests; remote_tlb_flush counts only the calls that found another vCPU
+/// in guest mode to kick; each vCPU's tlb_flush counts the requests it serviced.
+fn remote_flush_reaches_running_vcpus(mmu: vmmu::MmuKind) {
+    use std::sync::atomic::AtomicU64;
+    use vmmu_guest::boot::BootMem;
+    let s = setup_cfg(VmConfig { mmu, ..VmConfig::default() }, Backing::Anon4k);
+    let (va, x, y) = (DATA, DATA, DATA + (2 << 20));
+    s.kvm.write_phys(Gpa::new(x), 8, 0x1111).unwrap();
+    s.kvm.write_phys(Gpa::new(y), 8, 0x2222).unwrap();
+    let pde = pde_gpa(&s, va);
+    let pde0 = s.kvm.read_phys(Gpa::new(pde), 8).unwrap();
+    let gen = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(Barrier::new(3));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let mut cpu = s.kvm.create_vcpu().unwrap();
+            let (gen, stop, started, cr3) = (gen.clone(), stop.clone(), started.clone(), s.cr3);
+            std::thread::spawn(move || {
+                boot(&mut cpu, cr3).unwrap();
+                cpu.read(Gva::new(x), 8).unwrap();
+                cpu.read(Gva::new(y), 8).unwrap();
+                cpu.exit_guest();
+                started.wait();
+                let mut checked = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let g0 = gen.load(Ordering::SeqCst);
+                    let v = cpu.read(Gva::new(va), 8).unwrap();
+                    let g1 = gen.load(Ordering::SeqCst);
+                    // gen is odd while a retarget is in flight (either value may show),
+                    // 2g once flush g returned.
+                    if g0 == g1 && g0 % 2 == 0 {
+                        let want = if (g0 / 2) % 2 == 0 { 0x1111 } else { 0x2222 };
+                        assert_eq!(v, want, "{mmu:?}: a read after flush {g0} saw a stale translation");
+                        checked += 1;
+                    }
+                }
+                cpu.exit_guest();
+                (cpu, checked)
+            })
+        })
+        .collect();
+    started.wait();
+    let flushes = 500u64;
+    let requests0 = s.kvm.vm_stats()["remote_tlb_flush_requests"];
+    for g in 1..=flushes {
+        let target = if g % 2 == 0 { x } else { y };
+        gen.store(2 * g - 1, Ordering::SeqCst);
+        s.kvm.write_phys(Gpa::new(pde), 8, (pde0 & !0x000f_ffff_ffe0_0000) | target).unwrap();
+        s.kvm.flush_remote_tlbs(None);
+        gen.store(2 * g, Ordering::SeqCst);
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::Release);
+    let mut checked = 0;
+    let mut tlb_flushes = Vec::new();
+    for t in threads {
+        let (cpu, n) = t.join().expect("vCPU thread panicked");
+        checked += n;
+        tlb_flushes.push(cpu.stats()["tlb_flush"]);
+    }
+    let st = s.kvm.vm_stats();
+    assert_eq!(st["remote_tlb_flush_requests"] - requests0, flushes as i64, "{mmu:?}: one request per call");
+    assert!(st["remote_tlb_flush"] > 0, "{mmu:?}: some calls had to kick a running vCPU: {st:?}");
+    assert!(st["remote_tlb_flush"] <= st["remote_tlb_flush_requests"], "{mmu:?}: {st:?}");
+    for f in tlb_flushes {
+        // Requests coalesce: a vCPU services at most one flush per request, at least one.
+        assert!(f >= 1 && f <= st["remote_tlb_flush_requests"], "{mmu:?}: tlb_flush {f}");
+    }
+    assert!(checked > 0, "{mmu:?}: the readers checked something");
+    s.kvm.audit().unwrap();
+}
+
+#[test]
+fn remote_tlb_flush_reaches_running_vcpus() {
+    remote_flush_reaches_running_vcpus(vmmu::MmuKind::Tdp);
+    remote_flush_reaches_running_vcpus(vmmu::MmuKind::LegacyTdp);
+}

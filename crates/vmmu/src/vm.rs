@@ -817,6 +817,9 @@ impl Vcpu {
         if r & req::MMU_SYNC != 0 {
             crate::mmu::shadow::kvm_mmu_sync_roots(&self.kvm, &mut self.arch);
         }
+        if r & req::LOAD_MMU_PGD != 0 {
+            crate::mmu::shadow::kvm_mmu_load_pgd(&self.kvm, &mut self.arch);
+        }
         if r & req::TLB_FLUSH_GUEST != 0 {
             // kvm_vcpu_flush_tlb_guest: sync the roots (and drop previous roots with unsync
             // pages), then flush.

@@ -1054,9 +1054,19 @@ pub fn kvm_mmu_reset_context(kvm: &Kvm, vcpu: &mut VcpuArch) {
     kvm_mmu_unload(kvm, vcpu);
 }
 
+/// `kvm_mmu_load_pgd` (KVM_REQ_LOAD_MMU_PGD): points the hardware at the current root.
+pub fn kvm_mmu_load_pgd(kvm: &Kvm, vcpu: &mut VcpuArch) {
+    if let Some(r) = vcpu.shadow.root {
+        let dummy = dummy_root(kvm).unwrap_or(r.hpa);
+        let level = vcpu.shadow.root_role.level() as u8;
+        set_hw_root(vcpu, Some(r), level, dummy);
+    }
+}
+
 /// `kvm_mmu_new_pgd` with the fast switch: the current root joins `prev_roots` and a cached
-/// root for the new CR3 (same role) is reused; on a miss the least recent is freed and a
-/// root is made at the next entry.
+/// root for the new CR3 (same role) is reused (loaded into the hardware by
+/// KVM_REQ_LOAD_MMU_PGD); on a miss the least recent is freed and a root is made at the next
+/// entry.
 pub fn kvm_mmu_new_pgd(kvm: &Kvm, vcpu: &mut VcpuArch, new_cr3: u64) {
     let pgd = new_cr3 & 0x000f_ffff_ffff_f000;
     let role = vcpu.shadow.root_role;
@@ -1082,11 +1092,12 @@ pub fn kvm_mmu_new_pgd(kvm: &Kvm, vcpu: &mut VcpuArch, new_cr3: u64) {
     let mut evict = Vec::new();
     match hit {
         Some(i) => {
+            // fast_pgd_switch: the cached root becomes current; the hardware is pointed at
+            // it on the next entry (KVM_REQ_LOAD_MMU_PGD).
             let r = vcpu.shadow.prev_roots.remove(i + 1);
             vcpu.shadow.root = Some(r);
             kvm.mmu.shadow.lock().pages.get_mut(r.sp).write_flooding_count = 0;
-            let dummy = dummy_root(kvm).unwrap_or(r.hpa);
-            set_hw_root(vcpu, Some(r), role.level() as u8, dummy);
+            vcpu.shared.requests.fetch_or(crate::vm::req::LOAD_MMU_PGD, crate::sync::Ordering::SeqCst);
         }
         None => {
             vcpu.shadow.root = None;
