@@ -9,6 +9,9 @@
 //!   set in the bitmap, or an entry in a vCPU's dirty ring), else a write through it would go
 //!   unlogged; under PML a 4 KiB SPTE with D clear is exempt (the write sets D and the
 //!   page-modification log records it);
+//! - an access-tracked SPTE (A/D bits off, aged) has no hardware R/W/X bits, is not
+//!   writable, and saved a readable or executable permission to restore;
+//! - an MMIO SPTE of the current memslot generation is for a gfn outside every memslot;
 //! - the page counters (pages_4k/2m/1g) and tdp_mmu_pages equal a recount.
 
 use super::spte::Spte;
@@ -92,6 +95,7 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                                 if s.is_writable() {
                                     logged.check(slot, gfn, level, s, &mut errs);
                                 }
+                                check_access_tracked(&m, s, gfn, &mut errs);
                             }
                         }
                     }
@@ -198,6 +202,7 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                     if spte.is_writable() {
                         logged.check(slot, gfn, level, spte, &mut errs);
                     }
+                    check_access_tracked(&m, spte, gfn, &mut errs);
                     if spte.is_writable() && s.write_track.is_tracked(gfn) {
                         errs.push(format!("write-tracked gfn {gfn:#x} is mapped writable"));
                     }
@@ -240,6 +245,26 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
         Ok(rep)
     } else {
         Err(AuditError(errs))
+    }
+}
+
+/// An access-tracked leaf (`mark_spte_for_access_track` without A/D bits): the hardware
+/// permission bits are gone, W too (fast page fault restores it from MMU-writable), and the
+/// saved bits hold what to restore: at least R or X, never a bit outside them.
+fn check_access_tracked(m: &super::spte::SpteMasks, s: Spte, gfn: Gfn, errs: &mut Vec<String>) {
+    use super::spte::{ACC_TRACK_SAVED_MASK, ACC_TRACK_SAVED_SHIFT};
+    let saved = (s.0 >> ACC_TRACK_SAVED_SHIFT) & 0x7;
+    if !s.is_access_track(m) {
+        if saved != 0 && !s.ad_enabled(m) {
+            errs.push(format!("SPTE {s:?} for gfn {gfn:#x} has saved access-tracking bits but is not access-tracked"));
+        }
+        return;
+    }
+    if s.is_writable() {
+        errs.push(format!("access-tracked SPTE {s:?} for gfn {gfn:#x} is writable"));
+    }
+    if saved == 0 || saved & !ACC_TRACK_SAVED_MASK != 0 {
+        errs.push(format!("access-tracked SPTE {s:?} for gfn {gfn:#x} saved no valid R/X bits ({saved:#x})"));
     }
 }
 
