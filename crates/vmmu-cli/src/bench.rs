@@ -68,8 +68,13 @@ impl BenchResult {
 /// `backing` ("4k" or "thp"), `vcpus` vCPUs, and an identity-mapped 4-level guest with 4 KiB
 /// guest pages and A/D bits preset. Workload data starts at `Machine::data_start`.
 pub fn machine(backing: &str, prefault: bool, mem: &str, vcpus: u32) -> Result<Machine, String> {
+    machine_vm("", backing, prefault, mem, vcpus)
+}
+
+/// [`machine`] with extra `[vm]` settings (TOML lines).
+pub fn machine_vm(vm: &str, backing: &str, prefault: bool, mem: &str, vcpus: u32) -> Result<Machine, String> {
     let toml = format!(
-        "name = \"bench\"\n[[memslot]]\ngpa = 0\nsize = \"{mem}\"\nbacking = \"{backing}\"\nprefault = {prefault}\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"preset\"\nvcpus = {vcpus}\n"
+        "name = \"bench\"\n[vm]\n{vm}\n[[memslot]]\ngpa = 0\nsize = \"{mem}\"\nbacking = \"{backing}\"\nprefault = {prefault}\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"preset\"\nvcpus = {vcpus}\n"
     );
     let s = Scenario::parse(&toml).map_err(|e| e.to_string())?;
     build(&s, &RunOptions::default()).map_err(|e| e.to_string())
@@ -507,53 +512,70 @@ fn logging_region(m: &Machine) -> Result<vmmu::memslot::UserspaceMemoryRegion, S
     Ok(r)
 }
 
-/// Dirty logging under the TDP MMU: turning KVM_MEM_LOG_DIRTY_PAGES on over mapped memory
-/// (write-protecting every SPTE), and KVM_GET_DIRTY_LOG after the guest wrote every page.
+/// Dirty logging under the TDP MMU, in both of KVM's modes (write protection, and D bits with
+/// the page-modification log): turning KVM_MEM_LOG_DIRTY_PAGES on over mapped memory, the same
+/// over THP with eager splitting, and KVM_GET_DIRTY_LOG after the guest wrote every page.
 fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
     let e = |e: vmmu::VmError| e.to_string();
     let pages = iters.clamp(8192, 262_144).next_multiple_of(512);
-    let mut m = machine("4k", true, &mem_for(pages * 4096), 1)?;
-    let base = m.data_start;
-    touch(&mut m.vcpus[0], base, pages)?;
-    let region = logging_region(&m)?;
-    let slot_bytes = region.memory_size;
-    let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0);
-    let t = time(|| m.kvm.set_user_memory_region(region).map_err(e))?;
-    let mut r = BenchResult::time("enable dirty logging (write-protect the slot)", t, 1, None);
-    r.value = t / 1e6 * (1u64 << 30) as f64 / slot_bytes as f64;
-    r.unit = "ms/GiB";
-    let mut out = vec![r.note(format!(
-        "KVM_SET_USER_MEMORY_REGION adding LOG_DIRTY_PAGES to a {} MiB slot with {mapped} 4 KiB SPTEs mapped; scaled to 1 GiB",
-        slot_bytes >> 20
-    ))];
-
-    // The same over THP backing: enabling also splits every 2 MiB SPTE (eager_page_split).
-    {
-        let mut t = machine("thp", true, &mem_for(pages * 4096), 1)?;
-        let base = t.data_start;
-        touch(&mut t.vcpus[0], base, pages)?;
-        let r2 = logging_region(&t)?;
-        let huge = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
-        let ns = time(|| t.kvm.set_user_memory_region(r2).map_err(e))?;
-        let after = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
-        let mut r = BenchResult::time("enable dirty logging with eager split (THP)", ns, 1, None);
-        r.value = ns / 1e6 * (1u64 << 30) as f64 / (huge.max(1) as f64 * (2 << 20) as f64);
+    let mut out = Vec::new();
+    for (mode, pml) in [("write protection", false), ("D bits + PML", true)] {
+        let vm = format!("pml = {pml}");
+        let mut m = machine_vm(&vm, "4k", true, &mem_for(pages * 4096), 1)?;
+        let base = m.data_start;
+        touch(&mut m.vcpus[0], base, pages)?;
+        let region = logging_region(&m)?;
+        let slot_bytes = region.memory_size;
+        let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0);
+        let t = time(|| m.kvm.set_user_memory_region(region).map_err(e))?;
+        let name = if pml {
+            "enable dirty logging (PML: clear D bits)"
+        } else {
+            "enable dirty logging (write-protect the slot)"
+        };
+        let mut r = BenchResult::time(name, t, 1, None);
+        r.value = t / 1e6 * (1u64 << 30) as f64 / slot_bytes as f64;
         r.unit = "ms/GiB";
         out.push(r.note(format!(
-            "{huge} 2 MiB SPTEs write-protected and split to 4 KiB ({after} left); scaled to 1 GiB of huge-mapped memory"
+            "KVM_SET_USER_MEMORY_REGION adding LOG_DIRTY_PAGES to a {} MiB slot with {mapped} 4 KiB SPTEs mapped ({mode}); scaled to 1 GiB",
+            slot_bytes >> 20
+        )));
+
+        // The same over THP backing: enabling also splits every 2 MiB SPTE (eager_page_split).
+        {
+            let mut t = machine_vm(&vm, "thp", true, &mem_for(pages * 4096), 1)?;
+            let base = t.data_start;
+            touch(&mut t.vcpus[0], base, pages)?;
+            let r2 = logging_region(&t)?;
+            let huge = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
+            let ns = time(|| t.kvm.set_user_memory_region(r2).map_err(e))?;
+            let after = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
+            let name = if pml {
+                "enable dirty logging with eager split (THP, PML)"
+            } else {
+                "enable dirty logging with eager split (THP)"
+            };
+            let mut r = BenchResult::time(name, ns, 1, None);
+            r.value = ns / 1e6 * (1u64 << 30) as f64 / (huge.max(1) as f64 * (2 << 20) as f64);
+            r.unit = "ms/GiB";
+            out.push(r.note(format!(
+                "{huge} 2 MiB SPTEs split to 4 KiB ({after} left) and re-armed ({mode}); scaled to 1 GiB of huge-mapped memory"
+            )));
+        }
+
+        m.kvm.get_dirty_log(region.slot).map_err(e)?;
+        touch(&mut m.vcpus[0], base, pages)?;
+        m.vcpus[0].exit_guest();
+        let mut dirty = 0u64;
+        let t = time(|| {
+            dirty = m.kvm.get_dirty_log(region.slot).map_err(e)?.iter().map(|w| u64::from(w.count_ones())).sum();
+            Ok(())
+        })?;
+        let name = if pml { "KVM_GET_DIRTY_LOG, per dirty page (PML)" } else { "KVM_GET_DIRTY_LOG, per dirty page" };
+        out.push(BenchResult::time(name, t, dirty.max(1), None).note(format!(
+            "{dirty} dirty pages harvested (the {pages} written plus guest page-table pages the walks dirtied), each re-armed ({mode}); one TLB flush"
         )));
     }
-
-    m.kvm.get_dirty_log(region.slot).map_err(e)?;
-    touch(&mut m.vcpus[0], base, pages)?;
-    let mut dirty = 0u64;
-    let t = time(|| {
-        dirty = m.kvm.get_dirty_log(region.slot).map_err(e)?.iter().map(|w| u64::from(w.count_ones())).sum();
-        Ok(())
-    })?;
-    out.push(BenchResult::time("KVM_GET_DIRTY_LOG, per dirty page", t, dirty.max(1), None).note(format!(
-        "{dirty} dirty pages harvested (the {pages} written plus guest page-table pages the walks dirtied), each write-protected again; one TLB flush"
-    )));
     Ok(out)
 }
 
