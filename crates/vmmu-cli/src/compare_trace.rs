@@ -197,7 +197,8 @@ impl Labels {
 
 /// Marks the KVM-side artifacts: walk groups (a `kvm_mmu_pagetable_walk` with the
 /// paging-element, accessed and dirty events after it) of addresses below `system_end` that
-/// are followed by no shadow-page or SPTE event before the next walk.
+/// are followed by no fault outcome (SPTE requested or set, walker error, ...) before the next
+/// walk.
 pub fn artifacts(events: &[TraceEvent], system_end: u64) -> Vec<bool> {
     let mut out = vec![false; events.len()];
     let mut i = 0;
@@ -216,7 +217,23 @@ pub fn artifacts(events: &[TraceEvent], system_end: u64) -> Vec<bool> {
         {
             j += 1;
         }
-        let followed_by_fault_work = j < events.len() && events[j].name != "kvm_mmu_pagetable_walk";
+        // A shadow page fault's walk is followed, before the next walk, by the fault's outcome:
+        // an SPTE requested or set, a walker error, a fast-path or MMIO event, an unsync. A root
+        // allocation alone (`kvm_mmu_get_page` after an emulated `mov cr3`) is not one.
+        let next_walk =
+            events[j..].iter().position(|e| e.name == "kvm_mmu_pagetable_walk").map_or(events.len(), |p| j + p);
+        let followed_by_fault_work = events[j..next_walk].iter().any(|e| {
+            matches!(
+                e.name.as_str(),
+                "kvm_mmu_spte_requested"
+                    | "kvm_mmu_set_spte"
+                    | "kvm_mmu_walker_error"
+                    | "fast_page_fault"
+                    | "mark_mmio_spte"
+                    | "handle_mmio_page_fault"
+                    | "kvm_mmu_unsync_page"
+            )
+        });
         if addr < system_end && !followed_by_fault_work {
             out[i..j].iter_mut().for_each(|x| *x = true);
         }
@@ -661,9 +678,11 @@ mod tests {
             ev("kvm_mmu_spte_requested", "gfn 10 pfn 1 level 1"),
             ev("kvm_mmu_pagetable_walk", "addr 3066 pferr 0"),
             ev("kvm_mmu_paging_element", "pte 3027 level 1"),
+            ev("kvm_mmu_pagetable_walk", "addr 102f7 pferr 10 F"),
+            ev("kvm_mmu_get_page", "sp gen 0 gfn 106 l4 8-byte q0 wux nxe ad root 0 sync new"),
             ev("kvm_mmu_pagetable_walk", "addr 40000000 pferr 6 W|U"),
             ev("kvm_mmu_set_dirty_bit", "gpa 105000"),
         ];
-        assert_eq!(artifacts(&evs, 0x20_0000), [false, false, false, true, true, false, false]);
+        assert_eq!(artifacts(&evs, 0x20_0000), [false, false, false, true, true, true, false, false, false]);
     }
 }
