@@ -98,11 +98,11 @@ impl Labels {
         let mut tables = HashSet::new();
         for e in events {
             match e.name.as_str() {
-                "kvm_mmu_get_page" | "kvm_mmu_sync_page" | "kvm_mmu_unsync_page" | "kvm_mmu_prepare_zap_page" => {
-                    if !e.fields.contains(" direct") {
-                        if let Some(g) = field(&e.fields, "gfn").and_then(hex) {
-                            tables.insert(g);
-                        }
+                "kvm_mmu_get_page" | "kvm_mmu_sync_page" | "kvm_mmu_unsync_page" | "kvm_mmu_prepare_zap_page"
+                    if !e.fields.contains(" direct") =>
+                {
+                    if let Some(g) = field(&e.fields, "gfn").and_then(hex) {
+                        tables.insert(g);
                     }
                 }
                 "kvm_mmu_paging_element" => {
