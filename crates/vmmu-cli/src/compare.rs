@@ -11,6 +11,8 @@
 //!
 //! The result ([`Comparison`]) holds, per phase, every MMU statistic either side reports with
 //! vmmu's value, KVM's and the difference, and the wall time per fault of each side.
+//! With `--trace events` ([`CompareOptions::trace_events`]) it also holds both sides'
+//! tracepoints per phase, aligned ([`crate::compare_trace`]).
 
 use crate::compare_trace::{self, Labels, TraceComparison};
 use crate::runner::{self, PhaseResult, RunOptions, TraceMode};

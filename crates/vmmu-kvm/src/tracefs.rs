@@ -403,6 +403,12 @@ mod tests {
     }
 
     #[test]
+    fn missing_tracefs_is_a_clear_error() {
+        let e = TraceSession::start_at(Path::new("/nonexistent/tracing"), 1).unwrap_err().to_string();
+        assert!(e.starts_with("tracing needs root and tracefs at /sys/kernel/tracing"), "{e}");
+    }
+
+    #[test]
     fn splits_at_markers_and_counts_lost() {
         let l = |ts: u32, name: &str, f: &str| format!(" t-1 [000] ..... 1.{ts:06}: {name}: {f}\n");
         let mut text = String::from("# entries-in-buffer/entries-written: 9/12   #P:2\n");
