@@ -11,8 +11,11 @@
 //!
 //! The result ([`Comparison`]) holds, per phase, every MMU statistic either side reports with
 //! vmmu's value, KVM's and the difference, and the wall time per fault of each side.
+//! With `--trace events` ([`CompareOptions::trace_events`]) it also holds both sides'
+//! tracepoints per phase, aligned ([`crate::compare_trace`]).
 
-use crate::runner::{self, PhaseResult, RunOptions};
+use crate::compare_trace::{self, Labels, TraceComparison};
+use crate::runner::{self, PhaseResult, RunOptions, TraceMode};
 use crate::scenario::{Op, Scenario};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -78,6 +81,9 @@ pub struct CompareOptions {
     pub mmu: Option<String>,
     /// Behave as if `/dev/kvm` were not available (see [`NO_KVM_ENV`]).
     pub no_kvm: bool,
+    /// `--trace events`: also capture both sides' tracepoints and align them
+    /// ([`crate::compare_trace`]).
+    pub trace_events: bool,
 }
 
 /// A scenario translated for the real KVM.
@@ -385,6 +391,9 @@ pub struct Comparison {
     pub phases: Vec<PhaseComparison>,
     /// Every statistic that differs in a compared phase.
     pub differences: Vec<Difference>,
+    /// With `--trace events` and a usable `/dev/kvm`: both event streams per phase, aligned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceComparison>,
 }
 
 /// Runs `s` on vmmu and, when `/dev/kvm` is usable, on the real KVM, and puts them side by side.
@@ -409,17 +418,27 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         (None, Err(_)) if host.vendor != vmmu_kvm::Vendor::Unknown => host_mmu.to_string(),
         (None, Err(_)) => s.vm.mmu.clone(),
     };
-    let run_opts = RunOptions { mmu: Some(mmu.clone()), ..RunOptions::default() };
+    let tracing = opts.trace_events && kvm_ok.is_ok();
+    let run_opts = RunOptions {
+        mmu: Some(mmu.clone()),
+        trace: if tracing { TraceMode::Events } else { TraceMode::Off },
+        ..RunOptions::default()
+    };
     let vm = runner::run(s, &run_opts, |_, _| {}).map_err(|e| match e {
         runner::RunError::Config(m) => CompareError::Config(m),
         runner::RunError::Failed(m) => CompareError::Failed(format!("vmmu run failed: {m}")),
     })?;
-    let kvm = match &kvm_ok {
-        Ok(()) => Some(vmmu_kvm::run_workload(&tr.spec).map_err(|e| match e {
-            KvmError::NoKvm(_) => CompareError::Failed(format!("real KVM: {e}")),
-            e => CompareError::Failed(format!("real KVM run failed: {e}")),
-        })?),
-        Err(_) => None,
+    let kvm_err = |e: KvmError| match e {
+        KvmError::NoKvm(_) | KvmError::Trace(_) => CompareError::Failed(format!("real KVM: {e}")),
+        e => CompareError::Failed(format!("real KVM run failed: {e}")),
+    };
+    let (kvm, kvm_trace) = match &kvm_ok {
+        Ok(()) if tracing => {
+            let (run, trace) = vmmu_kvm::run_workload_traced(&tr.spec).map_err(kvm_err)?;
+            (Some(run), Some(trace))
+        }
+        Ok(()) => (Some(vmmu_kvm::run_workload(&tr.spec).map_err(kvm_err)?), None),
+        Err(_) => (None, None),
     };
 
     let host_line = host.to_string();
@@ -437,6 +456,33 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
             if kvm.is_some() { kvm_phases.get(if tr.boot_phase { i } else { i + 1 }).copied().flatten() } else { None };
         rows.push((p.name.clone(), Some(p), k, true));
     }
+
+    let trace = kvm_trace.map(|kt| {
+        let vmmu_events = vmmu_kvm::tracefs::parse_trace(vm.trace.as_deref().unwrap_or(""));
+        let vmmu_setup = vm.phases.first().map_or(0, |p| p.trace_events.start);
+        let mut vl = Labels::learn(&vmmu_events);
+        let all_kvm: Vec<_> = kt.setup.iter().chain(kt.phases.iter().flatten()).chain(&kt.after).cloned().collect();
+        let mut kl = Labels::learn(&all_kvm);
+        let mut tphases = Vec::new();
+        for (i, (name, v, _, _)) in rows.iter().enumerate() {
+            let ve = v.map(|p| {
+                let r = &p.trace_events;
+                &vmmu_events[r.start.min(vmmu_events.len())..r.end.min(vmmu_events.len())]
+            });
+            // Row i is KVM's phase i: (the implicit boot,) then vmmu's phases in order.
+            let ke = kt.phases.get(i).map(Vec::as_slice);
+            tphases.push(compare_trace::compare_phase(name, ve, ke, &mut vl, &mut kl, vmmu_kvm::DATA_GPA));
+        }
+        TraceComparison {
+            kvm_capture: kt.how.clone(),
+            kvm_lost: kt.lost,
+            kvm_missing_events: kt.missing_events.clone(),
+            kvm_setup_events: kt.setup.len(),
+            kvm_after_events: kt.after.len(),
+            vmmu_setup_events: vmmu_setup,
+            phases: tphases,
+        }
+    });
 
     let mut phases = Vec::new();
     let mut differences = Vec::new();
@@ -508,6 +554,7 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         notes: tr.notes,
         phases,
         differences,
+        trace,
     })
 }
 
@@ -588,6 +635,9 @@ pub fn text(c: &Comparison, description: &str) -> String {
         };
         let _ = writeln!(out, "  {:<28} {:>12} {:>12}", "wall", t(p.vmmu, false), t(p.kvm, false));
         let _ = writeln!(out, "  {:<28} {:>12} {:>12}", "wall per fault", t(p.vmmu, true), t(p.kvm, true));
+    }
+    if let Some(t) = &c.trace {
+        out.push_str(&compare_trace::text(t));
     }
     let _ = writeln!(out);
     if !c.kvm_available {

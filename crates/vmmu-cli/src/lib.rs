@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod compare;
+pub mod compare_trace;
 pub mod idle;
 pub mod migrate;
 pub mod record;

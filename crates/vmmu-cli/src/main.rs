@@ -107,6 +107,10 @@ enum Cmd {
         /// Print one JSON object instead of the tables.
         #[arg(long)]
         json: bool,
+        /// `events`: also capture the real KVM's kvmmmu tracepoints from tracefs (root) and
+        /// vmmu's, and show both streams per phase aligned, first divergence marked.
+        #[arg(long, value_enum)]
+        trace: Option<Trace>,
     },
     /// Print the embedded default scenario.
     DefaultScenario,
@@ -163,7 +167,7 @@ fn main() -> ExitCode {
             };
             finish_record(vmmu_cli::record::convert(f, &input, &output, limit))
         }
-        Cmd::Compare { scenario, mmu, json } => compare(&scenario, mmu, json),
+        Cmd::Compare { scenario, mmu, json, trace } => compare(&scenario, mmu, json, trace),
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS
@@ -271,8 +275,16 @@ fn run(
 
 /// `vmmu compare`: exit status 0 when both sides ran, 3 when /dev/kvm is not available (the
 /// vmmu column is still printed), 2 for a scenario that cannot be compared, 1 if a run failed.
-fn compare(path: &Path, mmu: Option<String>, json: bool) -> ExitCode {
+fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -> ExitCode {
     let name = path.display().to_string();
+    let trace_events = match trace {
+        None => false,
+        Some(Trace::Events) => true,
+        Some(Trace::FunctionGraph) => {
+            eprintln!("vmmu: compare --trace: only `events` can be compared with the real KVM (not function_graph)");
+            return ExitCode::from(2);
+        }
+    };
     let scenario = match std::fs::read_to_string(path)
         .with_context(|| format!("{name}: cannot read"))
         .and_then(|t| Scenario::parse(&t).with_context(|| name.clone()))
@@ -284,7 +296,7 @@ fn compare(path: &Path, mmu: Option<String>, json: bool) -> ExitCode {
         }
     };
     let no_kvm = std::env::var_os(compare::NO_KVM_ENV).is_some_and(|v| v != "0");
-    match compare::compare(&scenario, &compare::CompareOptions { mmu, no_kvm }) {
+    match compare::compare(&scenario, &compare::CompareOptions { mmu, no_kvm, trace_events }) {
         Ok(c) => {
             if json {
                 println!("{}", compare::json(&c));

@@ -75,6 +75,11 @@ pub struct PhaseResult {
     pub stats: BTreeMap<String, i64>,
     /// Hardware-model counters.
     pub hw: HwSummary,
+    /// With `--trace events`: the phase's events, as an index range into the event lines of
+    /// [`RunResult::trace`] (the lines that are not `#` comments), so a trace can be split
+    /// into phases exactly. Empty otherwise.
+    #[serde(skip)]
+    pub trace_events: std::ops::Range<usize>,
 }
 
 /// A whole run's result (the `--json` object).
@@ -719,6 +724,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
     let mut results = Vec::new();
     for ph in phases(s, opts, m.data_start) {
         let (before, hw0) = stats_now(&m);
+        let trace_start = if opts.trace == TraceMode::Events { m.kvm.tracer.len() } else { 0 };
         let t0 = Instant::now();
         let mut accesses = 0;
         let n = ph.ops.len().max(1);
@@ -741,7 +747,15 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
             walks: hw1.walks - hw0.walks,
             walk_mem_refs: hw1.walk_mem_refs - hw0.walk_mem_refs,
         };
-        results.push(PhaseResult { name: ph.name.clone(), wall_ns, accesses, stats, hw });
+        let trace_end = if opts.trace == TraceMode::Events { m.kvm.tracer.len() } else { 0 };
+        results.push(PhaseResult {
+            name: ph.name.clone(),
+            wall_ns,
+            accesses,
+            stats,
+            hw,
+            trace_events: trace_start..trace_end,
+        });
     }
     for v in m.vcpus.iter_mut() {
         v.exit_guest();

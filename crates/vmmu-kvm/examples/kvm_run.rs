@@ -24,6 +24,30 @@ fn main() {
         }
     };
     let spec = if flag("--int3") { spec.with_kernel_entry(KernelEntry::Int3) } else { spec };
+    if flag("--trace") {
+        // Print the captured tracepoints per phase.
+        match vmmu_kvm::run_workload_traced(&spec) {
+            Ok((run, t)) => {
+                println!("{} on {}; {}; lost {}", run.workload, run.host, t.how, t.lost);
+                let show = |name: &str, evs: &[vmmu_kvm::TraceEvent]| {
+                    println!("== {name} ({} events)", evs.len());
+                    for e in evs {
+                        println!("  {:>14} [{:03}] {}-{}: {}: {}", e.ts_ns, e.cpu, e.task, e.pid, e.name, e.fields);
+                    }
+                };
+                show("setup", &t.setup);
+                for (p, evs) in run.phases.iter().zip(&t.phases) {
+                    show(&p.name, evs);
+                }
+                show("after", &t.after);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     match run_workload(&spec) {
         Ok(run) if flag("--json") => println!("{}", serde_json::to_string_pretty(&run).expect("serializable")),
         Ok(run) => {

@@ -61,6 +61,9 @@ pub enum KvmError {
     /// KVM_TRANSLATE disagreed with the page tables the backend built.
     #[error("KVM_TRANSLATE oracle: {0}")]
     TranslateMismatch(String),
+    /// tracefs is missing, not writable, or a tracefs file could not be read or written.
+    #[error("{0}")]
+    Trace(String),
     /// The guest did not finish within the exit budget.
     #[error("guest did not finish after {0} exits (runaway loop?)")]
     Runaway(u64),

@@ -12,6 +12,8 @@
 //! - [`run_workload`]: builds a 64-bit guest (page tables in guest memory with U/S at every
 //!   level, a GDT/TSS/IDT, code from iced-x86's assembler), runs it at CPL3, and returns per
 //!   phase the statistics deltas and wall time ([`KvmRun`]).
+//! - [`run_workload_traced`]: the same with the real KVM's `kvmmmu` tracepoints captured from
+//!   tracefs per phase ([`tracefs`]).
 //!
 //! # Why the guest runs at CPL3
 //!
@@ -45,9 +47,11 @@ mod run;
 mod spec;
 mod stats;
 mod sys;
+pub mod tracefs;
 
 pub use error::KvmError;
 pub use host::{HostKind, Paging, Vendor};
-pub use run::{kvm_available, run_workload, KvmPhase, KvmRun, Translation};
+pub use run::{kvm_available, run_workload, run_workload_traced, KvmPhase, KvmRun, Translation};
 pub use spec::{Access, KernelEntry, Op, PhaseSpec, RegionSpec, WorkloadSpec, DATA_GPA, PAGE, REGION_GVA};
 pub use stats::{StatDesc, StatKind, StatValue, StatsFd, StatsLayout, StatsSnapshot};
+pub use tracefs::{KvmTrace, TraceEvent, TraceSession};

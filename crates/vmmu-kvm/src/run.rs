@@ -13,6 +13,7 @@ use crate::guest::{self, BuiltGuest};
 use crate::host::HostKind;
 use crate::spec::WorkloadSpec;
 use crate::stats::{StatsFd, StatsSnapshot};
+use crate::tracefs::{KvmTrace, TraceSession, PHASE_END_MARKER, RUN_START_MARKER};
 
 /// One phase as measured on the real KVM.
 #[derive(Clone, Debug, Serialize)]
@@ -182,6 +183,29 @@ fn fatal(m: &Machine, vector: u8) -> KvmError {
 /// against the backend's model of the guest (the bytes every write left, the A/D bits of every
 /// region PTE, and KVM_TRANSLATE of a few addresses).
 pub fn run_workload(spec: &WorkloadSpec) -> Result<KvmRun, KvmError> {
+    run(spec, None)
+}
+
+/// [`run_workload`] with the real KVM's tracepoints captured from tracefs
+/// ([`crate::tracefs`]): the `kvmmmu` events, `kvm_exit` and `kvm_page_fault` of the calling
+/// thread (which runs the vCPU), split into phases at the phase-end exits. tracefs is restored
+/// when this returns, on success or error. Needs root and tracefs at `/sys/kernel/tracing`.
+pub fn run_workload_traced(spec: &WorkloadSpec) -> Result<(KvmRun, KvmTrace), KvmError> {
+    let tid = crate::tracefs::current_tid()?;
+    let session = TraceSession::start(tid)?;
+    let run = run(spec, Some(&session))?;
+    let trace = session.finish()?;
+    if trace.phases.len() != run.phases.len() {
+        return Err(KvmError::Trace(format!(
+            "the trace has {} phase-end markers for {} phases",
+            trace.phases.len(),
+            run.phases.len()
+        )));
+    }
+    Ok((run, trace))
+}
+
+fn run(spec: &WorkloadSpec, trace: Option<&TraceSession>) -> Result<KvmRun, KvmError> {
     let host = HostKind::detect();
     let kvm = Kvm::new().map_err(|e| KvmError::NoKvm(e.to_string()))?;
     if kvm.check_extension_raw(KVM_CAP_BINARY_STATS_FD.into()) <= 0 {
@@ -201,6 +225,9 @@ pub fn run_workload(spec: &WorkloadSpec) -> Result<KvmRun, KvmError> {
 
     let mut phases = Vec::new();
     let mut before: (StatsSnapshot, StatsSnapshot) = (vm_stats.read()?, vcpu_stats.read()?);
+    if let Some(t) = trace {
+        t.marker(RUN_START_MARKER)?;
+    }
     let mut started = Instant::now();
     let mut exits = 0u64;
     loop {
@@ -231,6 +258,9 @@ pub fn run_workload(spec: &WorkloadSpec) -> Result<KvmRun, KvmError> {
                         rip: rip(),
                         phase: phases.len(),
                     });
+                }
+                if let Some(t) = trace {
+                    t.marker(&format!("{PHASE_END_MARKER} {index}"))?;
                 }
                 let after = (vm_stats.read()?, vcpu_stats.read()?);
                 phases.push(KvmPhase {
