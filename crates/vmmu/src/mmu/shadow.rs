@@ -418,9 +418,10 @@ impl Ctx<'_> {
 
     /// `kvm_unsync_page`.
     fn unsync_page(&mut self, id: SpId) {
+        // As kvm_unsync_page: the tracepoint shows the page before it goes unsync.
+        trace_sp(self.kvm, self.cpu, "kvm_mmu_unsync_page", self.s.pages.get(id), None);
         self.kvm.stats.mmu_unsync.add(1);
         self.s.pages.get_mut(id).unsync = true;
-        trace_sp(self.kvm, self.cpu, "kvm_mmu_unsync_page", self.s.pages.get(id), None);
         for p in self.s.pages.get(id).parent_ptes.to_vec() {
             self.mark_unsync(p);
         }
