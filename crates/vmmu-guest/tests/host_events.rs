@@ -288,3 +288,28 @@ fn zero_page_cow_all_mmus() {
     zero_page_cow(MmuKind::LegacyTdp);
     zero_page_cow(MmuKind::Shadow);
 }
+
+/// The VMM process exits under a running VM: the MMU notifier's `release` makes KVM zap
+/// every mapping (kvm_mmu_zap_all), the address space is torn down without further
+/// notification, and a guest access afterwards fails cleanly (no memory behind the memslot)
+/// instead of reaching a freed frame.
+fn release_on_exit_mmap(mmu: MmuKind) {
+    let what = format!("{mmu:?} release");
+    let mut g = guest(mmu, Backing::Anon4k);
+    assert!(g.kvm.vm_stats()["pages_4k"] > 0);
+    g.cpu.exit_guest();
+    g.host.exit_mmap().unwrap();
+    let st = g.kvm.vm_stats();
+    assert_eq!((st["pages_4k"], st["pages_2m"]), (0, 0), "{what}: every SPTE zapped: {st:?}");
+    g.kvm.audit().unwrap();
+    let r = g.k.access(&mut g.cpu, USER_BASE + 64, AccessKind::Read, 8, 0);
+    assert!(r.is_err(), "{what}: guest memory is gone: {r:?}");
+    g.cpu.exit_guest();
+}
+
+#[test]
+fn release_all_mmus() {
+    release_on_exit_mmap(MmuKind::Tdp);
+    release_on_exit_mmap(MmuKind::LegacyTdp);
+    release_on_exit_mmap(MmuKind::Shadow);
+}

@@ -275,6 +275,12 @@ impl MmuNotifier for Notifier {
             crate::mmu::mmu_notifier::invalidate_range_end(&kvm, range);
         }
     }
+    fn release(&self) {
+        // kvm_mmu_notifier_release -> kvm_flush_shadow_all -> kvm_mmu_zap_all.
+        if let Some(kvm) = self.0.upgrade() {
+            kvm.kvm_mmu_zap_all_fast();
+        }
+    }
     fn clear_flush_young(&self, range: crate::host::HvaRange) -> bool {
         use crate::mmu::mmu_notifier::{age_hva_range, Aging};
         self.0.upgrade().is_some_and(|kvm| age_hva_range(&kvm, range, Aging::ClearFlush))

@@ -841,6 +841,21 @@ impl HostMm {
         self.swap.lock().len() as u64
     }
 
+    /// The VMM process exits (`exit_mmap`): every registered notifier is unhooked and told
+    /// `release` (KVM zaps all of its mappings), then every VMA is unmapped without further
+    /// notification. Guest accesses afterwards find no memory behind the memslots.
+    pub fn exit_mmap(&self) -> Result<(), HostError> {
+        let subscribers = std::mem::take(&mut *self.notifiers.write());
+        for n in &subscribers {
+            n.release();
+        }
+        let vmas = self.vmas.read().clone();
+        for v in vmas {
+            self.zap_range(Hva(v.start), v.end - v.start, MmuNotifyEvent::Unmap)?;
+        }
+        Ok(())
+    }
+
     /// munmap: removes the mapping; the frames go back to the host.
     pub fn munmap(&self, hva: Hva, len: u64) -> Result<(), HostError> {
         self.zap_range(hva, len, MmuNotifyEvent::Unmap)

@@ -47,4 +47,7 @@ pub trait MmuNotifier: Send + Sync {
     fn test_young(&self, _range: HvaRange) -> bool {
         false
     }
+    /// The address space is going away (`exit_mmap`): drop every mapping of it. Called
+    /// once, after which the notifier is no longer registered.
+    fn release(&self) {}
 }

@@ -49,8 +49,13 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
     let mut rep = AuditReport::default();
     let mut errs = Vec::new();
     let roots = kvm.mmu.roots.lock().clone();
-    for root in roots.iter().filter(|r| !r.zapped.load(Ordering::Acquire)) {
+    for root in roots.iter() {
         rep.tables += 1;
+        if root.zapped.load(Ordering::Acquire) {
+            // An obsolete root a vCPU still holds: its contents are gone, its page stays until
+            // the vCPU drops it (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS).
+            continue;
+        }
         let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, Gfn::new(0), Gfn::new(1 << 40));
         while it.valid {
             let s: Spte = it.old_spte;
