@@ -355,3 +355,35 @@ fn nx_recovery_worker_thread_runs_per_period() {
     drop(worker);
     m.kvm.audit().unwrap();
 }
+
+/// The MMIO generation wraps: an MMIO SPTE keeps 19 bits of the memslot generation, so after
+/// 2^19 memslot updates an old one could look current; KVM zaps everything when the low 19
+/// bits wrap to 0 (kvm_mmu_invalidate_mmio_sptes -> kvm_mmu_zap_all_fast). Before the wrap
+/// the stale MMIO SPTE is still there (regenerated lazily on its next use); at the wrap it
+/// goes with every other SPTE.
+#[test]
+fn mmio_generation_wrap_zaps_all() {
+    let mut m =
+        machine("", "[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n[[mmio]]\ngpa = \"0x80000000\"\nsize = \"4KiB\"\n", "");
+    let dev = Gva::new(0x8000_0000);
+    m.vcpus[0].write(dev, 4, 0x1234).unwrap();
+    m.vcpus[0].exit_guest();
+    assert_eq!(m.kvm.audit().unwrap().mmio_sptes, 1);
+    let region = m.kvm.memslots().iter().next().unwrap().region();
+    let wrap = 1u64 << 19;
+    // Flags-only updates that change nothing still bump the generation.
+    while (m.kvm.memslots().generation() + 1) % wrap != 0 {
+        m.kvm.set_user_memory_region(region).unwrap();
+    }
+    let rep = m.kvm.audit().unwrap();
+    assert_eq!(rep.mmio_sptes, 1, "one update before the wrap the stale MMIO SPTE is still there");
+    assert!(rep.leaves[0] > 0);
+    m.kvm.set_user_memory_region(region).unwrap();
+    assert_eq!(m.kvm.memslots().generation() % wrap, 0);
+    let rep = m.kvm.audit().unwrap();
+    assert_eq!((rep.mmio_sptes, rep.leaves[0]), (0, 0), "the wrap zapped everything");
+    let v = &mut m.vcpus[0];
+    let created = st(v, "pf_mmio_spte_created");
+    assert_eq!(v.read(dev, 4).unwrap(), 0x1234);
+    assert_eq!(st(v, "pf_mmio_spte_created"), created + 1, "a fresh MMIO SPTE after the wrap");
+}

@@ -424,8 +424,14 @@ impl Kvm {
                 s.set_all_dirty();
             }
         }
+        let gen = new.generation();
         *self.memslots.write() = Arc::new(new);
         self.memslots_gen.fetch_add(1, Ordering::AcqRel);
+        if gen & crate::mmu::spte::MMIO_SPTE_GEN_MASK == 0 {
+            // kvm_mmu_invalidate_mmio_sptes: the 19 generation bits an MMIO SPTE holds
+            // wrapped, so an old MMIO SPTE could look current again: zap everything.
+            self.kvm_mmu_zap_all_fast();
+        }
         if matches!(change, MemslotChange::Delete | MemslotChange::Move) {
             // kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast.
             self.kvm_mmu_zap_all_fast();
