@@ -56,7 +56,9 @@ enum Cmd {
         /// Trace the run: kernel tracepoints or the function_graph tracer.
         #[arg(long, value_enum)]
         trace: Option<Trace>,
-        /// Write the trace to this file instead of standard output.
+        /// Write the trace to this file instead of standard output. A name ending in `.json`
+        /// gets the Chrome/Perfetto trace-event format (tracepoints and function spans on a
+        /// timeline per vCPU, whichever --trace is given).
         #[arg(long)]
         trace_out: Option<PathBuf>,
         /// Replay a recorded memory trace (`vmmu record`) as the guest process's workload:
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
         Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out, replay, guest_memory } => run(
             scenario,
             RunOptions {
+                trace_records: trace_out.as_deref().is_some_and(is_chrome_trace),
                 mmu,
                 workload,
                 pages,
@@ -312,6 +315,33 @@ fn compare(path: &Path, mmu: Option<String>, json: bool) -> ExitCode {
     }
 }
 
+/// Whether `--trace-out` names a Chrome/Perfetto trace (`*.json`).
+fn is_chrome_trace(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Writes the runs' trace records as one Chrome/Perfetto trace-event file, a process per run.
+fn write_chrome_trace(runs: &[runner::RunResult], p: &Path) -> anyhow::Result<()> {
+    use vmmu::trace::chrome::{write_chrome_json, ChromeOptions, ChromeProcess};
+    let names: Vec<String> = runs.iter().map(|r| format!("vmmu {} ({})", r.scenario, r.mmu)).collect();
+    let procs: Vec<ChromeProcess<'_>> =
+        runs.iter().zip(&names).map(|(r, name)| ChromeProcess { name, records: &r.trace_records }).collect();
+    let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    let sum = write_chrome_json(&mut w, &procs, &ChromeOptions::default())
+        .and_then(|s| std::io::Write::flush(&mut w).map(|_| s))
+        .with_context(|| format!("writing the trace to {}", p.display()))?;
+    if sum.dropped > 0 {
+        eprintln!(
+            "vmmu: {}: trace capped at {} events ({} later events left out)",
+            p.display(),
+            sum.events,
+            sum.dropped
+        );
+    }
+    Ok(())
+}
+
 fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> anyhow::Result<()> {
     match (json, runs) {
         (true, [r]) => println!("{}", report::json(r)),
@@ -328,6 +358,12 @@ fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Optio
                 print!("{}", report::side_by_side(rs));
             }
         }
+    }
+    if let Some(p) = trace_out.as_deref().filter(|p| is_chrome_trace(p)) {
+        if runs.iter().any(|r| !r.trace_records.is_empty()) {
+            write_chrome_trace(runs, p)?;
+        }
+        return Ok(());
     }
     let traces: Vec<&String> = runs.iter().filter_map(|r| r.trace.as_ref()).collect();
     if !traces.is_empty() {
