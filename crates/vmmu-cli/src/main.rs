@@ -110,6 +110,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Explain the translation of a guest-virtual address on vCPU 0 at the end of a scenario
+    /// (or after one of its phases): the 2D walk or the shadow walk, step by step.
+    Explain {
+        /// The guest-virtual address (hex with 0x, or decimal).
+        gva: String,
+        /// Scenario file (TOML; the embedded default when not given).
+        scenario: Option<PathBuf>,
+        /// MMU: tdp, shadow or legacy-tdp (default: the scenario's).
+        #[arg(long)]
+        mmu: Option<String>,
+        /// Stop after this phase instead of running them all.
+        #[arg(long, value_name = "NAME")]
+        after_phase: Option<String>,
+        /// The access to explain: read, write or fetch.
+        #[arg(long, default_value = "read")]
+        access: String,
+        /// Also draw the walk as an SVG diagram into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
     /// Print the embedded default scenario.
     DefaultScenario,
     /// Run the micro-benchmarks of the MMU's hot paths.
@@ -167,6 +187,9 @@ fn main() -> ExitCode {
             finish_record(vmmu_cli::record::convert(f, &input, &output, limit))
         }
         Cmd::Compare { scenario, mmu, json } => compare(&scenario, mmu, json),
+        Cmd::Explain { gva, scenario, mmu, after_phase, access, svg } => {
+            explain(&gva, scenario.as_ref(), mmu, after_phase.as_deref(), &access, svg.as_deref())
+        }
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS
@@ -270,6 +293,76 @@ fn run(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `vmmu explain`: exit status 2 for bad input, 1 if the run failed, 0 otherwise (also when
+/// the walk faults: that is explained, not an error).
+fn explain(
+    gva: &str,
+    path: Option<&PathBuf>,
+    mmu: Option<String>,
+    after_phase: Option<&str>,
+    access: &str,
+    svg: Option<&Path>,
+) -> ExitCode {
+    use vmmu::x86_paging::access::AccessKind;
+    let parsed = match gva.strip_prefix("0x").or_else(|| gva.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(&h.replace('_', ""), 16),
+        None => gva.replace('_', "").parse(),
+    };
+    let Ok(addr) = parsed else {
+        eprintln!("vmmu: GVA: `{gva}` is not an address (hex with 0x, or decimal)");
+        return ExitCode::from(2);
+    };
+    let kind = match access {
+        "read" => AccessKind::Read,
+        "write" => AccessKind::Write,
+        "fetch" => AccessKind::Fetch,
+        other => {
+            eprintln!("vmmu: --access: `{other}` is not one of read, write, fetch");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = RunOptions { mmu, ..RunOptions::default() };
+    let (name, scenario) = match load_scenario(path, &opts, None) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmmu: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let m = match runner::run_to(&scenario, &opts, after_phase) {
+        Ok(m) => m,
+        Err(RunError::Config(e)) => {
+            eprintln!("vmmu: {name}: {e}");
+            return ExitCode::from(2);
+        }
+        Err(RunError::Failed(e)) => {
+            eprintln!("vmmu: {name}: run failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let e = match vmmu_cli::explain::explain(&m.kvm, &m.vcpus[0], addr, kind) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("vmmu: {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mmu_name = opts.mmu.clone().unwrap_or_else(|| scenario.vm.mmu.clone());
+    let title = format!(
+        "{} ({mmu_name}) {}",
+        scenario.name,
+        after_phase.map_or_else(|| "at the end".to_string(), |p| format!("after phase {p}"))
+    );
+    print!("{}", e.text(&title));
+    if let Some(p) = svg {
+        if let Err(err) = std::fs::write(p, e.svg(&title)) {
+            eprintln!("vmmu: writing {}: {err}", p.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `vmmu compare`: exit status 0 when both sides ran, 3 when /dev/kvm is not available (the

@@ -667,6 +667,33 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
     }
 }
 
+/// Builds `s`'s machine and runs its phases (or `--workload`'s) in order, up to and including
+/// `after_phase` (all of them when `None`), and returns the machine in that state (for
+/// `vmmu explain`). Nothing is traced.
+pub fn run_to(s: &Scenario, opts: &RunOptions, after_phase: Option<&str>) -> Result<Machine, RunError> {
+    let mut m = build(s, opts)?;
+    let phases = phases(s, opts, m.data_start);
+    if let Some(name) = after_phase {
+        if !phases.iter().any(|p| p.name == name) {
+            let names: Vec<&str> = phases.iter().map(|p| p.name.as_str()).collect();
+            return Err(RunError::Config(format!("--after-phase: no phase `{name}` (phases: {})", names.join(", "))));
+        }
+    }
+    for ph in &phases {
+        m.phase.clone_from(&ph.name);
+        for op in &ph.ops {
+            run_op(&mut m, op)?;
+        }
+        if Some(ph.name.as_str()) == after_phase {
+            break;
+        }
+    }
+    for v in m.vcpus.iter_mut() {
+        v.exit_guest();
+    }
+    Ok(m)
+}
+
 /// Runs `s` once per MMU of its `compare` list (or once, with `--mmu` or no list).
 pub fn run_compare(
     s: &Scenario,
