@@ -18,8 +18,8 @@ use vmmu::memslot::Memslots;
 use vmmu::mmu::role::Role;
 use vmmu::x86_paging::access::{Access, AccessKind};
 use vmmu::x86_paging::addr::{Gpa, Gva, Hpa};
-use vmmu::x86_paging::ept::{HostPhys, TdpExit};
 use vmmu::x86_paging::entry::{EptEntry, ADDR_MASK_1G, ADDR_MASK_2M, ADDR_MASK_4K};
+use vmmu::x86_paging::ept::{HostPhys, TdpExit};
 use vmmu::x86_paging::mode::{PagingMode, PagingState};
 use vmmu::x86_paging::walk::{reserved_bits, walk, GuestPhys, WalkError, WalkObserver, WalkOptions};
 use vmmu::x86_paging::walk2d::{walk_2d_with, Tdp, Walk2dError};
@@ -556,7 +556,11 @@ fn tdp_failure(x: &TdpExit, ept: bool, n: &NestedWalk, access: AccessKind, ad: b
     let lvl = last.map_or(0, |s| s.level);
     match x {
         TdpExit::EptMisconfig { gpa } => {
-            format!("EPT misconfiguration at level {lvl} for GPA {:#x} (entry {:#x})", gpa.raw(), last.map_or(0, |s| s.entry))
+            format!(
+                "EPT misconfiguration at level {lvl} for GPA {:#x} (entry {:#x})",
+                gpa.raw(),
+                last.map_or(0, |s| s.entry)
+            )
         }
         TdpExit::EptViolation { gpa, qualification, .. } => {
             let e = last.map_or(0, |s| s.entry);
@@ -583,7 +587,10 @@ fn tdp_failure(x: &TdpExit, ept: bool, n: &NestedWalk, access: AccessKind, ad: b
                     })
                     .map(|s| format!("level {}", s.level))
                     .collect();
-                format!("the access needs {need}, missing at {}", if missing.is_empty() { "?".into() } else { missing.join(", ") })
+                format!(
+                    "the access needs {need}, missing at {}",
+                    if missing.is_empty() { "?".into() } else { missing.join(", ") }
+                )
             };
             format!("EPT violation for GPA {:#x}: {what} (exit qualification {:#x})", gpa.raw(), qualification.0)
         }
@@ -665,7 +672,15 @@ impl Explanation {
                     o,
                     "TDP: {} {levels}-level{}, root table at HPA {root:#x}",
                     if ept { "EPT" } else { "NPT" },
-                    if ept { if ad { ", A/D bits on" } else { ", A/D bits off" } } else { "" }
+                    if ept {
+                        if ad {
+                            ", A/D bits on"
+                        } else {
+                            ", A/D bits off"
+                        }
+                    } else {
+                        ""
+                    }
                 );
                 ept
             }
@@ -760,7 +775,11 @@ impl Explanation {
                 let _ = writeln!(o, "memory references: {} (x86-paging's walk_2d counts {w})", self.mem_refs);
             }
             None => {
-                let _ = writeln!(o, "memory references: {} (hardware walk)", self.mem_refs);
+                let what = match self.dim {
+                    Dimension::Tdp { .. } => "made by the 2D walk up to the fault",
+                    Dimension::Shadow { .. } => "the hardware walk of the shadow tables",
+                };
+                let _ = writeln!(o, "memory references: {} ({what})", self.mem_refs);
             }
         }
         o
@@ -803,7 +822,7 @@ impl Explanation {
         s.text(GX, y, 13.0, "bold", "#111", &res);
         let refs = match self.walker_refs {
             Some(w) => format!("memory references: {} (walk_2d: {w})", self.mem_refs),
-            None => format!("memory references: {} (hardware walk)", self.mem_refs),
+            None => format!("memory references: {} (hardware walk, up to any fault)", self.mem_refs),
         };
         s.text(GX, y + 20.0, 12.0, "normal", "#333", &refs);
         if let Some(f) = &self.failure {
@@ -878,7 +897,11 @@ impl Explanation {
         let col_x = |step: &TableStep| left + f64::from(levels - step.level) * (BW + GX);
         let gx = left + f64::from(levels) * (BW + GX);
         let mut prev_guest: Option<(f64, f64)> = None;
-        let rows_iter = self.guest.iter().map(|g| (Some(g), g.nested.as_ref())).chain(std::iter::once((None, self.final_nested.as_ref())));
+        let rows_iter = self
+            .guest
+            .iter()
+            .map(|g| (Some(g), g.nested.as_ref()))
+            .chain(std::iter::once((None, self.final_nested.as_ref())));
         for (r, (g, nested)) in rows_iter.enumerate() {
             let y = top + r as f64 * (BH + GY);
             let (label, gpa) = match (g, nested) {
@@ -982,16 +1005,7 @@ impl Explanation {
                 lines.push(t[..cut].to_string());
                 lines.push(format!("   {}", t[cut..].trim()));
             }
-            s.text_box(
-                x,
-                y1,
-                BW,
-                BH,
-                fill,
-                stroke,
-                &format!("shadow L{} {}", st.level, level_name(st.level)),
-                &lines,
-            );
+            s.text_box(x, y1, BW, BH, fill, stroke, &format!("shadow L{} {}", st.level, level_name(st.level)), &lines);
             if let Some(lx) = last {
                 s.arrow(lx + BW, y1 + BH / 2.0, x, y1 + BH / 2.0, "#3566a8", false, None);
             }

@@ -54,7 +54,17 @@ impl Svg {
 
     /// A box with a bold title line and further lines of monospace text.
     #[allow(clippy::too_many_arguments)]
-    pub fn text_box(&mut self, x: f64, y: f64, w: f64, h: f64, fill: &str, stroke: &str, title: &str, lines: &[String]) {
+    pub fn text_box(
+        &mut self,
+        x: f64,
+        y: f64,
+        w: f64,
+        h: f64,
+        fill: &str,
+        stroke: &str,
+        title: &str,
+        lines: &[String],
+    ) {
         self.rect(x, y, w, h, fill, stroke);
         self.text(x + 7.0, y + 16.0, 12.5, "bold", "#111", title);
         for (i, l) in lines.iter().enumerate() {
