@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod compare;
 pub mod compare_trace;
+pub mod explain;
 pub mod idle;
 pub mod migrate;
 pub mod record;
@@ -13,6 +14,7 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod size;
+pub mod svg;
 
 /// The scenario `vmmu run` runs when given no file.
 pub const DEFAULT_SCENARIO: &str = include_str!("../../../scenarios/default.toml");

@@ -56,7 +56,9 @@ enum Cmd {
         /// Trace the run: kernel tracepoints or the function_graph tracer.
         #[arg(long, value_enum)]
         trace: Option<Trace>,
-        /// Write the trace to this file instead of standard output.
+        /// Write the trace to this file instead of standard output. A name ending in `.json`
+        /// gets the Chrome/Perfetto trace-event format (tracepoints and function spans on a
+        /// timeline per vCPU, whichever --trace is given).
         #[arg(long)]
         trace_out: Option<PathBuf>,
         /// Replay a recorded memory trace (`vmmu record`) as the guest process's workload:
@@ -112,6 +114,26 @@ enum Cmd {
         #[arg(long, value_enum)]
         trace: Option<Trace>,
     },
+    /// Explain the translation of a guest-virtual address on vCPU 0 at the end of a scenario
+    /// (or after one of its phases): the 2D walk or the shadow walk, step by step.
+    Explain {
+        /// The guest-virtual address (hex with 0x, or decimal).
+        gva: String,
+        /// Scenario file (TOML; the embedded default when not given).
+        scenario: Option<PathBuf>,
+        /// MMU: tdp, shadow or legacy-tdp (default: the scenario's).
+        #[arg(long)]
+        mmu: Option<String>,
+        /// Stop after this phase instead of running them all.
+        #[arg(long, value_name = "NAME")]
+        after_phase: Option<String>,
+        /// The access to explain: read, write or fetch.
+        #[arg(long, default_value = "read")]
+        access: String,
+        /// Also draw the walk as an SVG diagram into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
     /// Print the embedded default scenario.
     DefaultScenario,
     /// Run the micro-benchmarks of the MMU's hot paths.
@@ -138,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::Run { scenario, mmu, workload, pages, json, trace, trace_out, replay, guest_memory } => run(
             scenario,
             RunOptions {
+                trace_records: trace_out.as_deref().is_some_and(is_chrome_trace),
                 mmu,
                 workload,
                 pages,
@@ -168,6 +191,9 @@ fn main() -> ExitCode {
             finish_record(vmmu_cli::record::convert(f, &input, &output, limit))
         }
         Cmd::Compare { scenario, mmu, json, trace } => compare(&scenario, mmu, json, trace),
+        Cmd::Explain { gva, scenario, mmu, after_phase, access, svg } => {
+            explain(&gva, scenario.as_ref(), mmu, after_phase.as_deref(), &access, svg.as_deref())
+        }
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS
@@ -273,6 +299,76 @@ fn run(
     }
 }
 
+/// `vmmu explain`: exit status 2 for bad input, 1 if the run failed, 0 otherwise (also when
+/// the walk faults: that is explained, not an error).
+fn explain(
+    gva: &str,
+    path: Option<&PathBuf>,
+    mmu: Option<String>,
+    after_phase: Option<&str>,
+    access: &str,
+    svg: Option<&Path>,
+) -> ExitCode {
+    use vmmu::x86_paging::access::AccessKind;
+    let parsed = match gva.strip_prefix("0x").or_else(|| gva.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(&h.replace('_', ""), 16),
+        None => gva.replace('_', "").parse(),
+    };
+    let Ok(addr) = parsed else {
+        eprintln!("vmmu: GVA: `{gva}` is not an address (hex with 0x, or decimal)");
+        return ExitCode::from(2);
+    };
+    let kind = match access {
+        "read" => AccessKind::Read,
+        "write" => AccessKind::Write,
+        "fetch" => AccessKind::Fetch,
+        other => {
+            eprintln!("vmmu: --access: `{other}` is not one of read, write, fetch");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = RunOptions { mmu, ..RunOptions::default() };
+    let (name, scenario) = match load_scenario(path, &opts, None) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmmu: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let m = match runner::run_to(&scenario, &opts, after_phase) {
+        Ok(m) => m,
+        Err(RunError::Config(e)) => {
+            eprintln!("vmmu: {name}: {e}");
+            return ExitCode::from(2);
+        }
+        Err(RunError::Failed(e)) => {
+            eprintln!("vmmu: {name}: run failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let e = match vmmu_cli::explain::explain(&m.kvm, &m.vcpus[0], addr, kind) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("vmmu: {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mmu_name = opts.mmu.clone().unwrap_or_else(|| scenario.vm.mmu.clone());
+    let title = format!(
+        "{} ({mmu_name}) {}",
+        scenario.name,
+        after_phase.map_or_else(|| "at the end".to_string(), |p| format!("after phase {p}"))
+    );
+    print!("{}", e.text(&title));
+    if let Some(p) = svg {
+        if let Err(err) = std::fs::write(p, e.svg(&title)) {
+            eprintln!("vmmu: writing {}: {err}", p.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// `vmmu compare`: exit status 0 when both sides ran, 3 when /dev/kvm is not available (the
 /// vmmu column is still printed), 2 for a scenario that cannot be compared, 1 if a run failed.
 fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -> ExitCode {
@@ -324,6 +420,33 @@ fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -
     }
 }
 
+/// Whether `--trace-out` names a Chrome/Perfetto trace (`*.json`).
+fn is_chrome_trace(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Writes the runs' trace records as one Chrome/Perfetto trace-event file, a process per run.
+fn write_chrome_trace(runs: &[runner::RunResult], p: &Path) -> anyhow::Result<()> {
+    use vmmu::trace::chrome::{write_chrome_json, ChromeOptions, ChromeProcess};
+    let names: Vec<String> = runs.iter().map(|r| format!("vmmu {} ({})", r.scenario, r.mmu)).collect();
+    let procs: Vec<ChromeProcess<'_>> =
+        runs.iter().zip(&names).map(|(r, name)| ChromeProcess { name, records: &r.trace_records }).collect();
+    let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    let sum = write_chrome_json(&mut w, &procs, &ChromeOptions::default())
+        .and_then(|s| std::io::Write::flush(&mut w).map(|_| s))
+        .with_context(|| format!("writing the trace to {}", p.display()))?;
+    if sum.dropped > 0 {
+        eprintln!(
+            "vmmu: {}: trace capped at {} events ({} later events left out)",
+            p.display(),
+            sum.events,
+            sum.dropped
+        );
+    }
+    Ok(())
+}
+
 fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> anyhow::Result<()> {
     match (json, runs) {
         (true, [r]) => println!("{}", report::json(r)),
@@ -340,6 +463,12 @@ fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Optio
                 print!("{}", report::side_by_side(rs));
             }
         }
+    }
+    if let Some(p) = trace_out.as_deref().filter(|p| is_chrome_trace(p)) {
+        if runs.iter().any(|r| !r.trace_records.is_empty()) {
+            write_chrome_trace(runs, p)?;
+        }
+        return Ok(());
     }
     let traces: Vec<&String> = runs.iter().filter_map(|r| r.trace.as_ref()).collect();
     if !traces.is_empty() {

@@ -40,11 +40,15 @@ pub struct RunOptions {
     pub trace: TraceMode,
     /// `--replay`: replaces the phases with two passes over this trace.
     pub replay: Option<std::path::PathBuf>,
+    /// Keep the raw trace records ([`RunResult::trace_records`]) instead of rendering them
+    /// as text, recording both tracepoints and function spans whatever `trace` says (for
+    /// the Chrome/Perfetto export, `--trace-out FILE.json`). Only with `trace` on.
+    pub trace_records: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off, replay: None }
+        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off, replay: None, trace_records: false }
     }
 }
 
@@ -107,6 +111,9 @@ pub struct RunResult {
     /// Rendered trace, if tracing.
     #[serde(skip)]
     pub trace: Option<String>,
+    /// The raw trace records, with [`RunOptions::trace_records`].
+    #[serde(skip)]
+    pub trace_records: Vec<vmmu::trace::Record>,
 }
 
 /// What the host spent.
@@ -677,6 +684,33 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
     }
 }
 
+/// Builds `s`'s machine and runs its phases (or `--workload`'s) in order, up to and including
+/// `after_phase` (all of them when `None`), and returns the machine in that state (for
+/// `vmmu explain`). Nothing is traced.
+pub fn run_to(s: &Scenario, opts: &RunOptions, after_phase: Option<&str>) -> Result<Machine, RunError> {
+    let mut m = build(s, opts)?;
+    let phases = phases(s, opts, m.data_start);
+    if let Some(name) = after_phase {
+        if !phases.iter().any(|p| p.name == name) {
+            let names: Vec<&str> = phases.iter().map(|p| p.name.as_str()).collect();
+            return Err(RunError::Config(format!("--after-phase: no phase `{name}` (phases: {})", names.join(", "))));
+        }
+    }
+    for ph in &phases {
+        m.phase.clone_from(&ph.name);
+        for op in &ph.ops {
+            run_op(&mut m, op)?;
+        }
+        if Some(ph.name.as_str()) == after_phase {
+            break;
+        }
+    }
+    for v in m.vcpus.iter_mut() {
+        v.exit_guest();
+    }
+    Ok(m)
+}
+
 /// Runs `s` once per MMU of its `compare` list (or once, with `--mmu` or no list).
 pub fn run_compare(
     s: &Scenario,
@@ -720,6 +754,11 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         TraceMode::Events => tracer.set_events(true),
         TraceMode::FunctionGraph => tracer.set_function_graph(true),
         TraceMode::Off => {}
+    }
+    let keep_records = opts.trace_records && opts.trace != TraceMode::Off;
+    if keep_records {
+        tracer.set_events(true);
+        tracer.set_function_graph(true);
     }
     let mut results = Vec::new();
     for ph in phases(s, opts, m.data_start) {
@@ -768,7 +807,9 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         host_pt_pages: m.kvm.host().pt_pages(),
         mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096,
     };
+    let trace_records = if keep_records { m.kvm.tracer.take_records() } else { Vec::new() };
     let trace = match opts.trace {
+        _ if keep_records => None,
         TraceMode::Events => Some(m.kvm.tracer.render_events()),
         TraceMode::FunctionGraph => Some(m.kvm.tracer.render_function_graph()),
         TraceMode::Off => None,
@@ -783,5 +824,6 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         idle_tracking: std::mem::take(&mut m.idle_tracking),
         replays: std::mem::take(&mut m.replays),
         trace,
+        trace_records,
     })
 }

@@ -372,7 +372,7 @@ fn mmio_generation_wrap_zaps_all() {
     let region = m.kvm.memslots().iter().next().unwrap().region();
     let wrap = 1u64 << 19;
     // Flags-only updates that change nothing still bump the generation.
-    while (m.kvm.memslots().generation() + 1) % wrap != 0 {
+    while !(m.kvm.memslots().generation() + 1).is_multiple_of(wrap) {
         m.kvm.set_user_memory_region(region).unwrap();
     }
     let rep = m.kvm.audit().unwrap();

@@ -359,6 +359,7 @@ impl Kvm {
     /// (`kvm_arch_mmu_enable_log_dirty_pt_masked`: write protection, or clearing D bits
     /// under PML); with it, the log is only read and [`Kvm::clear_dirty_log`] does that.
     pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+        let _f = self.tracer.func(crate::trace::HOST_CPU, "kvm_vm_ioctl_get_dirty_log");
         let slots = self.memslots();
         let s = self.logging_slot(&slots, slot)?;
         self.sync_dirty_log();
@@ -377,6 +378,7 @@ impl Kvm {
     /// pages. `first_page` must be a multiple of 64, and so must `num_pages` unless the
     /// range ends at the end of the slot.
     pub fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u64, bitmap: &[u64]) -> Result<(), VmError> {
+        let _f = self.tracer.func(crate::trace::HOST_CPU, "kvm_vm_ioctl_clear_dirty_log");
         let slots = self.memslots();
         let s = self.logging_slot(&slots, slot)?;
         let bad = |why: String| Err(VmError::InvalidConfig(format!("KVM_CLEAR_DIRTY_LOG on memslot {slot}: {why}")));

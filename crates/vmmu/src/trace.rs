@@ -8,19 +8,37 @@ use crate::sync::{AtomicBool, Mutex, Ordering};
 use std::fmt::Write as _;
 use std::time::Instant;
 
+pub mod chrome;
+
+/// The `cpu` of VM-wide work done outside any vCPU (MMU notifiers, dirty-log harvests,
+/// `kvm_mmu_zap_all_fast`): host threads.
+pub const HOST_CPU: u32 = u32::MAX;
+
 /// One recorded trace item.
-#[derive(Debug, Clone)]
-enum Rec {
-    Event { name: &'static str, text: String },
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rec {
+    /// A tracepoint with its formatted text (the kernel's print format).
+    Event {
+        /// Tracepoint name.
+        name: &'static str,
+        /// The formatted fields.
+        text: String,
+    },
+    /// A traced function was entered.
     Enter(&'static str),
+    /// A traced function returned.
     Exit(&'static str),
 }
 
-#[derive(Debug, Clone)]
-struct Record {
-    ns: u64,
-    cpu: u32,
-    rec: Rec,
+/// A trace item with its time and CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Nanoseconds since the tracer was created.
+    pub ns: u64,
+    /// The vCPU id, or [`HOST_CPU`].
+    pub cpu: u32,
+    /// What happened.
+    pub rec: Rec,
 }
 
 /// The trace buffer of one VM.
@@ -106,6 +124,12 @@ impl Tracer {
     /// Whether nothing is recorded.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Takes everything recorded, oldest first, leaving the buffer empty (for exporters such
+    /// as [`chrome::write_chrome_json`]).
+    pub fn take_records(&self) -> Vec<Record> {
+        std::mem::take(&mut *self.buf.lock())
     }
 
     /// Renders the tracepoints as the kernel's `trace` file does.

@@ -506,6 +506,7 @@ impl Kvm {
     /// that is running guest code (or walking SPTEs locklessly) has seen the request.
     /// `me` is the calling vCPU, which flushes on its next entry.
     pub fn flush_remote_tlbs(&self, me: Option<u32>) {
+        let _f = self.tracer.func(me.unwrap_or(crate::trace::HOST_CPU), "kvm_flush_remote_tlbs");
         self.stats.remote_tlb_flush_requests.add(1);
         let vcpus = self.vcpus.read().clone();
         for v in &vcpus {
@@ -559,12 +560,13 @@ impl Kvm {
     /// `kvm_mmu_zap_all_fast`: makes every root obsolete, has the vCPUs drop them and zaps
     /// their contents (memslot delete/move).
     pub fn kvm_mmu_zap_all_fast(&self) {
+        let _f = self.tracer.func(crate::trace::HOST_CPU, "kvm_mmu_zap_all_fast");
         {
             let _w = self.mmu.mmu_lock.write();
             let gen = self.mmu.mmu_valid_gen.fetch_xor(1, Ordering::AcqRel) ^ 1;
             if self.tracer.events_on() {
                 self.tracer.event(
-                    u32::MAX,
+                    crate::trace::HOST_CPU,
                     "kvm_mmu_zap_all_fast",
                     format_args!("kvm-mmu-valid-gen {} used_pages {:x}", gen, 0),
                 );
@@ -835,18 +837,21 @@ impl Vcpu {
         if r & req::TLB_FLUSH_GUEST != 0 {
             // kvm_vcpu_flush_tlb_guest: sync the roots (and drop previous roots with unsync
             // pages), then flush.
+            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_guest");
             crate::mmu::shadow::kvm_mmu_sync_roots(&self.kvm, &mut self.arch);
             crate::mmu::shadow::kvm_mmu_sync_prev_roots(&self.kvm, &mut self.arch);
-            self.stat.tlb_flush += 1;
-            self.cpu.flush_tlb_all();
+            self.arch.stat.tlb_flush += 1;
+            self.arch.cpu.flush_tlb_all();
         }
         if r & req::TLB_FLUSH != 0 {
-            self.stat.tlb_flush += 1;
-            self.cpu.flush_tlb_all();
+            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_all");
+            self.arch.stat.tlb_flush += 1;
+            self.arch.cpu.flush_tlb_all();
         }
         if r & req::TLB_FLUSH_CURRENT != 0 {
-            self.stat.tlb_flush += 1;
-            self.cpu.flush_tlb_current();
+            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_current");
+            self.arch.stat.tlb_flush += 1;
+            self.arch.cpu.flush_tlb_current();
         }
         Ok(())
     }
@@ -911,6 +916,17 @@ impl Vcpu {
 
     fn handle_exit(&mut self, x: VmExit) -> Result<ExitAction, VmError> {
         let Vcpu { kvm, arch } = self;
+        // The exit handler (vmx/svm_handle_exit's dispatch), as a span of its own.
+        let _f = kvm.tracer.func(
+            arch.id,
+            match x {
+                VmExit::Tdp(TdpExit::EptViolation { .. }) => "handle_ept_violation",
+                VmExit::Tdp(TdpExit::EptMisconfig { .. }) => "handle_ept_misconfig",
+                VmExit::Tdp(TdpExit::Npf { .. } | TdpExit::Contended { .. }) => "npf_interception",
+                VmExit::PageFault { .. } => "handle_exception_nmi",
+                VmExit::PmlFull => "handle_pml_full",
+            },
+        );
         arch.stat.exits += 1;
         arch.refresh_memslots(kvm);
         let (addr, ec) = match x {

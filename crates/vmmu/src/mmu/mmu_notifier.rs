@@ -28,6 +28,7 @@ fn gfn_ranges(kvm: &Kvm, range: HvaRange) -> Vec<(Gfn, Gfn)> {
 /// `kvm_mmu_notifier_invalidate_range_start`: `kvm_mmu_invalidate_begin`, widen the
 /// in-progress range, and `kvm_unmap_gfn_range` (zap leaves, flush).
 pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
+    let _f = kvm.tracer.func(crate::trace::HOST_CPU, "kvm_mmu_notifier_invalidate_range_start");
     let m = &kvm.mmu;
     let _w = m.mmu_lock.write();
     if m.mmu_invalidate_in_progress.fetch_add(1, Ordering::AcqRel) == 0 {
@@ -60,6 +61,7 @@ pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
 
 /// `kvm_mmu_notifier_invalidate_range_end`: `kvm_mmu_invalidate_end`.
 pub fn invalidate_range_end(kvm: &Kvm, _range: HvaRange) {
+    let _f = kvm.tracer.func(crate::trace::HOST_CPU, "kvm_mmu_notifier_invalidate_range_end");
     let m = &kvm.mmu;
     let _w = m.mmu_lock.write();
     m.mmu_invalidate_seq.fetch_add(1, Ordering::AcqRel);
@@ -83,6 +85,14 @@ pub enum Aging {
 /// non-present to hardware until fast page fault restores it).
 pub fn age_hva_range(kvm: &Kvm, range: HvaRange, how: Aging) -> bool {
     let m = kvm.mmu.masks;
+    let _f = kvm.tracer.func(
+        crate::trace::HOST_CPU,
+        match how {
+            Aging::ClearFlush => "kvm_mmu_notifier_clear_flush_young",
+            Aging::Clear => "kvm_mmu_notifier_clear_young",
+            Aging::Test => "kvm_mmu_notifier_test_young",
+        },
+    );
     let clear = how != Aging::Test;
     let mut young = false;
     let ranges = gfn_ranges(kvm, range);

@@ -619,6 +619,7 @@ impl Ctx<'_> {
         if !self.s.pages.exists(id) || self.s.pages.get(id).role.invalid() != 0 {
             return false;
         }
+        let _f = self.kvm.tracer.func(self.cpu, "kvm_mmu_prepare_zap_page");
         trace_sp(self.kvm, self.cpu, "kvm_mmu_prepare_zap_page", self.s.pages.get(id), None);
         self.kvm.stats.mmu_shadow_zapped.add(1);
         let level = self.s.pages.get(id).role.level() as u8;

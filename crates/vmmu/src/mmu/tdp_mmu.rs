@@ -323,6 +323,7 @@ fn tdp_mmu_map_handle_target_level(
 /// Zaps every leaf SPTE of `root` mapping a gfn in [start, end) (`tdp_mmu_zap_leafs`);
 /// returns whether a TLB flush is needed. Caller holds `mmu_lock` for write.
 pub fn tdp_mmu_zap_leafs(kvm: &Kvm, cpu: u32, root: &TdpRoot, start: Gfn, end: Gfn) -> bool {
+    let _f = kvm.tracer.func(cpu, "tdp_mmu_zap_leafs");
     let mut flush = false;
     let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
     while it.valid {
@@ -364,6 +365,7 @@ pub fn kvm_tdp_mmu_invalidate_all_roots(kvm: &Kvm) {
 /// `kvm_tdp_mmu_zap_invalidated_roots`: zaps invalid roots and drops the TDP MMU's own
 /// reference to each.
 pub fn kvm_tdp_mmu_zap_invalidated_roots(kvm: &Kvm) {
+    let _f = kvm.tracer.func(crate::trace::HOST_CPU, "kvm_tdp_mmu_zap_invalidated_roots");
     let roots: Vec<Arc<TdpRoot>> =
         kvm.mmu.roots.lock().iter().filter(|r| r.is_invalid() && !r.zapped.load(Ordering::Acquire)).cloned().collect();
     for r in roots {
