@@ -130,18 +130,24 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
     let phases = &s.phases;
     let boot_phase = phases.first().is_some_and(|p| p.name == "boot");
     let mut notes = Vec::new();
-    let is_code_read = |op: &Op| matches!(op, Op::Read { start, pages: 1 } if start.0 == KVM_CODE_PAGE);
+    // The KVM guest's instruction fetches from its code page: a `fetch` inside that page (or,
+    // less exactly, a `read` of it) stands for them.
+    let is_code_read = |op: &Op| match op {
+        Op::Fetch { start, pages: 1 } => start.0 / PAGE == KVM_CODE_PAGE / PAGE,
+        Op::Read { start, pages: 1 } => start.0 == KVM_CODE_PAGE,
+        _ => false,
+    };
     if boot_phase {
         for (i, op) in phases[0].ops.iter().enumerate() {
             if !is_code_read(op) {
                 return Err(cfg(format!(
-                    "compare: phase[0] (boot) stands for the KVM guest's own boot and may only `read` its code page \
-                     ({KVM_CODE_PAGE:#x}, 1 page); ops[{i}] is something else"
+                    "compare: phase[0] (boot) stands for the KVM guest's own boot and may only `fetch` (or `read`) its \
+                     code page ({KVM_CODE_PAGE:#x}, 1 page); ops[{i}] is something else"
                 )));
             }
         }
         notes.push(format!(
-            "phase boot: KVM's implicit boot phase (the guest's first instruction fetch); vmmu reads the code page {KVM_CODE_PAGE:#x}"
+            "phase boot: KVM's implicit boot phase (the guest's first instruction fetch); vmmu fetches from the code page {KVM_CODE_PAGE:#x}"
         ));
     }
 
@@ -154,8 +160,8 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
             let mut add = |first: u64, pages: u64, field: &str| -> Result<(), CompareError> {
                 if first * PAGE < DATA_GPA {
                     return Err(cfg(format!(
-                        "{}: {:#x} is below {DATA_GPA:#x}, the real-KVM guest's system area (only a 1-page `read` of \
-                         its code page {KVM_CODE_PAGE:#x} may be there)",
+                        "{}: {:#x} is below {DATA_GPA:#x}, the real-KVM guest's system area (only a 1-page `fetch` or `read` \
+                         of its code page {KVM_CODE_PAGE:#x} may be there)",
                         at(field),
                         first * PAGE
                     )));
@@ -218,7 +224,7 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
             };
             match op {
                 _ if is_code_read(op) => notes.push(format!(
-                    "phase {}: the `read` of {KVM_CODE_PAGE:#x} stands for the KVM guest's instruction fetch (not translated)",
+                    "phase {}: the access to the code page {KVM_CODE_PAGE:#x} stands for the KVM guest's instruction fetch (not translated)",
                     p.name
                 )),
                 Op::Write { start, pages } => ops.push(touch(start.0, *pages, Access::Write)),

@@ -75,22 +75,19 @@ fn first_touch_event_streams_match_as_documented() {
             assert!(rows.iter().any(|r| r["mark"] == "=" && r["vmmu"].is_string() && r["kvm"].is_string()), "{name}");
         }
     }
-    // boot: the only divergence is the code page's error code (vmmu's `read` stands for
-    // the KVM guest's instruction fetch: pferr 4 U vs 14 U|F); first-touch and re-touch: none.
-    let d = &phases[0]["first_divergence"];
-    assert_eq!(d["vmmu"], "kvm_mmu_pagetable_walk: addr 10000 pferr 4 U", "{d}");
-    assert_eq!(d["kvm"], "kvm_mmu_pagetable_walk: addr 10000 pferr 14 U|F", "{d}");
+    // The code page's fetch is a `fetch` on both sides now: no divergence in any phase.
+    assert!(phases[0]["first_divergence"].is_null(), "{}", phases[0]["first_divergence"]);
     assert!(phases[1]["first_divergence"].is_null(), "{}", phases[1]["first_divergence"]);
     assert!(phases[2]["first_divergence"].is_null(), "{}", phases[2]["first_divergence"]);
 
-    // The text report: both columns side by side, the divergence marked, the count table.
+    // The text report: both columns side by side, no divergence to mark, the count table.
     let (code, out, err) = vmmu(&["compare", "scenarios/compare/first-touch.toml", "--trace", "events"]);
     assert_eq!(code, 0, "stderr: {err}");
-    assert!(out.contains(">>> first divergence"), "{out}");
-    let spte = "kvm_mmu_set_spte: gfn 10 (r-xu) level 1";
+    assert!(!out.contains(">>> first divergence"), "{out}");
+    let spte = "kvm_mmu_pagetable_walk: addr 10000 pferr 14 U|F";
     assert!(
         out.lines().any(|l| l.trim_start().starts_with('=') && l.matches(spte).count() == 2 && l.contains(" | ")),
         "{out}"
     );
-    assert!(out.contains("KVM w/o artif."), "{out}");
+    assert!(out.contains("KVM w/o artif.") && out.contains("no divergence"), "{out}");
 }
