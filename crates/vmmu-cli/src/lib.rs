@@ -1,5 +1,6 @@
 //! The library behind the `vmmu` command: scenario files, the runner that builds a VM from
-//! one and drives the guest through its phases, and the reports.
+//! one and drives the guest through its phases, the reports, and sweeps over grids of
+//! configurations with their plots.
 #![warn(missing_docs)]
 
 pub mod bench;
@@ -12,6 +13,8 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod size;
+pub mod svg;
+pub mod sweep;
 
 /// The scenario `vmmu run` runs when given no file.
 pub const DEFAULT_SCENARIO: &str = include_str!("../../../scenarios/default.toml");

@@ -8,6 +8,7 @@ use std::time::Instant;
 use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
 use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
 use vmmu::mmio_bus::LatchDevice;
+use vmmu::stats::LatencyHistogram;
 use vmmu::x86_paging::addr::{Gpa, Gva};
 use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
 use vmmu::{Kvm, MmuKind, TdpKind, Vcpu, VmConfig};
@@ -40,11 +41,14 @@ pub struct RunOptions {
     pub trace: TraceMode,
     /// `--replay`: replaces the phases with two passes over this trace.
     pub replay: Option<std::path::PathBuf>,
+    /// Time each MMU exit's handling ([`vmmu::Vcpu::set_fault_timing`]) and report a
+    /// histogram per phase in [`PhaseResult::fault_latency`] (used by `vmmu sweep`).
+    pub fault_timing: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off, replay: None }
+        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off, replay: None, fault_timing: false }
     }
 }
 
@@ -75,6 +79,10 @@ pub struct PhaseResult {
     pub stats: BTreeMap<String, i64>,
     /// Hardware-model counters.
     pub hw: HwSummary,
+    /// Per-fault handling times over the phase, all vCPUs together (with
+    /// [`RunOptions::fault_timing`]; not in the `--json` object).
+    #[serde(skip)]
+    pub fault_latency: Option<LatencyHistogram>,
 }
 
 /// A whole run's result (the `--json` object).
@@ -128,7 +136,9 @@ pub enum RunError {
     Failed(String),
 }
 
-const GAUGES: &[&str] = &[
+/// Statistics that are values (gauges), not counters: reported at a phase's end, not as
+/// deltas.
+pub const GAUGES: &[&str] = &[
     "pages_4k",
     "pages_2m",
     "pages_1g",
@@ -704,9 +714,26 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         TraceMode::FunctionGraph => tracer.set_function_graph(true),
         TraceMode::Off => {}
     }
+    if opts.fault_timing {
+        for v in m.vcpus.iter_mut() {
+            v.set_fault_timing(true);
+        }
+    }
+    let latency_now = |m: &Machine| {
+        opts.fault_timing.then(|| {
+            let mut h = LatencyHistogram::default();
+            for v in &m.vcpus {
+                if let Some(x) = v.fault_latency() {
+                    h.merge(x);
+                }
+            }
+            h
+        })
+    };
     let mut results = Vec::new();
     for ph in phases(s, opts, m.data_start) {
         let (before, hw0) = stats_now(&m);
+        let lat0 = latency_now(&m);
         let t0 = Instant::now();
         let mut accesses = 0;
         let n = ph.ops.len().max(1);
@@ -717,6 +744,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         }
         let wall_ns = t0.elapsed().as_nanos() as u64;
         let (after, hw1) = stats_now(&m);
+        let fault_latency = latency_now(&m).zip(lat0).map(|(a, b)| a.since(&b));
         let stats = after
             .iter()
             .map(|(k, v)| {
@@ -729,7 +757,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
             walks: hw1.walks - hw0.walks,
             walk_mem_refs: hw1.walk_mem_refs - hw0.walk_mem_refs,
         };
-        results.push(PhaseResult { name: ph.name.clone(), wall_ns, accesses, stats, hw });
+        results.push(PhaseResult { name: ph.name.clone(), wall_ns, accesses, stats, hw, fault_latency });
     }
     for v in m.vcpus.iter_mut() {
         v.exit_guest();
