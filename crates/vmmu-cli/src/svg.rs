@@ -124,7 +124,11 @@ impl BarChart {
         let plot_w = (self.groups.len() as f64 * group_w).max(200.0);
         let legend_w: f64 = self.series.iter().map(|s| text_width(s, 12.0) + 34.0).sum();
         let x_title_h = if self.x_label.is_empty() { 0.0 } else { 22.0 };
-        let width = (left + plot_w + right).max(left + legend_w + right).max(text_width(&self.title, 16.0) + 40.0);
+        // Wide enough for the plot, the legend, the (bold) title and the x axis title.
+        let width = (left + plot_w + right)
+            .max(left + legend_w + right)
+            .max(left + text_width(&self.title, 16.0) * 1.12 + right)
+            .max(text_width(&self.x_label, 12.0) + 40.0);
         let height = top + plot_h + inner_h + outer_h + x_title_h + 16.0;
         let base_y = top + plot_h;
 
@@ -289,7 +293,7 @@ impl BarChart {
             let _ = writeln!(
                 s,
                 r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text>"#,
-                left + plot_w / 2.0,
+                (left + plot_w / 2.0).max(text_width(&self.x_label, 12.0) / 2.0 + 20.0),
                 height - 10.0,
                 esc(&self.x_label)
             );
