@@ -1,8 +1,10 @@
 //! The library behind the `vmmu` command: scenario files, the runner that builds a VM from
-//! one and drives the guest through its phases, and the reports.
+//! one and drives the guest through its phases, the reports, and sweeps over grids of
+//! configurations with their plots.
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod chart;
 pub mod compare;
 pub mod compare_trace;
 pub mod explain;
@@ -15,6 +17,7 @@ pub mod runner;
 pub mod scenario;
 pub mod size;
 pub mod svg;
+pub mod sweep;
 
 /// The scenario `vmmu run` runs when given no file.
 pub const DEFAULT_SCENARIO: &str = include_str!("../../../scenarios/default.toml");

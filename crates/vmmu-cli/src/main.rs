@@ -134,6 +134,23 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
     },
+    /// Run a grid of configurations (mmu x host backing x guest page x A/D x workload) in
+    /// parallel and write results.jsonl, results.csv, SVG plots and index.html.
+    Sweep {
+        /// Grid file (TOML: mmu, backing, guest_page, ad, workload, pages); default: the
+        /// built-in 96-cell grid.
+        #[arg(long, value_name = "FILE.toml")]
+        grid: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "sweep-out", value_name = "DIR")]
+        out: PathBuf,
+        /// Cells run at once (default: all cores).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Data pages per cell (overrides the grid's).
+        #[arg(long, value_name = "N")]
+        pages: Option<u64>,
+    },
     /// Print the embedded default scenario.
     DefaultScenario,
     /// Run the micro-benchmarks of the MMU's hot paths.
@@ -170,6 +187,7 @@ fn main() -> ExitCode {
                     Some(Trace::FunctionGraph) => TraceMode::FunctionGraph,
                 },
                 replay,
+                fault_timing: false,
             },
             guest_memory,
             json,
@@ -194,6 +212,7 @@ fn main() -> ExitCode {
         Cmd::Explain { gva, scenario, mmu, after_phase, access, svg } => {
             explain(&gva, scenario.as_ref(), mmu, after_phase.as_deref(), &access, svg.as_deref())
         }
+        Cmd::Sweep { grid, out, jobs, pages } => sweep(grid.as_deref(), &out, jobs, pages),
         Cmd::DefaultScenario => {
             print!("{DEFAULT_SCENARIO}");
             ExitCode::SUCCESS
@@ -479,4 +498,82 @@ fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Optio
         }
     }
     Ok(())
+}
+
+/// `vmmu sweep`: exit status 0 when every cell ran, 1 when some failed (the outputs are
+/// still written) or the outputs could not be written, 2 for a bad grid or flag.
+fn sweep(grid: Option<&Path>, out: &Path, jobs: Option<usize>, pages: Option<u64>) -> ExitCode {
+    use vmmu_cli::sweep::{self, Grid};
+    let parsed = match grid {
+        None => Ok(Grid::default()),
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("{}: cannot read", p.display()))
+            .and_then(|t| Grid::parse(&t).with_context(|| p.display().to_string())),
+    };
+    let mut g = match parsed {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmmu sweep: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(n) = pages {
+        g.pages = n;
+    }
+    if let Err(e) = g.validate() {
+        eprintln!("vmmu sweep: {}{e}", if pages.is_some() { "--" } else { "" });
+        return ExitCode::from(2);
+    }
+    if jobs == Some(0) {
+        eprintln!("vmmu sweep: --jobs: must be > 0");
+        return ExitCode::from(2);
+    }
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cells = g.cells();
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let bar = |done: usize, total: usize, r: &sweep::CellResult| {
+        if !tty {
+            return;
+        }
+        let width = 30;
+        let filled = done * width / total.max(1);
+        eprint!(
+            "\r\x1b[2K[{}{}] {done}/{total} cells {:>5.1} s  {}{}",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            t0.elapsed().as_secs_f64(),
+            r.config.id(),
+            if r.run.is_err() { " FAILED" } else { "" }
+        );
+    };
+    let results = sweep::run_cells(&cells, jobs, &bar);
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+    let info = sweep::SweepInfo { grid: g, jobs, wall_ns: t0.elapsed().as_nanos() as u64 };
+    let failed: Vec<&sweep::CellResult> = results.iter().filter(|r| r.run.is_err()).collect();
+    for r in &failed {
+        if let Err(e) = &r.run {
+            eprintln!("vmmu sweep: {}: {e}", r.config.id());
+        }
+    }
+    if let Err(e) = sweep::write_outputs(out, &results, &info) {
+        eprintln!("vmmu sweep: {e}");
+        return ExitCode::FAILURE;
+    }
+    eprintln!(
+        "vmmu sweep: {} cells ({} ok, {} failed) in {:.1} s on {jobs} threads; wrote {} ({})",
+        results.len(),
+        results.len() - failed.len(),
+        failed.len(),
+        info.wall_ns as f64 / 1e9,
+        out.display(),
+        sweep::FILES.join(", ")
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

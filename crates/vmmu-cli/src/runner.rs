@@ -8,6 +8,7 @@ use std::time::Instant;
 use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
 use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
 use vmmu::mmio_bus::LatchDevice;
+use vmmu::stats::LatencyHistogram;
 use vmmu::x86_paging::addr::{Gpa, Gva};
 use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
 use vmmu::{Kvm, MmuKind, TdpKind, Vcpu, VmConfig};
@@ -44,11 +45,22 @@ pub struct RunOptions {
     /// as text, recording both tracepoints and function spans whatever `trace` says (for
     /// the Chrome/Perfetto export, `--trace-out FILE.json`). Only with `trace` on.
     pub trace_records: bool,
+    /// Time each MMU exit's handling ([`vmmu::Vcpu::set_fault_timing`]) and report a
+    /// histogram per phase in [`PhaseResult::fault_latency`] (used by `vmmu sweep`).
+    pub fault_timing: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { mmu: None, workload: None, pages: None, trace: TraceMode::Off, replay: None, trace_records: false }
+        RunOptions {
+            mmu: None,
+            workload: None,
+            pages: None,
+            trace: TraceMode::Off,
+            replay: None,
+            trace_records: false,
+            fault_timing: false,
+        }
     }
 }
 
@@ -84,6 +96,10 @@ pub struct PhaseResult {
     /// into phases exactly. Empty otherwise.
     #[serde(skip)]
     pub trace_events: std::ops::Range<usize>,
+    /// Per-fault handling times over the phase, all vCPUs together (with
+    /// [`RunOptions::fault_timing`]; not in the `--json` object).
+    #[serde(skip)]
+    pub fault_latency: Option<LatencyHistogram>,
 }
 
 /// A whole run's result (the `--json` object).
@@ -140,7 +156,9 @@ pub enum RunError {
     Failed(String),
 }
 
-const GAUGES: &[&str] = &[
+/// Statistics that are values (gauges), not counters: reported at a phase's end, not as
+/// deltas.
+pub const GAUGES: &[&str] = &[
     "pages_4k",
     "pages_2m",
     "pages_1g",
@@ -760,9 +778,26 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         tracer.set_events(true);
         tracer.set_function_graph(true);
     }
+    if opts.fault_timing {
+        for v in m.vcpus.iter_mut() {
+            v.set_fault_timing(true);
+        }
+    }
+    let latency_now = |m: &Machine| {
+        opts.fault_timing.then(|| {
+            let mut h = LatencyHistogram::default();
+            for v in &m.vcpus {
+                if let Some(x) = v.fault_latency() {
+                    h.merge(x);
+                }
+            }
+            h
+        })
+    };
     let mut results = Vec::new();
     for ph in phases(s, opts, m.data_start) {
         let (before, hw0) = stats_now(&m);
+        let lat0 = latency_now(&m);
         let trace_start = if opts.trace == TraceMode::Events { m.kvm.tracer.len() } else { 0 };
         let t0 = Instant::now();
         let mut accesses = 0;
@@ -774,6 +809,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         }
         let wall_ns = t0.elapsed().as_nanos() as u64;
         let (after, hw1) = stats_now(&m);
+        let fault_latency = latency_now(&m).zip(lat0).map(|(a, b)| a.since(&b));
         let stats = after
             .iter()
             .map(|(k, v)| {
@@ -794,6 +830,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
             stats,
             hw,
             trace_events: trace_start..trace_end,
+            fault_latency,
         });
     }
     for v in m.vcpus.iter_mut() {

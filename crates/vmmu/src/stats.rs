@@ -137,6 +137,87 @@ impl SharedCounter {
     }
 }
 
+/// Buckets of a [`LatencyHistogram`]: bucket `i` counts durations in `[2^i, 2^(i+1))` ns
+/// (bucket 0 also holds 0 ns; the last one holds everything from `2^39` ns, about 9 minutes).
+pub const LATENCY_BUCKETS: usize = 40;
+
+/// Durations in power-of-two nanosecond buckets: the optional per-fault timing of a vCPU
+/// ([`crate::Vcpu::set_fault_timing`]), which measures each MMU exit's handling
+/// (`kvm_mmu_page_fault` and the memslot refresh before it) with [`std::time::Instant`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Counts per bucket (see [`LATENCY_BUCKETS`]).
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Durations recorded.
+    pub count: u64,
+    /// Their sum.
+    pub sum_ns: u64,
+    /// The longest.
+    pub max_ns: u64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram { buckets: [0; LATENCY_BUCKETS], count: 0, sum_ns: 0, max_ns: 0 }
+    }
+}
+
+impl LatencyHistogram {
+    /// The bucket a duration falls in.
+    #[inline]
+    pub fn bucket_of(ns: u64) -> usize {
+        ((63 - ns.max(1).leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Records one duration.
+    #[inline]
+    pub fn record(&mut self, ns: u64) {
+        self.buckets[Self::bucket_of(ns)] += 1;
+        self.count += 1;
+        self.sum_ns += ns;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Adds `other`'s durations to these.
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_ns += other.sum_ns;
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+
+    /// The durations recorded since `earlier` (a copy of this histogram taken before); the
+    /// maximum is the later one's (a histogram cannot tell where it was reached).
+    pub fn since(&self, earlier: &LatencyHistogram) -> LatencyHistogram {
+        let mut d = self.clone();
+        for (a, b) in d.buckets.iter_mut().zip(earlier.buckets.iter()) {
+            *a = a.saturating_sub(*b);
+        }
+        d.count = d.count.saturating_sub(earlier.count);
+        d.sum_ns = d.sum_ns.saturating_sub(earlier.sum_ns);
+        d
+    }
+
+    /// The upper bound (exclusive, `2^(i+1)` ns) of the bucket holding quantile `q` (0..=1),
+    /// or 0 when empty.
+    pub fn quantile_upper_ns(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let want = ((self.count as f64 * q).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return 1u64 << (i + 1);
+            }
+        }
+        1u64 << LATENCY_BUCKETS
+    }
+}
+
 /// Merges stat maps by summing values of equal names.
 pub fn sum_into(acc: &mut BTreeMap<&'static str, i64>, add: &BTreeMap<&'static str, i64>) {
     for (k, v) in add {
@@ -172,5 +253,25 @@ mod tests {
             assert!(s.contains_key(n), "{n}");
         }
         assert_eq!(s["pf_fixed"], 2);
+    }
+
+    #[test]
+    fn latency_buckets() {
+        assert_eq!(LatencyHistogram::bucket_of(0), 0);
+        assert_eq!(LatencyHistogram::bucket_of(1), 0);
+        assert_eq!(LatencyHistogram::bucket_of(1023), 9);
+        assert_eq!(LatencyHistogram::bucket_of(1024), 10);
+        assert_eq!(LatencyHistogram::bucket_of(u64::MAX), LATENCY_BUCKETS - 1);
+        let mut h = LatencyHistogram::default();
+        for ns in [100, 200, 300, 5000] {
+            h.record(ns);
+        }
+        let before = h.clone();
+        h.record(70_000);
+        assert_eq!((h.count, h.sum_ns, h.max_ns), (5, 75_600, 70_000));
+        assert_eq!(h.quantile_upper_ns(0.5), 512);
+        assert_eq!(h.quantile_upper_ns(1.0), 131_072);
+        let d = h.since(&before);
+        assert_eq!((d.count, d.sum_ns, d.buckets[16]), (1, 70_000, 1));
     }
 }
