@@ -920,10 +920,16 @@ impl Vcpu {
     #[inline]
     fn leave(&mut self) {
         if self.cpu.pml_pending() {
-            self.arch.refresh_memslots(&self.kvm);
-            self.flush_pml();
+            self.leave_flush_pml();
         }
         self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::Release);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn leave_flush_pml(&mut self) {
+        self.arch.refresh_memslots(&self.kvm);
+        self.flush_pml();
     }
 
     /// Leaves guest mode. vCPUs are in guest mode only while an operation runs, so this is
@@ -969,7 +975,7 @@ impl Vcpu {
 
     /// Runs a hardware operation, handling exits until it completes; `emulate` performs it
     /// in software when the MMU says so.
-    #[inline]
+    #[inline(always)]
     fn run_op<T>(
         &mut self,
         gva: u64,

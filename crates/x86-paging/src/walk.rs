@@ -259,6 +259,7 @@ pub fn reserved_bits(st: &PagingState, level: u8, pte: u64) -> u64 {
 ///   write sets D in the leaf in the same compare-and-exchange as the leaf's A.
 ///   A lost race restarts the walk; after [`MAX_WALK_RETRIES`] restarts the
 ///   walk fails with [`WalkError::Contended`].
+#[inline]
 pub fn walk<M: GuestPhys, O: WalkObserver>(
     mem: &mut M,
     st: &PagingState,
@@ -293,7 +294,7 @@ pub fn walk<M: GuestPhys, O: WalkObserver>(
 }
 
 /// One attempt; `Ok(None)` when an A/D update lost a race.
-#[inline]
+#[inline(always)]
 fn walk_once<M: GuestPhys, O: WalkObserver>(
     mem: &mut M,
     st: &PagingState,

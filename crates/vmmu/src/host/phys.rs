@@ -107,7 +107,7 @@ impl PhysMem {
     }
 
     /// Reads `size` (1..=8) bytes at `hpa`, little-endian. The bytes must not cross a page.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, hpa: Hpa, size: u8) -> u64 {
         debug_assert!((1..=8).contains(&size));
         let off = hpa.raw() & 7;

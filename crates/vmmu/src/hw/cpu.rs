@@ -405,7 +405,7 @@ impl Cpu {
     }
 
     /// Translates `gva` for an access of `kind`: the TLB, else a page walk that fills it.
-    #[inline]
+    #[inline(always)]
     pub fn translate(&mut self, gva: Gva, kind: AccessKind) -> Result<Hpa, Stop> {
         let bit = class::bit(kind_index(kind), self.mode_index());
         if let Some(hpa) = self.tlb.lookup(gva.raw(), self.ctx(), bit) {
@@ -546,7 +546,7 @@ impl Cpu {
         Stop::Exception(Exception::PageFault { cr2: gva.raw(), error_code: ec })
     }
 
-    #[inline]
+    #[inline(always)]
     fn data_read(&self, hpa: Hpa, size: u8) -> u64 {
         if self.mem.contains(hpa, u64::from(size)) {
             self.mem.read(hpa, size)
@@ -555,7 +555,7 @@ impl Cpu {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn data_write(&self, hpa: Hpa, size: u8, val: u64) {
         if self.mem.contains(hpa, u64::from(size)) {
             self.mem.write(hpa, size, val)
@@ -563,7 +563,7 @@ impl Cpu {
     }
 
     /// Translates the one or two pages an access touches, before touching any byte.
-    #[inline]
+    #[inline(always)]
     fn translate_span(&mut self, gva: Gva, size: u8, kind: AccessKind) -> Result<(Hpa, Option<(Hpa, u8)>), Stop> {
         assert!((1..=8).contains(&size), "access size {size} must be 1..=8 bytes");
         let first = self.translate(gva, kind)?;
@@ -576,7 +576,7 @@ impl Cpu {
     }
 
     /// Reads `size` (1..=8) bytes at `gva`.
-    #[inline]
+    #[inline(always)]
     pub fn read(&mut self, gva: Gva, size: u8) -> Result<u64, Stop> {
         self.load(gva, size, AccessKind::Read)
     }
@@ -586,7 +586,7 @@ impl Cpu {
         self.load(gva, size, AccessKind::Fetch)
     }
 
-    #[inline]
+    #[inline(always)]
     fn load(&mut self, gva: Gva, size: u8, kind: AccessKind) -> Result<u64, Stop> {
         let (a, split) = self.translate_span(gva, size, kind)?;
         self.counters.accesses += 1;
@@ -597,7 +597,7 @@ impl Cpu {
     }
 
     /// Writes `size` (1..=8) bytes at `gva`.
-    #[inline]
+    #[inline(always)]
     pub fn write(&mut self, gva: Gva, size: u8, val: u64) -> Result<(), Stop> {
         let (a, split) = self.translate_span(gva, size, AccessKind::Write)?;
         self.counters.accesses += 1;

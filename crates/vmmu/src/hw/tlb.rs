@@ -143,7 +143,7 @@ impl Tlb {
 
     /// Looks `gva` up in context `ctx`; returns the host physical address if an entry allows
     /// access class `bit`.
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&mut self, gva: u64, ctx: u32, bit: u16) -> Option<u64> {
         let vpn = gva >> 12;
         let e = &self.entries[slot(vpn)];
