@@ -122,7 +122,7 @@ pub fn emulate_access(
     for (i, (off, len)) in parts.iter().enumerate() {
         let a = Gva::new(gva.raw() + off);
         let t = loop {
-            match walk(&mut mem, &st, a, &access, WalkOptions { set_ad: true }, &mut NoObserver) {
+            match walk(&mut mem, &st, a, &access, WalkOptions::ARCH, &mut NoObserver) {
                 Ok(t) => break t,
                 Err(WalkError::Contended) => continue,
                 Err(WalkError::PageFault(ec)) => {

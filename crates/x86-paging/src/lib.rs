@@ -63,7 +63,8 @@ pub use mem::{OutOfRange, VecMem};
 pub use mode::{PagingMode, PagingState, PdptrError};
 pub use regs::{cr3_base, cr3_pcid, Cr0, Cr4, Efer, Rflags, CR3_NOFLUSH};
 pub use walk::{
-    reserved_bits, walk, GuestPhys, NoObserver, Translation, WalkError, WalkObserver, WalkOptions, MAX_WALK_RETRIES,
+    pde_cache_entry, reserved_bits, walk, GuestPhys, NoObserver, Translation, WalkError, WalkObserver, WalkOptions,
+    WalkStart, MAX_WALK_RETRIES,
 };
 pub use walk2d::{
     walk_2d, walk_2d_cached, walk_2d_logged, walk_2d_with, DirtiedGfns, GpaCache, Tdp, Translation2d, Walk2dError,

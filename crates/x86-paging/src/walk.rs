@@ -157,13 +157,33 @@ pub struct WalkOptions {
     /// Set accessed/dirty flags (the architectural walk). `false` is a "peek"
     /// (explain / debugging): same checks, no writes.
     pub set_ad: bool,
+    /// Start below the top, from a paging-structure cache entry (64-bit modes only).
+    pub start: Option<WalkStart>,
+}
+
+/// Where a walk resumes when a paging-structure cache holds the upper levels (SDM vol. 3,
+/// "Paging-Structure Caches"): the table to read next, its level, and the R/W, U/S and XD
+/// rights the levels above granted. The levels above are not read, and their A flags not
+/// set (a paging-structure cache entry is only made from entries whose A flag is set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WalkStart {
+    /// Level of the table to read next (1 = the page table).
+    pub level: u8,
+    /// Guest-physical base of that table.
+    pub table: u64,
+    /// Writable at every level above.
+    pub writable: bool,
+    /// User at every level above.
+    pub user: bool,
+    /// XD at some level above.
+    pub nx: bool,
 }
 
 impl WalkOptions {
     /// The architectural walk: A/D flags are updated.
-    pub const ARCH: WalkOptions = WalkOptions { set_ad: true };
+    pub const ARCH: WalkOptions = WalkOptions { set_ad: true, start: None };
     /// A read-only walk: nothing is written.
-    pub const PEEK: WalkOptions = WalkOptions { set_ad: false };
+    pub const PEEK: WalkOptions = WalkOptions { set_ad: false, start: None };
 }
 
 impl Default for WalkOptions {
@@ -246,6 +266,27 @@ pub fn reserved_bits(st: &PagingState, level: u8, pte: u64) -> u64 {
     Rsvd::new(st, st.mode()).check(level, pte)
 }
 
+/// The paging-structure cache entry a completed 64-bit walk to a 4 KiB page allows: resume at
+/// its page table with the rights of the levels above (None for other modes and page sizes,
+/// and for walks that themselves started from a cache entry).
+pub fn pde_cache_entry(t: &Translation, st: &PagingState, start: Option<WalkStart>) -> Option<WalkStart> {
+    let mode = st.mode();
+    if !mode.is_long() || t.level != 1 || start.is_some() {
+        return None;
+    }
+    let nx_on = st.efer.contains(Efer::NXE);
+    let (mut writable, mut user, mut nx) = (true, true, false);
+    for &pte in &t.ptes[1..usize::from(mode.levels())] {
+        if pte & A == 0 {
+            return None;
+        }
+        writable &= pte & RW != 0;
+        user &= pte & US != 0;
+        nx |= nx_on && pte & NX != 0;
+    }
+    Some(WalkStart { level: 1, table: t.pte_gpas[0].0 & ADDR_MASK_4K, writable, user, nx })
+}
+
 /// Translates `gva` for `access` under `st`, reading (and, with
 /// `opts.set_ad`, updating) the guest paging structures in `mem`.
 ///
@@ -312,7 +353,7 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
     let (index_bits, va) =
         if wide { (9, if mode.is_long() { gva.0 } else { gva.0 & 0xffff_ffff }) } else { (10, gva.0 & 0xffff_ffff) };
     let index_mask = (1u64 << index_bits) - 1;
-    let (mut table, top) = match mode {
+    let (table, top) = match mode {
         PagingMode::Pae => {
             let idx = ((va >> 30) & 3) as usize;
             let pdpte = st.pdptrs[idx];
@@ -333,6 +374,13 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
 
     let nx_on = wide && st.efer.contains(Efer::NXE);
     let (mut writable, mut user, mut nx) = (true, true, false);
+    let (mut table, top) = match opts.start {
+        Some(s) if mode.is_long() && (1..top).contains(&s.level) => {
+            (writable, user, nx) = (s.writable, s.user, s.nx);
+            (s.table & ADDR_MASK_4K, s.level)
+        }
+        _ => (table, top),
+    };
     let mut level = top;
     let leaf_pte = loop {
         let shift = 12 + index_bits * u32::from(level - 1);
@@ -457,6 +505,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_walk_resumed_from_the_pde_cache_matches_the_full_walk() {
+        for mode in [PagingMode::Level4, PagingMode::Level5] {
+            let mut f = fixture(mode, 1);
+            let full = f.walk(Access::write(3)).unwrap();
+            let e = pde_cache_entry(&full, &f.st, None).expect("a 4 KiB walk with A set above");
+            assert_eq!((e.level, e.table), (1, f.at[0] & !0xfff), "{mode}");
+            assert!(pde_cache_entry(&full, &f.st, Some(e)).is_none(), "no entry from a resumed walk");
+            let opts = WalkOptions { set_ad: true, start: Some(e) };
+            let t = walk(&mut f.mem, &f.st, f.gva, &Access::write(3), opts, &mut NoObserver).unwrap();
+            assert_eq!((t.gpa, t.level, t.perms), (full.gpa, full.level, full.perms), "{mode}");
+            // The levels above were not read: their slots are empty.
+            assert_eq!(t.ptes[1], 0, "{mode}");
+        }
+        // PAE (and 32-bit) walks make no entry: this model caches 64-bit PDEs only.
+        let mut f = fixture(PagingMode::Pae, 1);
+        let full = f.walk(Access::read(0)).unwrap();
+        assert!(pde_cache_entry(&full, &f.st, None).is_none());
     }
 
     #[test]

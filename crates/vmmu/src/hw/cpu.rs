@@ -11,7 +11,7 @@ use x86_paging::ept::EptAccess;
 use x86_paging::ept::{HostPhys, TdpExit};
 use x86_paging::mode::{PagingMode, PagingState, PdptrError};
 use x86_paging::regs::{Cr0, Cr4, Efer};
-use x86_paging::walk::{walk, GuestPhys, NoObserver, WalkError, WalkOptions};
+use x86_paging::walk::{pde_cache_entry, walk, GuestPhys, NoObserver, WalkError, WalkOptions};
 use x86_paging::walk2d::{walk_2d_logged, DirtiedGfns, GpaCache, Tdp, Walk2dError};
 
 impl HostPhys for PhysMem {
@@ -418,17 +418,16 @@ impl Cpu {
     fn translate_slow(&mut self, gva: Gva, kind: AccessKind) -> Result<Hpa, Stop> {
         let access = Access { kind, cpl: self.cpl, implicit_supervisor: false, eflags_ac: self.eflags_ac };
         self.counters.walks += 1;
+        // The paging-structure cache: a walk may resume at the page table.
+        let start = self.tlb.psc_lookup(gva.raw(), self.ctx());
+        if start.is_some() {
+            self.tlb.counters.psc_hits += 1;
+        }
+        let opts = WalkOptions { set_ad: true, start };
         let (hpa, perms, shift, guest_shift, host_allow) = match &self.mode {
             CpuMode::Native => {
                 let t = loop {
-                    match walk(
-                        &mut NativeMem(&self.mem),
-                        &self.st,
-                        gva,
-                        &access,
-                        WalkOptions { set_ad: true },
-                        &mut NoObserver,
-                    ) {
+                    match walk(&mut NativeMem(&self.mem), &self.st, gva, &access, opts, &mut NoObserver) {
                         Ok(t) => break t,
                         // Another CPU kept changing the entries: walk again.
                         Err(WalkError::Contended) => continue,
@@ -437,7 +436,10 @@ impl Cpu {
                         Err(WalkError::Mem(never)) => match never {},
                     }
                 };
-                self.counters.walk_mem_refs += u64::from(self.st.mode().levels());
+                self.counters.walk_mem_refs += u64::from(start.map_or(self.st.mode().levels(), |s| s.level));
+                if let Some(e) = pde_cache_entry(&t, &self.st, start) {
+                    self.tlb.psc_fill(gva.raw(), self.ctx, e);
+                }
                 let guest_shift = t.size.shift() as u8;
                 let page = t.gpa.raw() & !((1u64 << guest_shift) - 1);
                 let shift = if self.mem.contains(Hpa::new(page), 1 << guest_shift) {
@@ -459,7 +461,7 @@ impl Cpu {
                         &self.st,
                         gva,
                         &access,
-                        WalkOptions { set_ad: true },
+                        opts,
                         Some(&mut self.gpa_cache),
                         &mut dirtied,
                         &mut NoObserver,
@@ -483,6 +485,9 @@ impl Cpu {
                     return Err(Stop::Exit(VmExit::PmlFull));
                 }
                 self.counters.walk_mem_refs += u64::from(t.mem_refs);
+                if let Some(e) = pde_cache_entry(&t.guest, &self.st, start) {
+                    self.tlb.psc_fill(gva.raw(), self.ctx, e);
+                }
                 let mut allow = kind_mask(0);
                 if t.host_writable && t.host_dirty {
                     allow |= kind_mask(1);
@@ -499,14 +504,7 @@ impl Cpu {
             CpuMode::Shadow(_) => {
                 let hw = self.hw_state();
                 let t = loop {
-                    match walk(
-                        &mut NativeMem(&self.mem),
-                        &hw,
-                        gva,
-                        &access,
-                        WalkOptions { set_ad: true },
-                        &mut NoObserver,
-                    ) {
+                    match walk(&mut NativeMem(&self.mem), &hw, gva, &access, opts, &mut NoObserver) {
                         Ok(t) => break t,
                         Err(WalkError::Contended) => continue,
                         // Every #PF is intercepted: the hypervisor decides whether the guest
@@ -518,7 +516,10 @@ impl Cpu {
                         Err(WalkError::Mem(never)) => match never {},
                     }
                 };
-                self.counters.walk_mem_refs += u64::from(hw.mode().levels());
+                self.counters.walk_mem_refs += u64::from(start.map_or(hw.mode().levels(), |s| s.level));
+                if let Some(e) = pde_cache_entry(&t, &hw, start) {
+                    self.tlb.psc_fill(gva.raw(), self.ctx, e);
+                }
                 let shift = t.size.shift() as u8;
                 (Hpa::new(t.gpa.raw()), t.perms, shift, shift, class::ALL)
             }
@@ -799,6 +800,30 @@ mod tests {
         assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111), "CR3 with the no-flush bit keeps the PCID's entries");
         c.write_cr3(0x1000 | 5).unwrap();
         assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222), "CR3 without it flushes them");
+    }
+
+    /// The PDE cache: a walk to a 4 KiB page caches where its page table is, so the next TLB
+    /// miss in the same 2 MiB region reads only the PTE. A PDE re-pointed behind the CPU's
+    /// back is not seen until a flush (as the SDM allows); INVLPG drops the cache.
+    #[test]
+    fn pde_cache_resumes_walks_at_the_page_table_until_a_flush() {
+        let mut c = machine(P | RW);
+        let w = |c: &Cpu, a: u64, v: u64| c.mem().store(Hpa::new(a), v);
+        // A second page table at 0x5000 maps VA to the second data page.
+        w(&c, 0x5000 + 8 * 0x10, 0x20_0000 | P | RW);
+        w(&c, 0x4000 + 8 * 0x11, 0x10_0000 | P | RW); // VA + 4 KiB, same 2 MiB region
+        w(&c, 0x4000 + 8 * 0x12, 0x10_0000 | P | RW); // VA + 8 KiB: old table, first page
+        w(&c, 0x5000 + 8 * 0x12, 0x20_0000 | P | RW); // ... new table, second page
+        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
+        let (walks, refs, hits) = (c.counters.walks, c.counters.walk_mem_refs, c.tlb.counters.psc_hits);
+        assert_eq!(c.read(Gva::new(VA + 0x1000), 8), Ok(0x1111), "the neighbour maps the first data page too");
+        assert_eq!(c.tlb.counters.psc_hits, hits + 1, "the second walk started at the page table");
+        assert_eq!((c.counters.walks - walks, c.counters.walk_mem_refs - refs), (1, 1), "one reference: the PTE");
+        // The PDE now points at the other page table; the cache still has the old one.
+        w(&c, 0x3000, 0x5000 | P | RW | (1 << 5));
+        assert_eq!(c.read(Gva::new(VA + 0x2000), 8), Ok(0x1111), "a TLB miss still resumes at the cached (old) table");
+        c.tlb.flush_addr(1, Some(5), VA); // drops VA's TLB entry and, with it, the PDE cache
+        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222), "INVLPG dropped the PDE cache: the new table is walked");
     }
 
     #[test]

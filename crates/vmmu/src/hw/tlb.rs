@@ -96,6 +96,24 @@ pub struct TlbCounters {
     pub misses: u64,
     /// Whole-TLB or whole-context flushes.
     pub flushes: u64,
+    /// Page walks that started from a paging-structure cache entry.
+    pub psc_hits: u64,
+}
+
+/// Entries of the paging-structure cache (PDE cache).
+pub const PSC_ENTRIES: usize = 256;
+
+/// A PDE-cache entry: for one 2 MiB region of one context, where its page table is and the
+/// rights of the levels above (SDM vol. 3, "Paging-Structure Caches"). Never global.
+#[derive(Clone, Copy, Debug, Default)]
+struct PscEntry {
+    /// `(gva >> 21) + 1`; 0 = empty.
+    key: u64,
+    ctx: u32,
+    gen: u32,
+    gen_ng: u32,
+    psc_gen: u32,
+    start: Option<x86_paging::walk::WalkStart>,
 }
 
 /// The TLB.
@@ -108,6 +126,12 @@ pub struct Tlb {
     gen_ng: u32,
     /// Whether any 4 KiB entry came from a larger guest page (INVLPG must then scan).
     fractured: bool,
+    /// The paging-structure cache (PDE cache), invalidated with the TLB's non-global
+    /// entries, and entirely by INVLPG and single-context flushes (which the SDM allows:
+    /// they must invalidate at least the entries of the current PCID).
+    psc: Box<[PscEntry]>,
+    /// Bumped to drop every PDE-cache entry.
+    psc_gen: u32,
     /// Counters.
     pub counters: TlbCounters,
 }
@@ -137,7 +161,36 @@ impl Tlb {
             gen: 1,
             gen_ng: 1,
             fractured: false,
+            psc: vec![PscEntry::default(); PSC_ENTRIES].into_boxed_slice(),
+            psc_gen: 1,
             counters: TlbCounters::default(),
+        }
+    }
+
+    /// The PDE-cache entry for `gva` in context `ctx`, if one survived the flushes.
+    #[inline]
+    pub fn psc_lookup(&self, gva: u64, ctx: u32) -> Option<x86_paging::walk::WalkStart> {
+        let key = (gva >> 21) + 1;
+        let e = &self.psc[(key as usize) & (PSC_ENTRIES - 1)];
+        (e.key == key && e.ctx == ctx && e.gen == self.gen && e.gen_ng == self.gen_ng && e.psc_gen == self.psc_gen)
+            .then_some(e.start)
+            .flatten()
+    }
+
+    /// Caches where the walks of `gva`'s 2 MiB region in context `ctx` resume.
+    #[inline]
+    pub fn psc_fill(&mut self, gva: u64, ctx: u32, start: x86_paging::walk::WalkStart) {
+        let key = (gva >> 21) + 1;
+        self.psc[(key as usize) & (PSC_ENTRIES - 1)] =
+            PscEntry { key, ctx, gen: self.gen, gen_ng: self.gen_ng, psc_gen: self.psc_gen, start: Some(start) };
+    }
+
+    /// Drops every PDE-cache entry.
+    fn psc_flush(&mut self) {
+        self.psc_gen = self.psc_gen.wrapping_add(1);
+        if self.psc_gen == 0 {
+            self.psc.fill(PscEntry::default());
+            self.psc_gen = 1;
         }
     }
 
@@ -210,6 +263,7 @@ impl Tlb {
             // Wrapped: really clear, so no entry of a former epoch comes back.
             self.entries.fill(TlbEntry::default());
             self.large.fill(TlbEntry::default());
+            self.psc.fill(PscEntry::default());
             self.gen = 1;
         }
         self.fractured = false;
@@ -236,6 +290,7 @@ impl Tlb {
     pub fn flush_pcid(&mut self, vpid: u16, pcid: u16, globals: bool) {
         let ctx = (u32::from(vpid) << 16) | u32::from(pcid);
         self.retain(|e| !(e.ctx == ctx && (globals || !e.global)));
+        self.psc_flush();
         self.counters.flushes += 1;
     }
 
@@ -249,6 +304,7 @@ impl Tlb {
             self.gen_ng = self.gen_ng.wrapping_add(1);
             if self.gen_ng == 0 {
                 self.retain(|e| e.global);
+                self.psc.fill(PscEntry::default());
                 self.gen_ng = 1;
             }
         }
@@ -264,6 +320,7 @@ impl Tlb {
                 && (e.global || pcid.is_none_or(|p| (e.ctx & 0xffff) as u16 == p))
                 && e.guest_page_contains(gva)
         };
+        self.psc_flush();
         let i = slot(gva >> 12);
         if hit(&self.entries[i]) {
             self.entries[i] = TlbEntry::default();
