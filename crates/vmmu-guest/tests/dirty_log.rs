@@ -278,14 +278,20 @@ fn completeness_with_racing_harvests(mmu: MmuKind, pml: bool, writes: &[u16]) {
         harvests = harvester.join().unwrap();
     });
     harvests.push(g.harvest());
+    check_every_write_harvested(&format!("{mmu:?}"), &log, &harvests, &gfn);
+    g.kvm.audit().unwrap();
+}
+
+/// The completeness oracle: write `i` to page `p`, made when `h` harvests had completed
+/// (`log[i] = (p, h)`), shows up in harvest `h` or a later one.
+fn check_every_write_harvested(what: &str, log: &[(u64, usize)], harvests: &[BTreeSet<u64>], gfn: &[u64]) {
     for (i, &(p, h)) in log.iter().enumerate() {
         assert!(
             harvests[h.min(harvests.len() - 1)..].iter().any(|set| set.contains(&gfn[p as usize])),
-            "{mmu:?}: write #{i} to page {p} (gfn {:#x}) after {h} harvests is in no later harvest",
+            "{what}: write #{i} to page {p} (gfn {:#x}) after {h} harvests is in no later harvest",
             gfn[p as usize]
         );
     }
-    g.kvm.audit().unwrap();
 }
 
 proptest::proptest! {
@@ -547,13 +553,7 @@ fn ring_completeness_with_racing_resets(mmu: MmuKind, pml: bool, writes: &[u16])
         harvests = harvester.join().unwrap();
     });
     harvests.push(g.harvest_ring());
-    for (i, &(p, h)) in log.iter().enumerate() {
-        assert!(
-            harvests[h.min(harvests.len() - 1)..].iter().any(|set| set.contains(&gfn[p as usize])),
-            "{mmu:?} pml={pml}: write #{i} to page {p} (gfn {:#x}) is in no collection made after it",
-            gfn[p as usize]
-        );
-    }
+    check_every_write_harvested(&format!("{mmu:?} pml={pml}"), &log, &harvests, &gfn);
     g.kvm.audit().unwrap();
 }
 

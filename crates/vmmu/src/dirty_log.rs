@@ -16,9 +16,7 @@
 //! model always keeps (KVM's KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP behaviour).
 
 use crate::memslot::{Memslot, MemslotChange, MemslotError, Memslots};
-use crate::mmu::spte::{self, Spte};
-use crate::mmu::tdp_iter::TdpIter;
-use crate::mmu::tdp_mmu::{self, TdpRoot};
+use crate::mmu::tdp_mmu;
 use crate::sync::{Arc, AtomicU32, AtomicU64, Mutex, Ordering};
 use crate::vm::{mode, req, Kvm, ManualDirtyLog, MmuKind, VcpuShared, VmError};
 use x86_paging::addr::Gfn;
@@ -206,7 +204,7 @@ pub(crate) fn mark_page_dirty_in_slot(ring: Option<&DirtyRing>, slot: &Memslot, 
 
 /// Which way KVM re-arms logging for a page it reported.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Rearm {
+pub(crate) enum Rearm {
     /// Clear W (keep MMU-writable): the next write takes a fast page fault.
     WriteProtect,
     /// Clear D on 4 KiB SPTEs (PML logs the next write); write-protect huge SPTEs.
@@ -266,13 +264,9 @@ impl Kvm {
                 // children are protected (or have D cleared) like any 4 KiB SPTE.
                 tdp_mmu::kvm_tdp_mmu_try_split_huge_pages(self, s.base_gfn, s.end_gfn())?;
             }
-            let changed = match self.rearm() {
-                // Everything write-protected, huge mappings too: the next write to each page
-                // faults and is logged; huge pages are mapped 4 KiB while logging.
-                Rearm::WriteProtect => self.rearm_range(s.base_gfn.raw(), s.end_gfn().raw(), Rearm::WriteProtect, 1),
-                // kvm_mmu_slot_leaf_clear_dirty + remove_write_access(PG_LEVEL_2M).
-                Rearm::ClearDirty => self.rearm_range(s.base_gfn.raw(), s.end_gfn().raw(), Rearm::ClearDirty, 1),
-            };
+            // Write protection: everything, huge mappings too (huge pages are mapped 4 KiB
+            // while logging). PML: kvm_mmu_slot_leaf_clear_dirty + remove_write_access(2M).
+            let changed = self.rearm_range(s.base_gfn.raw(), s.end_gfn().raw(), self.rearm());
             if changed {
                 self.flush_remote_tlbs(None);
             }
@@ -338,18 +332,11 @@ impl Kvm {
         for v in &vcpus {
             v.requests.fetch_or(req::KICK, Ordering::SeqCst);
         }
+        // As for a remote flush: a vCPU entering guest mode now either sees the kick or is
+        // seen in guest mode (vCPUs publish their mode with a light barrier).
+        crate::sync::barrier::heavy_barrier();
         for v in &vcpus {
-            let mut spins = 0u32;
-            while v.requests.load(Ordering::SeqCst) & req::KICK != 0
-                && v.mode.load(Ordering::SeqCst) == mode::IN_GUEST_MODE
-            {
-                spins += 1;
-                if spins > 64 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
+            v.wait_for_request(req::KICK, |m| m == mode::IN_GUEST_MODE);
         }
     }
 
@@ -477,14 +464,7 @@ impl Kvm {
                     // Pages past a slot that shrank since are ignored, as KVM does.
                     let mask =
                         if offset < s.npages { mask & (u64::MAX >> (64 - (s.npages - offset).min(64))) } else { 0 };
-                    let start = s.base_gfn.raw() + offset;
-                    let mut b = mask;
-                    while b != 0 {
-                        let first = u64::from(b.trailing_zeros());
-                        let len = u64::from((!(b >> first)).trailing_zeros());
-                        b &= !(u64::MAX >> (64 - len) << first);
-                        changed |= self.rearm_range(start + first, start + first + len, self.rearm(), 1);
-                    }
+                    changed |= self.rearm_masked(s, offset, &[mask]);
                 }
             }));
         }
@@ -508,21 +488,22 @@ impl Kvm {
                 let len = u64::from((!(b >> first)).trailing_zeros());
                 b &= !(u64::MAX >> (64 - len) << first);
                 let start = base + w as u64 * 64 + first;
-                changed |= self.rearm_range(start, start + len, how, 1);
+                changed |= self.rearm_range(start, start + len, how);
             }
         }
         changed
     }
 
-    /// Re-arms logging on every SPTE mapping a gfn in [start, end) at `min_level` or above,
-    /// in both MMUs: write protection clears W (keeping MMU-writable); clearing dirty clears
-    /// D on 4 KiB SPTEs and W on huge ones. Returns whether any SPTE changed.
-    fn rearm_range(&self, start: u64, end: u64, how: Rearm, min_level: u8) -> bool {
+    /// Re-arms logging on every SPTE mapping a gfn in [start, end), in both MMUs: write
+    /// protection clears W (keeping MMU-writable); clearing dirty clears D on 4 KiB SPTEs and
+    /// W on huge ones. Returns whether any SPTE changed.
+    pub(crate) fn rearm_range(&self, start: u64, end: u64, how: Rearm) -> bool {
         let (start, end) = (Gfn::new(start), Gfn::new(end));
         if self.config.mmu == MmuKind::Tdp {
-            let _r = self.mmu.mmu_lock.read();
-            let roots: Vec<Arc<TdpRoot>> = self.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
-            return roots.iter().fold(false, |c, root| self.tdp_rearm_root(root, start, end, how, min_level) | c);
+            return match how {
+                Rearm::WriteProtect => tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, start, end),
+                Rearm::ClearDirty => tdp_mmu::kvm_tdp_mmu_clear_dirty_slot(self, start, end),
+            };
         }
         let _w = self.mmu.mmu_lock.write();
         let mut sh = self.mmu.shadow.lock();
@@ -533,7 +514,7 @@ impl Kvm {
         for g in start.raw()..end.raw() {
             let gfn = Gfn::new(g);
             match how {
-                Rearm::WriteProtect => changed |= ctx.write_protect_gfn_from(gfn, false, min_level),
+                Rearm::WriteProtect => changed |= ctx.write_protect_gfn_from(gfn, false, 1),
                 Rearm::ClearDirty => {
                     // __rmap_clear_dirty at 4 KiB; huge SPTEs write-protected.
                     changed |= ctx.clear_dirty_gfn(gfn, dirty);
@@ -542,87 +523,5 @@ impl Kvm {
             }
         }
         changed
-    }
-
-    fn tdp_rearm_root(&self, root: &TdpRoot, start: Gfn, end: Gfn, how: Rearm, min_level: u8) -> bool {
-        let dirty = self.mmu.masks.dirty;
-        let mut changed = false;
-        let mut it = TdpIter::new(self.mem(), root.hpa, root.level(), min_level, start, end);
-        while it.valid {
-            let s = it.old_spte;
-            if s.is_shadow_present() && s.is_last(it.level) {
-                let clear = match how {
-                    Rearm::ClearDirty if it.level == 1 && dirty != 0 => dirty,
-                    _ => spte::PT_WRITABLE,
-                };
-                if s.0 & clear != 0 {
-                    if tdp_mmu::tdp_mmu_set_spte_atomic(self, u32::MAX, &mut it, Spte(s.0 & !clear)).is_err() {
-                        continue; // re-examine the refreshed value
-                    }
-                    changed = true;
-                }
-            }
-            it.next();
-        }
-        changed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ring(entries: u32, reserved: u32) -> (DirtyRing, Arc<VcpuShared>) {
-        let owner = Arc::new(VcpuShared::default());
-        (DirtyRing::new(entries, reserved, owner.clone()), owner)
-    }
-
-    #[test]
-    fn push_collect_reset_cycle() {
-        let (r, owner) = ring(8, 2);
-        for o in [5, 6, 7, 70] {
-            assert!(r.push(1, o));
-        }
-        assert_eq!(r.used(), 4);
-        let mut got = Vec::new();
-        assert_eq!(r.collect(|g| got.push(g)), 4);
-        assert_eq!(got.iter().map(|g| g.offset).collect::<Vec<_>>(), vec![5, 6, 7, 70]);
-        assert_eq!(r.collect(|_| panic!("nothing new")), 0);
-        let mut runs = Vec::new();
-        assert_eq!(r.reset(|s, base, mask| runs.push((s, base, mask))), 4);
-        assert_eq!(runs, vec![(1, 5, 0b111), (1, 70, 1)], "pages within 64 of a run's first page coalesce");
-        assert_eq!(r.used(), 0);
-        assert_eq!(owner.requests.load(Ordering::SeqCst) & req::DIRTY_RING_SOFT_FULL, 0);
-    }
-
-    #[test]
-    fn soft_full_requests_an_exit_and_a_full_ring_refuses() {
-        let (r, owner) = ring(8, 2);
-        for o in 0..5 {
-            assert!(r.push(0, o));
-        }
-        assert!(!r.soft_full());
-        assert!(r.push(0, 5));
-        assert!(r.soft_full(), "6 of 8 used, 2 reserved");
-        assert_ne!(owner.requests.load(Ordering::SeqCst) & req::DIRTY_RING_SOFT_FULL, 0);
-        assert!(r.push(0, 6) && r.push(0, 7));
-        assert!(!r.push(0, 8), "completely full");
-        assert_eq!(r.overflows.load(Ordering::Relaxed), 1);
-        // Only collected entries are recycled, in order.
-        let mut n = 0;
-        r.collect(|_| n += 1);
-        assert_eq!(n, 8);
-        assert_eq!(r.reset(|_, _, _| {}), 8);
-        assert!(r.push(0, 9), "room again after the reset");
-    }
-
-    #[test]
-    fn reset_stops_at_an_uncollected_entry() {
-        let (r, _) = ring(8, 2);
-        r.push(0, 1);
-        r.collect(|_| {});
-        r.push(0, 2);
-        assert_eq!(r.reset(|_, _, _| {}), 1);
-        assert_eq!(r.used(), 1);
     }
 }

@@ -235,6 +235,23 @@ pub struct VcpuShared {
     pub requests: AtomicU64,
 }
 
+impl VcpuShared {
+    /// Waits until this vCPU has consumed request `bit` (made by the caller) or is in no mode
+    /// `busy` accepts: the "IPI" of `kvm_make_all_cpus_request` with KVM_REQUEST_WAIT. The
+    /// caller has made the request and run `heavy_barrier` first.
+    pub(crate) fn wait_for_request(&self, bit: u64, busy: impl Fn(u8) -> bool) {
+        let mut spins = 0u32;
+        while self.requests.load(Ordering::SeqCst) & bit != 0 && busy(self.mode.load(Ordering::SeqCst)) {
+            spins += 1;
+            if spins > 64 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
 /// A VM (`struct kvm`).
 pub struct Kvm {
     pub(crate) config: VmConfig,
@@ -523,22 +540,9 @@ impl Kvm {
         // guest mode needs the IPI (KVM_REQ_TLB_FLUSH waits); remote_tlb_flush counts the
         // flushes that sent one.
         let mut kicked = false;
-        for v in &vcpus {
-            if Some(v.id) == me {
-                continue;
-            }
+        for v in vcpus.iter().filter(|v| Some(v.id) != me) {
             kicked |= v.mode.load(Ordering::SeqCst) != mode::OUTSIDE_GUEST_MODE;
-            let mut spins = 0u32;
-            while v.requests.load(Ordering::SeqCst) & req::TLB_FLUSH != 0
-                && matches!(v.mode.load(Ordering::SeqCst), mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES)
-            {
-                spins += 1;
-                if spins > 64 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
+            v.wait_for_request(req::TLB_FLUSH, |m| matches!(m, mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES));
         }
         if kicked {
             self.stats.remote_tlb_flush.add(1);
@@ -592,18 +596,9 @@ impl Kvm {
     pub fn mmu_slot_remove_write_access(&self, slot: u32) -> Result<(), VmError> {
         let slots = self.memslots();
         let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
-        let changed = if self.config.mmu == MmuKind::Tdp {
-            tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, s.base_gfn, s.end_gfn())
-        } else {
-            // rmap_write_protect with pt_protect = false: W goes, MMU-writable stays.
-            let _w = self.mmu.mmu_lock.write();
-            let mut sh = self.mmu.shadow.lock();
-            let sptes: Vec<_> = sh.rmaps.all().into_iter().filter(|&(id, _, _)| id == slot).collect();
-            let mut ctx =
-                crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
-            sptes.into_iter().fold(false, |changed, (_, _, sptep)| ctx.spte_write_protect(sptep, false) | changed)
-        };
-        if changed {
+        let (start, end) = (s.base_gfn.raw(), s.end_gfn().raw());
+        drop(slots);
+        if self.rearm_range(start, end, crate::dirty_log::Rearm::WriteProtect) {
             self.flush_remote_tlbs(None);
         }
         Ok(())

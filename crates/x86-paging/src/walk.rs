@@ -268,10 +268,11 @@ pub fn reserved_bits(st: &PagingState, level: u8, pte: u64) -> u64 {
 
 /// The paging-structure cache entry a completed 64-bit walk to a 4 KiB page allows: resume at
 /// its page table with the rights of the levels above (None for other modes and page sizes,
-/// and for walks that themselves started from a cache entry).
-pub fn pde_cache_entry(t: &Translation, st: &PagingState, start: Option<WalkStart>) -> Option<WalkStart> {
+/// and for walks that themselves started from a cache entry: they read no upper entry, so
+/// none has its A flag).
+pub fn pde_cache_entry(t: &Translation, st: &PagingState) -> Option<WalkStart> {
     let mode = st.mode();
-    if !mode.is_long() || t.level != 1 || start.is_some() {
+    if !mode.is_long() || t.level != 1 {
         return None;
     }
     let nx_on = st.efer.contains(Efer::NXE);
@@ -512,11 +513,11 @@ mod tests {
         for mode in [PagingMode::Level4, PagingMode::Level5] {
             let mut f = fixture(mode, 1);
             let full = f.walk(Access::write(3)).unwrap();
-            let e = pde_cache_entry(&full, &f.st, None).expect("a 4 KiB walk with A set above");
+            let e = pde_cache_entry(&full, &f.st).expect("a 4 KiB walk with A set above");
             assert_eq!((e.level, e.table), (1, f.at[0] & !0xfff), "{mode}");
-            assert!(pde_cache_entry(&full, &f.st, Some(e)).is_none(), "no entry from a resumed walk");
             let opts = WalkOptions { set_ad: true, start: Some(e) };
             let t = walk(&mut f.mem, &f.st, f.gva, &Access::write(3), opts, &mut NoObserver).unwrap();
+            assert!(pde_cache_entry(&t, &f.st).is_none(), "no entry from a resumed walk");
             assert_eq!((t.gpa, t.level, t.perms), (full.gpa, full.level, full.perms), "{mode}");
             // The levels above were not read: their slots are empty.
             assert_eq!(t.ptes[1], 0, "{mode}");
@@ -524,7 +525,7 @@ mod tests {
         // PAE (and 32-bit) walks make no entry: this model caches 64-bit PDEs only.
         let mut f = fixture(PagingMode::Pae, 1);
         let full = f.walk(Access::read(0)).unwrap();
-        assert!(pde_cache_entry(&full, &f.st, None).is_none());
+        assert!(pde_cache_entry(&full, &f.st).is_none());
     }
 
     #[test]

@@ -437,7 +437,7 @@ impl Cpu {
                     }
                 };
                 self.counters.walk_mem_refs += u64::from(start.map_or(self.st.mode().levels(), |s| s.level));
-                if let Some(e) = pde_cache_entry(&t, &self.st, start) {
+                if let Some(e) = pde_cache_entry(&t, &self.st) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
                 let guest_shift = t.size.shift() as u8;
@@ -485,7 +485,7 @@ impl Cpu {
                     return Err(Stop::Exit(VmExit::PmlFull));
                 }
                 self.counters.walk_mem_refs += u64::from(t.mem_refs);
-                if let Some(e) = pde_cache_entry(&t.guest, &self.st, start) {
+                if let Some(e) = pde_cache_entry(&t.guest, &self.st) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
                 let mut allow = kind_mask(0);
@@ -517,7 +517,7 @@ impl Cpu {
                     }
                 };
                 self.counters.walk_mem_refs += u64::from(start.map_or(hw.mode().levels(), |s| s.level));
-                if let Some(e) = pde_cache_entry(&t, &hw, start) {
+                if let Some(e) = pde_cache_entry(&t, &hw) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
                 let shift = t.size.shift() as u8;

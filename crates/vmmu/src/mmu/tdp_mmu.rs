@@ -436,10 +436,24 @@ pub fn kvm_tdp_mmu_try_split_huge_pages(kvm: &Kvm, start: Gfn, end: Gfn) -> Resu
 }
 
 /// `kvm_tdp_mmu_wrprot_slot`: clears W on every leaf SPTE mapping a gfn in [start, end),
-/// keeping MMU-writable so the next write is fixed by fast page fault (the first step of
-/// dirty logging in write-protect mode). Runs under `mmu_lock` for read with
-/// compare-exchange; returns whether any SPTE changed (a TLB flush is needed).
+/// keeping MMU-writable so the next write is fixed by fast page fault (dirty logging in
+/// write-protect mode). Returns whether any SPTE changed (a TLB flush is needed).
 pub fn kvm_tdp_mmu_wrprot_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
+    clear_leaf_bits(kvm, start, end, |_| spte::PT_WRITABLE)
+}
+
+/// `kvm_tdp_mmu_clear_dirty_slot` with `remove_write_access(PG_LEVEL_2M)`: clears D on every
+/// 4 KiB leaf in [start, end) (PML logs the next write) and W on huge leaves (the next write
+/// splits them). SPTEs without A/D bits are write-protected instead. Returns whether any
+/// SPTE changed.
+pub fn kvm_tdp_mmu_clear_dirty_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
+    let dirty = kvm.mmu.masks.dirty;
+    clear_leaf_bits(kvm, start, end, |level| if level == 1 && dirty != 0 { dirty } else { spte::PT_WRITABLE })
+}
+
+/// Clears `bits(level)` on every present leaf SPTE mapping a gfn in [start, end), in every
+/// valid root, under `mmu_lock` for read with compare-exchange.
+fn clear_leaf_bits(kvm: &Kvm, start: Gfn, end: Gfn, bits: impl Fn(u8) -> u64) -> bool {
     let _r = kvm.mmu.mmu_lock.read();
     let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
     let mut changed = false;
@@ -447,9 +461,9 @@ pub fn kvm_tdp_mmu_wrprot_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
         let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
         while it.valid {
             let s = it.old_spte;
-            if s.is_shadow_present() && s.is_last(it.level) && s.is_writable() {
-                let new = Spte(s.0 & !spte::PT_WRITABLE);
-                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, new).is_err() {
+            let clear = bits(it.level);
+            if s.is_shadow_present() && s.is_last(it.level) && s.0 & clear != 0 {
+                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, Spte(s.0 & !clear)).is_err() {
                     continue; // re-examine the refreshed value
                 }
                 changed = true;
