@@ -266,10 +266,11 @@ impl Kvm {
             }
             // Write protection: everything, huge mappings too (huge pages are mapped 4 KiB
             // while logging). PML: kvm_mmu_slot_leaf_clear_dirty + remove_write_access(2M).
-            let changed = self.rearm_range(s.base_gfn.raw(), s.end_gfn().raw(), self.rearm());
-            if changed {
-                self.flush_remote_tlbs(None);
-            }
+            self.rearm_range(s.base_gfn.raw(), s.end_gfn().raw(), self.rearm());
+            // Flush whether or not an SPTE changed, as KVM does: an SPTE that is already
+            // read-only (access-tracked by aging, which does not flush) may still sit
+            // writable in a vCPU's TLB, and a write through it would go unlogged.
+            self.flush_remote_tlbs(None);
         } else if was_logging && !logging && change == MemslotChange::FlagsOnly {
             // Zap the slot's mappings so they fault back in, huge again where possible
             // (kvm_mmu_zap_collapsible_sptes, done wholesale).
@@ -354,7 +355,10 @@ impl Kvm {
             return Ok(s.read_dirty_bitmap());
         }
         let bitmap = s.take_dirty_bitmap();
-        if self.rearm_masked(&s, 0, &bitmap) {
+        self.rearm_masked(&s, 0, &bitmap);
+        // kvm_get_dirty_log_protect flushes when any page was reported, changed SPTE or
+        // not (a reported page may be writable in a TLB behind a read-only SPTE).
+        if bitmap.iter().any(|&w| w != 0) {
             self.flush_remote_tlbs(None);
         }
         Ok(bitmap)
@@ -389,7 +393,9 @@ impl Kvm {
         }
         self.sync_dirty_log();
         let cleared = s.clear_dirty_bits(first_page / 64, &mask);
-        if self.rearm_masked(&s, first_page, &cleared) {
+        self.rearm_masked(&s, first_page, &cleared);
+        // As for KVM_GET_DIRTY_LOG: a flush whenever a log bit was really cleared.
+        if cleared.iter().any(|&w| w != 0) {
             self.flush_remote_tlbs(None);
         }
         Ok(())
@@ -457,27 +463,26 @@ impl Kvm {
         let rings = self.dirty_rings.lock().clone();
         let slots = self.memslots();
         let mut cleared = 0u64;
-        let mut changed = false;
         for r in rings {
             cleared += u64::from(r.reset(|slot, offset, mask| {
                 if let Some(s) = slots.by_id(slot).filter(|s| s.dirty_logging()) {
                     // Pages past a slot that shrank since are ignored, as KVM does.
                     let mask =
                         if offset < s.npages { mask & (u64::MAX >> (64 - (s.npages - offset).min(64))) } else { 0 };
-                    changed |= self.rearm_masked(s, offset, &[mask]);
+                    self.rearm_masked(s, offset, &[mask]);
                 }
             }));
         }
-        if changed {
+        // kvm_vm_ioctl_reset_dirty_pages flushes whenever an entry was recycled.
+        if cleared != 0 {
             self.flush_remote_tlbs(None);
         }
         cleared
     }
 
     /// Re-arms logging for the pages whose bits are set in `bitmap` (bit i of word w = page
-    /// first_page + 64 w + i of `s`); returns whether any SPTE changed (the caller flushes).
-    fn rearm_masked(&self, s: &Memslot, first_page: u64, bitmap: &[u64]) -> bool {
-        let mut changed = false;
+    /// first_page + 64 w + i of `s`). The caller flushes TLBs when any bit was set.
+    fn rearm_masked(&self, s: &Memslot, first_page: u64, bitmap: &[u64]) {
         let base = s.base_gfn.raw() + first_page;
         let how = self.rearm();
         for (w, bits) in bitmap.iter().enumerate() {
@@ -488,40 +493,41 @@ impl Kvm {
                 let len = u64::from((!(b >> first)).trailing_zeros());
                 b &= !(u64::MAX >> (64 - len) << first);
                 let start = base + w as u64 * 64 + first;
-                changed |= self.rearm_range(start, start + len, how);
+                self.rearm_range(start, start + len, how);
             }
         }
-        changed
     }
 
     /// Re-arms logging on every SPTE mapping a gfn in [start, end), in both MMUs: write
     /// protection clears W (keeping MMU-writable); clearing dirty clears D on 4 KiB SPTEs and
-    /// W on huge ones. Returns whether any SPTE changed.
-    pub(crate) fn rearm_range(&self, start: u64, end: u64, how: Rearm) -> bool {
+    /// W on huge ones. Whether an SPTE changed does not matter to the caller, which flushes
+    /// regardless (a TLB may hold a writable translation behind an already read-only SPTE).
+    pub(crate) fn rearm_range(&self, start: u64, end: u64, how: Rearm) {
         let (start, end) = (Gfn::new(start), Gfn::new(end));
         if self.config.mmu == MmuKind::Tdp {
-            return match how {
+            match how {
                 Rearm::WriteProtect => tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, start, end),
                 Rearm::ClearDirty => tdp_mmu::kvm_tdp_mmu_clear_dirty_slot(self, start, end),
             };
+            return;
         }
         let _w = self.mmu.mmu_lock.write();
         let mut sh = self.mmu.shadow.lock();
         let slots = self.memslots();
         let mut ctx = crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots, vcpu: None, cpu: u32::MAX };
         let dirty = self.mmu.masks.dirty;
-        let mut changed = false;
         for g in start.raw()..end.raw() {
             let gfn = Gfn::new(g);
             match how {
-                Rearm::WriteProtect => changed |= ctx.write_protect_gfn_from(gfn, false, 1),
+                Rearm::WriteProtect => {
+                    ctx.write_protect_gfn_from(gfn, false, 1);
+                }
                 Rearm::ClearDirty => {
                     // __rmap_clear_dirty at 4 KiB; huge SPTEs write-protected.
-                    changed |= ctx.clear_dirty_gfn(gfn, dirty);
-                    changed |= ctx.write_protect_gfn_from(gfn, false, 2);
+                    ctx.clear_dirty_gfn(gfn, dirty);
+                    ctx.write_protect_gfn_from(gfn, false, 2);
                 }
             }
         }
-        changed
     }
 }

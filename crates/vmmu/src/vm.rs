@@ -598,9 +598,10 @@ impl Kvm {
         let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
         let (start, end) = (s.base_gfn.raw(), s.end_gfn().raw());
         drop(slots);
-        if self.rearm_range(start, end, crate::dirty_log::Rearm::WriteProtect) {
-            self.flush_remote_tlbs(None);
-        }
+        self.rearm_range(start, end, crate::dirty_log::Rearm::WriteProtect);
+        // Unconditionally, as every caller of KVM's does: an SPTE already read-only
+        // (access-tracked, not flushed by aging) may still be writable in a TLB.
+        self.flush_remote_tlbs(None);
         Ok(())
     }
 

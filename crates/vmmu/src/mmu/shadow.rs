@@ -901,10 +901,17 @@ impl Ctx<'_> {
 pub const ROOT_ACCESS: u8 = ACC_ALL;
 
 /// Takes `mmu_lock` for write and the shadow state, and builds a context for `vcpu`.
+///
+/// The context sees the memslots current once `mmu_lock` is held, not the vCPU's last
+/// snapshot: these paths run outside exits too (request servicing at entry, MOV CR3,
+/// INVLPG), and a sync that makes an SPTE writable must log the page in the slot's current
+/// dirty bitmap. A memslot update publishes the new slots before it takes `mmu_lock` to
+/// apply their flags, so a context built after it sees them (KVM gets this from SRCU).
 macro_rules! with_ctx {
     ($kvm:expr, $vcpu:expr, |$ctx:ident| $body:expr) => {{
         let _w = $kvm.mmu.mmu_lock.write();
         let mut guard = $kvm.mmu.shadow.lock();
+        $vcpu.refresh_memslots($kvm);
         let slots = $vcpu.slots.clone();
         let cpu = $vcpu.id;
         let mut $ctx = Ctx { kvm: $kvm, s: &mut guard, slots, vcpu: Some(&mut *$vcpu), cpu };

@@ -349,13 +349,31 @@ pub fn make_small_spte(m: &SpteMasks, huge: Spte, level: u8, index: u64, nx_huge
     if child_level == 1 {
         s &= !PT_PAGE_SIZE;
         // Huge pages lose X under the NX mitigation; a 4 KiB piece may execute again.
-        if nx_huge_pages && m.ept {
-            s |= m.x;
-        } else if nx_huge_pages {
-            s &= !m.nx;
+        if nx_huge_pages {
+            return make_spte_executable(m, Spte(s));
         }
     }
     Spte(s)
+}
+
+/// `modify_spte_protections`: sets and clears permission bits of a leaf SPTE. An
+/// access-tracked SPTE keeps its R/X in the saved bits, so it is restored, changed and
+/// marked again — setting X on the live bits would leave an SPTE that is neither
+/// access-tracked nor valid (X with saved R: a later W gives W without R, a misconfiguration).
+pub fn modify_spte_protections(m: &SpteMasks, spte: Spte, set: u64, clear: u64) -> Spte {
+    debug_assert_eq!(set & clear, 0, "modify_spte_protections: {set:#x} both set and cleared");
+    let tracked = spte.is_access_track(m);
+    let mut s = if tracked { restore_acc_track_spte(spte) } else { spte };
+    s = Spte((s.0 | set) & !clear);
+    if tracked {
+        s = mark_spte_for_access_track(m, s);
+    }
+    s
+}
+
+/// `make_spte_executable`.
+pub fn make_spte_executable(m: &SpteMasks, spte: Spte) -> Spte {
+    modify_spte_protections(m, spte, m.x, m.nx)
 }
 
 /// `make_mmio_spte`: a non-present SPTE that faults as "reserved" / EPT misconfiguration and
@@ -468,5 +486,31 @@ mod tests {
         assert_eq!(c.pfn(), Pfn::new(0x203));
         let n = make_nonleaf_spte(&m, Hpa::new(0x5000), false);
         assert!(n.is_shadow_present() && !n.is_large() && n.child() == Hpa::new(0x5000));
+    }
+
+    /// Splitting an access-tracked huge SPTE under the NX mitigation: the 4 KiB children
+    /// get X in their saved bits and stay access-tracked (never X next to saved bits, which
+    /// a later write would turn into W without R: an EPT misconfiguration).
+    #[test]
+    fn split_of_access_tracked_huge_spte_stays_access_tracked() {
+        let m = SpteMasks::ept(false);
+        let (h, _) = make_spte(
+            &m,
+            &SpteRequest { nx_huge_pages: true, pfn: Pfn::new(0x200), ..req(2) },
+            Spte::NONPRESENT,
+            || true,
+        );
+        assert!(h.is_large() && !h.is_executable(&m) && h.0 & EPT_R != 0);
+        let t = mark_spte_for_access_track(&m, h);
+        assert!(t.is_access_track(&m));
+        let c = make_small_spte(&m, t, 2, 7, true);
+        assert!(c.is_access_track(&m) && c.0 & EPT_RWX == 0, "child {c:?}");
+        assert_eq!(c.pfn(), Pfn::new(0x207));
+        let r = restore_acc_track_spte(c);
+        assert!(r.0 & EPT_R != 0 && r.is_executable(&m) && !r.is_large(), "restored {r:?}");
+        // Not access-tracked: X is simply set.
+        let c = make_small_spte(&m, h, 2, 7, true);
+        assert!(!c.is_access_track(&m) && c.is_executable(&m) && c.0 & EPT_R != 0);
+        assert_eq!(modify_spte_protections(&m, c, 0, m.x), Spte(c.0 & !m.x));
     }
 }
