@@ -499,3 +499,110 @@ fn nx_split_of_an_aged_huge_page_then_write() {
     let setup = Setup { nx_huge_pages: true, eager_page_split: false, thp: true, ..fixed(MmuKind::Tdp, Harvest::Get) };
     run_mix(setup, &[Op::ClearYoung(0, 1), Op::Fetch(0), Op::Cr3Reload, Op::Write(0), Op::Read(1)]);
 }
+
+/// Logging turned on and off while the vCPU runs on another thread, with zaps and aging in
+/// between so the vCPU keeps faulting: every write that started after logging was on (and
+/// ended before it went off) is in a harvest made after it — no fault that raced with the
+/// memslot update may map a page writable behind the log's back.
+fn logging_toggled_under_a_running_vcpu(setup: Setup, periods: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut m = Mix::new(setup.clone());
+    let (kvm, host, hva) = (m.kvm.clone(), m.host.clone(), m.hva);
+    let gfn = m.gfn.clone();
+    // Even: logging off; odd: on (period k = epoch / 2). Harvests count within the run.
+    let epoch = AtomicUsize::new(0);
+    let harvests_done = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let ring = setup.harvest == Harvest::Ring;
+    let read_log = |kvm: &Kvm| -> BTreeSet<u64> {
+        match setup.harvest {
+            Harvest::Get => bits(&kvm.get_dirty_log(0).unwrap()),
+            Harvest::ManualClear => {
+                let bm = kvm.get_dirty_log(0).unwrap();
+                kvm.clear_dirty_log(0, 0, MEM / 4096, &bm).unwrap();
+                bits(&bm)
+            }
+            Harvest::Ring => {
+                let mut got = BTreeSet::new();
+                kvm.dirty_ring(0).unwrap().collect(|g| {
+                    got.insert(g.offset);
+                });
+                kvm.reset_dirty_rings();
+                got
+            }
+        }
+    };
+    // (epoch, index of the first harvest that must hold it) per write, and the harvests.
+    let mut writes: Vec<(u64, usize, usize)> = Vec::new();
+    let mut harvests: Vec<(usize, BTreeSet<u64>)> = Vec::new();
+    std::thread::scope(|s| {
+        let host_thread = s.spawn(|| {
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+            let mut out = Vec::new();
+            for _ in 0..periods {
+                kvm.set_user_memory_region(region(hva, true)).unwrap();
+                let e = epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                for _ in 0..rng.gen_range(1..6) {
+                    match rng.gen_range(0..4) {
+                        0 => kvm.kvm_mmu_zap_all_fast(),
+                        1 => drop(host.clear_young(hva, MEM)),
+                        2 => drop(host.clear_flush_young(hva, MEM)),
+                        _ => {}
+                    }
+                    std::thread::yield_now();
+                    out.push((e, read_log(&kvm)));
+                    harvests_done.fetch_add(1, Ordering::SeqCst);
+                }
+                // Close the period, then one last harvest: it comes after every write the
+                // vCPU counted in the period.
+                epoch.fetch_add(1, Ordering::SeqCst);
+                out.push((e, read_log(&kvm)));
+                harvests_done.fetch_add(1, Ordering::SeqCst);
+                kvm.set_user_memory_region(region(hva, false)).unwrap();
+                if ring {
+                    read_log(&kvm); // what the off period leaves behind is not this period's
+                }
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::SeqCst);
+            out
+        });
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed);
+        while !stop.load(Ordering::SeqCst) {
+            let p = rng.gen_range(0..PAGES);
+            let (e0, h0) = (epoch.load(Ordering::SeqCst), harvests_done.load(Ordering::SeqCst));
+            m.access(p, AccessKind::Write, e0 as u64);
+            let e1 = epoch.load(Ordering::SeqCst);
+            if e0 % 2 == 1 && e0 == e1 {
+                writes.push((p, e0, h0));
+            }
+        }
+        harvests = host_thread.join().unwrap();
+    });
+    for (i, &(p, e, h)) in writes.iter().enumerate() {
+        let g = gfn[p as usize];
+        assert!(
+            harvests.iter().skip(h).filter(|(he, _)| *he == e).any(|(_, set)| set.contains(&g)),
+            "{setup:?} seed {seed}: write #{i} to page {p} (gfn {g:#x}) in logging period {} after {h} harvests is in no later harvest of that period",
+            e / 2
+        );
+    }
+    m.kvm.audit().unwrap_or_else(|e| panic!("{setup:?}: audit: {e}"));
+}
+
+#[test]
+fn logging_toggled_under_a_running_vcpu_loses_no_write() {
+    let mut seed = 1;
+    for mmu in [MmuKind::Tdp, MmuKind::LegacyTdp, MmuKind::Shadow] {
+        for (eptad, pml) in [(false, false), (true, false), (true, true)] {
+            for harvest in [Harvest::Get, Harvest::Ring] {
+                for thp in [false, true] {
+                    let setup = Setup { eptad, pml, thp, eager_page_split: !thp, ..fixed(mmu, harvest) };
+                    logging_toggled_under_a_running_vcpu(setup, 24, seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}

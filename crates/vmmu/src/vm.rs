@@ -233,9 +233,29 @@ pub struct VcpuShared {
     pub mode: AtomicU8,
     /// `vcpu->requests`.
     pub requests: AtomicU64,
+    /// This vCPU's side of `kvm->srcu`: odd while it handles an exit (and emulates), i.e.
+    /// while it may act on a memslot snapshot. See [`Kvm::synchronize_srcu`].
+    srcu: AtomicU64,
+}
+
+/// An exit being handled (`srcu_read_lock(&kvm->srcu)` .. `srcu_read_unlock`).
+struct SrcuReadGuard<'a>(&'a AtomicU64);
+
+impl Drop for SrcuReadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl VcpuShared {
+    /// Enters an SRCU read-side section: the cheap side of the asymmetric barrier, as for
+    /// `mode` (the memslot updater pays with `heavy_barrier`).
+    fn srcu_read_lock(&self) -> SrcuReadGuard<'_> {
+        self.srcu.fetch_add(1, Ordering::Relaxed);
+        crate::sync::barrier::light_barrier();
+        SrcuReadGuard(&self.srcu)
+    }
+
     /// Waits until this vCPU has consumed request `bit` (made by the caller) or is in no mode
     /// `busy` accepts: the "IPI" of `kvm_make_all_cpus_request` with KVM_REQUEST_WAIT. The
     /// caller has made the request and run `heavy_barrier` first.
@@ -444,6 +464,10 @@ impl Kvm {
         let gen = new.generation();
         *self.memslots.write() = Arc::new(new);
         self.memslots_gen.fetch_add(1, Ordering::AcqRel);
+        // kvm_swap_active_memslots: wait for every exit handler that may still act on the
+        // old slots before changing mappings for the new ones, or a fault that raced with
+        // turning logging on could map a page writable (or huge) without logging it.
+        self.synchronize_srcu();
         if gen & crate::mmu::spte::MMIO_SPTE_GEN_MASK == 0 {
             // kvm_mmu_invalidate_mmio_sptes: the 19 generation bits an MMIO SPTE holds
             // wrapped, so an old MMIO SPTE could look current again: zap everything.
@@ -511,6 +535,29 @@ impl Kvm {
                 fault_latency: None,
             },
         })
+    }
+
+    /// `synchronize_srcu_expedited(&kvm->srcu)`: returns once every vCPU that was handling
+    /// an exit when this was called has finished it. vCPUs that start one later see the
+    /// memslots published before the call.
+    pub(crate) fn synchronize_srcu(&self) {
+        let vcpus = self.vcpus.read().clone();
+        crate::sync::barrier::heavy_barrier();
+        for v in &vcpus {
+            let seen = v.srcu.load(Ordering::Acquire);
+            if seen % 2 == 0 {
+                continue;
+            }
+            let mut spins = 0u32;
+            while v.srcu.load(Ordering::Acquire) == seen {
+                spins += 1;
+                if spins > 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
     }
 
     /// `kvm_make_all_cpus_request`.
@@ -996,6 +1043,7 @@ impl Vcpu {
         emulate: impl FnOnce(&mut Self) -> Result<T, GuestError>,
     ) -> Result<T, GuestError> {
         let mut exits = 0u32;
+        let shared = self.shared.clone();
         loop {
             match stop {
                 Stop::Exception(e) => {
@@ -1015,6 +1063,8 @@ impl Vcpu {
                     if exits > MAX_EXITS_PER_ACCESS {
                         return Err(VmError::Stuck { vcpu: self.id, gva, exits, last: x.to_string() }.into());
                     }
+                    // The exit and any emulation it asks for act on one memslot snapshot.
+                    let _srcu = shared.srcu_read_lock();
                     let action = self.handle_exit(x)?;
                     if let Some((cr2, ec)) = self.arch.shadow.pending_pf.take() {
                         // A fault the guest itself caused: inject it.
