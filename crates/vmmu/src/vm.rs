@@ -494,8 +494,8 @@ impl Kvm {
         let (start, end) = (s.base_gfn, s.end_gfn());
         let _w = self.mmu.mmu_lock.write();
         let mut flush = false;
-        for r in self.mmu.roots.lock().clone().iter().filter(|r| !r.zapped.load(Ordering::Acquire)) {
-            flush |= tdp_mmu::tdp_mmu_zap_leafs(self, u32::MAX, r, start, end);
+        for r in tdp_mmu::unzapped_roots(self) {
+            flush |= tdp_mmu::tdp_mmu_zap_leafs(self, u32::MAX, &r, start, end);
         }
         let mut sh = self.mmu.shadow.lock();
         let mut ctx =

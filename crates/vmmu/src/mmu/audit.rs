@@ -15,7 +15,7 @@
 //! - the page counters (pages_4k/2m/1g) and tdp_mmu_pages equal a recount.
 
 use super::spte::Spte;
-use super::tdp_iter::{pages_at, TdpIter};
+use super::tdp_iter::{pages_at, Step};
 use crate::sync::Ordering;
 use crate::vm::Kvm;
 use x86_paging::addr::Gfn;
@@ -56,8 +56,7 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
             // the vCPU drops it (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS).
             continue;
         }
-        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, Gfn::new(0), Gfn::new(1 << 40));
-        while it.valid {
+        root.walk(kvm, 1, Gfn::new(0), Gfn::new(1 << 40), |it| {
             let s: Spte = it.old_spte;
             let level = it.level;
             if s.is_shadow_present() && !s.is_last(level) {
@@ -117,8 +116,8 @@ pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
                     }
                 }
             }
-            it.next();
-        }
+            Step::Next
+        });
     }
     let st = kvm.stats.snapshot();
     for (i, name) in ["pages_4k", "pages_2m", "pages_1g"].iter().enumerate() {

@@ -35,6 +35,20 @@ fn is_access_allowed(kvm: &Kvm, fault: &KvmPageFault, spte: Spte) -> bool {
     }
 }
 
+/// `walk_shadow_page_lockless_begin`: from here until [`walk_shadow_page_lockless_end`] the
+/// vCPU may read SPTE tables without `mmu_lock`; a remote TLB flush waits for it
+/// (READING_SHADOW_PAGE_TABLES), and tables unlinked meanwhile are freed only after that
+/// flush (docs/decisions/0003).
+pub(crate) fn walk_shadow_page_lockless_begin(vcpu: &VcpuArch) {
+    vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
+    crate::sync::barrier::light_barrier();
+}
+
+/// `walk_shadow_page_lockless_end`.
+pub(crate) fn walk_shadow_page_lockless_end(vcpu: &VcpuArch) {
+    vcpu.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::Release);
+}
+
 /// `fast_page_fault`.
 pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "fast_page_fault");
@@ -48,9 +62,7 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
         (None, None) => return RetPf::Invalid,
     };
     let m = kvm.mmu().masks;
-    // walk_shadow_page_lockless_begin: remote flushes wait for us before freeing tables.
-    vcpu.shared.mode.store(mode::READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
-    crate::sync::barrier::light_barrier();
+    walk_shadow_page_lockless_begin(vcpu);
     let mut ret = RetPf::Invalid;
     let mut retries = 0;
     let (mut sptep, mut spte);
@@ -94,7 +106,7 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
             break;
         }
     }
-    vcpu.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::Release);
+    walk_shadow_page_lockless_end(vcpu);
     if kvm.tracer.events_on() {
         kvm.tracer.event(
             vcpu.id,

@@ -7,10 +7,9 @@
 
 use super::page_fault::RetPf;
 use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
-use super::tdp_iter::TdpIter;
 use crate::vm::{Kvm, VcpuArch};
+use x86_paging::addr::Gpa;
 use x86_paging::addr::Hpa;
-use x86_paging::addr::{Gfn, Gpa};
 
 /// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
 pub fn pferr_flags(ec: u64) -> String {
@@ -76,14 +75,10 @@ pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetP
             (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level() as u8),
             (None, None) => return RetPf::Retry,
         };
-        let gfn = Gpa::new(addr).gfn();
         // get_mmio_spte: the lockless walk to the last SPTE.
-        let mut it = TdpIter::new(kvm.mem(), root_hpa, root_level, 1, gfn, Gfn::new(gfn.raw() + 1));
-        let mut spte = it.old_spte;
-        while it.valid {
-            spte = it.old_spte;
-            it.next();
-        }
+        super::fast_pf::walk_shadow_page_lockless_begin(vcpu);
+        let (_, spte, _) = super::tdp_iter::last_spte(kvm.mem(), root_hpa, root_level, Gpa::new(addr).gfn());
+        super::fast_pf::walk_shadow_page_lockless_end(vcpu);
         spte
     } else {
         match shadow_last_spte(kvm, vcpu, addr) {

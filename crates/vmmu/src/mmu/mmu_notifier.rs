@@ -2,6 +2,7 @@
 //! SPTEs mapping the gfns behind it are zapped, and faults that raced with the change retry
 //! (`mmu_invalidate_seq`, `mmu_invalidate_in_progress` and the range).
 
+use super::tdp_iter::Step;
 use super::tdp_mmu;
 use crate::host::HvaRange;
 use crate::sync::Ordering;
@@ -47,9 +48,8 @@ pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
             let e = m.mmu_invalidate_range_end.load(Ordering::Acquire);
             m.mmu_invalidate_range_end.store(e.max(end.raw()), Ordering::Release);
         }
-        let roots = m.roots.lock().clone();
-        for r in roots.iter().filter(|r| !r.zapped.load(Ordering::Acquire)) {
-            flush |= tdp_mmu::tdp_mmu_zap_leafs(kvm, u32::MAX, r, start, end);
+        for r in tdp_mmu::unzapped_roots(kvm) {
+            flush |= tdp_mmu::tdp_mmu_zap_leafs(kvm, u32::MAX, &r, start, end);
         }
         // The rmaps of the shadow MMU (shadow paging and the legacy TDP MMU).
         let mut s = m.shadow.lock();
@@ -98,23 +98,22 @@ pub fn age_hva_range(kvm: &Kvm, range: HvaRange, how: Aging) -> bool {
     let ranges = gfn_ranges(kvm, range);
     {
         let _r = kvm.mmu.mmu_lock.read();
-        let roots: Vec<_> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
+        let roots = tdp_mmu::valid_roots(kvm);
         for (start, end) in &ranges {
             for root in &roots {
-                let mut it = super::tdp_iter::TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, *start, *end);
-                while it.valid {
+                root.walk(kvm, 1, *start, *end, |it| {
                     let s = it.old_spte;
                     if s.is_shadow_present() && s.is_last(it.level) && s.is_accessed(&m) {
                         young = true;
                         if clear {
                             let new = super::spte::mark_spte_for_access_track(&m, s);
-                            if tdp_mmu::tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, new).is_err() {
-                                continue; // re-examine the refreshed value
+                            if tdp_mmu::tdp_mmu_set_spte_atomic(kvm, u32::MAX, it, new).is_err() {
+                                return Step::Retry;
                             }
                         }
                     }
-                    it.next();
-                }
+                    Step::Next
+                });
             }
         }
     }

@@ -11,7 +11,7 @@
 
 use super::shadow::Ctx;
 use super::spte::Spte;
-use super::tdp_iter::TdpIter;
+use super::tdp_iter::Step;
 use super::tdp_mmu::{self, TdpRoot};
 use crate::sync::{Arc, AtomicBool, Ordering, Weak};
 use crate::vm::{Kvm, MmuKind};
@@ -125,7 +125,7 @@ impl Kvm {
         let splits = self.stats.nx_lpage_splits.sum().max(0) as u64;
         let to_zap = splits.div_ceil(ratio);
         let slots = self.memslots();
-        let roots: Vec<Arc<TdpRoot>> = self.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
+        let roots = tdp_mmu::valid_roots(self);
         let mut zapped = 0;
         let mut flush = false;
         for _ in 0..to_zap {
@@ -164,17 +164,17 @@ impl Kvm {
     /// `kvm_tdp_mmu_zap_sp`: clears the SPTE in `root` that links `table` (the table is then
     /// torn down by `handle_removed_pt`). Returns whether it was found there.
     fn tdp_zap_table(&self, root: &TdpRoot, table: Pfn, p: Possible) -> bool {
-        let end = Gfn::new(p.gfn.raw() + 1);
-        let mut it = TdpIter::new(self.mem(), root.hpa, root.level(), p.level, p.gfn, end);
-        while it.valid {
+        let mut found = false;
+        root.walk(self, p.level, p.gfn, Gfn::new(p.gfn.raw() + 1), |it| {
             let s = it.old_spte;
             if it.level == p.level && s.is_shadow_present() && !s.is_last(it.level) && s.pfn() == table {
-                tdp_mmu::tdp_mmu_set_spte(self, u32::MAX, &mut it, Spte::NONPRESENT);
-                return true;
+                tdp_mmu::tdp_mmu_set_spte(self, u32::MAX, it, Spte::NONPRESENT);
+                found = true;
+                return Step::Stop;
             }
-            it.next();
-        }
-        false
+            Step::Next
+        });
+        found
     }
 
     /// Starts the recovery worker: a thread that runs [`Kvm::nx_huge_page_recovery`] every

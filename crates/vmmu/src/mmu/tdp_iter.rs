@@ -1,9 +1,12 @@
-//! `tdp_iter`: a pre-order iterator over one TDP paging structure, bounded to a gfn range.
+//! `tdp_iter`: a pre-order iterator over one TDP paging structure, bounded to a gfn range,
+//! and [`walk`], the one walk every TDP operation is written as (KVM's
+//! `for_each_tdp_pte_min_level`).
 //!
-//! The one walk that serves the fault path (walking down to the goal level), zapping, the
-//! audit and everything else that visits SPTEs: callers look at `level`, `gfn`, `sptep` and
-//! `old_spte` at each step and decide whether to step down (`next`) or skip the subtree
-//! (`next_skip_children`).
+//! The walk serves the fault path (down to the goal level), zapping, splitting, write
+//! protection, aging, NX recovery, the last-SPTE lookups and the audit: each is a visitor that
+//! looks at `level`, `gfn`, `sptep` and `old_spte` and answers with a [`Step`] — go on (into
+//! the children), skip the subtree, look at the same entry again after a lost
+//! compare-exchange, or stop.
 
 use super::spte::Spte;
 use crate::host::PhysMem;
@@ -19,6 +22,57 @@ pub const fn pages_at(level: u8) -> u64 {
 #[inline]
 pub const fn spte_index(gfn: u64, level: u8) -> u64 {
     (gfn >> (9 * (level as u32 - 1))) & 511
+}
+
+/// What a [`walk`] visitor asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The next entry in pre-order: the current entry's child table first, if it has one.
+    Next,
+    /// The next entry in pre-order without the current entry's children (the visitor
+    /// replaced or removed them, or they are out of interest).
+    SkipChildren,
+    /// The same entry again: a compare-exchange lost a race and refreshed `old_spte`.
+    Retry,
+    /// End the walk.
+    Stop,
+}
+
+/// Visits every entry mapping a gfn in [start, end) at levels `min_level..=root_level` of the
+/// table at `root`, in pre-order, as `visit` directs.
+#[inline]
+pub fn walk(
+    mem: &PhysMem,
+    root: Hpa,
+    root_level: u8,
+    min_level: u8,
+    start: Gfn,
+    end: Gfn,
+    mut visit: impl FnMut(&mut TdpIter<'_>) -> Step,
+) {
+    let mut it = TdpIter::new(mem, root, root_level, min_level, start, end);
+    while it.valid {
+        match visit(&mut it) {
+            Step::Next => it.next(),
+            Step::SkipChildren => it.next_skip_children(),
+            Step::Retry => {}
+            Step::Stop => return,
+        }
+    }
+}
+
+/// The last entry on the path to `gfn`: a leaf, the first non-present entry, or the entry at
+/// `min_level`; with its address and level (`kvm_tdp_mmu_get_walk` /
+/// `kvm_tdp_mmu_fast_pf_get_last_sptep`). The caller brackets a lockless use.
+#[inline]
+pub fn last_spte(mem: &PhysMem, root: Hpa, root_level: u8, gfn: Gfn) -> (Hpa, Spte, u8) {
+    let mut it = TdpIter::new(mem, root, root_level, 1, gfn, Gfn::new(gfn.raw() + 1));
+    let mut last = (it.sptep, it.old_spte, it.level);
+    while it.valid {
+        last = (it.sptep, it.old_spte, it.level);
+        it.next();
+    }
+    last
 }
 
 /// The iterator (`struct tdp_iter`).

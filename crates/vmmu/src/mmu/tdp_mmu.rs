@@ -10,7 +10,7 @@ use super::role::Role;
 use super::spte::{
     self, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_spte, Spte, SpteRequest, ACC_ALL, FROZEN_SPTE,
 };
-use super::tdp_iter::{pages_at, TdpIter};
+use super::tdp_iter::{self, pages_at, Step, TdpIter};
 use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering};
 use crate::vm::{Kvm, VcpuArch};
 use x86_paging::addr::{Gfn, Hpa, Pfn};
@@ -39,6 +39,32 @@ impl TdpRoot {
     /// Whether the root is invalid (obsolete).
     pub fn is_invalid(&self) -> bool {
         self.invalid.load(Ordering::Acquire)
+    }
+}
+
+/// `for_each_valid_tdp_mmu_root`: the roots not invalidated, as a snapshot (each `Arc` keeps
+/// its root alive while the caller walks it).
+pub(crate) fn valid_roots(kvm: &Kvm) -> Vec<Arc<TdpRoot>> {
+    kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect()
+}
+
+/// `for_each_tdp_mmu_root` with `only_valid = false`, as zapping uses it: every root whose
+/// contents are still there — valid ones and invalidated ones not yet zapped.
+pub(crate) fn unzapped_roots(kvm: &Kvm) -> Vec<Arc<TdpRoot>> {
+    kvm.mmu.roots.lock().iter().filter(|r| !r.zapped.load(Ordering::Acquire)).cloned().collect()
+}
+
+impl TdpRoot {
+    /// [`tdp_iter::walk`] over this root.
+    pub(crate) fn walk(
+        &self,
+        kvm: &Kvm,
+        min_level: u8,
+        start: Gfn,
+        end: Gfn,
+        visit: impl FnMut(&mut TdpIter<'_>) -> Step,
+    ) {
+        tdp_iter::walk(kvm.mem(), self.hpa, self.level(), min_level, start, end, visit);
     }
 }
 
@@ -188,10 +214,9 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
     else {
         return RetPf::Retry;
     };
-    let masks = kvm.mmu.masks;
-
-    let mut it = TdpIter::new(kvm.mem(), root_hpa, root_level, 1, fault.gfn, Gfn::new(fault.gfn.raw() + 1));
-    while it.valid {
+    let mut ret = RetPf::Retry;
+    let (start, end) = (fault.gfn, Gfn::new(fault.gfn.raw() + 1));
+    tdp_iter::walk(kvm.mem(), root_hpa, root_level, 1, start, end, |it| {
         if fault.nx_huge_page_workaround_enabled
             && it.level == fault.goal_level
             && it.old_spte.is_shadow_present()
@@ -201,41 +226,22 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
             disallowed_hugepage_adjust(fault, it.level);
         }
         if it.old_spte.is_frozen() {
-            return RetPf::Retry;
+            return Step::Stop;
         }
         if it.level == fault.goal_level {
-            return tdp_mmu_map_handle_target_level(kvm, vcpu, fault, &mut it, ad_disabled);
+            ret = tdp_mmu_map_handle_target_level(kvm, vcpu, fault, it, ad_disabled);
+            return Step::Stop;
         }
         if it.old_spte.is_shadow_present() && !it.old_spte.is_large() {
-            it.next();
-            continue;
+            return Step::Next;
         }
         // Install a new table here: link it, or split the huge page that is in the way.
-        let Some(sp) = vcpu.mmu.shadow_page_cache.pop() else { return RetPf::Retry };
-        let split = it.old_spte.is_shadow_present();
-        if split {
-            for i in 0..512u64 {
-                let child = make_small_spte(&masks, it.old_spte, it.level, i, kvm.nx_huge_pages());
-                kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
-            }
-        }
-        let link = make_nonleaf_spte(&masks, sp.hpa(), ad_disabled);
+        let Some(sp) = vcpu.mmu.shadow_page_cache.pop() else { return Step::Stop };
         let level = it.level;
-        if tdp_mmu_set_spte_atomic(kvm, vcpu.id, &mut it, link).is_err() {
+        if tdp_mmu_install_table(kvm, vcpu.id, it, sp, ad_disabled).is_err() {
             init_table(kvm, sp);
             vcpu.mmu.shadow_page_cache.push(sp);
-            return RetPf::Retry;
-        }
-        kvm.mmu.tdp_mmu_pages.add(1);
-        if split {
-            kvm.stats.update_page_stats(level - 1, 512);
-            if kvm.tracer.events_on() {
-                kvm.tracer.event(
-                    vcpu.id,
-                    "kvm_mmu_split_huge_page",
-                    format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), link.0, level),
-                );
-            }
+            return Step::Stop;
         }
         if fault.huge_page_disallowed {
             // tdp_mmu_init_child_sp: nx_huge_page_disallowed; track_possible_nx_huge_page
@@ -243,9 +249,40 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
             let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
             kvm.account_nx_huge_page(sp, base, level, fault.req_level >= level, true);
         }
-        it.next();
+        Step::Next
+    });
+    ret
+}
+
+/// `tdp_mmu_link_sp`, or `tdp_mmu_split_huge_page` when the entry is a huge leaf: links table
+/// `sp` at the iterator's entry (non-present or huge), after filling it with the huge page's
+/// 512 pieces one level down (`make_small_spte`) so the mapping stays the same. On `Err` the
+/// entry changed under us (`old_spte` refreshed) and `sp` is the caller's again.
+fn tdp_mmu_install_table(kvm: &Kvm, cpu: u32, it: &mut TdpIter<'_>, sp: Pfn, ad_disabled: bool) -> Result<(), ()> {
+    let masks = kvm.mmu.masks;
+    let split = it.old_spte.is_shadow_present();
+    debug_assert!(!split || it.old_spte.is_large(), "only a huge leaf is split");
+    if split {
+        for i in 0..512u64 {
+            let child = make_small_spte(&masks, it.old_spte, it.level, i, kvm.nx_huge_pages());
+            kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
+        }
     }
-    RetPf::Retry
+    let link = make_nonleaf_spte(&masks, sp.hpa(), ad_disabled);
+    let level = it.level;
+    tdp_mmu_set_spte_atomic(kvm, cpu, it, link)?;
+    kvm.mmu.tdp_mmu_pages.add(1);
+    if split {
+        kvm.stats.update_page_stats(level - 1, 512);
+        if kvm.tracer.events_on() {
+            kvm.tracer.event(
+                cpu,
+                "kvm_mmu_split_huge_page",
+                format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), link.0, level),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `disallowed_hugepage_adjust`: under the NX mitigation, a table that a fetch made (its
@@ -325,19 +362,17 @@ fn tdp_mmu_map_handle_target_level(
 pub fn tdp_mmu_zap_leafs(kvm: &Kvm, cpu: u32, root: &TdpRoot, start: Gfn, end: Gfn) -> bool {
     let _f = kvm.tracer.func(cpu, "tdp_mmu_zap_leafs");
     let mut flush = false;
-    let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
-    while it.valid {
+    root.walk(kvm, 1, start, end, |it| {
         let s = it.old_spte;
         if (s.is_shadow_present() && s.is_last(it.level)) || s.is_mmio(&kvm.mmu.masks) {
             // A huge leaf only partly inside the range goes whole: the rest faults back in.
-            let present = s.is_shadow_present();
-            tdp_mmu_set_spte(kvm, cpu, &mut it, Spte::NONPRESENT);
-            flush |= present;
-            it.next_skip_children();
+            tdp_mmu_set_spte(kvm, cpu, it, Spte::NONPRESENT);
+            flush |= s.is_shadow_present();
+            Step::SkipChildren
         } else {
-            it.next();
+            Step::Next
         }
-    }
+    });
     flush
 }
 
@@ -382,13 +417,7 @@ pub fn kvm_tdp_mmu_zap_invalidated_roots(kvm: &Kvm) {
 /// `kvm_tdp_mmu_fast_pf_get_last_sptep`: the last SPTE on the path to `gfn` (a leaf, or the
 /// first non-present entry), read without locks.
 pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: Hpa, root_level: u8, gfn: Gfn) -> (Hpa, Spte, u8) {
-    let mut it = TdpIter::new(kvm.mem(), root, root_level, 1, gfn, Gfn::new(gfn.raw() + 1));
-    let mut last = (it.sptep, it.old_spte, it.level);
-    while it.valid {
-        last = (it.sptep, it.old_spte, it.level);
-        it.next();
-    }
-    last
+    tdp_iter::last_spte(kvm.mem(), root, root_level, gfn)
 }
 
 /// `kvm_tdp_mmu_try_split_huge_pages`: replaces every huge leaf SPTE mapping a gfn in
@@ -397,39 +426,29 @@ pub fn fast_pf_get_last_sptep(kvm: &Kvm, root: Hpa, root_level: u8, gfn: Gfn) ->
 /// Runs under `mmu_lock` for read with compare-exchange; returns the pages split.
 pub fn kvm_tdp_mmu_try_split_huge_pages(kvm: &Kvm, start: Gfn, end: Gfn) -> Result<u64, crate::host::HostError> {
     let _r = kvm.mmu.mmu_lock.read();
-    let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
-    let masks = kvm.mmu.masks;
     let mut split = 0;
-    for root in roots {
+    let mut failed = None;
+    for root in valid_roots(kvm) {
         let ad_disabled = root.role.ad_disabled() != 0;
-        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
-        while it.valid {
-            let s = it.old_spte;
-            if it.level > 1 && s.is_shadow_present() && s.is_large() {
-                let sp = kvm.frames().alloc_4k()?;
-                for i in 0..512u64 {
-                    let child = make_small_spte(&masks, s, it.level, i, kvm.nx_huge_pages());
-                    kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
-                }
-                let level = it.level;
-                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, make_nonleaf_spte(&masks, sp.hpa(), ad_disabled))
-                    .is_err()
-                {
+        root.walk(kvm, 1, start, end, |it| {
+            if it.level > 1 && it.old_spte.is_shadow_present() && it.old_spte.is_large() {
+                let sp = match kvm.frames().alloc_4k() {
+                    Ok(sp) => sp,
+                    Err(e) => {
+                        failed = Some(e);
+                        return Step::Stop;
+                    }
+                };
+                if tdp_mmu_install_table(kvm, u32::MAX, it, sp, ad_disabled).is_err() {
                     kvm.frames().free_4k(sp);
-                    continue; // re-examine the refreshed value
+                    return Step::Retry;
                 }
-                kvm.mmu.tdp_mmu_pages.add(1);
-                kvm.stats.update_page_stats(level - 1, 512);
                 split += 1;
-                if kvm.tracer.events_on() {
-                    kvm.tracer.event(
-                        u32::MAX,
-                        "kvm_mmu_split_huge_page",
-                        format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), it.old_spte.0, level),
-                    );
-                }
             }
-            it.next();
+            Step::Next
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     Ok(split)
@@ -455,21 +474,19 @@ pub fn kvm_tdp_mmu_clear_dirty_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
 /// valid root, under `mmu_lock` for read with compare-exchange.
 fn clear_leaf_bits(kvm: &Kvm, start: Gfn, end: Gfn, bits: impl Fn(u8) -> u64) -> bool {
     let _r = kvm.mmu.mmu_lock.read();
-    let roots: Vec<Arc<TdpRoot>> = kvm.mmu.roots.lock().iter().filter(|r| !r.is_invalid()).cloned().collect();
     let mut changed = false;
-    for root in roots {
-        let mut it = TdpIter::new(kvm.mem(), root.hpa, root.level(), 1, start, end);
-        while it.valid {
+    for root in valid_roots(kvm) {
+        root.walk(kvm, 1, start, end, |it| {
             let s = it.old_spte;
             let clear = bits(it.level);
             if s.is_shadow_present() && s.is_last(it.level) && s.0 & clear != 0 {
-                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, &mut it, Spte(s.0 & !clear)).is_err() {
-                    continue; // re-examine the refreshed value
+                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, it, Spte(s.0 & !clear)).is_err() {
+                    return Step::Retry;
                 }
                 changed = true;
             }
-            it.next();
-        }
+            Step::Next
+        });
     }
     changed
 }
