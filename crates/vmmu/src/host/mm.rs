@@ -164,6 +164,16 @@ impl HostMm {
             return Err(HostError::Invalid("mmap of zero bytes".into()));
         }
         let len = len.next_multiple_of(4096);
+        if prefault && writable {
+            // MAP_POPULATE of more than the host has would fill all of it and then fail:
+            // check first. Each page needs a frame, each 2 MiB a last-level host table
+            // (fewer with THP, but a THP fault may fall back to 4 KiB pages).
+            let needed = len.saturating_add(len.div_ceil(2 << 20) * 4096);
+            let free = self.frames.free_bytes();
+            if needed > free {
+                return Err(HostError::PrefaultTooBig { len, needed, free, size: self.frames.mem().size() });
+            }
+        }
         let start = {
             let _g = self.mmap_lock.lock();
             let start = self.next_hva.load(Ordering::Relaxed);
@@ -984,5 +994,28 @@ mod tests {
         assert!(mm.get_user_page_fast_only(Hva(hva.0 + 63 * 4096), true).is_some());
         let readonly = mm.mmap(4096, Backing::Anon4k, false, false).unwrap();
         assert_eq!(mm.write(readonly, 1, 1), Err(HostError::ReadOnly(readonly.0)));
+    }
+
+    #[test]
+    fn prefault_beyond_host_memory_is_refused_before_allocating() {
+        let mm = mm();
+        let size = mm.frames().mem().size();
+        let before = mm.frames().counts();
+        let free = mm.frames().free_bytes();
+        for backing in [Backing::Anon4k, Backing::Thp] {
+            let e = mm.mmap(size, backing, true, true).unwrap_err();
+            let HostError::PrefaultTooBig { len, needed, free: f, size: s } = e.clone() else { panic!("{e}") };
+            assert_eq!((len, f, s), (size, free, size));
+            assert!(needed > free, "{e}");
+            assert!(e.to_string().contains("host_memory"), "{e}");
+        }
+        assert_eq!(mm.frames().counts(), before, "nothing was allocated");
+        assert_eq!(mm.frames().free_bytes(), free);
+        // No VMA was left behind, and the same size without prefault maps lazily.
+        let hva = mm.mmap(size, Backing::Anon4k, true, false).unwrap();
+        assert_eq!(mm.frames().counts(), before);
+        mm.write(hva, 8, 7).unwrap();
+        let used = free - mm.frames().free_bytes();
+        assert!((2 * 4096..=5 * 4096).contains(&used), "one page and its host page tables: {used} bytes");
     }
 }
