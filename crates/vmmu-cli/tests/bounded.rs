@@ -70,3 +70,53 @@ ops = [{ op = "migrate", slot = 0, workload = "random", start = "4GiB", pages = 
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("the copy matches guest memory") && out.contains("destination holds"), "{out}");
 }
+
+#[test]
+fn trace_events_are_streamed_as_the_run_goes() {
+    use std::io::{BufRead, BufReader};
+    // A run of some seconds' worth of faults: the trace's first lines arrive on the pipe
+    // before the report (which is printed when the run ends), and when the reader goes
+    // away the run stops quietly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(["run", "--mmu", "tdp", "--workload", "first-touch", "--pages", "200000", "--trace", "events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "# tracer: nop", "the trace comes first, as the run goes");
+    let event = lines.find(|l| l.as_ref().is_ok_and(|l| !l.starts_with('#'))).unwrap().unwrap();
+    assert!(event.contains("vcpu-0-1000") && event.contains(": kvm_"), "{event}");
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn trace_out_file_holds_the_streamed_trace_and_the_report_stays_on_stdout() {
+    let dir = std::env::temp_dir().join(format!("vmmu-bounded-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("t.txt");
+    let (code, out, err) = vmmu(&[
+        "run",
+        "--workload",
+        "first-touch",
+        "--pages",
+        "64",
+        "--trace",
+        "events",
+        "--trace-out",
+        f.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pass1") && !out.contains("# tracer"), "{out}");
+    let t = std::fs::read_to_string(&f).unwrap();
+    assert!(t.starts_with("# tracer: nop\n"), "{t}");
+    assert!(t.lines().filter(|l| l.contains("kvm_mmu_spte_requested")).count() >= 64, "{t}");
+    // A --trace-out that cannot be created is refused before the run.
+    let bad = dir.join("no/such/dir/t.txt");
+    let (code, _, err) = vmmu(&["run", "--trace", "events", "--trace-out", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--trace-out") && err.lines().count() == 1, "{err}");
+}
