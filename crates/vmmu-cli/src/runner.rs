@@ -280,6 +280,40 @@ fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, RunError> {
     })
 }
 
+/// The most page-table memory the identity layout builds before the run: enough for 32 GiB
+/// of 4 KiB pages, 16 TiB of 2 MiB pages or the whole guest-physical space in 1 GiB pages.
+pub const IDENTITY_TABLES_LIMIT: u64 = 64 << 20;
+
+/// Refuses an identity layout whose page tables, all built before the first phase, would
+/// take more than [`IDENTITY_TABLES_LIMIT`] (a 1 TiB slot of 4 KiB pages: 2 GiB and most
+/// of a minute).
+fn check_identity_tables(s: &Scenario, levels: u8) -> Result<(), RunError> {
+    let mut total = 1; // the root
+    for (i, ms) in s.memslots.iter().enumerate() {
+        let shift = page_shift(ms.guest_page_size.as_deref().unwrap_or(&s.guest.page_size)).unwrap_or(12);
+        let tables = vmmu_guest::pagetable::tables_needed(ms.gpa.0, ms.size.0, shift, levels);
+        total += tables;
+        if total * 4096 > IDENTITY_TABLES_LIMIT {
+            return Err(RunError::Config(format!(
+                "memslot[{i}]: the identity layout maps every page before the run, and {} bytes of {} KiB pages need {} bytes of guest page tables, beyond the limit of {IDENTITY_TABLES_LIMIT} bytes (64 MiB) for all slots: give the slot a bigger guest_page_size (\"2m\" or \"1g\")",
+                ms.size.0,
+                (1u64 << shift) >> 10,
+                tables * 4096
+            )));
+        }
+    }
+    for mm in &s.mmio {
+        total += vmmu_guest::pagetable::tables_needed(mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12, levels);
+    }
+    if total * 4096 > IDENTITY_TABLES_LIMIT {
+        return Err(RunError::Config(format!(
+            "mmio: the identity layout maps the MMIO windows with 4 KiB pages, which with the memslots need {} bytes of guest page tables, beyond the limit of {IDENTITY_TABLES_LIMIT} bytes (64 MiB): make the windows smaller",
+            total * 4096
+        )));
+    }
+    Ok(())
+}
+
 fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
     let (base, size, _) = m.slots[0];
     let total_pages: u64 = s.memslots.iter().map(|x| x.size.0 / 4096).sum();
@@ -292,6 +326,7 @@ fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
         )));
     }
     let levels = if s.guest.paging == "5-level" { 5 } else { 4 };
+    check_identity_tables(s, levels)?;
     let mut alloc = FrameBump::new(start, end);
     let mut b = PageTableBuilder::new(&*m.kvm, &mut alloc, levels).map_err(cfg_err)?;
     let preset = s.guest.accessed_dirty == "preset";

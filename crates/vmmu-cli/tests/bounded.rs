@@ -120,3 +120,28 @@ fn trace_out_file_holds_the_streamed_trace_and_the_report_stays_on_stdout() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--trace-out") && err.lines().count() == 1, "{err}");
 }
+
+#[test]
+fn identity_layout_refuses_page_tables_beyond_its_limit_before_building_them() {
+    let text = |page: &str| {
+        format!(
+            "name = \"identity-1tib\"\n[vm]\nhost_memory = \"1GiB\"\n[[memslot]]\ngpa = \"0\"\nsize = \"1TiB\"\n\
+             [guest]\nlayout = \"identity\"\npage_size = \"{page}\"\n[[phase]]\nname = \"p\"\n\
+             ops = [{{ op = \"write\", start = \"4GiB\", pages = 16 }}]\n"
+        )
+    };
+    // 4 KiB pages over 1 TiB: 2 GiB of tables, refused up front with the limit named.
+    let f = scenario("identity-1tib-4k", &text("4k"));
+    let (code, out, err) = vmmu(&["run", f.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    for w in ["memslot[0]", "2151686144 bytes of guest page tables", "67108864 bytes (64 MiB)", "guest_page_size"] {
+        assert!(err.contains(w), "{w} missing from: {err}");
+    }
+    // 2 MiB pages over the same slot: 1026 tables, built in bounded memory; the guest's
+    // tables and its 16 pages are what the host holds.
+    let f = scenario("identity-1tib-2m", &text("2m"));
+    let v = json(&["run", f.to_str().unwrap(), "--json"]);
+    let frames = v["host"]["frames_4k"].as_u64().unwrap() + 512 * v["host"]["frames_2m"].as_u64().unwrap();
+    assert!(frames < 1100 + 16 + 512, "host frames: {frames}");
+}

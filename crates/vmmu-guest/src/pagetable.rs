@@ -85,6 +85,28 @@ impl FrameBump {
 
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
+/// An upper bound on the page-table pages mapping [va, va+len) with pages of `1 << shift`
+/// bytes takes in a `levels`-level tree, root excluded: at each level from the leaf tables
+/// up, one table per naturally aligned region it covers that the range touches.
+pub fn tables_needed(va: u64, len: u64, shift: u32, levels: u8) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    let last = va.saturating_add(len - 1);
+    let leaf_level = (shift - 12) / 9 + 1;
+    (leaf_level..u32::from(levels))
+        .map(|l| {
+            // A table at level l maps 512 level-l entries: a region of 1 << (12 + 9 l) bytes.
+            let s = 12 + 9 * l;
+            if s >= 64 {
+                1
+            } else {
+                (last >> s) - (va >> s) + 1
+            }
+        })
+        .sum()
+}
+
 /// Builds one 4- or 5-level page-table tree.
 pub struct PageTableBuilder<'a, M: BootMem + ?Sized> {
     mem: &'a M,
@@ -145,5 +167,24 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
             off += step;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_needed_counts_each_level() {
+        // 1 GiB of 4 KiB pages at 0: 512 PTs, 1 PD, 1 PDPT (4-level).
+        assert_eq!(tables_needed(0, 1 << 30, 12, 4), 512 + 1 + 1);
+        // 1 TiB of 4 KiB pages: 2^19 PTs, 1024 PDs, 2 PDPTs.
+        assert_eq!(tables_needed(0, 1 << 40, 12, 4), (1 << 19) + 1024 + 2);
+        // The same with 1 GiB pages: 2 PDPTs only; with 2 MiB pages: 1024 PDs and 2 PDPTs.
+        assert_eq!(tables_needed(0, 1 << 40, 30, 4), 2);
+        assert_eq!(tables_needed(0, 1 << 40, 21, 4), 1024 + 2);
+        // A range straddling a 2 MiB boundary needs two PTs; 5 levels add a P4D.
+        assert_eq!(tables_needed((2 << 20) - 4096, 8192, 12, 5), 2 + 1 + 1 + 1);
+        assert_eq!(tables_needed(0, 0, 12, 4), 0);
     }
 }
