@@ -173,6 +173,7 @@ impl Tracer {
         }
     }
 
+    /// Enters traced function `name`; the guard records its exit.
     #[inline]
     pub fn func(&self, cpu: u32, name: &'static str) -> Option<FnGuard<'_>> {
         if !self.graph.load(Ordering::Relaxed) {
@@ -216,6 +217,9 @@ impl Tracer {
         out
     }
 
+    /// Renders the function_graph trace as the kernel's function_graph tracer does: per
+    /// CPU, nested calls with braces, durations on the closing line (or on the line of a
+    /// leaf call).
     pub fn render_function_graph(&self) -> String {
         let buf = self.buf.lock();
         let mut out = String::from("# tracer: function_graph\n#\n# CPU  DURATION                  FUNCTION CALLS\n# |     |   |                     |   |   |   |\n");
