@@ -288,27 +288,27 @@ pub const IDENTITY_TABLES_LIMIT: u64 = 64 << 20;
 /// take more than [`IDENTITY_TABLES_LIMIT`] (a 1 TiB slot of 4 KiB pages: 2 GiB and most
 /// of a minute).
 fn check_identity_tables(s: &Scenario, levels: u8) -> Result<(), RunError> {
-    let mut total = 1; // the root
-    for (i, ms) in s.memslots.iter().enumerate() {
+    use vmmu_guest::pagetable::tables_needed;
+    let mut ranges = Vec::new();
+    for ms in &s.memslots {
         let shift = page_shift(ms.guest_page_size.as_deref().unwrap_or(&s.guest.page_size)).unwrap_or(12);
-        let tables = vmmu_guest::pagetable::tables_needed(ms.gpa.0, ms.size.0, shift, levels);
-        total += tables;
-        if total * 4096 > IDENTITY_TABLES_LIMIT {
-            return Err(RunError::Config(format!(
-                "memslot[{i}]: the identity layout maps every page before the run, and {} bytes of {} KiB pages need {} bytes of guest page tables, beyond the limit of {IDENTITY_TABLES_LIMIT} bytes (64 MiB) for all slots: give the slot a bigger guest_page_size (\"2m\" or \"1g\")",
-                ms.size.0,
-                (1u64 << shift) >> 10,
-                tables * 4096
-            )));
-        }
+        ranges.push((ms.gpa.0, ms.size.0, shift));
     }
     for mm in &s.mmio {
-        total += vmmu_guest::pagetable::tables_needed(mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12, levels);
+        ranges.push((mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12));
     }
-    if total * 4096 > IDENTITY_TABLES_LIMIT {
+    let bytes = (1 + tables_needed(&ranges, levels)) * 4096; // with the root
+    if bytes > IDENTITY_TABLES_LIMIT {
+        // Name the slot that needs the most.
+        let (i, (_, size, shift)) = ranges[..s.memslots.len()]
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, r)| tables_needed(&[**r], levels))
+            .map(|(i, r)| (i, *r))
+            .unwrap_or((0, (0, 0, 12)));
         return Err(RunError::Config(format!(
-            "mmio: the identity layout maps the MMIO windows with 4 KiB pages, which with the memslots need {} bytes of guest page tables, beyond the limit of {IDENTITY_TABLES_LIMIT} bytes (64 MiB): make the windows smaller",
-            total * 4096
+            "memslot[{i}]: the identity layout maps every page before the run; its {size} bytes of {} KiB pages (with the other slots and MMIO windows) need {bytes} bytes of guest page tables, beyond the limit of {IDENTITY_TABLES_LIMIT} bytes (64 MiB): give the slot a bigger guest_page_size (\"2m\" or \"1g\")",
+            (1u64 << shift) >> 10
         )));
     }
     Ok(())

@@ -135,7 +135,8 @@ fn identity_layout_refuses_page_tables_beyond_its_limit_before_building_them() {
     let (code, out, err) = vmmu(&["run", f.to_str().unwrap(), "--json"]);
     assert_eq!(code, 2, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    for w in ["memslot[0]", "2151686144 bytes of guest page tables", "67108864 bytes (64 MiB)", "guest_page_size"] {
+    for w in ["memslot[0]", "need 2151690240 bytes of guest page tables", "67108864 bytes (64 MiB)", "guest_page_size"]
+    {
         assert!(err.contains(w), "{w} missing from: {err}");
     }
     // 2 MiB pages over the same slot: 1026 tables, built in bounded memory; the guest's
