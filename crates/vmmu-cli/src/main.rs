@@ -188,6 +188,7 @@ fn main() -> ExitCode {
                 },
                 replay,
                 fault_timing: false,
+                trace_stream: None,
             },
             guest_memory,
             json,
@@ -287,6 +288,21 @@ fn run(
             return ExitCode::from(2);
         }
     };
+    let mut opts = opts;
+    if opts.trace == TraceMode::Events && !opts.trace_records {
+        // The text trace is written as the run goes, not kept until its end.
+        let out: Box<dyn std::io::Write + Send> = match &trace_out {
+            Some(p) => match std::fs::File::create(p) {
+                Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                Err(e) => {
+                    eprintln!("vmmu: --trace-out: cannot create {}: {e}", p.display());
+                    return ExitCode::from(2);
+                }
+            },
+            None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+        };
+        opts.trace_stream = Some(runner::TraceStream::new(out));
+    }
     let show_progress = !json && std::io::stderr().is_terminal();
     let t0 = Instant::now();
     let mut shown = false;
@@ -298,6 +314,10 @@ fn run(
     });
     if shown {
         eprint!("\r{:40}\r", "");
+    }
+    if opts.trace_stream.as_ref().and_then(|t| t.error()) == Some(std::io::ErrorKind::BrokenPipe) {
+        // The trace's reader went away (`| head`): end quietly, as Unix tools do.
+        return ExitCode::SUCCESS;
     }
     match result {
         Ok(r) => {

@@ -1,10 +1,14 @@
 //! Pre-copy live migration over dirty logging, as a VMM does it: turn on
 //! KVM_MEM_LOG_DIRTY_PAGES, copy all of guest memory, then rounds of "let the guest run,
 //! KVM_GET_DIRTY_LOG, copy what it reports" until the dirty set is small, and a final
-//! stop-and-copy. The destination is a buffer in this process; at the end it must equal
-//! guest memory page for page, which checks the log's completeness end to end.
+//! stop-and-copy. The destination is held in this process, sparse: only pages that hold data
+//! are copied (the initial copy skips pages the host never populated, as a VMM reading
+//! /proc/PID/pagemap does, and zero pages), so a migration costs what the guest uses, not
+//! the slot's size. At the end it must equal guest memory page for page, which checks the
+//! log's completeness end to end.
 
 use crate::runner::{Machine, RunError};
+use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::host::Hva;
 use vmmu::memslot::MemslotFlags;
@@ -59,22 +63,39 @@ pub struct MigrationReport {
     pub rounds: Vec<Round>,
     /// Estimated downtime: the stop-and-copy round's harvest and copy.
     pub downtime_ns: u64,
-    /// Pages copied in all.
+    /// Pages sent in all (round 0 counts the whole slot: the pages not copied are sent as
+    /// "zero page" markers, as QEMU does).
     pub copied_pages: u64,
+    /// Pages the destination holds at the end (the ones with data).
+    pub dest_pages: u64,
+    /// Memory the destination holds at the end: `dest_pages` x 4096.
+    pub dest_bytes: u64,
 }
 
-/// Copies page `i` of the slot from guest memory into `dst`, as the VMM reads its own mapping.
-fn copy_page(m: &Machine, hva: Hva, i: u64, dst: &mut [u64]) -> Result<(), RunError> {
+/// The destination's memory: page index in the slot -> contents; a page not here is zero.
+type Dest = BTreeMap<u64, Box<[u64]>>;
+
+/// Reads page `i` of the slot from guest memory, as the VMM reads its own mapping.
+fn read_page(m: &Machine, hva: Hva, i: u64) -> Result<Box<[u64]>, RunError> {
     let host = m.kvm.host();
     let page = host
         .get_user_page(Hva(hva.raw() + i * 4096), false)
         .map_err(|e| RunError::Failed(format!("migrate: reading page {i} of the slot: {e}")))?;
     let mem = host.frames().mem();
     let base = page.pfn.hpa().raw();
-    for (w, d) in dst.iter_mut().enumerate() {
-        *d = mem.load(Hpa::new(base + w as u64 * 8));
-    }
+    Ok((0..512u64).map(|w| mem.load(Hpa::new(base + w * 8))).collect())
+}
+
+/// Copies page `i` of the slot into the destination.
+fn copy_page(m: &Machine, hva: Hva, i: u64, dst: &mut Dest) -> Result<(), RunError> {
+    dst.insert(i, read_page(m, hva, i)?);
     Ok(())
+}
+
+/// The pages of the slot that hold data (mapped to a frame that is not a zero page, or
+/// swapped out), as indexes into the slot.
+fn data_pages(m: &Machine, hva: Hva, size: u64) -> Vec<u64> {
+    m.kvm.host().resident_pages(hva, size).into_iter().map(|a| (a.raw() - hva.raw()) / 4096).collect()
 }
 
 fn fault_counts(m: &Machine) -> (u64, u64) {
@@ -101,7 +122,7 @@ pub fn run(
     region.flags |= MemslotFlags::LOG_DIRTY_PAGES;
     drop(slots);
     let npages = size / 4096;
-    let mut dst = vec![0u64; (npages * 512) as usize];
+    let mut dst = Dest::new();
     let cfg = m.kvm.config();
     let mode = format!(
         "{}{}",
@@ -114,13 +135,14 @@ pub fn run(
         v.exit_guest();
     }
 
-    // Round 0: logging on, then the whole slot copied.
+    // Round 0: logging on, then the whole slot copied (the pages with data; the rest are
+    // zero on both sides).
     let t = Instant::now();
     m.kvm.set_user_memory_region(region).map_err(kvm_err)?;
     let harvest_ns = t.elapsed().as_nanos() as u64;
     let t = Instant::now();
-    for i in 0..npages {
-        copy_page(m, hva, i, &mut dst[(i * 512) as usize..((i + 1) * 512) as usize])?;
+    for i in data_pages(m, hva, size) {
+        copy_page(m, hva, i, &mut dst)?;
     }
     let copy_ns = t.elapsed().as_nanos() as u64;
     report.rounds.push(Round { dirty_pages: npages, harvest_ns, copy_ns, ..Default::default() });
@@ -145,7 +167,7 @@ pub fn run(
             while b != 0 {
                 let i = w as u64 * 64 + u64::from(b.trailing_zeros());
                 b &= b - 1;
-                copy_page(m, hva, i, &mut dst[(i * 512) as usize..((i + 1) * 512) as usize])?;
+                copy_page(m, hva, i, &mut dst)?;
                 dirty += 1;
             }
         }
@@ -169,15 +191,21 @@ pub fn run(
         }
     }
 
-    // The destination must now be guest memory, page for page.
-    let mut page = vec![0u64; 512];
+    // The destination must now be guest memory, page for page: the pages it holds equal
+    // the source's, and every source page with data is among them unless it is all zero.
+    // Pages in neither are zero on both sides.
     let mut differ = Vec::new();
-    for i in 0..npages {
-        copy_page(m, hva, i, &mut page)?;
-        if page[..] != dst[(i * 512) as usize..((i + 1) * 512) as usize] {
+    for (&i, copy) in &dst {
+        if read_page(m, hva, i)? != *copy {
             differ.push(i);
         }
     }
+    for i in data_pages(m, hva, size) {
+        if !dst.contains_key(&i) && read_page(m, hva, i)?.iter().any(|&w| w != 0) {
+            differ.push(i);
+        }
+    }
+    differ.sort_unstable();
     if !differ.is_empty() {
         return Err(RunError::Failed(format!(
             "migrate: {} pages of memslot {} differ from the copy after stop-and-copy (first gfns {:#x?}): a write was not logged",
@@ -186,6 +214,8 @@ pub fn run(
             differ.iter().take(8).map(|i| (gpa >> 12) + i).collect::<Vec<_>>()
         )));
     }
+    report.dest_pages = dst.len() as u64;
+    report.dest_bytes = report.dest_pages * 4096;
     region.flags = base_flags;
     m.kvm.set_user_memory_region(region).map_err(kvm_err)?;
     Ok(report)

@@ -108,6 +108,13 @@ pub fn text(r: &RunResult, description: &str) -> String {
             (mig.copied_pages * 4096) >> 20,
             human_ns(mig.downtime_ns)
         );
+        let _ = writeln!(
+            out,
+            "destination holds {} pages with data ({} KiB; the other {} pages of the slot are zero)",
+            mig.dest_pages,
+            mig.dest_bytes >> 10,
+            mig.slot_pages - mig.dest_pages
+        );
     }
     for idle in &r.idle_tracking {
         let _ = writeln!(out);

@@ -48,6 +48,55 @@ pub struct RunOptions {
     /// Time each MMU exit's handling ([`vmmu::Vcpu::set_fault_timing`]) and report a
     /// histogram per phase in [`PhaseResult::fault_latency`] (used by `vmmu sweep`).
     pub fault_timing: bool,
+    /// With `trace` = events (and not `trace_records`): write the trace here as the run
+    /// goes instead of keeping it ([`RunResult::trace`] is then `None`).
+    pub trace_stream: Option<TraceStream>,
+}
+
+/// Where a `--trace events` trace is written as the run goes, shared by the runs of a
+/// compare list (their traces separated by an empty line, as when they are printed at the
+/// end). It keeps its first write error.
+#[derive(Clone)]
+pub struct TraceStream {
+    out: Arc<std::sync::Mutex<Box<dyn std::io::Write + Send>>>,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    error: Arc<std::sync::Mutex<Option<std::io::ErrorKind>>>,
+}
+
+impl std::fmt::Debug for TraceStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceStream").field("error", &self.error()).finish_non_exhaustive()
+    }
+}
+
+impl TraceStream {
+    /// A stream into `out`.
+    pub fn new(out: Box<dyn std::io::Write + Send>) -> Self {
+        TraceStream { out: Arc::new(std::sync::Mutex::new(out)), runs: Arc::default(), error: Arc::default() }
+    }
+
+    /// The kind of the first write error, if any.
+    pub fn error(&self) -> Option<std::io::ErrorKind> {
+        *self.error.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn keep<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e.kind());
+        }
+        r
+    }
+}
+
+impl std::io::Write for TraceStream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let r = self.out.lock().unwrap_or_else(|e| e.into_inner()).write(b);
+        self.keep(r)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.keep(r)
+    }
 }
 
 impl Default for RunOptions {
@@ -60,6 +109,7 @@ impl Default for RunOptions {
             replay: None,
             trace_records: false,
             fault_timing: false,
+            trace_stream: None,
         }
     }
 }
@@ -230,6 +280,40 @@ fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, RunError> {
     })
 }
 
+/// The most page-table memory the identity layout builds before the run: enough for 32 GiB
+/// of 4 KiB pages, 16 TiB of 2 MiB pages or the whole guest-physical space in 1 GiB pages.
+pub const IDENTITY_TABLES_LIMIT: u64 = 64 << 20;
+
+/// Refuses an identity layout whose page tables, all built before the first phase, would
+/// take more than [`IDENTITY_TABLES_LIMIT`] (a 1 TiB slot of 4 KiB pages: 2 GiB and most
+/// of a minute).
+fn check_identity_tables(s: &Scenario, levels: u8) -> Result<(), RunError> {
+    use vmmu_guest::pagetable::tables_needed;
+    let mut ranges = Vec::new();
+    for ms in &s.memslots {
+        let shift = page_shift(ms.guest_page_size.as_deref().unwrap_or(&s.guest.page_size)).unwrap_or(12);
+        ranges.push((ms.gpa.0, ms.size.0, shift));
+    }
+    for mm in &s.mmio {
+        ranges.push((mm.gpa.0 & !4095, mm.size.0.next_multiple_of(4096), 12));
+    }
+    let bytes = (1 + tables_needed(&ranges, levels)) * 4096; // with the root
+    if bytes > IDENTITY_TABLES_LIMIT {
+        // Name the slot that needs the most.
+        let (i, (_, size, shift)) = ranges[..s.memslots.len()]
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, r)| tables_needed(&[**r], levels))
+            .map(|(i, r)| (i, *r))
+            .unwrap_or((0, (0, 0, 12)));
+        return Err(RunError::Config(format!(
+            "memslot[{i}]: the identity layout maps every page before the run; its {size} bytes of {} KiB pages (with the other slots and MMIO windows) need {bytes} bytes of guest page tables, beyond the limit of {IDENTITY_TABLES_LIMIT} bytes (64 MiB): give the slot a bigger guest_page_size (\"2m\" or \"1g\")",
+            (1u64 << shift) >> 10
+        )));
+    }
+    Ok(())
+}
+
 fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
     let (base, size, _) = m.slots[0];
     let total_pages: u64 = s.memslots.iter().map(|x| x.size.0 / 4096).sum();
@@ -242,6 +326,7 @@ fn boot_identity(m: &mut Machine, s: &Scenario) -> Result<(), RunError> {
         )));
     }
     let levels = if s.guest.paging == "5-level" { 5 } else { 4 };
+    check_identity_tables(s, levels)?;
     let mut alloc = FrameBump::new(start, end);
     let mut b = PageTableBuilder::new(&*m.kvm, &mut alloc, levels).map_err(cfg_err)?;
     let preset = s.guest.accessed_dirty == "preset";
@@ -778,6 +863,15 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         tracer.set_events(true);
         tracer.set_function_graph(true);
     }
+    let stream = opts.trace_stream.clone().filter(|_| opts.trace == TraceMode::Events && !keep_records);
+    if let Some(st) = &stream {
+        let mut st = st.clone();
+        if st.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+            let r = std::io::Write::write_all(&mut st, b"\n");
+            st.keep(r).map_err(|e| RunError::Failed(format!("writing the trace: {e}")))?;
+        }
+        tracer.stream_events_to(Box::new(st));
+    }
     if opts.fault_timing {
         for v in m.vcpus.iter_mut() {
             v.set_fault_timing(true);
@@ -806,6 +900,12 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         for (i, op) in ph.ops.iter().enumerate() {
             accesses += run_op(&mut m, op)?;
             progress(&ph.name, (i + 1) as f64 / n as f64);
+            if stream.is_some() {
+                if let Some(e) = m.kvm.tracer.stream_error() {
+                    // The trace's reader went away (or its disk filled): stop here.
+                    return Err(RunError::Failed(format!("writing the trace: {}", std::io::Error::from(e))));
+                }
+            }
         }
         let wall_ns = t0.elapsed().as_nanos() as u64;
         let (after, hw1) = stats_now(&m);
@@ -845,8 +945,11 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096,
     };
     let trace_records = if keep_records { m.kvm.tracer.take_records() } else { Vec::new() };
+    if stream.is_some() {
+        m.kvm.tracer.finish_stream().map_err(|e| RunError::Failed(format!("writing the trace: {e}")))?;
+    }
     let trace = match opts.trace {
-        _ if keep_records => None,
+        _ if keep_records || stream.is_some() => None,
         TraceMode::Events => Some(m.kvm.tracer.render_events()),
         TraceMode::FunctionGraph => Some(m.kvm.tracer.render_function_graph()),
         TraceMode::Off => None,

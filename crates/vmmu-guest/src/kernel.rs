@@ -613,20 +613,26 @@ impl GuestKernel {
         let mut unmapped = 0;
         let mut va = start & !4095;
         while va < end {
-            if let Some(pte_at) = self.pte_addr(cpu, i, va)? {
-                let e = Self::kread(cpu, pte_at)?;
-                if e & 1 != 0 {
-                    Self::kwrite(cpu, pte_at, 0)?;
-                    let f = self.frame_of(e)?;
-                    self.put_frame(f);
-                    unmapped += 1;
-                    if self.current == Some(i) {
-                        cpu.invlpg(Gva::new(va));
-                        self.stats.invlpgs += 1;
+            match self.pte_walk(cpu, i, va)? {
+                Ok(pte_at) => {
+                    let e = Self::kread(cpu, pte_at)?;
+                    if e & 1 != 0 {
+                        Self::kwrite(cpu, pte_at, 0)?;
+                        let f = self.frame_of(e)?;
+                        self.put_frame(f);
+                        unmapped += 1;
+                        if self.current == Some(i) {
+                            cpu.invlpg(Gva::new(va));
+                            self.stats.invlpgs += 1;
+                        }
                     }
+                    va += 4096;
                 }
+                // Nothing is mapped under a non-present entry: skip the whole range it
+                // covers (zap_pmd_range / zap_pud_range skip empty entries), so the walk
+                // costs what is mapped, not the length of the range.
+                Err(level) => va = (va | ((1u64 << (12 + 9 * (u32::from(level) - 1))) - 1)).saturating_add(1),
             }
-            va += 4096;
         }
         if unmapped > 0 && self.current != Some(i) {
             self.flush_process(cpu, i)?;
@@ -651,16 +657,22 @@ impl GuestKernel {
     }
 
     fn pte_addr<C: GuestCpu>(&self, cpu: &mut C, i: usize, va: u64) -> Result<Option<u64>, KernelError> {
+        Ok(self.pte_walk(cpu, i, va)?.ok())
+    }
+
+    /// Walks process `i`'s tables to the PTE for `va`: its address, or the level (2 and up)
+    /// of the first non-present entry on the way.
+    fn pte_walk<C: GuestCpu>(&self, cpu: &mut C, i: usize, va: u64) -> Result<Result<u64, u8>, KernelError> {
         let mut table = self.processes[i].root.raw();
         for level in (2..=self.cfg.levels).rev() {
             let idx = (va >> (12 + 9 * (u32::from(level) - 1))) & 511;
             let e = Self::kread(cpu, table + idx * 8)?;
             if e & 1 == 0 {
-                return Ok(None);
+                return Ok(Err(level));
             }
             table = self.table_of(e)?;
         }
-        Ok(Some(table + ((va >> 12) & 511) * 8))
+        Ok(Ok(table + ((va >> 12) & 511) * 8))
     }
 
     /// The PTE mapping user address `va` in process `pid` (read by the kernel through the

@@ -85,6 +85,41 @@ impl FrameBump {
 
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
+/// The page-table pages, root excluded, a `levels`-level tree takes to map the ranges
+/// `(va, len, shift)` (each [va, va+len) with pages of `1 << shift` bytes): at each level from
+/// a range's leaf tables up, one table per naturally aligned region the level covers that
+/// some range touches, tables shared between ranges counted once.
+pub fn tables_needed(ranges: &[(u64, u64, u32)], levels: u8) -> u64 {
+    (1..u32::from(levels))
+        .map(|l| {
+            // A table at level l maps 512 level-l entries: a region of 1 << (12 + 9 l) bytes.
+            let s = 12 + 9 * l;
+            let mut spans: Vec<(u64, u64)> = ranges
+                .iter()
+                .filter(|&&(_, len, shift)| len > 0 && l > (shift - 12) / 9) // at or above the leaf level
+                .map(|&(va, len, _)| {
+                    let last = va.saturating_add(len - 1);
+                    if s >= 64 {
+                        (0, 0)
+                    } else {
+                        (va >> s, last >> s)
+                    }
+                })
+                .collect();
+            spans.sort_unstable();
+            let (mut total, mut covered_to) = (0u64, None::<u64>);
+            for (a, b) in spans {
+                let from = covered_to.map_or(a, |c| a.max(c + 1));
+                if b >= from {
+                    total += b - from + 1;
+                }
+                covered_to = Some(covered_to.map_or(b, |c| c.max(b)));
+            }
+            total
+        })
+        .sum()
+}
+
 /// Builds one 4- or 5-level page-table tree.
 pub struct PageTableBuilder<'a, M: BootMem + ?Sized> {
     mem: &'a M,
@@ -145,5 +180,31 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
             off += step;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_needed_counts_each_level_once() {
+        let one = |va, len, shift, levels| tables_needed(&[(va, len, shift)], levels);
+        // 1 GiB of 4 KiB pages at 0: 512 PTs, 1 PD, 1 PDPT (4-level).
+        assert_eq!(one(0, 1 << 30, 12, 4), 512 + 1 + 1);
+        // 1 TiB of 4 KiB pages: 2^19 PTs, 1024 PDs, 2 PDPTs.
+        assert_eq!(one(0, 1 << 40, 12, 4), (1 << 19) + 1024 + 2);
+        // The same with 1 GiB pages: 2 PDPTs only; with 2 MiB pages: 1024 PDs and 2 PDPTs.
+        assert_eq!(one(0, 1 << 40, 30, 4), 2);
+        assert_eq!(one(0, 1 << 40, 21, 4), 1024 + 2);
+        // A range straddling a 2 MiB boundary needs two PTs; 5 levels add a P4D.
+        assert_eq!(one((2 << 20) - 4096, 8192, 12, 5), 2 + 1 + 1 + 1);
+        assert_eq!(one(0, 0, 12, 4), 0);
+        // 10,000 one-page ranges 8 KiB apart share their tables: 80 MiB of address space
+        // is 40 PTs under one PD and one PDPT (not 3 tables per range).
+        let many: Vec<(u64, u64, u32)> = (0..10_000u64).map(|i| (i * 8192, 4096, 12)).collect();
+        assert_eq!(tables_needed(&many, 4), 40 + 1 + 1);
+        // Ranges of different page sizes: a 2 MiB-page range needs no PT of its own.
+        assert_eq!(tables_needed(&[(0, 4096, 12), (1 << 30, 1 << 30, 21)], 4), 1 + 2 + 1);
     }
 }

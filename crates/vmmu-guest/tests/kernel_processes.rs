@@ -411,6 +411,87 @@ fn munmap_of_shared_pages() {
     both!(cfg(true), munmap_shared);
 }
 
+/// A vCPU that counts the guest memory accesses made through it.
+struct Counting<'a, C> {
+    cpu: &'a mut C,
+    accesses: u64,
+}
+
+impl<C: GuestCpu> GuestCpu for Counting<'_, C> {
+    fn read(&mut self, gva: vmmu::x86_paging::addr::Gva, size: u8) -> Result<u64, vmmu::GuestError> {
+        self.accesses += 1;
+        self.cpu.read(gva, size)
+    }
+    fn write(&mut self, gva: vmmu::x86_paging::addr::Gva, size: u8, val: u64) -> Result<(), vmmu::GuestError> {
+        self.accesses += 1;
+        self.cpu.write(gva, size, val)
+    }
+    fn fetch(&mut self, gva: vmmu::x86_paging::addr::Gva, size: u8) -> Result<u64, vmmu::GuestError> {
+        self.accesses += 1;
+        self.cpu.fetch(gva, size)
+    }
+    fn write_cr0(&mut self, v: vmmu::x86_paging::regs::Cr0) -> Result<(), vmmu::GuestError> {
+        self.cpu.write_cr0(v)
+    }
+    fn write_cr4(&mut self, v: vmmu::x86_paging::regs::Cr4) -> Result<(), vmmu::GuestError> {
+        self.cpu.write_cr4(v)
+    }
+    fn write_efer(&mut self, v: vmmu::x86_paging::regs::Efer) -> Result<(), vmmu::GuestError> {
+        self.cpu.write_efer(v)
+    }
+    fn write_cr3(&mut self, v: u64) -> Result<(), vmmu::GuestError> {
+        self.cpu.write_cr3(v)
+    }
+    fn invlpg(&mut self, gva: vmmu::x86_paging::addr::Gva) {
+        self.cpu.invlpg(gva)
+    }
+    fn set_cpl(&mut self, cpl: u8) {
+        self.cpu.set_cpl(cpl)
+    }
+    fn set_ac(&mut self, ac: bool) {
+        self.cpu.set_ac(ac)
+    }
+    fn write_pkru(&mut self, v: u32) {
+        self.cpu.write_pkru(v)
+    }
+    fn paging(&self) -> vmmu::x86_paging::mode::PagingState {
+        self.cpu.paging()
+    }
+}
+
+/// munmap of a 1 TiB range with four pages mapped in it walks only the page tables that
+/// exist: the kernel's accesses are bounded by the tables present (a walk of every 4 KiB page
+/// of the range would make 2^28 of them and take minutes).
+fn munmap_huge_sparse<C: GuestCpu>(k: &mut GuestKernel, cpu: &mut C) -> Vec<u64> {
+    const TIB: u64 = 1 << 40;
+    let pid = k.create_process(cpu).unwrap();
+    k.mmap(pid, TIB, TIB, true).unwrap();
+    k.switch_to(cpu, pid).unwrap();
+    // Pages in different top-level, 1 GiB and 2 MiB regions, and the last page of the range.
+    let vas = [TIB, TIB + (1 << 30) + (5 << 21), TIB + (300 << 30) + 4096, 2 * TIB - PAGE];
+    for (i, &va) in vas.iter().enumerate() {
+        wr(k, cpu, va, 0x500 + i as u64);
+    }
+    let invlpgs = k.stats.invlpgs;
+    let mut counting = Counting { cpu: &mut *cpu, accesses: 0 };
+    assert_eq!(k.munmap(&mut counting, pid, TIB, TIB).unwrap(), 4);
+    // The range holds 9 user tables (2 PDPTs, 3 PDs, 4 PTs): the walk reads each of their
+    // 512 entries at most once per level above it plus once more (a PTE: 4 walk reads and
+    // the PTE), and clears 4 PTEs.
+    assert!(counting.accesses <= 9 * 512 * 5 + 4, "munmap made {} guest accesses", counting.accesses);
+    assert_eq!(k.stats.invlpgs - invlpgs, 4);
+    for va in vas {
+        assert_eq!(k.user_pte(cpu, pid, va).unwrap(), None, "{va:#x} still mapped");
+    }
+    assert!(k.processes().iter().find(|p| p.pid == pid).unwrap().vmas.is_empty());
+    vec![k.free_frames()]
+}
+
+#[test]
+fn munmap_of_a_huge_range_walks_only_what_is_mapped() {
+    both!(cfg(false), munmap_huge_sparse);
+}
+
 #[test]
 fn freed_frames_go_back_to_their_node() {
     let half = MEM / 2;

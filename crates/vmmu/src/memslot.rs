@@ -5,7 +5,12 @@
 
 use crate::host::Hva;
 use crate::sync::{Arc, AtomicU32, Ordering};
+use std::collections::HashMap;
 use x86_paging::addr::Gfn;
+
+/// Memslots userspace may create per address space (`KVM_USER_MEM_SLOTS`: KVM_MEM_SLOTS_NUM,
+/// 32767, less the 3 private slots x86 keeps for itself); slot ids run from 0 to this less 1.
+pub const KVM_USER_MEM_SLOTS: u32 = 32764;
 
 bitflags::bitflags! {
     /// Memslot flags, with KVM's values.
@@ -61,6 +66,13 @@ pub enum MemslotError {
     /// Deleting a slot that does not exist.
     #[error("memslot {0} does not exist")]
     NoSuchSlot(u32),
+    /// A slot id KVM does not accept (KVM_SET_USER_MEMORY_REGION's -EINVAL for an id at or
+    /// above KVM_USER_MEM_SLOTS, or an address space other than 0).
+    #[error(
+        "memslot {0}: invalid slot id (EINVAL): KVM allows at most {KVM_USER_MEM_SLOTS} memslots per address space, ids 0 to {max}",
+        max = KVM_USER_MEM_SLOTS - 1
+    )]
+    InvalidSlotId(u32),
     /// Beyond the guest physical address width.
     #[error("memslot {slot} ends at gpa {end:#x}, beyond the {maxphyaddr}-bit guest physical address space")]
     TooHigh {
@@ -258,9 +270,18 @@ impl Memslot {
 }
 
 /// The set of memslots of one address space, with its generation.
+///
+/// The slots are kept sorted by base gfn, so [`Memslots::find`] is a binary search (KVM's
+/// gfn tree); an id index finds a slot by id without a scan. An update applied in place
+/// ([`Memslots::apply`]) costs O(log n) searches plus one insertion into the sorted array,
+/// so building KVM's maximum of [`KVM_USER_MEM_SLOTS`] slots does not grow quadratically.
 #[derive(Debug, Default, Clone)]
 pub struct Memslots {
     slots: Vec<Arc<Memslot>>,
+    /// Slot id -> base gfn (the key of `slots`).
+    ids: HashMap<u32, u64>,
+    /// Sum of the slots' pages.
+    total_pages: u64,
     generation: u64,
 }
 
@@ -290,7 +311,22 @@ impl Memslots {
 
     /// Total pages over all slots.
     pub fn total_pages(&self) -> u64 {
-        self.slots.iter().map(|s| s.npages).sum()
+        self.total_pages
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no slots.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Position in `slots` of the slot whose base gfn is `base`.
+    fn position_of_base(&self, base: u64) -> Option<usize> {
+        self.slots.binary_search_by_key(&base, |s| s.base_gfn.raw()).ok()
     }
 
     /// The slot holding `gfn` (`gfn_to_memslot`).
@@ -314,15 +350,32 @@ impl Memslots {
 
     /// The slot with id `id`.
     pub fn by_id(&self, id: u32) -> Option<&Arc<Memslot>> {
-        self.slots.iter().find(|s| s.id == id)
+        let base = *self.ids.get(&id)?;
+        self.position_of_base(base).map(|i| &self.slots[i])
     }
 
-    /// Applies KVM_SET_USER_MEMORY_REGION; returns the new set, the change and the old slot.
+    /// Applies KVM_SET_USER_MEMORY_REGION; returns the new set, the change and the old slot
+    /// (a copy of this set with [`Memslots::apply`] applied).
     pub fn update(
         &self,
         r: &UserspaceMemoryRegion,
         maxphyaddr: u8,
     ) -> Result<(Memslots, MemslotChange, Option<Arc<Memslot>>), MemslotError> {
+        let mut next = self.clone();
+        let (change, old) = next.apply(r, maxphyaddr)?;
+        Ok((next, change, old))
+    }
+
+    /// Applies KVM_SET_USER_MEMORY_REGION to this set in place and bumps the generation;
+    /// returns the change and the old slot. On error the set is unchanged.
+    pub fn apply(
+        &mut self,
+        r: &UserspaceMemoryRegion,
+        maxphyaddr: u8,
+    ) -> Result<(MemslotChange, Option<Arc<Memslot>>), MemslotError> {
+        if r.slot >= KVM_USER_MEM_SLOTS {
+            return Err(MemslotError::InvalidSlotId(r.slot));
+        }
         for (what, value) in [
             ("guest_phys_addr", r.guest_phys_addr),
             ("memory_size", r.memory_size),
@@ -333,11 +386,9 @@ impl Memslots {
             }
         }
         let old = self.by_id(r.slot).cloned();
-        let mut slots: Vec<Arc<Memslot>> = self.slots.iter().filter(|s| s.id != r.slot).cloned().collect();
         let change = if r.memory_size == 0 {
-            if old.is_none() {
-                return Err(MemslotError::NoSuchSlot(r.slot));
-            }
+            let Some(o) = &old else { return Err(MemslotError::NoSuchSlot(r.slot)) };
+            self.remove(o);
             MemslotChange::Delete
         } else {
             let end = r.guest_phys_addr.saturating_add(r.memory_size);
@@ -345,7 +396,12 @@ impl Memslots {
                 return Err(MemslotError::TooHigh { slot: r.slot, end, maxphyaddr });
             }
             let (start_gfn, end_gfn) = (r.guest_phys_addr >> 12, end >> 12);
-            if let Some(o) = slots.iter().find(|s| s.base_gfn.raw() < end_gfn && s.end_gfn().raw() > start_gfn) {
+            // The slots do not overlap one another, so if any slot other than this one's old
+            // version overlaps the new range, the one with the highest base below its end does.
+            let below_end = self.slots.partition_point(|s| s.base_gfn.raw() < end_gfn);
+            let overlapping =
+                self.slots[..below_end].iter().rev().find(|s| s.id != r.slot).filter(|s| s.end_gfn().raw() > start_gfn);
+            if let Some(o) = overlapping {
                 return Err(MemslotError::Overlap { slot: r.slot, start: r.guest_phys_addr, end, other: o.id });
             }
             let mut slot = Memslot::new(r);
@@ -355,15 +411,30 @@ impl Memslots {
                     slot.dirty_bitmap = o.dirty_bitmap.clone();
                 }
             }
-            slots.push(Arc::new(slot));
+            if let Some(o) = &old {
+                self.remove(o);
+            }
+            let at = self.slots.partition_point(|s| s.base_gfn.raw() < start_gfn);
+            self.ids.insert(r.slot, start_gfn);
+            self.total_pages += slot.npages;
+            self.slots.insert(at, Arc::new(slot));
             match &old {
                 None => MemslotChange::Create,
                 Some(o) if o.base_gfn.raw() != start_gfn => MemslotChange::Move,
                 Some(_) => MemslotChange::FlagsOnly,
             }
         };
-        slots.sort_by_key(|s| s.base_gfn);
-        Ok((Memslots { slots, generation: self.generation + 1 }, change, old))
+        self.generation += 1;
+        Ok((change, old))
+    }
+
+    /// Takes slot `o` (a member) out of the set.
+    fn remove(&mut self, o: &Memslot) {
+        if let Some(i) = self.position_of_base(o.base_gfn.raw()) {
+            self.slots.remove(i);
+            self.ids.remove(&o.id);
+            self.total_pages -= o.npages;
+        }
     }
 }
 
@@ -410,5 +481,55 @@ mod tests {
         let m = Memslot::new(&region(0, 0, 8 << 20, (1 << 30) + 4096));
         assert!(m.lpage_disallowed(Gfn::new(512), 2));
         m.update_disallow_lpage(Gfn::new(0), -1);
+    }
+
+    #[test]
+    fn slot_ids_stop_at_kvm_user_mem_slots() {
+        let mut s = Memslots::default();
+        let last = KVM_USER_MEM_SLOTS - 1;
+        s.apply(&region(last, 0, 4096, 0), 46).unwrap();
+        assert_eq!(s.by_id(last).unwrap().id, last);
+        let e = s.apply(&region(KVM_USER_MEM_SLOTS, 8192, 4096, 8192), 46).unwrap_err();
+        assert_eq!(e, MemslotError::InvalidSlotId(32764));
+        assert!(e.to_string().contains("EINVAL") && e.to_string().contains("32764"), "{e}");
+        // An address space other than 0 (slot >> 16) is refused the same way.
+        assert_eq!(s.apply(&region(1 << 16, 8192, 4096, 8192), 46).unwrap_err(), MemslotError::InvalidSlotId(1 << 16));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.generation(), 1, "a refused update leaves the set as it was");
+    }
+
+    #[test]
+    fn all_kvm_slots_in_any_order() {
+        // KVM's maximum of slots, created highest gpa first (each insertion at the front),
+        // then every one looked up by gfn and by id, moved, resized and deleted.
+        let n = u64::from(KVM_USER_MEM_SLOTS);
+        let mut s = Memslots::default();
+        for id in (0..n).rev() {
+            let c = s.apply(&region(id as u32, id * 2 * 4096, 4096, id * 2 * 4096), 46).unwrap().0;
+            assert_eq!(c, MemslotChange::Create);
+        }
+        assert_eq!(s.len(), n as usize);
+        assert_eq!(s.total_pages(), n);
+        for id in (0..n).step_by(997) {
+            assert_eq!(s.find(Gfn::new(id * 2)).unwrap().id, id as u32);
+            assert!(s.find(Gfn::new(id * 2 + 1)).is_none(), "the holes between slots belong to no slot");
+            assert_eq!(s.by_id(id as u32).unwrap().base_gfn, Gfn::new(id * 2));
+        }
+        let sorted: Vec<u64> = s.iter().map(|m| m.base_gfn.raw()).collect();
+        assert!(sorted.windows(2).all(|w| w[0] < w[1]));
+        // Growing slot 5 over slot 6's gfn overlaps it; growing it into its own hole does not.
+        assert!(matches!(s.apply(&region(5, 10 * 4096, 3 * 4096, 0), 46), Err(MemslotError::Overlap { other: 6, .. })));
+        assert_eq!(s.apply(&region(5, 10 * 4096, 2 * 4096, 0), 46).unwrap().0, MemslotChange::FlagsOnly);
+        assert_eq!(s.total_pages(), n + 1);
+        assert_eq!(s.find(Gfn::new(11)).unwrap().id, 5);
+        // Moving the last slot to the very top, then deleting it.
+        let top = 1u64 << 46;
+        assert_eq!(s.apply(&region(0, top - 4096, 4096, 0), 46).unwrap().0, MemslotChange::Move);
+        assert_eq!(s.find(Gfn::new((top >> 12) - 1)).unwrap().id, 0);
+        assert!(s.find(Gfn::new(0)).is_none());
+        assert_eq!(s.apply(&region(0, 0, 0, 0), 46).unwrap().0, MemslotChange::Delete);
+        assert!(s.by_id(0).is_none());
+        assert_eq!(s.len(), n as usize - 1);
+        assert_eq!(s.total_pages(), n);
     }
 }

@@ -46,7 +46,39 @@ pub struct Tracer {
     events: AtomicBool,
     graph: AtomicBool,
     start: Instant,
-    buf: Mutex<Vec<Record>>,
+    buf: Mutex<Buf>,
+}
+
+/// The tracer's records, or with a stream set ([`Tracer::stream_events_to`]) the writer
+/// events go to as they happen.
+#[derive(Default)]
+struct Buf {
+    records: Vec<Record>,
+    stream: Option<Box<dyn std::io::Write + Send>>,
+    /// Events written to the stream so far.
+    streamed: usize,
+    /// The stream's first write error (nothing more is written after it).
+    stream_error: Option<std::io::Error>,
+}
+
+/// The header `render_events` starts with (the kernel's `trace` file header for the nop
+/// tracer).
+const EVENTS_HEADER: &str = "# tracer: nop\n#\n#                                _-----=> irqs-off/BH-disabled\n#                               / _----=> need-resched\n#                              | / _---=> hardirq/softirq\n#                              || / _--=> preempt-depth\n#                              ||| / _-=> migrate-disable\n#                              |||| /     delay\n#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION\n#              | |         |   |||||     |         |\n";
+
+/// One event line in the kernel's layout.
+fn event_line(out: &mut impl std::fmt::Write, ns: u64, cpu: u32, name: &str, text: &dyn std::fmt::Display) {
+    let task = format!("vcpu-{cpu}");
+    let _ = writeln!(
+        out,
+        "{:>16}-{:<7} [{:03}] ..... {:>6}.{:06}: {}: {}",
+        task,
+        1000 + cpu,
+        cpu,
+        ns / 1_000_000_000,
+        (ns / 1000) % 1_000_000,
+        name,
+        text
+    );
 }
 
 impl Default for Tracer {
@@ -55,7 +87,7 @@ impl Default for Tracer {
             events: AtomicBool::new(false),
             graph: AtomicBool::new(false),
             start: Instant::now(),
-            buf: Mutex::new(Vec::new()),
+            buf: Mutex::new(Buf::default()),
         }
     }
 }
@@ -92,13 +124,53 @@ impl Tracer {
 
     fn push(&self, cpu: u32, rec: Rec) {
         let ns = self.start.elapsed().as_nanos() as u64;
-        self.buf.lock().push(Record { ns, cpu, rec });
+        self.buf.lock().records.push(Record { ns, cpu, rec });
     }
 
     /// Records tracepoint `name` with its already formatted text (call only when
-    /// [`Tracer::events_on`]).
+    /// [`Tracer::events_on`]); while streaming, writes its line instead.
     pub fn event(&self, cpu: u32, name: &'static str, args: std::fmt::Arguments<'_>) {
-        self.push(cpu, Rec::Event { name, text: args.to_string() });
+        let ns = self.start.elapsed().as_nanos() as u64;
+        let mut buf = self.buf.lock();
+        let b = &mut *buf;
+        match &mut b.stream {
+            Some(out) => {
+                if b.stream_error.is_none() {
+                    let mut line = String::new();
+                    event_line(&mut line, ns, cpu, name, &args);
+                    if let Err(e) = out.write_all(line.as_bytes()) {
+                        b.stream_error = Some(e);
+                    }
+                }
+                b.streamed += 1;
+            }
+            None => b.records.push(Record { ns, cpu, rec: Rec::Event { name, text: args.to_string() } }),
+        }
+    }
+
+    /// Streams events from now on: the header of [`Tracer::render_events`] is written to
+    /// `out`, then each event's line as it happens, instead of keeping the events in memory
+    /// (function_graph records are still kept). The text is what `render_events` would
+    /// have produced. End with [`Tracer::finish_stream`].
+    pub fn stream_events_to(&self, mut out: Box<dyn std::io::Write + Send>) {
+        let mut b = self.buf.lock();
+        b.stream_error = out.write_all(EVENTS_HEADER.as_bytes()).err();
+        b.stream = Some(out);
+    }
+
+    /// The first error writing the event stream, if any (later events were dropped).
+    pub fn stream_error(&self) -> Option<std::io::ErrorKind> {
+        self.buf.lock().stream_error.as_ref().map(|e| e.kind())
+    }
+
+    /// Ends streaming: flushes and drops the writer; returns its first error.
+    pub fn finish_stream(&self) -> std::io::Result<()> {
+        let mut b = self.buf.lock();
+        let flushed = b.stream.take().map_or(Ok(()), |mut out| out.flush());
+        match b.stream_error.take() {
+            Some(e) => Err(e),
+            None => flushed,
+        }
     }
 
     /// Enters traced function `name`; the guard records its exit.
@@ -113,12 +185,13 @@ impl Tracer {
 
     /// Drops everything recorded.
     pub fn clear(&self) {
-        self.buf.lock().clear();
+        self.buf.lock().records.clear();
     }
 
-    /// Number of recorded items.
+    /// Number of recorded items, events streamed included.
     pub fn len(&self) -> usize {
-        self.buf.lock().len()
+        let b = self.buf.lock();
+        b.records.len() + b.streamed
     }
 
     /// Whether nothing is recorded.
@@ -129,29 +202,16 @@ impl Tracer {
     /// Takes everything recorded, oldest first, leaving the buffer empty (for exporters such
     /// as [`chrome::write_chrome_json`]).
     pub fn take_records(&self) -> Vec<Record> {
-        std::mem::take(&mut *self.buf.lock())
+        std::mem::take(&mut self.buf.lock().records)
     }
 
     /// Renders the tracepoints as the kernel's `trace` file does.
     pub fn render_events(&self) -> String {
         let buf = self.buf.lock();
-        let mut out = String::from(
-            "# tracer: nop\n#\n#                                _-----=> irqs-off/BH-disabled\n#                               / _----=> need-resched\n#                              | / _---=> hardirq/softirq\n#                              || / _--=> preempt-depth\n#                              ||| / _-=> migrate-disable\n#                              |||| /     delay\n#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION\n#              | |         |   |||||     |         |\n",
-        );
-        for r in buf.iter() {
+        let mut out = String::from(EVENTS_HEADER);
+        for r in buf.records.iter() {
             if let Rec::Event { name, text } = &r.rec {
-                let task = format!("vcpu-{}", r.cpu);
-                let _ = writeln!(
-                    out,
-                    "{:>16}-{:<7} [{:03}] ..... {:>6}.{:06}: {}: {}",
-                    task,
-                    1000 + r.cpu,
-                    r.cpu,
-                    r.ns / 1_000_000_000,
-                    (r.ns / 1000) % 1_000_000,
-                    name,
-                    text
-                );
+                event_line(&mut out, r.ns, r.cpu, name, text);
             }
         }
         out
@@ -163,7 +223,7 @@ impl Tracer {
     pub fn render_function_graph(&self) -> String {
         let buf = self.buf.lock();
         let mut out = String::from("# tracer: function_graph\n#\n# CPU  DURATION                  FUNCTION CALLS\n# |     |   |                     |   |   |   |\n");
-        let recs: Vec<&Record> = buf.iter().filter(|r| !matches!(r.rec, Rec::Event { .. })).collect();
+        let recs: Vec<&Record> = buf.records.iter().filter(|r| !matches!(r.rec, Rec::Event { .. })).collect();
         render_graph(&mut out, &recs);
         out
     }
@@ -263,5 +323,78 @@ mod tests {
         assert!(body[3].ends_with("|      tdp_mmu_set_spte_atomic();"), "{s}");
         assert!(body[4].contains(" us ") && body[4].ends_with("|    }"), "{s}");
         assert!(body[5].ends_with("|  }"), "{s}");
+    }
+
+    /// A writer that keeps what it was given, shared with the test.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The timestamp field of each event line blanked (it differs between two tracers).
+    fn untimed(s: &str) -> Vec<String> {
+        s.lines()
+            .map(|l| match l.split_once(": ") {
+                Some((a, b)) if !l.starts_with('#') => format!("{}|{b}", &a[..a.len() - 13]),
+                _ => l.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streamed_events_are_written_as_they_happen_and_not_kept() {
+        let (buffered, streamed) = (Tracer::default(), Tracer::default());
+        let sink = Sink::default();
+        streamed.stream_events_to(Box::new(sink.clone()));
+        for t in [&buffered, &streamed] {
+            t.set_events(true);
+        }
+        for i in 0..1000u64 {
+            for t in [&buffered, &streamed] {
+                t.event((i % 3) as u32, "kvm_mmu_spte_requested", format_args!("gfn {i:x} pfn {:x} level 1", i + 7));
+            }
+            // The event's line is out before the next event happens, and nothing is held.
+            let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+            assert!(out.ends_with(&format!("gfn {i:x} pfn {:x} level 1\n", i + 7)), "{out}");
+            assert!(streamed.buf.lock().records.is_empty());
+        }
+        assert_eq!(streamed.len(), 1000, "streamed events still count (phase ranges)");
+        streamed.finish_stream().unwrap();
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let rendered = buffered.render_events();
+        assert_eq!(out.len(), rendered.len());
+        assert_eq!(untimed(&out), untimed(&rendered), "the same text as the buffered trace");
+        // After the stream ends, events are kept again.
+        streamed.event(0, "kvm_mmu_spte_requested", format_args!("late"));
+        assert_eq!(streamed.buf.lock().records.len(), 1);
+    }
+
+    #[test]
+    fn stream_errors_are_kept_and_stop_the_writes() {
+        struct Full(u32);
+        impl std::io::Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                self.0 += 1;
+                Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let t = Tracer::default();
+        t.set_events(true);
+        t.stream_events_to(Box::new(Full(0)));
+        assert_eq!(t.stream_error(), Some(std::io::ErrorKind::BrokenPipe));
+        t.event(0, "kvm_mmu_spte_requested", format_args!("x"));
+        assert_eq!(t.finish_stream().unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+        assert!(t.finish_stream().is_ok(), "the error is reported once");
     }
 }

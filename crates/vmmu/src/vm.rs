@@ -447,22 +447,32 @@ impl Kvm {
                 )));
             }
         }
-        let (new, change, old) = cur.update(&r, self.config.maxphyaddr)?;
-        let was_logging = old.as_ref().is_some_and(|o| o.dirty_logging());
+        drop(cur);
         let logging = r.memory_size != 0 && r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
+        let (new, change, old, initially_set) = {
+            // The set is changed in place when no vCPU holds it (creating slots before the
+            // vCPUs run: O(log n) each, not a copy of every slot); a set a vCPU still holds
+            // is copied first and the copy published.
+            let mut cur = self.memslots.write();
+            let set = Arc::make_mut(&mut *cur);
+            let (change, old) = set.apply(&r, self.config.maxphyaddr)?;
+            let was_logging = old.as_ref().is_some_and(|o| o.dirty_logging());
+            let initially_set = logging && !was_logging && self.dirty_log_initially_set();
+            if initially_set {
+                // Every page starts dirty; nothing is write-protected until userspace clears.
+                if let Some(s) = set.by_id(r.slot) {
+                    s.set_all_dirty();
+                }
+            }
+            (cur.clone(), change, old, initially_set)
+        };
+        let was_logging = old.as_ref().is_some_and(|o| o.dirty_logging());
         if matches!(change, MemslotChange::Create | MemslotChange::Delete) {
             // kvm_arch_commit_memory_region: the default shadow-page limit follows RAM.
             self.mmu.shadow.lock().update_n_max(&new);
         }
-        let initially_set = logging && !was_logging && self.dirty_log_initially_set();
-        if initially_set {
-            // Every page starts dirty; nothing is write-protected until userspace clears.
-            if let Some(s) = new.by_id(r.slot) {
-                s.set_all_dirty();
-            }
-        }
         let gen = new.generation();
-        *self.memslots.write() = Arc::new(new);
+        drop(new);
         self.memslots_gen.fetch_add(1, Ordering::AcqRel);
         // kvm_swap_active_memslots: wait for every exit handler that may still act on the
         // old slots before changing mappings for the new ones, or a fault that raced with

@@ -177,6 +177,16 @@ impl FrameAllocator {
         self.frames_2m.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Bytes the allocator can still hand out: never-used chunks, the rest of the chunk
+    /// being carved, and the free lists.
+    pub fn free_bytes(&self) -> u64 {
+        let pool = self.pool.lock();
+        let chunks = self.mem.size() / HUGE_FRAME_SIZE;
+        let unused = chunks.saturating_sub(pool.next_chunk) * HUGE_FRAME_SIZE;
+        let carving = pool.carving.map_or(0, |(_, used)| (FRAMES_PER_CHUNK - used) * FRAME_SIZE);
+        unused + carving + pool.free_4k.len() as u64 * FRAME_SIZE + pool.free_2m.len() as u64 * HUGE_FRAME_SIZE
+    }
+
     /// Frames in use.
     pub fn counts(&self) -> FrameCounts {
         FrameCounts {

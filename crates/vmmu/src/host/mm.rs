@@ -164,6 +164,16 @@ impl HostMm {
             return Err(HostError::Invalid("mmap of zero bytes".into()));
         }
         let len = len.next_multiple_of(4096);
+        if prefault && writable {
+            // MAP_POPULATE of more than the host has would fill all of it and then fail:
+            // check first. Each page needs a frame, each 2 MiB a last-level host table
+            // (fewer with THP, but a THP fault may fall back to 4 KiB pages).
+            let needed = len.saturating_add(len.div_ceil(2 << 20) * 4096);
+            let free = self.frames.free_bytes();
+            if needed > free {
+                return Err(HostError::PrefaultTooBig { len, needed, free, size: self.frames.mem().size() });
+            }
+        }
         let start = {
             let _g = self.mmap_lock.lock();
             let start = self.next_hva.load(Ordering::Relaxed);
@@ -232,6 +242,55 @@ impl HostMm {
     #[inline]
     pub fn host_mapping_level(&self, hva: Hva) -> u8 {
         self.lookup(hva.0).map_or(1, |(_, l, _)| l)
+    }
+
+    /// The 4 KiB pages of [hva, hva+len) that hold data, in address order: mapped to a frame
+    /// other than a zero page, or swapped out (what /proc/PID/pagemap reports present or
+    /// swapped). Nothing is faulted in, and the walk skips non-present host page-table
+    /// entries, so it costs what is mapped, not the length of the range.
+    pub fn resident_pages(&self, hva: Hva, len: u64) -> Vec<Hva> {
+        let (start, end) = (hva.0 & !4095, hva.0.saturating_add(len).min(HVA_LIMIT));
+        let mut out = Vec::new();
+        if start < end {
+            self.resident_in(self.pgd, 4, 0, start, end, &mut out);
+        }
+        let mut swapped: Vec<Hva> =
+            self.swap.lock().keys().filter(|&&a| a >= start && a < end).map(|&a| Hva(a)).collect();
+        if !swapped.is_empty() {
+            out.append(&mut swapped);
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+
+    /// [`HostMm::resident_pages`] under `table` (at `level`, mapping from `base`).
+    fn resident_in(&self, table: Pfn, level: u8, base: u64, start: u64, end: u64, out: &mut Vec<Hva>) {
+        let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
+        let first = if start > base { (start - base) / span } else { 0 };
+        for idx in first..512 {
+            let at = base + idx * span;
+            if at >= end {
+                break;
+            }
+            let v = self.entry(table, idx).load(Ordering::Acquire);
+            if v & P == 0 {
+                continue;
+            }
+            let pfn = Pfn::new((v & ADDR) >> 12);
+            if level == 1 || (level == 2 && v & PS != 0) {
+                if self.frames.is_zero_pfn(pfn) {
+                    continue;
+                }
+                let mut a = at.max(start);
+                while a < (at + span).min(end) {
+                    out.push(Hva(a));
+                    a += 4096;
+                }
+            } else {
+                self.resident_in(pfn, level - 1, at, start, end, out);
+            }
+        }
     }
 
     /// get_user_pages: the page at `hva`, faulting it in (and breaking copy-on-write for a
@@ -984,5 +1043,51 @@ mod tests {
         assert!(mm.get_user_page_fast_only(Hva(hva.0 + 63 * 4096), true).is_some());
         let readonly = mm.mmap(4096, Backing::Anon4k, false, false).unwrap();
         assert_eq!(mm.write(readonly, 1, 1), Err(HostError::ReadOnly(readonly.0)));
+    }
+
+    #[test]
+    fn resident_pages_are_the_data_pages_only() {
+        let mm = mm();
+        let len = 1u64 << 40;
+        let hva = mm.mmap(len, Backing::Thp, true, false).unwrap();
+        assert!(mm.resident_pages(hva, len).is_empty());
+        let at = |off: u64| Hva(hva.0 + off);
+        mm.write(at(5 << 30), 8, 1).unwrap(); // a THP: 512 pages
+        mm.write(at(len - 4096), 8, 2).unwrap(); // the last 2 MiB: a THP too
+        mm.read(at(7 << 30), 8).unwrap(); // the huge zero page: no data
+        let r = mm.resident_pages(hva, len);
+        assert_eq!(r.len(), 1024);
+        assert_eq!(r[0], at(5 << 30));
+        assert_eq!(r[1023], at(len - 4096));
+        assert!(r.windows(2).all(|w| w[0] < w[1]));
+        // A sub-range, and swapped-out pages still count.
+        assert_eq!(mm.resident_pages(at((5 << 30) + 4096), 8192), vec![at((5 << 30) + 4096), at((5 << 30) + 8192)]);
+        assert_eq!(mm.swap_out(at(5 << 30), 2 << 20).unwrap(), 512);
+        assert_eq!(mm.resident_pages(hva, len).len(), 1024);
+        mm.madvise_dontneed(at(5 << 30), 2 << 20).unwrap();
+        assert_eq!(mm.resident_pages(hva, len).len(), 512);
+    }
+
+    #[test]
+    fn prefault_beyond_host_memory_is_refused_before_allocating() {
+        let mm = mm();
+        let size = mm.frames().mem().size();
+        let before = mm.frames().counts();
+        let free = mm.frames().free_bytes();
+        for backing in [Backing::Anon4k, Backing::Thp] {
+            let e = mm.mmap(size, backing, true, true).unwrap_err();
+            let HostError::PrefaultTooBig { len, needed, free: f, size: s } = e.clone() else { panic!("{e}") };
+            assert_eq!((len, f, s), (size, free, size));
+            assert!(needed > free, "{e}");
+            assert!(e.to_string().contains("host_memory"), "{e}");
+        }
+        assert_eq!(mm.frames().counts(), before, "nothing was allocated");
+        assert_eq!(mm.frames().free_bytes(), free);
+        // No VMA was left behind, and the same size without prefault maps lazily.
+        let hva = mm.mmap(size, Backing::Anon4k, true, false).unwrap();
+        assert_eq!(mm.frames().counts(), before);
+        mm.write(hva, 8, 7).unwrap();
+        let used = free - mm.frames().free_bytes();
+        assert!((2 * 4096..=5 * 4096).contains(&used), "one page and its host page tables: {used} bytes");
     }
 }

@@ -32,6 +32,21 @@ pub enum HostError {
         /// Size of host memory.
         size: u64,
     },
+    /// A prefaulted mapping (MAP_POPULATE) larger than the host memory left: refused before
+    /// any page is allocated.
+    #[error(
+        "prefault of {len} bytes needs {needed} bytes of host memory (pages and page tables) but only {free} of the host's {size} bytes are free; declare a larger host with `host_memory` or drop `prefault`"
+    )]
+    PrefaultTooBig {
+        /// Mapping length.
+        len: u64,
+        /// Host memory the prefault would take, page tables included.
+        needed: u64,
+        /// Host memory free.
+        free: u64,
+        /// Size of host memory.
+        size: u64,
+    },
     /// No VMA covers the address (get_user_pages would return -EFAULT).
     #[error("no mapping at hva {0:#x}")]
     BadAddress(u64),

@@ -288,7 +288,7 @@ pub fn write_chrome_json<W: Write>(
 impl Tracer {
     /// This tracer's records (not taken) as one trace-event JSON object, process `name`.
     pub fn render_chrome_json(&self, name: &str) -> String {
-        let records = self.buf.lock().clone();
+        let records = self.buf.lock().records.clone();
         let mut out = Vec::new();
         let _ = write_chrome_json(&mut out, &[ChromeProcess { name, records: &records }], &ChromeOptions::default());
         String::from_utf8(out).unwrap_or_default()
