@@ -613,35 +613,43 @@ pub fn page_shift(s: &str) -> Option<u32> {
     }
 }
 
+/// A TOML error as (where, problem), each one line: `line L, column C` (or `file`) and the
+/// parser's message, which is never empty (the parser gives none when the text stops where
+/// it needs more, as in `a = `).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> (String, String) {
+    let msg = e.message().split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    // The text up to the error (a span off a char boundary falls back to the one before).
+    let before = |at: usize| {
+        let mut at = at.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        &text[..at]
+    };
+    let at_end = e.span().is_some_and(|sp| text[before(sp.start).len()..].trim().is_empty());
+    let msg = match msg {
+        // The parser names nothing when the text stops where it needs more (`a = `).
+        m if m.is_empty() && at_end => {
+            "the file ends in the middle of an item (a key without a value, an unclosed `[` or quote?)".into()
+        }
+        m if m.is_empty() => "not valid TOML here".into(),
+        m => m,
+    };
+    let at = e.span().map(|sp| {
+        let before = before(sp.start);
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {col}")
+    });
+    (at.unwrap_or_else(|| "file".into()), msg)
+}
+
 impl Scenario {
     /// Parses TOML text; the error is one line (it may name a line and column).
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
         let s: Scenario = toml::from_str(text).map_err(|e| {
-            let msg = e.message().split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-            // The text up to the error (a span off a char boundary falls back to the one before).
-            let before = |at: usize| {
-                let mut at = at.min(text.len());
-                while !text.is_char_boundary(at) {
-                    at -= 1;
-                }
-                &text[..at]
-            };
-            let at_end = e.span().is_some_and(|sp| text[before(sp.start).len()..].trim().is_empty());
-            let msg = match msg {
-                // The parser names nothing when the text stops where it needs more (`a = `).
-                m if m.is_empty() && at_end => {
-                    "the file ends in the middle of an item (a key without a value, an unclosed `[` or quote?)".into()
-                }
-                m if m.is_empty() => "not valid TOML here".into(),
-                m => m,
-            };
-            let at = e.span().map(|sp| {
-                let before = before(sp.start);
-                let line = before.matches('\n').count() + 1;
-                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!("line {line}, column {col}")
-            });
-            err(at.unwrap_or_else(|| "file".into()), msg)
+            let (at, problem) = toml_error(text, &e);
+            err(at, problem)
         })?;
         s.validate()?;
         Ok(s)

@@ -174,11 +174,7 @@ fn ops_that_cannot_run_are_refused_before_the_run() {
             identity("{ op = \"write\", start = \"0xfffffffffffff000\", pages = 2 }"),
             "phase[0].ops[0].pages",
         ),
-        (
-            "root.toml",
-            identity("{ op = \"new-root\" }, { op = \"switch-root\", root = 2 }"),
-            "phase[0].ops[1].root",
-        ),
+        ("root.toml", identity("{ op = \"new-root\" }, { op = \"switch-root\", root = 2 }"), "phase[0].ops[1].root"),
         ("switch.toml", kernel(2, "{ op = \"switch\", process = 3 }"), "phase[0].ops[0].process"),
         (
             "exited.toml",
