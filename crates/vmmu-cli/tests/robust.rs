@@ -59,8 +59,11 @@ fn refused(args: &[&str], needle: &str) -> String {
     err
 }
 
-/// The commands that print, each quick: (name, args, environment).
-fn printing_commands(d: &Path) -> Vec<(&'static str, Vec<String>, Vec<(&'static str, &'static str)>)> {
+/// A command to run: (name, args, environment).
+type Cmd = (&'static str, Vec<String>, Vec<(&'static str, &'static str)>);
+
+/// The commands that print, each quick.
+fn printing_commands(d: &Path) -> Vec<Cmd> {
     let small = file(d, "small.toml", &identity("{ op = \"write\", start = \"32MiB\", pages = 16 }"));
     let compare = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/compare/first-touch.toml");
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();

@@ -193,7 +193,7 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
     let mut mem_end = DATA_GPA;
     for (i, r) in spec.regions.iter().enumerate() {
         let end = r.pages.checked_mul(PAGE).and_then(|b| r.gva.checked_add(b));
-        if r.pages == 0 || r.gva % PAGE != 0 || r.gva < DATA_GPA || end.is_none_or(|e| e > 1 << 47) {
+        if r.pages == 0 || r.gva % PAGE != 0 || r.gva < DATA_GPA || !matches!(end, Some(e) if e <= 1 << 47) {
             return bad(format!(
                 "region {i}: gva {:#x} + {} pages must be page aligned, non-empty, in [2 MiB, 2^47)",
                 r.gva, r.pages
