@@ -735,10 +735,32 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
     }
 }
 
+/// Checks what the scenario names outside itself before anything runs: the trace file of
+/// each `replay` op can be opened and is a vmmu trace (`phase[P].ops[I].trace: ...`).
+fn precheck(s: &Scenario, opts: &RunOptions) -> Result<(), RunError> {
+    if opts.replay.is_some() || opts.workload.is_some() || opts.pages.is_some() {
+        return Ok(()); // the scenario's phases are replaced
+    }
+    for (pi, p) in s.phases.iter().enumerate() {
+        for (oi, op) in p.ops.iter().enumerate() {
+            if let Op::Replay { trace } = op {
+                crate::replay::header_counts(std::path::Path::new(trace)).map_err(|e| {
+                    RunError::Config(format!(
+                        "phase[{pi}].ops[{oi}].trace: {}",
+                        e.to_string().trim_start_matches("--replay: ")
+                    ))
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds `s`'s machine and runs its phases (or `--workload`'s) in order, up to and including
 /// `after_phase` (all of them when `None`), and returns the machine in that state (for
 /// `vmmu explain`). Nothing is traced.
 pub fn run_to(s: &Scenario, opts: &RunOptions, after_phase: Option<&str>) -> Result<Machine, RunError> {
+    precheck(s, opts)?;
     let mut m = build(s, opts)?;
     let phases = phases(s, opts, m.data_start);
     if let Some(name) = after_phase {
@@ -799,6 +821,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         let ram: u64 = s.memslots.iter().filter(|x| !x.readonly).map(|x| x.size.0).sum();
         crate::replay::check_fits(t, ram)?;
     }
+    precheck(s, opts)?;
     let mut m = build(s, opts)?;
     let tracer = &m.kvm.tracer;
     match opts.trace {

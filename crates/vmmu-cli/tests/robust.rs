@@ -191,6 +191,17 @@ fn ops_that_cannot_run_are_refused_before_the_run() {
         refused(&["run", &f], field);
         refused(&["explain", "0x1000", &f], field);
     }
+    // A replay op's trace is opened before the first phase runs.
+    let missing = file(
+        &d,
+        "replay.toml",
+        &kernel(
+            1,
+            "{ op = \"write\", start = \"1GiB\", pages = 1 }, { op = \"replay\", trace = \"/nonexistent/t.vtrace\" }",
+        ),
+    );
+    let e = refused(&["run", &missing], "phase[0].ops[1].trace");
+    assert!(e.contains("/nonexistent/t.vtrace"), "{e}");
     // A forked child exists; a process made by fork can be switched to.
     let ok = file(&d, "fork.toml", &kernel(1, "{ op = \"fork\" }, { op = \"switch\", process = 2 }"));
     let (code, _, err) = vmmu(&["run", &ok, "--mmu", "tdp"]);
