@@ -4,7 +4,8 @@
 //! bytes, TOML-like text, generated near-valid scenarios, and the shipped scenarios mutated.
 //!
 //! The property: nothing panics, and every input is either accepted or refused with an error
-//! that is one non-empty line. Failures shrink to a minimal input; proptest keeps them in
+//! that is one non-empty line. Generated scenarios that are accepted and small are also run
+//! (in-process, every MMU the scenario names): they finish or fail with one line. Failures shrink to a minimal input; proptest keeps them in
 //! `fuzz_inputs.proptest-regressions` to be re-run first.
 
 use proptest::prelude::*;
@@ -383,5 +384,57 @@ proptest! {
 fn every_shipped_scenario_still_parses() {
     for s in shipped() {
         Scenario::parse(&s).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// A bound on the work a scenario's ops ask for (pages touched, accesses, rounds), so the
+/// run fuzz stays within seconds; bigger scenarios are the business of the limits tests.
+fn small_enough(s: &Scenario) -> bool {
+    use vmmu_cli::scenario::Op;
+    let mut work = 0u64;
+    for op in s.phases.iter().flat_map(|p| &p.ops) {
+        work = work.saturating_add(match op {
+            Op::Write { pages, .. }
+            | Op::Read { pages, .. }
+            | Op::Fetch { pages, .. }
+            | Op::ReadThenWrite { pages, .. }
+            | Op::Munmap { pages, .. } => *pages,
+            Op::Workload { pages, accesses, .. } => pages.saturating_add(accesses.unwrap_or(0)),
+            Op::ProcessChurn { iterations, pages, .. } => u64::from(*iterations).saturating_mul(*pages),
+            Op::Migrate { pages, accesses, max_rounds, .. } => pages
+                .saturating_add(accesses.unwrap_or(0))
+                .saturating_mul(u64::from(*max_rounds))
+                .saturating_add(1 << 14),
+            Op::IdleTracking { pages, accesses, passes, .. } => {
+                pages.saturating_add(accesses.unwrap_or(0)).saturating_mul(u64::from(*passes)).saturating_add(1 << 14)
+            }
+            Op::MadviseDontneed { size, .. }
+            | Op::MigratePages { size, .. }
+            | Op::SwapOut { size, .. }
+            | Op::ThpSplit { size, .. }
+            | Op::ThpCollapse { size, .. }
+            | Op::KsmMerge { size, .. } => size.0 >> 12,
+            Op::NxRecovery { passes } => u64::from(*passes),
+            _ => 1,
+        });
+    }
+    let memory: u64 = s.memslots.iter().map(|m| m.size.0).sum();
+    work <= 1 << 16 && memory <= 2 << 30 && s.memslots.iter().all(|m| !m.prefault)
+}
+
+proptest! {
+    #![proptest_config(cfg(200))]
+
+    /// Scenarios that parse also run without a panic: they finish, or fail with one line.
+    #[test]
+    fn accepted_scenarios_run_or_fail_in_one_line(text in scenario()) {
+        if let Ok(s) = Scenario::parse(&text) {
+            if small_enough(&s) {
+                let opts = vmmu_cli::runner::RunOptions { mmu: Some(s.vm.mmu.clone()), ..Default::default() };
+                if let Err(e) = vmmu_cli::runner::run(&s, &opts, |_, _| {}) {
+                    one_line("runner::run", &e)?;
+                }
+            }
+        }
     }
 }
