@@ -174,8 +174,24 @@ fn pf_fixed(vcpus: &[Vcpu]) -> u64 {
     vcpus.iter().map(|v| v.stat.pf_fixed).sum()
 }
 
-/// Runs every benchmark with about `iters` operations each.
+/// Most iterations `--iters` takes (the hot-path benchmarks run 10 x iters operations).
+pub const MAX_ITERS: u64 = 1 << 40;
+
+/// Checks an iteration count: at least 1 (0 would time nothing and divide by zero), at most
+/// [`MAX_ITERS`].
+pub fn check_iters(iters: u64) -> Result<(), String> {
+    if iters == 0 {
+        return Err("must be at least 1 (0 iterations measure nothing)".into());
+    }
+    if iters > MAX_ITERS {
+        return Err(format!("{iters} is more than the {MAX_ITERS} this benchmark takes"));
+    }
+    Ok(())
+}
+
+/// Runs every benchmark with about `iters` operations each (1..=[`MAX_ITERS`]).
 pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
+    check_iters(iters).map_err(|e| format!("iterations: {e}"))?;
     let mut out = Vec::new();
     let e = |e: vmmu::GuestError| e.to_string();
 

@@ -185,7 +185,7 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
                         "{}: `{}` has no real-KVM translation (compare supports write, read, read-then-write, \
                          invlpg, rewrite-entry, new-root, switch-root, audit)",
                         at("op"),
-                        op_name(other)
+                        other.name()
                     )))
                 }
             }
@@ -283,38 +283,10 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
     );
     let spec =
         WorkloadSpec { name: s.name.clone(), roots, kernel_entry: KernelEntry::Int3, regions, phases: out_phases };
+    // Checked here, before either side runs, with or without /dev/kvm: a scenario the
+    // real-KVM guest cannot be built for is an input error.
+    vmmu_kvm::check_spec(&spec).map_err(|e| cfg(format!("compare: {e}")))?;
     Ok(Translation { spec, boot_phase, notes })
-}
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Write { .. } => "write",
-        Op::Read { .. } => "read",
-        Op::Fetch { .. } => "fetch",
-        Op::ReadThenWrite { .. } => "read-then-write",
-        Op::Workload { .. } => "workload",
-        Op::Switch { .. } => "switch",
-        Op::Munmap { .. } => "munmap",
-        Op::Invlpg { .. } => "invlpg",
-        Op::MadviseDontneed { .. } => "madvise-dontneed",
-        Op::MigratePages { .. } => "migrate-pages",
-        Op::SwapOut { .. } => "swap-out",
-        Op::ThpSplit { .. } => "thp-split",
-        Op::ThpCollapse { .. } => "thp-collapse",
-        Op::KsmMerge { .. } => "ksm-merge",
-        Op::NxRecovery { .. } => "nx-recovery",
-        Op::Replay { .. } => "replay",
-        Op::Fork => "fork",
-        Op::Exec => "exec",
-        Op::Exit { .. } => "exit",
-        Op::ProcessChurn { .. } => "process-churn",
-        Op::RewriteEntry { .. } => "rewrite-entry",
-        Op::NewRoot => "new-root",
-        Op::SwitchRoot { .. } => "switch-root",
-        Op::Audit => "audit",
-        Op::Migrate { .. } => "migrate",
-        Op::IdleTracking { .. } => "idle-tracking",
-    }
 }
 
 /// One statistic of one phase on both sides.

@@ -10,6 +10,7 @@ pub mod compare_trace;
 pub mod explain;
 pub mod idle;
 pub mod migrate;
+pub mod out;
 pub mod record;
 pub mod replay;
 pub mod report;

@@ -6,9 +6,48 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use vmmu_cli::out::{self, MAX_INPUT_BYTES};
 use vmmu_cli::runner::{self, RunError, RunOptions, TraceMode};
 use vmmu_cli::scenario::Scenario;
 use vmmu_cli::{compare, report, DEFAULT_SCENARIO};
+
+/// `eprintln!` without its panic when standard error cannot be written (`2>/dev/full`):
+/// there is nowhere left to report that.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// `eprint!` without its panic (see [`errln`]).
+macro_rules! errs {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// Writes `text` to standard output; on failure returns from the calling function with the
+/// exit status [`stdout_failed`] gives.
+macro_rules! print_out {
+    ($text:expr) => {
+        if let Err(e) = out::write_out(&$text) {
+            return stdout_failed(&e);
+        }
+    };
+}
+
+/// The exit status when standard output cannot be written: a closed pipe (`| head -1`)
+/// ends the command quietly with status 0, as the reader wanted no more; anything else
+/// (ENOSPC on `> /dev/full`) is reported, status 1.
+fn stdout_failed(e: &(dyn std::error::Error + 'static)) -> ExitCode {
+    if out::is_broken_pipe(e) {
+        return ExitCode::SUCCESS;
+    }
+    errln!("vmmu: writing to standard output: {e}");
+    ExitCode::FAILURE
+}
 
 #[derive(Parser)]
 #[command(name = "vmmu", version, about = "The Linux KVM x86 MMU as a program you can run, trace and measure")]
@@ -168,9 +207,17 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            // --help and --version go to standard output: print them without a panic too.
+            if !e.use_stderr() {
+                print_out!(e.render().to_string());
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                errs!("{}", e.render());
+            } else {
+                errln!("vmmu: {}", one_line(&e.render().to_string()));
+            }
+            return ExitCode::from(2);
         }
     };
     match cli.cmd {
@@ -215,30 +262,58 @@ fn main() -> ExitCode {
         }
         Cmd::Sweep { grid, out, jobs, pages } => sweep(grid.as_deref(), &out, jobs, pages),
         Cmd::DefaultScenario => {
-            print!("{DEFAULT_SCENARIO}");
+            print_out!(DEFAULT_SCENARIO);
             ExitCode::SUCCESS
         }
-        Cmd::Bench { iters, json } => match vmmu_cli::bench::run_all(iters) {
-            Ok(r) => {
-                println!("{}", if json { vmmu_cli::bench::json(&r) } else { vmmu_cli::bench::text(&r) });
-                ExitCode::SUCCESS
+        Cmd::Bench { iters, json } => {
+            if let Err(e) = vmmu_cli::bench::check_iters(iters) {
+                errln!("vmmu: bench: --iters: {e}");
+                return ExitCode::from(2);
             }
-            Err(e) => {
-                eprintln!("vmmu: bench: {e}");
-                ExitCode::FAILURE
+            match vmmu_cli::bench::run_all(iters) {
+                Ok(r) => {
+                    print_out!(format!(
+                        "{}\n",
+                        if json { vmmu_cli::bench::json(&r) } else { vmmu_cli::bench::text(&r) }
+                    ));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    errln!("vmmu: bench: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
+}
+
+/// clap's error on one line: its lines joined with "; ", without the usage line.
+fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Usage:")) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(l);
+    }
+    out.trim_start_matches("error: ").to_string()
 }
 
 fn finish_record(r: Result<vmmu_cli::record::RecordReport, vmmu_cli::record::RecordError>) -> ExitCode {
     match r {
         Ok(r) => {
-            vmmu_cli::record::print_report(&r);
+            // With the trace on standard output (`-o -`) the report goes to standard error.
+            if r.output.as_os_str() == "-" {
+                errs!("{}", r.text());
+            } else {
+                print_out!(r.text());
+            }
             ExitCode::SUCCESS
         }
+        // The trace went to standard output and its reader went away (`-o - | head -c N`).
+        Err(e) if out::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmmu: {e}");
+            errln!("vmmu: {e}");
             ExitCode::FAILURE
         }
     }
@@ -265,10 +340,7 @@ fn load_scenario(
     }
     let (name, text) = match path {
         None => ("<default scenario>".to_string(), DEFAULT_SCENARIO.to_string()),
-        Some(p) => (
-            p.display().to_string(),
-            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?,
-        ),
+        Some(p) => (p.display().to_string(), out::read_text(p, MAX_INPUT_BYTES).map_err(anyhow::Error::msg)?),
     };
     let s = Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     Ok((name, s))
@@ -281,10 +353,23 @@ fn run(
     json: bool,
     trace_out: Option<PathBuf>,
 ) -> ExitCode {
+    if let Some(p) = &trace_out {
+        if opts.trace == TraceMode::Off {
+            errln!(
+                "vmmu: --trace-out {}: needs --trace (events or function_graph): there is no trace to write",
+                p.display()
+            );
+            return ExitCode::from(2);
+        }
+        if let Err(e) = out::check_writable(p) {
+            errln!("vmmu: --trace-out: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let (name, scenario) = match load_scenario(path.as_ref(), &opts, guest_memory) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmmu: {e:#}");
+            errln!("vmmu: {e:#}");
             return ExitCode::from(2);
         }
     };
@@ -308,31 +393,32 @@ fn run(
     let mut shown = false;
     let result = runner::run_compare(&scenario, &opts, |phase, frac| {
         if show_progress && t0.elapsed().as_secs_f64() > 1.0 {
-            eprint!("\r  {phase}: {:>3.0}%   ", frac * 100.0);
+            errs!("\r  {phase}: {:>3.0}%   ", frac * 100.0);
             shown = true;
         }
     });
     if shown {
-        eprint!("\r{:40}\r", "");
+        errs!("\r{:40}\r", "");
     }
     if opts.trace_stream.as_ref().and_then(|t| t.error()) == Some(std::io::ErrorKind::BrokenPipe) {
         // The trace's reader went away (`| head`): end quietly, as Unix tools do.
         return ExitCode::SUCCESS;
     }
     match result {
-        Ok(r) => {
-            if let Err(e) = output(&r, &scenario, json, trace_out) {
-                eprintln!("vmmu: {e:#}");
-                return ExitCode::FAILURE;
+        Ok(r) => match output(&r, &scenario, json, trace_out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Output::Stdout(e)) => stdout_failed(&e),
+            Err(Output::File(e)) => {
+                errln!("vmmu: {e:#}");
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
-        }
+        },
         Err(RunError::Config(e)) => {
-            eprintln!("vmmu: {name}: {e}");
+            errln!("vmmu: {name}: {e}");
             ExitCode::from(2)
         }
         Err(RunError::Failed(e)) => {
-            eprintln!("vmmu: {name}: run failed: {e}");
+            errln!("vmmu: {name}: run failed: {e}");
             ExitCode::FAILURE
         }
     }
@@ -354,7 +440,7 @@ fn explain(
         None => gva.replace('_', "").parse(),
     };
     let Ok(addr) = parsed else {
-        eprintln!("vmmu: GVA: `{gva}` is not an address (hex with 0x, or decimal)");
+        errln!("vmmu: GVA: `{gva}` is not an address (hex with 0x, or decimal)");
         return ExitCode::from(2);
     };
     let kind = match access {
@@ -362,33 +448,39 @@ fn explain(
         "write" => AccessKind::Write,
         "fetch" => AccessKind::Fetch,
         other => {
-            eprintln!("vmmu: --access: `{other}` is not one of read, write, fetch");
+            errln!("vmmu: --access: `{other}` is not one of read, write, fetch");
             return ExitCode::from(2);
         }
     };
+    if let Some(p) = svg {
+        if let Err(e) = out::check_writable(p) {
+            errln!("vmmu: --svg: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let opts = RunOptions { mmu, ..RunOptions::default() };
     let (name, scenario) = match load_scenario(path, &opts, None) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmmu: {e:#}");
+            errln!("vmmu: {e:#}");
             return ExitCode::from(2);
         }
     };
     let m = match runner::run_to(&scenario, &opts, after_phase) {
         Ok(m) => m,
         Err(RunError::Config(e)) => {
-            eprintln!("vmmu: {name}: {e}");
+            errln!("vmmu: {name}: {e}");
             return ExitCode::from(2);
         }
         Err(RunError::Failed(e)) => {
-            eprintln!("vmmu: {name}: run failed: {e}");
+            errln!("vmmu: {name}: run failed: {e}");
             return ExitCode::FAILURE;
         }
     };
     let e = match vmmu_cli::explain::explain(&m.kvm, &m.vcpus[0], addr, kind) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("vmmu: {name}: {e}");
+            errln!("vmmu: {name}: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -398,10 +490,10 @@ fn explain(
         scenario.name,
         after_phase.map_or_else(|| "at the end".to_string(), |p| format!("after phase {p}"))
     );
-    print!("{}", e.text(&title));
+    print_out!(e.text(&title));
     if let Some(p) = svg {
         if let Err(err) = std::fs::write(p, e.svg(&title)) {
-            eprintln!("vmmu: writing {}: {err}", p.display());
+            errln!("vmmu: writing {}: {err}", p.display());
             return ExitCode::FAILURE;
         }
     }
@@ -416,17 +508,17 @@ fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -
         None => false,
         Some(Trace::Events) => true,
         Some(Trace::FunctionGraph) => {
-            eprintln!("vmmu: compare --trace: only `events` can be compared with the real KVM (not function_graph)");
+            errln!("vmmu: compare --trace: only `events` can be compared with the real KVM (not function_graph)");
             return ExitCode::from(2);
         }
     };
-    let scenario = match std::fs::read_to_string(path)
-        .with_context(|| format!("{name}: cannot read"))
+    let scenario = match out::read_text(path, MAX_INPUT_BYTES)
+        .map_err(anyhow::Error::msg)
         .and_then(|t| Scenario::parse(&t).with_context(|| name.clone()))
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vmmu: {e:#}");
+            errln!("vmmu: {e:#}");
             return ExitCode::from(2);
         }
     };
@@ -434,26 +526,24 @@ fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -
     match compare::compare(&scenario, &compare::CompareOptions { mmu, no_kvm, trace_events }) {
         Ok(c) => {
             if json {
-                println!("{}", compare::json(&c));
+                print_out!(format!("{}\n", compare::json(&c)));
             } else {
-                print!("{}", compare::text(&c, &scenario.description));
+                print_out!(compare::text(&c, &scenario.description));
             }
             match &c.kvm_unavailable_reason {
                 None => ExitCode::SUCCESS,
                 Some(r) => {
-                    eprintln!(
-                        "vmmu compare: /dev/kvm not available ({r}): printed the vmmu column only (exit status 3)"
-                    );
+                    errln!("vmmu compare: /dev/kvm not available ({r}): printed the vmmu column only (exit status 3)");
                     ExitCode::from(3)
                 }
             }
         }
         Err(compare::CompareError::Config(e)) => {
-            eprintln!("vmmu: {name}: {e}");
+            errln!("vmmu: {name}: {e}");
             ExitCode::from(2)
         }
         Err(compare::CompareError::Failed(e)) => {
-            eprintln!("vmmu: {name}: {e}");
+            errln!("vmmu: {name}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -476,36 +566,41 @@ fn write_chrome_trace(runs: &[runner::RunResult], p: &Path) -> anyhow::Result<()
         .and_then(|s| std::io::Write::flush(&mut w).map(|_| s))
         .with_context(|| format!("writing the trace to {}", p.display()))?;
     if sum.dropped > 0 {
-        eprintln!(
-            "vmmu: {}: trace capped at {} events ({} later events left out)",
-            p.display(),
-            sum.events,
-            sum.dropped
-        );
+        errln!("vmmu: {}: trace capped at {} events ({} later events left out)", p.display(), sum.events, sum.dropped);
     }
     Ok(())
 }
 
-fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> anyhow::Result<()> {
+/// Why `vmmu run` could not write its output.
+enum Output {
+    /// Standard output failed (a closed pipe, a full disk).
+    Stdout(std::io::Error),
+    /// Writing `--trace-out` failed.
+    File(anyhow::Error),
+}
+
+fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Option<PathBuf>) -> Result<(), Output> {
+    let mut text = String::new();
     match (json, runs) {
-        (true, [r]) => println!("{}", report::json(r)),
-        (true, rs) => println!("{}", report::json_compare(rs)),
+        (true, [r]) => text = format!("{}\n", report::json(r)),
+        (true, rs) => text = format!("{}\n", report::json_compare(rs)),
         (false, rs) => {
             for (i, r) in rs.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    text.push('\n');
                 }
-                print!("{}", report::text(r, if i == 0 { &s.description } else { "" }));
+                text.push_str(&report::text(r, if i == 0 { &s.description } else { "" }));
             }
             if rs.len() > 1 {
-                println!();
-                print!("{}", report::side_by_side(rs));
+                text.push('\n');
+                text.push_str(&report::side_by_side(rs));
             }
         }
     }
+    out::write_out(&text).map_err(Output::Stdout)?;
     if let Some(p) = trace_out.as_deref().filter(|p| is_chrome_trace(p)) {
         if runs.iter().any(|r| !r.trace_records.is_empty()) {
-            write_chrome_trace(runs, p)?;
+            write_chrome_trace(runs, p).map_err(Output::File)?;
         }
         return Ok(());
     }
@@ -513,8 +608,10 @@ fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Optio
     if !traces.is_empty() {
         let all: String = traces.into_iter().cloned().collect::<Vec<_>>().join("\n");
         match trace_out {
-            Some(p) => std::fs::write(&p, all).with_context(|| format!("writing the trace to {}", p.display()))?,
-            None => print!("{all}"),
+            Some(p) => std::fs::write(&p, all)
+                .with_context(|| format!("writing the trace to {}", p.display()))
+                .map_err(Output::File)?,
+            None => out::write_out(&all).map_err(Output::Stdout)?,
         }
     }
     Ok(())
@@ -522,18 +619,18 @@ fn output(runs: &[runner::RunResult], s: &Scenario, json: bool, trace_out: Optio
 
 /// `vmmu sweep`: exit status 0 when every cell ran, 1 when some failed (the outputs are
 /// still written) or the outputs could not be written, 2 for a bad grid or flag.
-fn sweep(grid: Option<&Path>, out: &Path, jobs: Option<usize>, pages: Option<u64>) -> ExitCode {
+fn sweep(grid: Option<&Path>, out_dir: &Path, jobs: Option<usize>, pages: Option<u64>) -> ExitCode {
     use vmmu_cli::sweep::{self, Grid};
     let parsed = match grid {
         None => Ok(Grid::default()),
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read", p.display()))
+        Some(p) => out::read_text(p, MAX_INPUT_BYTES)
+            .map_err(anyhow::Error::msg)
             .and_then(|t| Grid::parse(&t).with_context(|| p.display().to_string())),
     };
     let mut g = match parsed {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("vmmu sweep: {e:#}");
+            errln!("vmmu sweep: {e:#}");
             return ExitCode::from(2);
         }
     };
@@ -541,11 +638,15 @@ fn sweep(grid: Option<&Path>, out: &Path, jobs: Option<usize>, pages: Option<u64
         g.pages = n;
     }
     if let Err(e) = g.validate() {
-        eprintln!("vmmu sweep: {}{e}", if pages.is_some() { "--" } else { "" });
+        errln!("vmmu sweep: {}{e}", if pages.is_some() { "--" } else { "" });
         return ExitCode::from(2);
     }
     if jobs == Some(0) {
-        eprintln!("vmmu sweep: --jobs: must be > 0");
+        errln!("vmmu sweep: --jobs: must be > 0");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = out::check_writable_dir(out_dir) {
+        errln!("vmmu sweep: --out: {e}");
         return ExitCode::from(2);
     }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -558,7 +659,7 @@ fn sweep(grid: Option<&Path>, out: &Path, jobs: Option<usize>, pages: Option<u64
         }
         let width = 30;
         let filled = done * width / total.max(1);
-        eprint!(
+        errs!(
             "\r\x1b[2K[{}{}] {done}/{total} cells {:>5.1} s  {}{}",
             "#".repeat(filled),
             "-".repeat(width - filled),
@@ -569,26 +670,26 @@ fn sweep(grid: Option<&Path>, out: &Path, jobs: Option<usize>, pages: Option<u64
     };
     let results = sweep::run_cells(&cells, jobs, &bar);
     if tty {
-        eprint!("\r\x1b[2K");
+        errs!("\r\x1b[2K");
     }
     let info = sweep::SweepInfo { grid: g, jobs, wall_ns: t0.elapsed().as_nanos() as u64 };
     let failed: Vec<&sweep::CellResult> = results.iter().filter(|r| r.run.is_err()).collect();
     for r in &failed {
         if let Err(e) = &r.run {
-            eprintln!("vmmu sweep: {}: {e}", r.config.id());
+            errln!("vmmu sweep: {}: {e}", r.config.id());
         }
     }
-    if let Err(e) = sweep::write_outputs(out, &results, &info) {
-        eprintln!("vmmu sweep: {e}");
+    if let Err(e) = sweep::write_outputs(out_dir, &results, &info) {
+        errln!("vmmu sweep: {e}");
         return ExitCode::FAILURE;
     }
-    eprintln!(
+    errln!(
         "vmmu sweep: {} cells ({} ok, {} failed) in {:.1} s on {jobs} threads; wrote {} ({})",
         results.len(),
         results.len() - failed.len(),
         failed.len(),
         info.wall_ns as f64 / 1e9,
-        out.display(),
+        out_dir.display(),
         sweep::FILES.join(", ")
     );
     if failed.is_empty() {

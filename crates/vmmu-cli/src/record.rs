@@ -9,7 +9,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -299,13 +299,4 @@ pub fn convert(
     }
     let summary = sink.finish()?;
     Ok(RecordReport { output: output.to_path_buf(), summary, skipped_records: 0, limited, exit: None })
-}
-
-/// Writes a report line to `out` (stderr when the trace itself went to stdout).
-pub fn print_report(r: &RecordReport) {
-    if r.output.as_os_str() == "-" {
-        let _ = write!(std::io::stderr(), "{}", r.text());
-    } else {
-        print!("{}", r.text());
-    }
 }

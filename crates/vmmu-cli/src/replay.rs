@@ -40,19 +40,38 @@ pub fn header_counts(path: &Path) -> Result<Option<Counts>, RunError> {
     Ok(open(path)?.header_counts())
 }
 
+/// Most guest RAM sized from a trace header (64 TiB: a 46-bit guest-physical address space,
+/// the scenarios' default MAXPHYADDR).
+pub const MAX_SIZED_GUEST_MEMORY: u64 = 1 << 46;
+
 /// Guest RAM for a replay when neither a scenario nor `--guest-memory` says: sized from the
-/// header's distinct pages, 1 GiB if the header has no counts.
-pub fn default_guest_memory(counts: Option<Counts>) -> u64 {
-    counts.map_or(1 << 30, |c| replay::guest_memory_for(c.distinct_pages))
+/// header's distinct pages, 1 GiB if the header has no counts. The error names the header
+/// field when its count needs more than [`MAX_SIZED_GUEST_MEMORY`] (a corrupt header).
+pub fn default_guest_memory(counts: Option<Counts>) -> Result<u64, String> {
+    let Some(c) = counts else { return Ok(1 << 30) };
+    match replay::guest_memory_for(c.distinct_pages) {
+        Some(m) if m <= MAX_SIZED_GUEST_MEMORY => Ok(m),
+        _ => Err(format!(
+            "the trace header's distinct-page count ({}) needs more guest memory than the {} TiB a guest can \
+             address: is the header corrupt? (--guest-memory sets the size instead)",
+            c.distinct_pages,
+            MAX_SIZED_GUEST_MEMORY >> 40
+        )),
+    }
 }
 
 /// The scenario `vmmu run --replay TRACE` runs without a scenario file.
 pub fn scenario_for(trace: &Path, guest_memory: Option<u64>) -> Result<Scenario, RunError> {
     let counts = header_counts(trace)?;
-    let mem = guest_memory.unwrap_or_else(|| default_guest_memory(counts));
-    if !mem.is_multiple_of(2 << 20) || mem == 0 {
-        return Err(RunError::Config("--guest-memory: must be a non-zero multiple of 2 MiB".into()));
-    }
+    let mem = match guest_memory {
+        Some(m) if !m.is_multiple_of(2 << 20) || m == 0 => {
+            return Err(RunError::Config("--guest-memory: must be a non-zero multiple of 2 MiB".into()))
+        }
+        Some(m) => m,
+        None => {
+            default_guest_memory(counts).map_err(|e| RunError::Config(format!("--replay: {}: {e}", trace.display())))?
+        }
+    };
     let text = format!(
         "name = \"replay\"\n\
          description = \"A recorded program's memory trace replayed as a guest process: the guest kernel \
@@ -74,7 +93,7 @@ pub fn check_fits(trace: &Path, mem_size: u64) -> Result<(), RunError> {
                  give the guest more memory (--guest-memory, or the scenario's memslots)",
                 trace.display(),
                 c.distinct_pages,
-                (c.distinct_pages * 4096) >> 20,
+                c.distinct_pages / 256,
                 mem_size >> 20
             )));
         }

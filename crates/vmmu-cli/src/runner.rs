@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 use vmmu::host::{Backing, FrameAllocator, HostMm, Hva};
+use vmmu::hw::cpu::Exception;
 use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
 use vmmu::mmio_bus::LatchDevice;
 use vmmu::stats::LatencyHistogram;
@@ -218,6 +219,17 @@ pub const GAUGES: &[&str] = &[
     "max_mmu_rmap_size",
     "max_mmu_page_hash_collisions",
 ];
+
+impl RunError {
+    /// The error with the op it happened in: `phase[P].ops[I] (OP in phase "NAME"): ...`.
+    fn in_op(self, phase: (usize, &str), index: usize, op: &Op) -> RunError {
+        let at = |m: String| format!("phase[{}].ops[{index}] ({} in phase \"{}\"): {m}", phase.0, op.name(), phase.1);
+        match self {
+            RunError::Config(m) => RunError::Config(at(m)),
+            RunError::Failed(m) => RunError::Failed(at(m)),
+        }
+    }
+}
 
 fn cfg_err(e: impl std::fmt::Display) -> RunError {
     RunError::Config(e.to_string())
@@ -466,7 +478,8 @@ fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<
         Guest::Identity { .. } => {
             let n = m.vcpus.len() as u64;
             if n == 1 {
-                let st = workload::run(w, &mut FlatSpace { cpu: &mut m.vcpus[0] }, start, pages).map_err(run_err)?;
+                let st =
+                    workload::run(w, &mut FlatSpace { cpu: &mut m.vcpus[0] }, start, pages).map_err(identity_err)?;
                 return Ok(st.accesses);
             }
             let per = pages.div_ceil(n);
@@ -496,10 +509,29 @@ fn run_workload(m: &mut Machine, w: Workload, start: u64, pages: u64) -> Result<
             });
             let mut total = 0;
             for r in results {
-                total += r.map_err(run_err)?;
+                total += r.map_err(identity_err)?;
             }
             Ok(total)
         }
+    }
+}
+
+/// A workload's failure under the identity layout, in its terms: there is no guest kernel to
+/// handle a #PF, so a not-present one means the op touched an address the layout does not map.
+fn identity_err(e: KernelError) -> RunError {
+    match e {
+        KernelError::Guest(vmmu::GuestError::Exception(x @ Exception::PageFault { error_code, .. }))
+            if !error_code.is_present() =>
+        {
+            RunError::Failed(format!(
+                "the guest took {x}: the identity layout maps only the memslots and [[mmio]] windows (gva = gpa), \
+                 and has no guest kernel to handle a #PF"
+            ))
+        }
+        KernelError::Guest(vmmu::GuestError::Exception(x)) => {
+            RunError::Failed(format!("the guest took {x}, and the identity layout has no guest kernel to handle it"))
+        }
+        e => run_err(e),
     }
 }
 
@@ -617,10 +649,11 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
                 Op::KsmMerge { .. } => "ksm-merge",
                 _ => "thp-collapse",
             };
+            // Scenario::validate refuses these up front; this guards a scenario built in code.
             let (_, len, hva) = m.slots[*slot as usize];
-            if offset.0 + size.0 > len {
+            if offset.0.checked_add(size.0).is_none_or(|end| end > len) {
                 return Err(RunError::Config(format!(
-                    "{name}: range {:#x}+{:#x} is beyond memslot {slot}",
+                    "{name}: offset {:#x} + size {:#x} runs past the end of memslot[{slot}] ({len:#x} bytes)",
                     offset.0, size.0
                 )));
             }
@@ -725,7 +758,7 @@ fn run_op(m: &mut Machine, op: &Op) -> Result<u64, RunError> {
             let Guest::Identity { roots, .. } = &m.guest else { return Ok(0) };
             let cr3 = *roots
                 .get(*root as usize)
-                .ok_or_else(|| RunError::Config(format!("switch-root: no root {root} (make one with new-root)")))?;
+                .ok_or_else(|| RunError::Config(format!("root: no root {root} (make one with new-root)")))?;
             for v in m.vcpus.iter_mut() {
                 v.write_cr3(cr3).map_err(run_err)?;
             }
@@ -787,10 +820,32 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
     }
 }
 
+/// Checks what the scenario names outside itself before anything runs: the trace file of
+/// each `replay` op can be opened and is a vmmu trace (`phase[P].ops[I].trace: ...`).
+fn precheck(s: &Scenario, opts: &RunOptions) -> Result<(), RunError> {
+    if opts.replay.is_some() || opts.workload.is_some() || opts.pages.is_some() {
+        return Ok(()); // the scenario's phases are replaced
+    }
+    for (pi, p) in s.phases.iter().enumerate() {
+        for (oi, op) in p.ops.iter().enumerate() {
+            if let Op::Replay { trace } = op {
+                crate::replay::header_counts(std::path::Path::new(trace)).map_err(|e| {
+                    RunError::Config(format!(
+                        "phase[{pi}].ops[{oi}].trace: {}",
+                        e.to_string().trim_start_matches("--replay: ")
+                    ))
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds `s`'s machine and runs its phases (or `--workload`'s) in order, up to and including
 /// `after_phase` (all of them when `None`), and returns the machine in that state (for
 /// `vmmu explain`). Nothing is traced.
 pub fn run_to(s: &Scenario, opts: &RunOptions, after_phase: Option<&str>) -> Result<Machine, RunError> {
+    precheck(s, opts)?;
     let mut m = build(s, opts)?;
     let phases = phases(s, opts, m.data_start);
     if let Some(name) = after_phase {
@@ -799,10 +854,10 @@ pub fn run_to(s: &Scenario, opts: &RunOptions, after_phase: Option<&str>) -> Res
             return Err(RunError::Config(format!("--after-phase: no phase `{name}` (phases: {})", names.join(", "))));
         }
     }
-    for ph in &phases {
+    for (pi, ph) in phases.iter().enumerate() {
         m.phase.clone_from(&ph.name);
-        for op in &ph.ops {
-            run_op(&mut m, op)?;
+        for (i, op) in ph.ops.iter().enumerate() {
+            run_op(&mut m, op).map_err(|e| e.in_op((pi, &ph.name), i, op))?;
         }
         if Some(ph.name.as_str()) == after_phase {
             break;
@@ -851,6 +906,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         let ram: u64 = s.memslots.iter().filter(|x| !x.readonly).map(|x| x.size.0).sum();
         crate::replay::check_fits(t, ram)?;
     }
+    precheck(s, opts)?;
     let mut m = build(s, opts)?;
     let tracer = &m.kvm.tracer;
     match opts.trace {
@@ -889,7 +945,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         })
     };
     let mut results = Vec::new();
-    for ph in phases(s, opts, m.data_start) {
+    for (pi, ph) in phases(s, opts, m.data_start).into_iter().enumerate() {
         let (before, hw0) = stats_now(&m);
         let lat0 = latency_now(&m);
         let trace_start = if opts.trace == TraceMode::Events { m.kvm.tracer.len() } else { 0 };
@@ -898,7 +954,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         let n = ph.ops.len().max(1);
         m.phase.clone_from(&ph.name);
         for (i, op) in ph.ops.iter().enumerate() {
-            accesses += run_op(&mut m, op)?;
+            accesses += run_op(&mut m, op).map_err(|e| e.in_op((pi, &ph.name), i, op))?;
             progress(&ph.name, (i + 1) as f64 / n as f64);
             if stream.is_some() {
                 if let Some(e) = m.kvm.tracer.stream_error() {

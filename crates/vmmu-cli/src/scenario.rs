@@ -8,18 +8,32 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Size(pub u64);
 
+/// What a size looks like, for error messages.
+pub const SIZE_FORMS: &str = "a size or address: an integer (4096) or a string like \"0x1000\", \"64MiB\" or \"1GiB\"";
+
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(SIZE_FORMS)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v).map(Size).map_err(|_| E::custom(format!("{v} is negative; expected {SIZE_FORMS}")))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Size(n)),
-            Raw::Str(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -479,6 +493,38 @@ pub enum Op {
 }
 
 impl Op {
+    /// The op's name as scenario files write it (`op = "..."`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Write { .. } => "write",
+            Op::Read { .. } => "read",
+            Op::Fetch { .. } => "fetch",
+            Op::ReadThenWrite { .. } => "read-then-write",
+            Op::Workload { .. } => "workload",
+            Op::Switch { .. } => "switch",
+            Op::Munmap { .. } => "munmap",
+            Op::Invlpg { .. } => "invlpg",
+            Op::MadviseDontneed { .. } => "madvise-dontneed",
+            Op::MigratePages { .. } => "migrate-pages",
+            Op::SwapOut { .. } => "swap-out",
+            Op::ThpSplit { .. } => "thp-split",
+            Op::ThpCollapse { .. } => "thp-collapse",
+            Op::KsmMerge { .. } => "ksm-merge",
+            Op::NxRecovery { .. } => "nx-recovery",
+            Op::Replay { .. } => "replay",
+            Op::Fork => "fork",
+            Op::Exec => "exec",
+            Op::Exit { .. } => "exit",
+            Op::ProcessChurn { .. } => "process-churn",
+            Op::RewriteEntry { .. } => "rewrite-entry",
+            Op::NewRoot => "new-root",
+            Op::SwitchRoot { .. } => "switch-root",
+            Op::Audit => "audit",
+            Op::Migrate { .. } => "migrate",
+            Op::IdleTracking { .. } => "idle-tracking",
+        }
+    }
+
     /// The memslot index a host-side op names.
     fn slot(&self) -> Option<u32> {
         match self {
@@ -490,6 +536,35 @@ impl Op {
             | Op::KsmMerge { slot, .. }
             | Op::Migrate { slot, .. }
             | Op::IdleTracking { slot, .. } => Some(*slot),
+            _ => None,
+        }
+    }
+
+    /// The guest-virtual range an op covers: (start, pages).
+    fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Op::Write { start, pages }
+            | Op::Read { start, pages }
+            | Op::Fetch { start, pages }
+            | Op::ReadThenWrite { start, pages }
+            | Op::Munmap { start, pages }
+            | Op::Workload { start, pages, .. }
+            | Op::ProcessChurn { start, pages, .. }
+            | Op::Migrate { start, pages, .. }
+            | Op::IdleTracking { start, pages, .. } => Some((start.0, *pages)),
+            _ => None,
+        }
+    }
+
+    /// A host-side op's range of a memslot: (slot, offset, size).
+    fn host_range(&self) -> Option<(u32, u64, u64)> {
+        match self {
+            Op::MadviseDontneed { slot, offset, size }
+            | Op::MigratePages { slot, offset, size }
+            | Op::SwapOut { slot, offset, size }
+            | Op::ThpSplit { slot, offset, size }
+            | Op::ThpCollapse { slot, offset, size }
+            | Op::KsmMerge { slot, offset, size } => Some((*slot, offset.0, size.0)),
             _ => None,
         }
     }
@@ -538,16 +613,43 @@ pub fn page_shift(s: &str) -> Option<u32> {
     }
 }
 
+/// A TOML error as (where, problem), each one line: `line L, column C` (or `file`) and the
+/// parser's message, which is never empty (the parser gives none when the text stops where
+/// it needs more, as in `a = `).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> (String, String) {
+    let msg = e.message().split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    // The text up to the error (a span off a char boundary falls back to the one before).
+    let before = |at: usize| {
+        let mut at = at.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        &text[..at]
+    };
+    let at_end = e.span().is_some_and(|sp| text[before(sp.start).len()..].trim().is_empty());
+    let msg = match msg {
+        // The parser names nothing when the text stops where it needs more (`a = `).
+        m if m.is_empty() && at_end => {
+            "the file ends in the middle of an item (a key without a value, an unclosed `[` or quote?)".into()
+        }
+        m if m.is_empty() => "not valid TOML here".into(),
+        m => m,
+    };
+    let at = e.span().map(|sp| {
+        let before = before(sp.start);
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {col}")
+    });
+    (at.unwrap_or_else(|| "file".into()), msg)
+}
+
 impl Scenario {
     /// Parses TOML text; the error is one line (it may name a line and column).
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
         let s: Scenario = toml::from_str(text).map_err(|e| {
-            let msg = e.message().replace('\n', " ");
-            let at = e.span().map(|sp| {
-                let line = text[..sp.start].matches('\n').count() + 1;
-                format!("line {line}")
-            });
-            err(at.unwrap_or_else(|| "file".into()), msg)
+            let (at, problem) = toml_error(text, &e);
+            err(at, problem)
         })?;
         s.validate()?;
         Ok(s)
@@ -623,11 +725,72 @@ impl Scenario {
         if g.processes == 0 {
             return Err(err("guest.processes", "must be at least 1"));
         }
+        let levels: u8 = if g.paging == "5-level" { 5 } else { 4 };
+        // What the ops find when they run, in order: the processes (kernel layout) and the
+        // top-level tables (identity layout).
+        let mut procs = ProcessTracker::new(g.processes);
+        let mut roots: u64 = 1;
         for (pi, p) in self.phases.iter().enumerate() {
             for (oi, op) in p.ops.iter().enumerate() {
                 let f = |x: &str| format!("phase[{pi}].ops[{oi}].{x}");
                 if op.slot().is_some_and(|slot| slot as usize >= self.memslots.len()) {
-                    return Err(err(f("slot"), "no such memslot"));
+                    return Err(err(
+                        f("slot"),
+                        format!("no such memslot (the scenario has {}, numbered from 0)", self.memslots.len()),
+                    ));
+                }
+                if let Some((start, pages)) = op.range() {
+                    if pages.checked_mul(4096).and_then(|b| start.checked_add(b)).is_none() {
+                        return Err(err(
+                            f("pages"),
+                            format!("{start:#x} + {pages} pages runs past the end of the 64-bit address space"),
+                        ));
+                    }
+                }
+                if let Some((slot, offset, size)) = op.host_range() {
+                    let len = self.memslots[slot as usize].size.0;
+                    if offset % 4096 != 0 {
+                        return Err(err(f("offset"), format!("{offset:#x} is not a multiple of 4 KiB")));
+                    }
+                    if size == 0 || size % 4096 != 0 {
+                        return Err(err(f("size"), format!("{size:#x} is not a non-zero multiple of 4 KiB")));
+                    }
+                    if offset >= len {
+                        return Err(err(
+                            f("offset"),
+                            format!("{offset:#x} is beyond memslot[{slot}], which is {len:#x} bytes"),
+                        ));
+                    }
+                    if offset.checked_add(size).is_none_or(|end| end > len) {
+                        return Err(err(
+                            f("size"),
+                            format!(
+                                "offset {offset:#x} + size {size:#x} runs past the end of memslot[{slot}], \
+                                 which is {len:#x} bytes"
+                            ),
+                        ));
+                    }
+                }
+                match op {
+                    Op::RewriteEntry { level, .. } if *level > levels => {
+                        return Err(err(
+                            f("level"),
+                            format!("{level}, but the guest has {levels}-level paging (guest.paging): 1..={levels}"),
+                        ))
+                    }
+                    Op::NewRoot if g.layout == "identity" => roots += 1,
+                    Op::SwitchRoot { root } if g.layout == "identity" && u64::from(*root) >= roots => {
+                        return Err(err(
+                            f("root"),
+                            format!(
+                                "no root {root} at this point: 0 is the boot tables, and each new-root before \
+                                 this op makes the next ({} so far)",
+                                roots - 1
+                            ),
+                        ))
+                    }
+                    _ if g.layout == "kernel" => procs.step(op).map_err(|e| err(f("process"), e))?,
+                    _ => {}
                 }
                 if let Some((field, name, pages)) = op.workload() {
                     if vmmu_guest::Workload::parse(name, pages).is_none() {
@@ -643,6 +806,7 @@ impl Scenario {
                 match op {
                     Op::Write { pages, .. }
                     | Op::Read { pages, .. }
+                    | Op::Fetch { pages, .. }
                     | Op::ReadThenWrite { pages, .. }
                     | Op::Munmap { pages, .. }
                         if *pages == 0 =>
@@ -677,6 +841,63 @@ impl Scenario {
                     _ => {}
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// The guest kernel's processes as the ops change them, to refuse an op that names a
+/// process that will not exist when it runs (pids as the kernel gives them: 1..=processes
+/// at boot, each fork the next one).
+struct ProcessTracker {
+    booted: u32,
+    forked: std::collections::BTreeSet<u32>,
+    exited: std::collections::BTreeSet<u32>,
+    next: u64,
+    current: u32,
+}
+
+impl ProcessTracker {
+    fn new(processes: u32) -> Self {
+        ProcessTracker {
+            booted: processes,
+            forked: Default::default(),
+            exited: Default::default(),
+            next: u64::from(processes) + 1,
+            current: 1,
+        }
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        (pid >= 1 && pid <= self.booted || self.forked.contains(&pid)) && !self.exited.contains(&pid)
+    }
+
+    fn missing(&self, pid: u32) -> String {
+        format!(
+            "there is no process {pid} when this op runs (guest.processes boots 1..={}, each fork adds the next \
+             pid{})",
+            self.booted,
+            if self.exited.is_empty() { String::new() } else { format!("; {} exited before", self.exited.len()) }
+        )
+    }
+
+    fn step(&mut self, op: &Op) -> Result<(), String> {
+        match *op {
+            Op::Fork => {
+                self.forked.insert(u32::try_from(self.next).map_err(|_| "out of process ids".to_string())?);
+                self.next += 1;
+            }
+            Op::ProcessChurn { iterations, .. } => self.next += u64::from(iterations),
+            Op::Switch { process } if !self.alive(process) => return Err(self.missing(process)),
+            Op::Switch { process } => self.current = process,
+            Op::Exit { process } if !self.alive(process) => return Err(self.missing(process)),
+            Op::Exit { process } if process == self.current => {
+                return Err(format!("process {process} is the current one and cannot exit (switch away first)"))
+            }
+            Op::Exit { process } => {
+                self.exited.insert(process);
+            }
+            _ => {}
         }
         Ok(())
     }

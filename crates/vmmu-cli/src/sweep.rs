@@ -104,7 +104,10 @@ impl Default for Grid {
 impl Grid {
     /// Parses a grid file and checks it.
     pub fn parse(text: &str) -> Result<Grid, SweepError> {
-        let g: Grid = toml::from_str(text).map_err(|e| SweepError::Grid(e.message().replace('\n', " ")))?;
+        let g: Grid = toml::from_str(text).map_err(|e| {
+            let (at, problem) = crate::scenario::toml_error(text, &e);
+            SweepError::Grid(format!("{at}: {problem}"))
+        })?;
         g.validate()?;
         Ok(g)
     }

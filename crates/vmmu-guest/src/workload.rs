@@ -5,11 +5,9 @@ use crate::kernel::{GuestKernel, KernelError};
 use rand::{Rng, SeedableRng};
 use rand_distr::Distribution;
 use rand_xoshiro::Xoshiro256PlusPlus;
-use vmmu::hw::cpu::Exception;
 use vmmu::machine::GuestCpu;
 use vmmu::x86_paging::access::AccessKind;
 use vmmu::x86_paging::addr::Gva;
-use vmmu::GuestError;
 
 /// A workload's name and parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -94,8 +92,8 @@ impl<C: GuestCpu> Space for KernelSpace<'_, C> {
     }
 }
 
-/// An address space whose page tables were built before the run (identity layout); a #PF
-/// is a failure.
+/// An address space whose page tables were built before the run (identity layout); a guest
+/// exception (#PF, #GP) is a failure, returned as [`KernelError::Guest`].
 pub struct FlatSpace<'a, C: GuestCpu> {
     /// The CPU.
     pub cpu: &'a mut C,
@@ -109,12 +107,9 @@ impl<C: GuestCpu> Space for FlatSpace<'_, C> {
             AccessKind::Write => self.cpu.write(Gva::new(va), size, val).map(|_| 0),
             AccessKind::Fetch => self.cpu.fetch(Gva::new(va), size),
         };
-        r.map_err(|e| match e {
-            GuestError::Exception(Exception::PageFault { cr2, error_code }) => {
-                KernelError::Segfault { pid: 0, va: cr2, kind, error_code: error_code.0 }
-            }
-            e => KernelError::Guest(e),
-        })
+        // No process and no kernel to handle it: the exception itself is the error
+        // (`guest exception #PF at ..., error code ... [...]`), not a process's SIGSEGV.
+        r.map_err(KernelError::Guest)
     }
 }
 

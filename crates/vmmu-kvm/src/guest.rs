@@ -152,6 +152,39 @@ impl Tables<'_> {
     }
 }
 
+/// Pages in the guest's page-table pool.
+pub const PT_POOL_PAGES: u64 = (PT_POOL_END - PT_POOL) / PAGE;
+
+/// The page-table pages the guest builds for `spec` (a root per root, and for each root that
+/// is not a copy the tables mapping the system area and every region), or `None` once they
+/// are more than `limit`.
+fn page_table_pages(spec: &WorkloadSpec, limit: u64) -> Option<u64> {
+    let own_tables = (spec.roots - copied_roots(spec).len()) as u64;
+    // Tables below a root, by the GVA bits above each level's index: PDPTs (>> 39), PDs
+    // (>> 30), PTs (>> 21). The system area is [PAGE, DATA_GPA).
+    let ranges = std::iter::once((PAGE, DATA_GPA)).chain(spec.regions.iter().map(|r| (r.gva, r.gva + r.pages * PAGE)));
+    let mut per_root = 0u64;
+    for shift in [39u32, 30, 21] {
+        let mut keys = std::collections::HashSet::new();
+        for (a, b) in ranges.clone() {
+            for k in (a >> shift)..=((b - 1) >> shift) {
+                keys.insert(k);
+                if spec.roots as u64 + own_tables * (per_root + keys.len() as u64) > limit {
+                    return None;
+                }
+            }
+        }
+        per_root += keys.len() as u64;
+    }
+    Some(spec.roots as u64 + own_tables * per_root)
+}
+
+/// Checks that the guest can be built for `spec` without building it: the spec is
+/// consistent and its page tables fit the guest's page-table pool ([`PT_POOL_PAGES`]).
+pub fn check_spec(spec: &WorkloadSpec) -> Result<(), KvmError> {
+    validate(spec).map(drop)
+}
+
 fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
     let bad = |m: String| Err(KvmError::Workload(m));
     if spec.roots == 0 || spec.roots > 4 {
@@ -159,7 +192,8 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
     }
     let mut mem_end = DATA_GPA;
     for (i, r) in spec.regions.iter().enumerate() {
-        if r.pages == 0 || r.gva % PAGE != 0 || r.gva < DATA_GPA || r.gva + r.pages * PAGE > 1 << 47 {
+        let end = r.pages.checked_mul(PAGE).and_then(|b| r.gva.checked_add(b));
+        if r.pages == 0 || r.gva % PAGE != 0 || r.gva < DATA_GPA || !matches!(end, Some(e) if e <= 1 << 47) {
             return bad(format!(
                 "region {i}: gva {:#x} + {} pages must be page aligned, non-empty, in [2 MiB, 2^47)",
                 r.gva, r.pages
@@ -210,6 +244,13 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
         if first(&|o| *o == Op::SwitchRoot(c)) < first(&|o| *o == Op::CopyRoot(c)) {
             return bad(format!("root {c} is switched to before the guest copies root 0 into it"));
         }
+    }
+    if page_table_pages(spec, PT_POOL_PAGES).is_none() {
+        return bad(format!(
+            "the regions need more page-table pages than the guest's page-table pool holds ({PT_POOL_PAGES} pages, \
+             {} KiB): touch fewer pages, or pages closer together",
+            (PT_POOL_END - PT_POOL) / 1024
+        ));
     }
     // Round RAM up to 2 MiB.
     Ok(mem_end.div_ceil(0x20_0000) * 0x20_0000)

@@ -50,6 +50,7 @@ mod sys;
 pub mod tracefs;
 
 pub use error::KvmError;
+pub use guest::{check_spec, PT_POOL_PAGES};
 pub use host::{HostKind, Paging, Vendor};
 pub use run::{kvm_available, run_workload, run_workload_traced, KvmPhase, KvmRun, Translation};
 pub use spec::{Access, KernelEntry, Op, PhaseSpec, RegionSpec, WorkloadSpec, DATA_GPA, PAGE, REGION_GVA};

@@ -182,7 +182,7 @@ pub enum VmError {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum GuestError {
     /// The guest takes an exception (its kernel handles it).
-    #[error("guest exception {0:?}")]
+    #[error("guest exception {0}")]
     Exception(Exception),
     /// The VM failed.
     #[error(transparent)]

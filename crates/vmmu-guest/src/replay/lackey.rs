@@ -5,7 +5,7 @@
 //! own messages (`==pid== ...`, `--pid-- ...`, `**pid** ...`) are skipped.
 
 use super::format::{FormatError, Kind, Record, TraceWriter};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 
 /// Errors converting lackey output.
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +21,20 @@ pub enum LackeyError {
         /// The line (cut to 80 characters).
         text: String,
     },
+    /// A line longer than [`MAX_LINE`] (lackey's are about 25 bytes): not lackey output, or
+    /// a stream without newlines that would otherwise be read into memory whole.
+    #[error("line {line}: longer than {MAX_LINE} bytes: not lackey --trace-mem output")]
+    LongLine {
+        /// 1-based line number.
+        line: u64,
+    },
     /// Writing the trace failed.
     #[error(transparent)]
     Trace(#[from] FormatError),
 }
+
+/// Longest line [`convert`] reads (64 KiB: valgrind's own messages include the command line).
+pub const MAX_LINE: usize = 64 << 10;
 
 /// What a conversion read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -103,8 +113,11 @@ pub fn convert<R: BufRead, W: Write>(
     let mut line = Vec::with_capacity(64);
     loop {
         line.clear();
-        if input.read_until(b'\n', &mut line)? == 0 {
+        if (&mut input).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)? == 0 {
             return Ok(st);
+        }
+        if line.len() > MAX_LINE {
+            return Err(LackeyError::LongLine { line: st.lines + 1 });
         }
         if limit.is_some_and(|l| st.records >= l) {
             st.limited = true;
@@ -182,5 +195,14 @@ I  0400110d,15\n\
         let mut w = TraceWriter::new(Vec::new()).unwrap();
         let e = convert(&b"I  0400,3\nhello world\n"[..], &mut w, 0, None).unwrap_err();
         assert_eq!(e.to_string(), "line 2: not a lackey --trace-mem line: \"hello world\"");
+        // A stream without newlines (`/dev/zero`) is refused at the line limit, not read whole.
+        let mut w = TraceWriter::new(Vec::new()).unwrap();
+        let e = convert(std::io::BufReader::new(std::io::repeat(0)), &mut w, 0, None).unwrap_err();
+        assert_eq!(e.to_string(), format!("line 1: longer than {MAX_LINE} bytes: not lackey --trace-mem output"));
+        // A line of exactly the limit is still read.
+        let mut long = vec![b'='; MAX_LINE - 1];
+        long.push(b'\n');
+        let mut w = TraceWriter::new(Vec::new()).unwrap();
+        assert_eq!(convert(&long[..], &mut w, 0, None).unwrap().messages, 1);
     }
 }

@@ -91,9 +91,9 @@ pub struct ReplayStats {
 
 /// Guest RAM that certainly holds a trace touching `distinct_pages` pages: the data pages,
 /// as many again for the worst case of page-table pages, and 64 MiB for the kernel, rounded
-/// up to 64 MiB.
-pub fn guest_memory_for(distinct_pages: u64) -> u64 {
-    (distinct_pages.saturating_mul(2 * 4096).saturating_add(64 << 20)).next_multiple_of(64 << 20)
+/// up to 64 MiB. `None` if that does not fit in 64 bits (a corrupt count).
+pub fn guest_memory_for(distinct_pages: u64) -> Option<u64> {
+    distinct_pages.checked_mul(2 * 4096)?.checked_add(64 << 20)?.checked_next_multiple_of(64 << 20)
 }
 
 /// Replays `records` as the kernel's current process (see the module docs).

@@ -125,6 +125,39 @@ pub enum Exception {
     GeneralProtection,
 }
 
+impl std::fmt::Display for Exception {
+    /// As a KVM developer reads it: `#PF at 0xffff888000000000, error code 0x2 [not-present
+    /// write, supervisor]` (the error code's bits in words: not-present / protection /
+    /// reserved-bit, read / write / fetch, user / supervisor, protection-key), or `#GP`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exception::PageFault { cr2, error_code: ec } => {
+                let why = if ec.contains(PfErrorCode::RSVD) {
+                    "reserved-bit"
+                } else if ec.contains(PfErrorCode::P) {
+                    "protection"
+                } else {
+                    "not-present"
+                };
+                let access = if ec.contains(PfErrorCode::ID) {
+                    "fetch"
+                } else if ec.contains(PfErrorCode::W) {
+                    "write"
+                } else {
+                    "read"
+                };
+                let mode = if ec.contains(PfErrorCode::U) { "user" } else { "supervisor" };
+                write!(f, "#PF at {cr2:#x}, error code {:#x} [{why} {access}, {mode}", ec.0)?;
+                if ec.contains(PfErrorCode::PK) {
+                    f.write_str(", protection-key")?;
+                }
+                f.write_str("]")
+            }
+            Exception::GeneralProtection => f.write_str("#GP (non-canonical address or reserved PDPTE bits)"),
+        }
+    }
+}
+
 /// Why the vCPU stopped executing an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -759,6 +792,22 @@ impl GuestPhys for TdpPhys<'_> {
 mod tests {
     use super::*;
     use x86_paging::regs::{Cr0, Cr4, Efer};
+
+    #[test]
+    fn exceptions_print_as_kvm_developers_read_them() {
+        let pf = |cr2, ec| Exception::PageFault { cr2, error_code: PfErrorCode(ec) }.to_string();
+        assert_eq!(
+            pf(0xffff_8880_0000_0000, 0),
+            "#PF at 0xffff888000000000, error code 0x0 [not-present read, supervisor]"
+        );
+        assert_eq!(pf(0x1000, 0x7), "#PF at 0x1000, error code 0x7 [protection write, user]");
+        assert_eq!(pf(0x1000, 0x15), "#PF at 0x1000, error code 0x15 [protection fetch, user]");
+        assert_eq!(pf(0x1000, 0x9), "#PF at 0x1000, error code 0x9 [reserved-bit read, supervisor]");
+        assert_eq!(pf(0x1000, 0x23), "#PF at 0x1000, error code 0x23 [protection write, supervisor, protection-key]");
+        assert!(Exception::GeneralProtection.to_string().starts_with("#GP"));
+        let e = crate::GuestError::Exception(Exception::PageFault { cr2: 0x2000, error_code: PfErrorCode(2) });
+        assert_eq!(e.to_string(), "guest exception #PF at 0x2000, error code 0x2 [not-present write, supervisor]");
+    }
 
     const P: u64 = 1;
     const RW: u64 = 2;
