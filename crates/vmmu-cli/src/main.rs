@@ -380,7 +380,7 @@ fn run(
             Some(p) => match std::fs::File::create(p) {
                 Ok(f) => Box::new(std::io::BufWriter::new(f)),
                 Err(e) => {
-                    eprintln!("vmmu: --trace-out: cannot create {}: {e}", p.display());
+                    errln!("vmmu: --trace-out: cannot create {}: {e}", p.display());
                     return ExitCode::from(2);
                 }
             },
@@ -400,9 +400,20 @@ fn run(
     if shown {
         errs!("\r{:40}\r", "");
     }
-    if opts.trace_stream.as_ref().and_then(|t| t.error()) == Some(std::io::ErrorKind::BrokenPipe) {
-        // The trace's reader went away (`| head`): end quietly, as Unix tools do.
-        return ExitCode::SUCCESS;
+    if let Some(t) = &opts.trace_stream {
+        match (t.error(), &trace_out) {
+            // The trace's reader went away (`| head`): end quietly, as Unix tools do.
+            (Some(std::io::ErrorKind::BrokenPipe), _) => return ExitCode::SUCCESS,
+            (Some(_), None) => {
+                errln!("vmmu: writing to standard output: {}", t.error_message().unwrap_or_default());
+                return ExitCode::FAILURE;
+            }
+            (Some(_), Some(p)) => {
+                errln!("vmmu: --trace-out {}: {}", p.display(), t.error_message().unwrap_or_default());
+                return ExitCode::FAILURE;
+            }
+            (None, _) => {}
+        }
     }
     match result {
         Ok(r) => match output(&r, &scenario, json, trace_out) {

@@ -61,7 +61,7 @@ pub struct RunOptions {
 pub struct TraceStream {
     out: Arc<std::sync::Mutex<Box<dyn std::io::Write + Send>>>,
     runs: Arc<std::sync::atomic::AtomicUsize>,
-    error: Arc<std::sync::Mutex<Option<std::io::ErrorKind>>>,
+    error: Arc<std::sync::Mutex<Option<(std::io::ErrorKind, String)>>>,
 }
 
 impl std::fmt::Debug for TraceStream {
@@ -78,12 +78,17 @@ impl TraceStream {
 
     /// The kind of the first write error, if any.
     pub fn error(&self) -> Option<std::io::ErrorKind> {
-        *self.error.lock().unwrap_or_else(|e| e.into_inner())
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(k, _)| *k)
+    }
+
+    /// The first write error as the system reported it, if any.
+    pub fn error_message(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, m)| m.clone())
     }
 
     fn keep<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
         if let Err(e) = &r {
-            self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e.kind());
+            self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| (e.kind(), e.to_string()));
         }
         r
     }

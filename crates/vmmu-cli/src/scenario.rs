@@ -589,14 +589,25 @@ fn default_max_rounds() -> u32 {
     8
 }
 
-/// A scenario problem: the field and what is wrong with it.
+/// A scenario problem: the field and what is wrong with it. Control characters the
+/// scenario's own text brought in (a value echoed back) print escaped, so an error stays one
+/// line.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{field}: {problem}")]
+#[error("{}: {}", printable(.field), printable(.problem))]
 pub struct ScenarioError {
     /// Which field.
     pub field: String,
     /// What is wrong.
     pub problem: String,
+}
+
+/// `s` with control characters escaped (`\r`, `\n`, `\u{1b}`).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 fn err(field: impl Into<String>, problem: impl Into<String>) -> ScenarioError {
@@ -911,6 +922,17 @@ mod tests {
     fn default_scenario_parses() {
         let s = Scenario::parse(crate::DEFAULT_SCENARIO).unwrap();
         assert!(!s.phases.is_empty());
+    }
+
+    /// Found by tests/fuzz_inputs.rs: a value with a carriage return was echoed into the
+    /// message, which then spanned two lines.
+    #[test]
+    fn echoed_values_keep_errors_on_one_line() {
+        let e =
+            Scenario::parse("name = \"x\"\n[guest]\nlayout = \"ke\\rnel\"\n[[memslot]]\ngpa = 0\nsize = \"1GiB\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("`ke\\rnel`") && !e.contains('\r'), "{e:?}");
     }
 
     #[test]

@@ -123,7 +123,8 @@ fn trace_piped_to_head_ends_quietly() {
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("vmmu run"), "{line}");
+    // The trace streams as the run goes, ahead of the report.
+    assert!(line.starts_with("# tracer: nop"), "{line}");
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
@@ -313,4 +314,18 @@ fn a_replay_header_too_large_names_the_header_field() {
     std::fs::write(&f, &h).unwrap();
     let e = refused(&["run", "--replay", f.to_str().unwrap()], "distinct-page count");
     assert!(!e.contains("--guest-memory:"), "names no flag that was not given: {e}");
+}
+
+#[test]
+fn a_trace_out_file_that_fills_up_is_an_error() {
+    // The path can be opened (so the check before the run passes); every write then fails.
+    let out = bin()
+        .args(["run", "--mmu", "tdp", "--workload", "first-touch", "--pages", "64", "--trace", "events"])
+        .args(["--trace-out", "/dev/full"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("--trace-out /dev/full") && err.contains("No space left on device"), "{err}");
 }

@@ -65,15 +65,21 @@ struct Buf {
 /// tracer).
 const EVENTS_HEADER: &str = "# tracer: nop\n#\n#                                _-----=> irqs-off/BH-disabled\n#                               / _----=> need-resched\n#                              | / _---=> hardirq/softirq\n#                              || / _--=> preempt-depth\n#                              ||| / _-=> migrate-disable\n#                              |||| /     delay\n#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION\n#              | |         |   |||||     |         |\n";
 
-/// One event line in the kernel's layout.
+/// One event line in the kernel's layout: vCPU n is task `vcpu-n`, pid 1000 + n, on CPU n;
+/// host work ([`HOST_CPU`]: notifiers, harvests, zaps done by the VMM) is task `vmm`, pid 999,
+/// on CPU 999 (the kernel shows the VMM thread that made the ioctl).
 fn event_line(out: &mut impl std::fmt::Write, ns: u64, cpu: u32, name: &str, text: &dyn std::fmt::Display) {
-    let task = format!("vcpu-{cpu}");
+    let (task, pid, on_cpu) = if cpu == HOST_CPU {
+        ("vmm".to_string(), 999, 999)
+    } else {
+        (format!("vcpu-{cpu}"), 1000 + u64::from(cpu), cpu)
+    };
     let _ = writeln!(
         out,
         "{:>16}-{:<7} [{:03}] ..... {:>6}.{:06}: {}: {}",
         task,
-        1000 + cpu,
-        cpu,
+        pid,
+        on_cpu,
         ns / 1_000_000_000,
         (ns / 1000) % 1_000_000,
         name,
@@ -299,6 +305,20 @@ mod tests {
         let line = s.lines().last().unwrap();
         assert!(line.contains("[000] ....."), "{line}");
         assert!(line.ends_with("kvm_mmu_spte_requested: gfn 100 pfn 2a3f level 1"), "{line}");
+    }
+
+    /// Host work (HOST_CPU = u32::MAX) renders as the VMM's task; before, `1000 + cpu`
+    /// overflowed (a panic in debug builds, a wrapped pid in release).
+    #[test]
+    fn host_events_render_as_the_vmm_task() {
+        let t = Tracer::default();
+        t.set_events(true);
+        t.event(HOST_CPU, "kvm_mmu_zap_all_fast", format_args!("kvm-mmu-valid-gen 1 used_pages 0"));
+        t.event(7, "kvm_mmu_spte_requested", format_args!("gfn 1 pfn 2 level 1"));
+        let s = t.render_events();
+        let lines: Vec<&str> = s.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(lines[0].trim_start().starts_with("vmm-999     [999] ....."), "{}", lines[0]);
+        assert!(lines[1].trim_start().starts_with("vcpu-7-1007    [007] ....."), "{}", lines[1]);
     }
 
     #[test]
