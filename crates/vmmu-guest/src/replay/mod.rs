@@ -27,6 +27,10 @@ pub const REGION_SHIFT: u32 = 21;
 /// End of the user address space a trace may touch (47 bits, 4-level paging's lower half).
 pub const USER_LIMIT: u64 = 1 << 47;
 
+/// The widest access a record may make: it is replayed in 8-byte pieces, so a corrupt size
+/// (up to 4 GiB) must not turn one record into half a billion guest accesses.
+pub const MAX_ACCESS_BYTES: u32 = 64 << 10;
+
 /// Replay failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -41,6 +45,19 @@ pub enum ReplayError {
     /// An access outside the user address space.
     #[error("record {record}: address {addr:#x} (+{size} bytes) is not a user-space address (below 2^47)")]
     NotUser {
+        /// Record index.
+        record: u64,
+        /// Address.
+        addr: u64,
+        /// Size.
+        size: u32,
+    },
+    /// A record wider than [`MAX_ACCESS_BYTES`].
+    #[error(
+        "record {record}: an access of {size} bytes at {addr:#x} is wider than the {MAX_ACCESS_BYTES}-byte limit \
+         (the widest x86 accesses, XSAVE with AMX state, are about 11 KiB): is the trace corrupt?"
+    )]
+    TooWide {
         /// Record index.
         record: u64,
         /// Address.
@@ -112,6 +129,9 @@ where
     let mut last_page = u64::MAX;
     for r in records {
         let r = r.map_err(|e| ReplayError::Trace { record: st.records, source: Box::new(e) })?;
+        if r.size > MAX_ACCESS_BYTES {
+            return Err(ReplayError::TooWide { record: st.records, addr: r.addr, size: r.size });
+        }
         let len = u64::from(r.size.max(1));
         if r.addr.checked_add(len).is_none_or(|end| end > USER_LIMIT) {
             return Err(ReplayError::NotUser { record: st.records, addr: r.addr, size: r.size });
