@@ -606,3 +606,37 @@ fn logging_toggled_under_a_running_vcpu_loses_no_write() {
         }
     }
 }
+
+/// The slot-rmap-range walk (write protection, clear-dirty, aging, notifier unmaps) has two
+/// ways to the same entries: gfn by gfn, or one pass over the rmap heads when the range is
+/// wider than what is mapped (so a 1 TiB slot costs what it maps). Both must agree on any
+/// range, level bounds included, with 4 KiB and (legacy TDP over THP) 2 MiB mappings.
+#[test]
+fn rmap_range_walks_agree() {
+    use rand::{Rng, SeedableRng};
+    for mmu in [MmuKind::Shadow, MmuKind::LegacyTdp] {
+        let m = Mix::new(Setup { thp: true, eager_page_split: false, ..fixed(mmu, Harvest::Get) });
+        let sh = m.kvm.mmu().shadow.lock();
+        let slots = m.kvm.memslots();
+        assert!(sh.rmaps.heads() > 0, "{mmu:?}: the guest has mappings");
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(9);
+        let pages = MEM / 4096;
+        let mut levels_seen = BTreeSet::new();
+        for i in 0..400 {
+            let a = if i == 0 { 0 } else { rng.gen_range(0..pages) };
+            let span = rng.gen_range(1..4096);
+            let b = if i == 0 { pages } else { rng.gen_range(a..=pages.min(a + span)) };
+            let (lo, hi) = if i % 3 == 0 { (1, 3) } else { (rng.gen_range(1..=3u8), 3) };
+            let (start, end) = (vmmu::x86_paging::addr::Gfn::new(a), vmmu::x86_paging::addr::Gfn::new(b));
+            let by_gfn: BTreeSet<_> = sh.rmap_range_by_gfn(&slots, start, end, lo, hi).into_iter().collect();
+            let by_heads: BTreeSet<_> = sh.rmap_range_by_heads(start, end, lo, hi).into_iter().collect();
+            assert_eq!(by_gfn, by_heads, "{mmu:?}: gfns [{a:#x}, {b:#x}) levels {lo}..={hi}");
+            levels_seen.extend(by_gfn.iter().map(|&(l, _)| l));
+        }
+        if mmu == MmuKind::Shadow {
+            assert!(levels_seen.contains(&1), "{mmu:?}: 4 KiB entries compared");
+        } else {
+            assert!(levels_seen.contains(&2), "{mmu:?}: 2 MiB entries (THP under direct pages) compared");
+        }
+    }
+}

@@ -515,19 +515,21 @@ impl Kvm {
         let mut sh = self.mmu.shadow.lock();
         let slots = self.memslots();
         let mut ctx = crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots, vcpu: None, cpu: u32::MAX };
-        let dirty = self.mmu.masks.dirty;
-        for g in start.raw()..end.raw() {
-            let gfn = Gfn::new(g);
-            match how {
-                Rearm::WriteProtect => {
-                    ctx.write_protect_gfn_from(gfn, false, 1);
+        // The slot's rmaps over the range (for_each_slot_rmap_range): the cost follows what
+        // is mapped, not the slot's size.
+        let wp_from = match how {
+            Rearm::WriteProtect => 1,
+            Rearm::ClearDirty => {
+                // __rmap_clear_dirty at 4 KiB; huge SPTEs write-protected.
+                let dirty = self.mmu.masks.dirty;
+                for (_, sptep) in ctx.s.rmap_range(&ctx.slots, start, end, 1, 1) {
+                    ctx.spte_clear_dirty(sptep, dirty);
                 }
-                Rearm::ClearDirty => {
-                    // __rmap_clear_dirty at 4 KiB; huge SPTEs write-protected.
-                    ctx.clear_dirty_gfn(gfn, dirty);
-                    ctx.write_protect_gfn_from(gfn, false, 2);
-                }
+                2
             }
+        };
+        for (_, sptep) in ctx.s.rmap_range(&ctx.slots, start, end, wp_from, 3) {
+            ctx.spte_write_protect(sptep, false);
         }
     }
 }

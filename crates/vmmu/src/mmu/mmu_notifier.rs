@@ -123,28 +123,20 @@ pub fn age_hva_range(kvm: &Kvm, range: HvaRange, how: Aging) -> bool {
         let sh = kvm.mmu.shadow.lock();
         let slots = kvm.memslots();
         for (start, end) in &ranges {
-            let Some(slot) = slots.find(*start) else { continue };
-            for level in 1..=3u8 {
-                let step = 1u64 << (9 * (u32::from(level) - 1));
-                let mut g = start.raw() & !(step - 1);
-                while g < end.raw() {
-                    for sptep in sh.rmaps.get(slot, Gfn::new(g), level) {
-                        loop {
-                            let s = super::spte::Spte(kvm.mem().load(sptep));
-                            if !(s.is_shadow_present() && s.is_accessed(&m)) {
-                                break;
-                            }
-                            young = true;
-                            if !clear {
-                                break;
-                            }
-                            let new = super::spte::mark_spte_for_access_track(&m, s);
-                            if kvm.mem().cmpxchg(sptep, s.0, new.0).is_ok() {
-                                break;
-                            }
-                        }
+            for (_, sptep) in sh.rmap_range(&slots, *start, *end, 1, 3) {
+                loop {
+                    let s = super::spte::Spte(kvm.mem().load(sptep));
+                    if !(s.is_shadow_present() && s.is_accessed(&m)) {
+                        break;
                     }
-                    g += step;
+                    young = true;
+                    if !clear {
+                        break;
+                    }
+                    let new = super::spte::mark_spte_for_access_track(&m, s);
+                    if kvm.mem().cmpxchg(sptep, s.0, new.0).is_ok() {
+                        break;
+                    }
                 }
             }
         }

@@ -142,6 +142,64 @@ impl ShadowMmu {
         }
     }
 
+    /// `for_each_slot_rmap_range`: the (level, sptep) of every rmap entry for a gfn in
+    /// [start, end) at levels `min_level..=max_level` — slot by slot, level by level, in gfn
+    /// order; or, when the range spans more gfns than the rmaps have heads (a large slot,
+    /// mostly unmapped), from one pass over the heads, so the cost follows what is mapped
+    /// and not the range. A huge mapping that only overlaps the range is included. The
+    /// result is a snapshot: the caller may change the rmaps while it goes through it.
+    pub fn rmap_range(&self, slots: &Memslots, start: Gfn, end: Gfn, min_level: u8, max_level: u8) -> Vec<(u8, Hpa)> {
+        if end.raw().saturating_sub(start.raw()) > self.rmaps.heads() as u64 {
+            self.rmap_range_by_heads(start, end, min_level, max_level)
+        } else {
+            self.rmap_range_by_gfn(slots, start, end, min_level, max_level)
+        }
+    }
+
+    /// [`ShadowMmu::rmap_range`] gfn by gfn: slot by slot, level by level, in gfn order.
+    pub fn rmap_range_by_gfn(
+        &self,
+        slots: &Memslots,
+        start: Gfn,
+        end: Gfn,
+        min_level: u8,
+        max_level: u8,
+    ) -> Vec<(u8, Hpa)> {
+        let mut out = Vec::new();
+        for slot in slots.iter() {
+            let (s, e) = (start.raw().max(slot.base_gfn.raw()), end.raw().min(slot.end_gfn().raw()));
+            if s >= e {
+                continue;
+            }
+            for level in min_level..=max_level {
+                let per = pages_at(level);
+                let mut g = s & !(per - 1);
+                while g < e {
+                    out.extend(self.rmaps.get(slot, Gfn::new(g.max(s)), level).into_iter().map(|p| (level, p)));
+                    g += per;
+                }
+            }
+        }
+        out
+    }
+
+    /// [`ShadowMmu::rmap_range`] from one pass over every rmap head, keeping the entries
+    /// whose mapping overlaps the range.
+    pub fn rmap_range_by_heads(&self, start: Gfn, end: Gfn, min_level: u8, max_level: u8) -> Vec<(u8, Hpa)> {
+        self.rmaps
+            .all()
+            .into_iter()
+            .filter(|&(_, level, sptep)| {
+                (min_level..=max_level).contains(&level)
+                    && self.pages.sptep_to_sp(sptep).is_some_and(|(id, index)| {
+                        let gfn = self.sp_gfn_at(id, index);
+                        gfn.raw() + pages_at(level) > start.raw() && gfn.raw() < end.raw()
+                    })
+            })
+            .map(|(_, level, sptep)| (level, sptep))
+            .collect()
+    }
+
     /// `kvm_mmu_page_get_gfn`: the gfn the SPTE at `index` of `sp` maps.
     pub fn sp_gfn_at(&self, id: SpId, index: u64) -> Gfn {
         let sp = self.pages.get(id);
@@ -350,13 +408,19 @@ impl Ctx<'_> {
         let Some(slot) = self.slots.find(gfn).cloned() else { return false };
         let mut changed = false;
         for sptep in self.s.rmaps.get(&slot, gfn, 1) {
-            let s = self.load(sptep);
-            if s.0 & dirty != 0 {
-                self.store(sptep, Spte(s.0 & !dirty));
-                changed = true;
-            }
+            changed |= self.spte_clear_dirty(sptep, dirty);
         }
         changed
+    }
+
+    /// `spte_clear_dirty`: clears `dirty` (the D bit) of one SPTE; returns whether it was set.
+    pub(crate) fn spte_clear_dirty(&mut self, sptep: Hpa, dirty: u64) -> bool {
+        let s = self.load(sptep);
+        if s.0 & dirty == 0 {
+            return false;
+        }
+        self.store(sptep, Spte(s.0 & !dirty));
+        true
     }
 
     /// `account_nx_huge_page` for shadow page `id`, linked by an SPTE at `level`.
@@ -861,37 +925,9 @@ impl Ctx<'_> {
     /// `kvm_unmap_gfn_range` for the rmaps: zaps every leaf mapping a gfn in the range.
     pub fn unmap_gfn_range(&mut self, start: Gfn, end: Gfn) -> bool {
         let mut flush = false;
-        let span = end.raw().saturating_sub(start.raw());
-        if span > self.s.rmaps.heads() as u64 {
-            // A range wider than everything mapped: one pass over the rmaps is cheaper.
-            for (_slot, level, sptep) in self.s.rmaps.all() {
-                let Some((id, index)) = self.s.pages.sptep_to_sp(sptep) else { continue };
-                let gfn = self.s.sp_gfn_at(id, index);
-                if gfn.raw() + pages_at(level) > start.raw() && gfn.raw() < end.raw() {
-                    self.drop_spte(sptep);
-                    flush = true;
-                }
-            }
-            return flush;
-        }
-        // kvm_handle_gfn_range: per memslot, per level, the rmap of each gfn in the range.
-        let slots = self.slots.clone();
-        for slot in slots.iter() {
-            let (s, e) = (start.raw().max(slot.base_gfn.raw()), end.raw().min(slot.end_gfn().raw()));
-            if s >= e {
-                continue;
-            }
-            for level in 1..=3u8 {
-                let per = pages_at(level);
-                let mut g = s & !(per - 1);
-                while g < e {
-                    for sptep in self.s.rmaps.get(slot, Gfn::new(g.max(s)), level) {
-                        self.drop_spte(sptep);
-                        flush = true;
-                    }
-                    g += per;
-                }
-            }
+        for (_, sptep) in self.s.rmap_range(&self.slots, start, end, 1, 3) {
+            self.drop_spte(sptep);
+            flush = true;
         }
         flush
     }
