@@ -29,9 +29,15 @@ unsafe impl Sync for PhysMem {}
 impl PhysMem {
     /// Reserves `size` bytes (rounded up to 2 MiB) of host physical address space.
     pub fn new(size: u64) -> Result<Self, HostError> {
-        let size = size.div_ceil(HUGE_FRAME_SIZE) * HUGE_FRAME_SIZE;
-        // Over-allocate by 2 MiB so the arena can start on a huge-page boundary.
-        let map_len = (size + HUGE_FRAME_SIZE) as usize;
+        // Over-allocate by 2 MiB so the arena can start on a huge-page boundary. A size that
+        // cannot even be written down as a mapping length is refused like one the OS refuses.
+        let Some((size, map_len)) = size
+            .div_ceil(HUGE_FRAME_SIZE)
+            .checked_mul(HUGE_FRAME_SIZE)
+            .and_then(|s| Some((s, usize::try_from(s.checked_add(HUGE_FRAME_SIZE)?).ok()?)))
+        else {
+            return Err(HostError::ArenaMap { size, errno: "larger than the address space".into() });
+        };
         // SAFETY: an anonymous private mapping with no fixed address has no preconditions; the
         // result is checked against MAP_FAILED below.
         let raw = unsafe {
@@ -241,5 +247,14 @@ mod tests {
         let m = PhysMem::new(1 << 40).unwrap();
         m.store(Hpa::new((1 << 40) - 8), 42);
         assert_eq!(m.load(Hpa::new((1 << 40) - 8)), 42);
+    }
+
+    /// Found by the scenario fuzz target (`host_memory` near 2^64): the rounding overflowed.
+    #[test]
+    fn sizes_past_the_address_space_are_refused() {
+        for size in [u64::MAX, u64::MAX - (1 << 21), 1 << 63] {
+            let e = PhysMem::new(size).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.starts_with("cannot reserve"), "{size:#x}: {e}");
+        }
     }
 }

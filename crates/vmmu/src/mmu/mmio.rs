@@ -8,8 +8,7 @@
 use super::page_fault::RetPf;
 use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
 use crate::vm::{Kvm, VcpuArch};
-use x86_paging::addr::Gpa;
-use x86_paging::addr::Hpa;
+use x86_paging::addr::{Gfn, Gpa, Hpa};
 
 /// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
 pub fn pferr_flags(ec: u64) -> String {
@@ -38,24 +37,12 @@ fn check_mmio_spte(kvm: &Kvm, vcpu: &VcpuArch, spte: Spte) -> bool {
     kvm_gen == spte_gen
 }
 
-/// The last SPTE on the shadow path to `gva` (`get_mmio_spte` for an indirect MMU).
-fn shadow_last_spte(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) -> Option<Spte> {
-    let (sp, mut level) = vcpu.shadow.root_for(gva)?;
-    let mut table = {
-        let s = kvm.mmu.shadow.lock();
-        if !s.pages.exists(sp) {
-            return None;
-        }
-        s.pages.get(sp).spt_hpa()
-    };
-    loop {
-        let s = Spte(kvm.mem().load(Hpa::new(table.raw() + super::tdp_iter::spte_index(gva >> 12, level) * 8)));
-        if !s.is_shadow_present() || s.is_last(level) {
-            return Some(s);
-        }
-        table = s.child();
-        level -= 1;
-    }
+/// The table and level of the shadow root that translates `gva` (the vCPU's reference
+/// keeps the root itself alive after the shadow lock is dropped).
+fn shadow_root_table(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) -> Option<(Hpa, u8)> {
+    let (sp, level) = vcpu.shadow.root_for(gva)?;
+    let s = kvm.mmu.shadow.lock();
+    s.pages.exists(sp).then(|| (s.pages.get(sp).spt_hpa(), level))
 }
 
 /// `handle_mmio_page_fault`: `addr` is the gpa (TDP) or the gva (shadow paging).
@@ -81,10 +68,14 @@ pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetP
         super::fast_pf::walk_shadow_page_lockless_end(vcpu);
         spte
     } else {
-        match shadow_last_spte(kvm, vcpu, addr) {
-            Some(s) => s,
-            None => return RetPf::Retry,
-        }
+        // get_mmio_spte for an indirect MMU: the same lockless last-SPTE lookup, indexed by
+        // the gva, from the root's table. No lock is taken inside the bracket: a remote flush
+        // made under the shadow lock waits for this vCPU.
+        let Some((table, level)) = shadow_root_table(kvm, vcpu, addr) else { return RetPf::Retry };
+        super::fast_pf::walk_shadow_page_lockless_begin(vcpu);
+        let (_, spte, _) = super::tdp_iter::last_spte(kvm.mem(), table, level, Gfn::new(addr >> 12));
+        super::fast_pf::walk_shadow_page_lockless_end(vcpu);
+        spte
     };
     if spte.is_mmio(&m) {
         let gfn = spte.mmio_gfn(&m);

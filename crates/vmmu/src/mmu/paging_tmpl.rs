@@ -6,9 +6,9 @@
 
 use super::page::SpId;
 use super::page_fault::{self, KvmPageFault, RetPf, PFERR_FETCH, PFERR_RSVD, PFERR_USER, PFERR_WRITE};
-use super::shadow::{child_role_at, Ctx};
+use super::shadow::{child_role_at, Ctx, ShadowWalk};
 use super::spte::{make_spte, Spte, SpteRequest, ACC_EXEC, ACC_USER, ACC_WRITE};
-use super::tdp_iter::{pages_at, spte_index};
+use super::tdp_iter::pages_at;
 use super::MmuError;
 use crate::emulate::KvmGuestMem;
 use crate::vm::{Kvm, VcpuArch};
@@ -294,40 +294,36 @@ fn fetch(
     fault: &mut KvmPageFault,
     pte_access: u8,
 ) -> RetPf {
-    let mut sp = root_sp;
-    let mut level = ctx.s.pages.get(root_sp).role.level() as u8;
+    let mut it = ShadowWalk::new(&ctx.s.pages, root_sp, gva);
     // For PAE the PDPTE comes from the PDPTR registers: the top checked entry is the PDE.
     let top = if w.root_level == 3 { 2 } else { w.root_level };
     if gpte_changed(ctx, w, top) {
         return RetPf::Retry;
     }
-    // Indirect levels: each shadows a guest table.
-    while level > w.level {
-        let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
-        ctx.s.pages.get_mut(sp).write_flooding_count = 0;
+    // The first of FNAME(fetch)'s two loops over one shadow walk: the indirect levels, each
+    // shadowing a guest table.
+    while it.level > w.level {
+        let level = it.level;
+        let sptep = it.sptep(&ctx.s.pages);
+        ctx.s.pages.get_mut(it.sp).write_flooding_count = 0;
         let spte = Spte(ctx.kvm.mem().load(sptep));
-        let child = if spte.is_shadow_present() && !spte.is_large() {
-            match ctx.s.pages.by_spt(spte.pfn()) {
-                Some(c) => c,
-                None => return RetPf::Retry,
-            }
-        } else {
-            let i = usize::from(level - 2);
-            let table_gfn = w.table_gfn[i];
-            let index = spte_index(gva >> 12, level);
-            let role = child_role_at(ctx.s.pages.get(sp).role, index, false, w.pt_access[usize::from(level - 1)]);
-            let c = ctx.get_shadow_page(table_gfn, role);
-            if ctx.s.pages.get(c).unsync_children > 0 {
-                ctx.sync_children(c);
-            }
-            if !ctx.s.pages.exists(sp) || !ctx.s.pages.exists(c) || gpte_changed(ctx, w, level - 1) {
+        if spte.is_shadow_present() && !spte.is_large() {
+            if !it.next(&ctx.s.pages, ctx.kvm.mem()) {
                 return RetPf::Retry;
             }
-            ctx.link_shadow_page(sptep, c);
-            c
-        };
-        sp = child;
-        level -= 1;
+            continue;
+        }
+        let table_gfn = w.table_gfn[usize::from(level - 2)];
+        let role = child_role_at(ctx.s.pages.get(it.sp).role, it.index(), false, w.pt_access[usize::from(level - 1)]);
+        let c = ctx.get_shadow_page(table_gfn, role);
+        if ctx.s.pages.get(c).unsync_children > 0 {
+            ctx.sync_children(c);
+        }
+        if !ctx.s.pages.exists(it.sp) || !ctx.s.pages.exists(c) || gpte_changed(ctx, w, level - 1) {
+            return RetPf::Retry;
+        }
+        ctx.link_shadow_page(sptep, c);
+        it.descend(c);
     }
     // The guest leaf level: hugepage_adjust picks the level to map.
     {
@@ -335,9 +331,11 @@ fn fetch(
         page_fault::kvm_mmu_hugepage_adjust(ctx.kvm, &slots, fault);
     }
     fault.goal_level = fault.goal_level.min(w.level);
-    // Direct levels: a guest huge page mapped by smaller SPTEs.
+    // The second loop, the same walk going on: direct levels, a guest huge page mapped by
+    // smaller SPTEs.
     loop {
-        let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
+        let level = it.level;
+        let sptep = it.sptep(&ctx.s.pages);
         let mut spte = Spte(ctx.kvm.mem().load(sptep));
         if fault.nx_huge_page_workaround_enabled {
             ctx.disallowed_hugepage_adjust(fault, spte, level);
@@ -355,25 +353,23 @@ fn fetch(
                 }
             }
         }
-        let child = if spte.is_shadow_present() && !spte.is_large() {
-            match ctx.s.pages.by_spt(spte.pfn()) {
-                Some(c) => c,
-                None => return RetPf::Retry,
+        if spte.is_shadow_present() && !spte.is_large() {
+            if !it.next(&ctx.s.pages, ctx.kvm.mem()) {
+                return RetPf::Retry;
             }
-        } else {
-            let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
-            let role = child_role_at(ctx.s.pages.get(sp).role, spte_index(gva >> 12, level), true, w.pte_access);
-            let c = ctx.get_shadow_page(base, role);
-            ctx.link_shadow_page(sptep, c);
-            if fault.huge_page_disallowed {
-                ctx.account_nx_huge_page(c, level, fault.req_level >= level);
-            }
-            c
-        };
-        sp = child;
-        level -= 1;
+            continue;
+        }
+        let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+        let role = child_role_at(ctx.s.pages.get(it.sp).role, it.index(), true, w.pte_access);
+        let c = ctx.get_shadow_page(base, role);
+        ctx.link_shadow_page(sptep, c);
+        if fault.huge_page_disallowed {
+            ctx.account_nx_huge_page(c, level, fault.req_level >= level);
+        }
+        it.descend(c);
     }
-    let sptep = ctx.s.pages.get(sp).sptep(spte_index(gva >> 12, level));
+    let (sp, level) = (it.sp, it.level);
+    let sptep = it.sptep(&ctx.s.pages);
     let gfn = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
     let pfn = fault.slot.map(|_| Pfn::new(fault.pfn.raw() & !(pages_at(level) - 1)));
     if ctx.kvm.tracer.events_on() {
@@ -395,20 +391,14 @@ fn fetch(
 fn shadow_page_table_clear_flood(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) {
     let Some((root, _)) = vcpu.shadow.root_for(gva) else { return };
     let mut s = kvm.mmu.shadow.lock();
-    let mut sp = root;
+    if !s.pages.exists(root) {
+        return;
+    }
+    let mut it = ShadowWalk::new(&s.pages, root, gva);
     loop {
-        if !s.pages.exists(sp) {
+        s.pages.get_mut(it.sp).write_flooding_count = 0;
+        if !it.next(&s.pages, kvm.mem()) {
             return;
-        }
-        let level = s.pages.get(sp).role.level() as u8;
-        s.pages.get_mut(sp).write_flooding_count = 0;
-        let spte = Spte(kvm.mem().load(s.pages.get(sp).sptep(spte_index(gva >> 12, level))));
-        if !spte.is_shadow_present() || spte.is_last(level) {
-            return;
-        }
-        match s.pages.by_spt(spte.pfn()) {
-            Some(c) => sp = c,
-            None => return,
         }
     }
 }
@@ -536,14 +526,16 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
 /// `kvm_mmu_invalidate_addr` for the current root: INVLPG syncs the SPTE of `gva` in unsync
 /// pages along the path (dropping it if the guest changed it).
 pub fn invlpg(ctx: &mut Ctx<'_>, root_sp: SpId, gva: u64) {
-    let mut sp = root_sp;
+    if !ctx.s.pages.exists(root_sp) {
+        return;
+    }
+    let mut it = ShadowWalk::new(&ctx.s.pages, root_sp, gva);
     loop {
+        let (sp, index) = (it.sp, it.index());
         if !ctx.s.pages.exists(sp) {
             return;
         }
-        let level = ctx.s.pages.get(sp).role.level() as u8;
-        let index = spte_index(gva >> 12, level);
-        let sptep = ctx.s.pages.get(sp).sptep(index);
+        let sptep = it.sptep(&ctx.s.pages);
         let cur = Spte(ctx.kvm.mem().load(sptep));
         // kvm_sync_spte: nothing to sync behind a non-present SPTE.
         if ctx.s.pages.get(sp).unsync && (cur.is_shadow_present() || cur.is_mmio(&ctx.kvm.mmu.masks)) {
@@ -555,16 +547,8 @@ pub fn invlpg(ctx: &mut Ctx<'_>, root_sp: SpId, gva: u64) {
                 ctx.kvm.flush_remote_tlbs(ctx.vcpu.as_ref().map(|v| v.id));
             }
         }
-        if ctx.s.pages.get(sp).unsync_children == 0 {
+        if ctx.s.pages.get(sp).unsync_children == 0 || !it.next(&ctx.s.pages, ctx.kvm.mem()) {
             return;
-        }
-        let spte = Spte(ctx.kvm.mem().load(sptep));
-        if !spte.is_shadow_present() || spte.is_last(level) {
-            return;
-        }
-        match ctx.s.pages.by_spt(spte.pfn()) {
-            Some(c) => sp = c,
-            None => return,
         }
     }
 }

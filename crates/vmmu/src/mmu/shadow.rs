@@ -12,7 +12,7 @@ use super::page_track::WriteTrack;
 use super::rmap::{Rmaps, RMAP_RECYCLE_THRESHOLD};
 use super::role::Role;
 use super::spte::{make_mmio_spte, make_nonleaf_spte, make_spte, Spte, SpteRequest, ACC_ALL};
-use super::tdp_iter::pages_at;
+use super::tdp_iter::{pages_at, spte_index};
 use super::RetPf;
 use crate::memslot::{Memslot, Memslots};
 use crate::sync::Arc;
@@ -99,6 +99,59 @@ impl VcpuShadow {
         let mut v: Vec<SpId> = self.pae.iter().flatten().flatten().copied().collect();
         v.extend(self.root.iter().chain(self.prev_roots.iter()).map(|r| r.sp).filter(|s| *s != PAE_ROOTS));
         v
+    }
+}
+
+/// `struct kvm_shadow_walk_iterator` (`for_each_shadow_entry`): the path of shadow pages
+/// from a root towards `addr` — a gva under shadow paging, a gpa for direct pages — one entry
+/// per level. The caller holds the shadow state; it reads or changes the current entry and
+/// then steps down with [`ShadowWalk::next`] (into whatever the entry links now, so a child
+/// it just linked is followed) or [`ShadowWalk::descend`] (into a child it already knows).
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowWalk {
+    /// The shadow page holding the current entry.
+    pub sp: SpId,
+    /// Its level.
+    pub level: u8,
+    addr: u64,
+}
+
+impl ShadowWalk {
+    /// `shadow_walk_init_using_root`: the root's entry for `addr`.
+    pub fn new(pages: &MmuPages, root: SpId, addr: u64) -> Self {
+        ShadowWalk { sp: root, level: pages.get(root).role.level() as u8, addr }
+    }
+
+    /// Index of the current entry in its page.
+    pub fn index(&self) -> u64 {
+        spte_index(self.addr >> 12, self.level)
+    }
+
+    /// Address of the current entry.
+    pub fn sptep(&self, pages: &MmuPages) -> Hpa {
+        pages.get(self.sp).sptep(self.index())
+    }
+
+    /// Steps into `child`, the page the current entry links.
+    pub fn descend(&mut self, child: SpId) {
+        self.sp = child;
+        self.level -= 1;
+    }
+
+    /// `shadow_walk_next`: steps into the page the current entry links now; false (and no
+    /// step) at a leaf or non-present entry, or a table with no shadow page.
+    pub fn next(&mut self, pages: &MmuPages, mem: &crate::host::PhysMem) -> bool {
+        let spte = Spte(mem.load(self.sptep(pages)));
+        if !spte.is_shadow_present() || spte.is_last(self.level) {
+            return false;
+        }
+        match pages.by_spt(spte.pfn()) {
+            Some(c) => {
+                self.descend(c);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -1395,35 +1448,34 @@ impl Ctx<'_> {
             );
         }
         let gfn = fault.gfn.raw();
-        let mut sp = root;
-        let mut level = self.s.pages.get(root).role.level() as u8;
+        let mut it = ShadowWalk::new(&self.s.pages, root, gfn << 12);
         loop {
-            let sptep = self.s.pages.get(sp).sptep(super::tdp_iter::spte_index(gfn, level));
+            let sptep = it.sptep(&self.s.pages);
             let spte = self.load(sptep);
             if fault.nx_huge_page_workaround_enabled {
-                self.disallowed_hugepage_adjust(fault, spte, level);
+                self.disallowed_hugepage_adjust(fault, spte, it.level);
             }
-            if level <= fault.goal_level {
+            if it.level <= fault.goal_level {
                 break;
             }
-            sp = if spte.is_shadow_present() && !spte.is_large() {
-                match self.s.pages.by_spt(spte.pfn()) {
-                    Some(c) => c,
-                    None => return RetPf::Retry,
+            if spte.is_shadow_present() && !spte.is_large() {
+                if !it.next(&self.s.pages, self.kvm.mem()) {
+                    return RetPf::Retry;
                 }
             } else {
+                let level = it.level;
                 let base = Gfn::new(gfn & !(pages_at(level) - 1));
-                let role = kvm_mmu_child_role(self.s.pages.get(sp).role, true, ACC_ALL);
+                let role = kvm_mmu_child_role(self.s.pages.get(it.sp).role, true, ACC_ALL);
                 let c = self.get_shadow_page(base, role);
                 self.link_shadow_page(sptep, c);
                 if fault.huge_page_disallowed {
                     self.account_nx_huge_page(c, level, fault.req_level >= level);
                 }
-                c
-            };
-            level -= 1;
+                it.descend(c);
+            }
         }
-        let sptep = self.s.pages.get(sp).sptep(super::tdp_iter::spte_index(gfn, level));
+        let (sp, level) = (it.sp, it.level);
+        let sptep = it.sptep(&self.s.pages);
         let pfn = fault.slot.map(|_| fault.pfn);
         let base = Gfn::new(gfn & !(pages_at(level) - 1));
         let r = self.mmu_set_spte(sptep, ACC_ALL, base, pfn, fault.map_writable, false, fault.write);
