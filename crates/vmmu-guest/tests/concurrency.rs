@@ -207,7 +207,7 @@ fn two_vcpus_repeated() {
 
 /// Runs a guest access; `VmError::Stuck` while the host is still invalidating is retried.
 ///
-/// The vCPU gives up on an access after 10,000 exits (`MAX_EXITS_PER_ACCESS` in vm.rs), and a
+/// The vCPU gives up on an access after 10,000 exits (`MAX_EXITS_PER_ACCESS` in vm/vcpu.rs), and a
 /// fault on a gfn inside an in-progress invalidation returns RET_PF_RETRY immediately, so one
 /// long MADV_DONTNEED (zeroing and freeing 2 MiB) can exhaust that budget although nothing is
 /// wrong (see the report). Once the host has stopped, `Stuck` is a real failure.

@@ -1669,7 +1669,7 @@ fn shadow_get_page_keeps_found_unsync_page_unsync() {
 /// A CR4.PGE toggle flushes the guest's TLB, which under shadow paging must sync unsync
 /// shadow pages (KVM: `kvm_post_set_cr4` -> KVM_REQ_TLB_FLUSH_GUEST ->
 /// `kvm_vcpu_flush_tlb_guest` -> `kvm_mmu_sync_roots` + `kvm_mmu_sync_prev_roots`).
-/// `Vcpu::write_cr4` (vm.rs, ~line 921) only flushes the hardware TLB and resets the context when
+/// `Vcpu::write_cr4` (vm/vcpu.rs) only flushes the hardware TLB and resets the context when
 /// the role changes, so a PTE the guest wrote in an unsync page stays stale: here the page
 /// is made read-only, PGE toggled, and a supervisor write (WP=1) succeeds under shadow
 /// paging but takes #PF natively. (The same for A bits: a re-walk after the flush does not
