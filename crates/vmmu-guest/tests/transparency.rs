@@ -1631,8 +1631,8 @@ fn one_page(leaf_flags: u8) -> Vec<MapSpec> {
     vec![MapSpec { idx: [0; 5], leaf: 1, target: 0, place: 0, flags: [leaf_flags, 1, 1, 1, 0] }]
 }
 
-/// (Was a bug.) `get_shadow_page` (mmu/shadow.rs) synced an unsync page it finds with `sync_page`, and
-/// `sync_page` (mmu/shadow.rs, ~line 770) clears `unsync` -- but the page was not write-protected
+/// (Was a bug.) `get_shadow_page` (mmu/shadow/mod.rs) synced an unsync page it finds with `sync_page`, and
+/// `sync_page` (mmu/shadow/sync.rs) clears `unsync` -- but the page was not write-protected
 /// (KVM's `kvm_mmu_find_shadow_page` calls `kvm_sync_page`, which leaves the page unsync;
 /// only `mmu_sync_children` write-protects and then `kvm_unlink_unsync_page`s). The guest
 /// PT is then "synced" yet writable through the window, so a later guest PTE write is
