@@ -71,7 +71,10 @@ pub fn invalidate_range_end(kvm: &Kvm, _range: HvaRange) {
 /// What an aging call does with accessed SPTEs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aging {
-    /// `kvm_mmu_notifier_clear_flush_young`: clear, then flush if any was young.
+    /// `kvm_mmu_notifier_clear_flush_young`: clear. x86 selects
+    /// CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (v6.13), so no TLB flush follows: a vCPU may
+    /// keep using a cached translation of a page aging just marked old (reclaim tolerates
+    /// that; anything that must not, such as dirty logging or an unmap, flushes itself).
     ClearFlush,
     /// `kvm_mmu_notifier_clear_young`: clear, no flush.
     Clear,
@@ -140,9 +143,6 @@ pub fn age_hva_range(kvm: &Kvm, range: HvaRange, how: Aging) -> bool {
                 }
             }
         }
-    }
-    if young && how == Aging::ClearFlush {
-        kvm.flush_remote_tlbs(None);
     }
     young
 }
