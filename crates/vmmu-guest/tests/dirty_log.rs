@@ -208,11 +208,59 @@ fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split
     assert!(st["pages_4k"] >= 3, "the written huge page was split: {st:?}");
     g.kvm.audit().unwrap();
 
+    // Logging off: kvm_mmu_recover_huge_pages makes the huge pages whole again in place
+    // (no refault); a write-protected one is made writable by a fast page fault.
     g.set_logging(false);
-    assert_eq!(g.kvm.vm_stats()["pages_2m"], 0, "disabling zapped the slot's mappings");
-    g.write_pages(0, pages);
-    assert!(g.kvm.vm_stats()["pages_2m"] > 0, "huge again once logging is off");
+    let st = g.kvm.vm_stats();
+    assert!(st["pages_2m"] >= huge, "huge pages recovered in place: {st:?}");
     g.kvm.audit().unwrap();
+    let (fast, fixed) = (g.cpu.stat.pf_fast, g.cpu.stat.pf_fixed);
+    g.write_pages(0, pages);
+    assert_eq!(g.cpu.stat.pf_fixed - fixed, g.cpu.stat.pf_fast - fast, "no slow-path fault after recovery");
+    assert!(g.cpu.stat.pf_fixed - fixed <= huge as u64, "at most one fast fault per huge page");
+    assert!(g.kvm.vm_stats()["pages_2m"] >= huge, "still huge");
+    g.kvm.audit().unwrap();
+}
+
+/// With 4 KiB host pages nothing can become huge when logging stops: KVM keeps every SPTE
+/// (`kvm_mmu_zap_collapsible_sptes` / `recover_huge_pages` find nothing to do), so the next
+/// write to each page is one fault that makes the SPTE writable again (a fast page fault
+/// under TDP), or none (PML: W kept, D cleared) — not a refault of the whole slot.
+fn disabling_logging_keeps_4k_sptes(mmu: MmuKind, pml: bool) {
+    let pages = 256;
+    let mut g = guest(mmu, pml, Backing::Anon4k, pages);
+    g.set_logging(true);
+    g.write_pages(0, pages);
+    g.harvest();
+    let pml = g.kvm.pml_in_use();
+    let before = g.kvm.vm_stats();
+    g.set_logging(false);
+    let after = g.kvm.vm_stats();
+    assert_eq!(after["pages_4k"], before["pages_4k"], "{mmu:?}: every SPTE kept");
+    // Under TDP the walk's A/D updates write the guest's page tables too (EPT A/D).
+    let tables = if mmu == MmuKind::Shadow { 0 } else { g.table_gfns(0, pages).len() as u64 };
+    let (taken, fast, fixed) = (g.cpu.stat.pf_taken, g.cpu.stat.pf_fast, g.cpu.stat.pf_fixed);
+    g.write_pages(0, pages);
+    let faults = g.cpu.stat.pf_taken - taken;
+    if pml {
+        assert_eq!(faults, 0, "{mmu:?} PML: the SPTEs stayed writable");
+    } else {
+        assert!((pages..=pages + tables).contains(&faults), "{mmu:?}: one fault per write-protected page: {faults}");
+        assert_eq!(g.cpu.stat.pf_fixed - fixed, faults, "{mmu:?}: each fixed in place");
+        // Shadow paging has no fast page fault (FNAME(page_fault) does not try it).
+        let want_fast = if mmu == MmuKind::Shadow { 0 } else { faults };
+        assert_eq!(g.cpu.stat.pf_fast - fast, want_fast, "{mmu:?}: fast page faults");
+    }
+    assert_eq!(g.kvm.vm_stats()["pages_4k"], before["pages_4k"], "{mmu:?}: no SPTE made again");
+    g.kvm.audit().unwrap();
+}
+
+#[test]
+fn disabling_logging_keeps_4k_sptes_all_mmus() {
+    for mmu in [MmuKind::Tdp, MmuKind::LegacyTdp, MmuKind::Shadow] {
+        disabling_logging_keeps_4k_sptes(mmu, false);
+    }
+    disabling_logging_keeps_4k_sptes(MmuKind::Tdp, true);
 }
 
 #[test]
@@ -568,4 +616,29 @@ proptest::proptest! {
     ) {
         ring_completeness_with_racing_resets(mmu, pml, &writes);
     }
+}
+
+/// The legacy TDP MMU over THP: while logging, writes map 4 KiB in direct pages; when it
+/// stops, `kvm_mmu_zap_collapsible_sptes` drops exactly those (direct, below the level the
+/// host allows), so the next accesses map 2 MiB again. Nothing else is zapped.
+#[test]
+fn legacy_tdp_zaps_only_collapsible_sptes_when_logging_stops() {
+    let pages = 2048;
+    let mut g = guest(MmuKind::LegacyTdp, false, Backing::Thp, pages);
+    g.set_logging(true);
+    // A quarter of the pages: the huge pages behind the rest are not written.
+    g.write_pages(0, pages / 4);
+    g.harvest();
+    let logging = g.kvm.vm_stats();
+    assert!(logging["pages_4k"] >= pages as i64 / 4, "writes while logging map 4 KiB: {logging:?}");
+    assert!(logging["pages_2m"] > 0, "regions not written while logging stay huge: {logging:?}");
+    g.set_logging(false);
+    let off = g.kvm.vm_stats();
+    assert_eq!(off["pages_4k"], 0, "every 4 KiB SPTE of a THP-backed slot is collapsible: {off:?}");
+    assert_eq!(off["pages_2m"], logging["pages_2m"], "huge SPTEs are kept: {off:?}");
+    g.kvm.audit().unwrap();
+    g.write_pages(0, pages);
+    let after = g.kvm.vm_stats();
+    assert!(after["pages_2m"] > off["pages_2m"] && after["pages_4k"] == 0, "huge again: {after:?}");
+    g.kvm.audit().unwrap();
 }

@@ -272,11 +272,32 @@ impl Kvm {
             // writable in a vCPU's TLB, and a write through it would go unlogged.
             self.flush_remote_tlbs(None);
         } else if was_logging && !logging && change == MemslotChange::FlagsOnly {
-            // Zap the slot's mappings so they fault back in, huge again where possible
-            // (kvm_mmu_zap_collapsible_sptes, done wholesale).
-            self.zap_slot_leaves(slot);
+            self.kvm_mmu_recover_huge_pages(slot);
         }
         Ok(())
+    }
+
+    /// `kvm_mmu_recover_huge_pages` (`kvm_mmu_zap_collapsible_sptes` before v6.13): logging
+    /// is off, so what may be huge again becomes huge — in place in the TDP MMU, by zapping
+    /// the collapsible 4 KiB and 2 MiB SPTEs of direct pages in the rmaps. Everything else
+    /// keeps its (write-protected or D-cleared) SPTE; one flush at the end if anything
+    /// changed.
+    fn kvm_mmu_recover_huge_pages(&self, slot: u32) {
+        let slots = self.memslots();
+        let Some(s) = slots.by_id(slot) else { return };
+        let mut flush = false;
+        if self.config.mmu == MmuKind::Tdp {
+            flush |= tdp_mmu::kvm_tdp_mmu_recover_huge_pages(self, s);
+        }
+        let _w = self.mmu.mmu_lock.write();
+        if self.config.mmu != MmuKind::Tdp {
+            let mut sh = self.mmu.shadow.lock();
+            let mut ctx =
+                crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
+            flush |= ctx.zap_collapsible_sptes(s);
+        }
+        // The tables replaced in place are freed after the flush (they may still be walked).
+        self.flush_and_free_deferred(None, flush);
     }
 
     /// KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): `flags` 0 turns manual protection

@@ -283,6 +283,20 @@ pub fn is_page_fault_stale(kvm: &Kvm, vcpu: &VcpuArch, fault: &KvmPageFault) -> 
     }
 }
 
+/// `kvm_mmu_max_mapping_level`: the largest level `gfn` of `slot` may be mapped at — what
+/// the memslot (lpage_info: alignment, write tracking) and the host mapping allow, capped by
+/// the largest huge page the MMU maps. Dirty logging is the caller's business.
+pub fn kvm_mmu_max_mapping_level(kvm: &Kvm, slot: &crate::memslot::Memslot, gfn: Gfn) -> u8 {
+    let mut level = kvm.config().tdp_huge_page_level.min(3);
+    while level > 1 && slot.lpage_disallowed(gfn, level) {
+        level -= 1;
+    }
+    if level > 1 {
+        level = level.min(kvm.host().host_mapping_level(slot.gfn_to_hva(gfn)));
+    }
+    level
+}
+
 /// `kvm_mmu_hugepage_adjust`: the largest level the memslot (lpage_info) and the host
 /// mapping allow, unless the NX mitigation forbids a huge page for this fetch.
 ///

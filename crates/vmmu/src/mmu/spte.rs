@@ -356,6 +356,20 @@ pub fn make_small_spte(m: &SpteMasks, huge: Spte, level: u8, index: u64, nx_huge
     Spte(s)
 }
 
+/// `make_huge_spte`: the level-`level` SPTE for the huge page that `small` (a present leaf
+/// inside it) belongs to — the same permissions and state, the huge bit, the address aligned
+/// to the level; not executable under the NX mitigation.
+pub fn make_huge_spte(m: &SpteMasks, small: Spte, level: u8, nx_huge_pages: bool) -> Spte {
+    debug_assert!(level > 1 && small.is_shadow_present(), "make_huge_spte: {small:?} at level {level}");
+    let size = 1u64 << (12 + 9 * u32::from(level - 1));
+    let s = Spte((small.0 | PT_PAGE_SIZE) & (!(size - 1) | 0xfff));
+    if nx_huge_pages {
+        modify_spte_protections(m, s, m.nx, m.x)
+    } else {
+        s
+    }
+}
+
 /// `modify_spte_protections`: sets and clears permission bits of a leaf SPTE. An
 /// access-tracked SPTE keeps its R/X in the saved bits, so it is restored, changed and
 /// marked again — setting X on the live bits would leave an SPTE that is neither

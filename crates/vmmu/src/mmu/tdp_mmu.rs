@@ -454,6 +454,54 @@ pub fn kvm_tdp_mmu_try_split_huge_pages(kvm: &Kvm, start: Gfn, end: Gfn) -> Resu
     Ok(split)
 }
 
+/// `kvm_tdp_mmu_recover_huge_pages` (v6.13; before it, `kvm_tdp_mmu_zap_collapsible_sptes`):
+/// once dirty logging is off, every table of `slot` under an entry that may map huge again
+/// (`kvm_mmu_max_mapping_level`) is replaced in place by a huge SPTE built from one of its
+/// leaves (`make_huge_spte`): the same permissions — a write-protected page stays so until
+/// its next write, a fast page fault — and no refault. Runs under `mmu_lock` for read;
+/// returns whether a TLB flush is needed.
+pub fn kvm_tdp_mmu_recover_huge_pages(kvm: &Kvm, slot: &crate::memslot::Memslot) -> bool {
+    let (start, end) = (slot.base_gfn, slot.end_gfn());
+    let masks = kvm.mmu.masks;
+    let _r = kvm.mmu.mmu_lock.read();
+    let mut flush = false;
+    for root in valid_roots(kvm) {
+        root.walk(kvm, 2, start, end, |it| {
+            let s = it.old_spte;
+            let pages = pages_at(it.level);
+            // Only a table can become huge; one that reaches outside the slot cannot.
+            if it.level > 3
+                || !s.is_shadow_present()
+                || s.is_last(it.level)
+                || it.gfn < start
+                || it.gfn.raw() + pages > end.raw()
+                || super::page_fault::kvm_mmu_max_mapping_level(kvm, slot, it.gfn) < it.level
+            {
+                return Step::Next;
+            }
+            // kvm_tdp_mmu_make_huge_spte: any present leaf below gives the huge page's pfn
+            // and permissions.
+            let mut leaf = None;
+            let child_end = Gfn::new(it.gfn.raw() + pages);
+            tdp_iter::walk(kvm.mem(), s.child(), it.level - 1, 1, it.gfn, child_end, |c| {
+                if c.old_spte.is_shadow_present() && c.old_spte.is_last(c.level) {
+                    leaf = Some(c.old_spte);
+                    return Step::Stop;
+                }
+                Step::Next
+            });
+            let Some(leaf) = leaf else { return Step::Next };
+            let huge = spte::make_huge_spte(&masks, leaf, it.level, kvm.nx_huge_pages());
+            if tdp_mmu_set_spte_atomic(kvm, u32::MAX, it, huge).is_err() {
+                return Step::Retry;
+            }
+            flush = true;
+            Step::Next
+        });
+    }
+    flush
+}
+
 /// `kvm_tdp_mmu_wrprot_slot`: clears W on every leaf SPTE mapping a gfn in [start, end),
 /// keeping MMU-writable so the next write is fixed by fast page fault (dirty logging in
 /// write-protect mode). Returns whether any SPTE changed (a TLB flush is needed).

@@ -400,24 +400,6 @@ impl Kvm {
         Ok(())
     }
 
-    /// Zaps every leaf mapping of memslot `slot` (both MMUs) and flushes.
-    pub(crate) fn zap_slot_leaves(&self, slot: u32) {
-        let slots = self.memslots();
-        let Some(s) = slots.by_id(slot) else { return };
-        let (start, end) = (s.base_gfn, s.end_gfn());
-        let _w = self.mmu.mmu_lock.write();
-        let mut flush = false;
-        for r in tdp_mmu::unzapped_roots(self) {
-            flush |= tdp_mmu::tdp_mmu_zap_leafs(self, u32::MAX, &r, start, end);
-        }
-        let mut sh = self.mmu.shadow.lock();
-        let mut ctx =
-            crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
-        flush |= ctx.unmap_gfn_range(start, end);
-        drop(sh);
-        self.flush_and_free_deferred(None, flush);
-    }
-
     pub(crate) fn memslots_generation(&self) -> u64 {
         self.memslots_gen.load(Ordering::Acquire)
     }

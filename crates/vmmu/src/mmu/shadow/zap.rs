@@ -130,6 +130,26 @@ impl Ctx<'_> {
         self.zap_oldest_mmu_pages(KVM_REFILL_PAGES - avail);
     }
 
+    /// `kvm_rmap_zap_collapsible_sptes`: once dirty logging is off, drops the 4 KiB and
+    /// 2 MiB SPTEs of `slot` that sit in direct pages below the level their gfns may be
+    /// mapped at again (`kvm_mmu_max_mapping_level`), so they fault back in huge. SPTEs in
+    /// pages shadowing guest tables stay (the guest's page size decides theirs), as do all
+    /// where the host maps 4 KiB: those keep their write protection until the next write.
+    /// Returns whether a TLB flush is needed.
+    pub fn zap_collapsible_sptes(&mut self, slot: &Memslot) -> bool {
+        let mut flush = false;
+        for (_, sptep) in self.s.rmap_range(&self.slots, slot.base_gfn, slot.end_gfn(), 1, 2) {
+            let Some((id, _)) = self.s.pages.sptep_to_sp(sptep) else { continue };
+            let sp = self.s.pages.get(id);
+            let (direct, level, gfn) = (sp.role.direct() != 0, sp.role.level() as u8, sp.gfn);
+            if direct && level < crate::mmu::page_fault::kvm_mmu_max_mapping_level(self.kvm, slot, gfn) {
+                self.drop_spte(sptep);
+                flush = true;
+            }
+        }
+        flush
+    }
+
     /// Zaps everything (`kvm_mmu_zap_all`); roots in use are freed when released.
     pub fn zap_all(&mut self) {
         for id in self.s.pages.all() {
