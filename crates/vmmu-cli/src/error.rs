@@ -140,7 +140,7 @@ pub enum ConfigError {
     /// The identity layout's page tables cannot be built.
     #[error("{0}")]
     PageTables(String),
-    /// memslot[0] has no room for the identity layout's page tables.
+    /// `memslot[0]` has no room for the identity layout's page tables.
     #[error("memslot[0] is too small for the identity page tables ({table_bytes} bytes after its first MiB)")]
     IdentityNoRoom {
         /// The bytes the tables need.
@@ -323,8 +323,9 @@ pub enum Failure {
     MigrateVm(#[source] VmError),
     /// `migrate`: the copy differs from guest memory after stop-and-copy.
     #[error(
-        "migrate: {pages} pages of memslot {slot} differ from the copy after stop-and-copy (first gfns {first_gfns:#x?}): \
-         a write was not logged"
+        "migrate: {pages} pages of memslot {slot} differ from the copy after stop-and-copy (first gfns {}): \
+         a write was not logged",
+        first_gfns.iter().map(|g| format!("{g:#x}")).collect::<Vec<_>>().join(", ")
     )]
     MigrateMismatch {
         /// How many pages differ.
@@ -345,4 +346,48 @@ pub enum Failure {
     /// The trace could not be written as the run went.
     #[error("writing the trace: {0}")]
     TraceWrite(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    fn at() -> OpAt {
+        OpAt { phase: 1, phase_name: "p".into(), index: 2, op: "replay" }
+    }
+
+    #[test]
+    fn an_ops_error_keeps_its_kind_and_says_where_the_op_is() {
+        let e = RunError::from(Failure::NoEntry { va: 0x1000, level: 2 }).in_op(at());
+        assert!(matches!(e, RunError::Failed(Failure::InOp { .. })));
+        assert_eq!(
+            e.to_string(),
+            "phase[1].ops[2] (replay in phase \"p\"): rewrite-entry: va 0x1000 has no level-2 entry"
+        );
+        let e = RunError::from(ConfigError::ZeroPages).in_op(at());
+        assert!(matches!(e, RunError::Config(ConfigError::InOp { .. })));
+    }
+
+    #[test]
+    fn a_trace_that_cannot_be_opened_carries_the_io_error() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let msg = io.to_string();
+        let e = RunError::from(ConfigError::Replay(TraceError::Open { path: "/x.vtr".into(), source: io }));
+        assert_eq!(e.to_string(), format!("--replay: /x.vtr: {msg}"));
+        // RunError is transparent: its source is the ConfigError's, the TraceError.
+        let trace = e.source().and_then(|s| s.downcast_ref::<TraceError>()).expect("the TraceError");
+        let io = trace.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the io::Error");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_migration_mismatch_is_one_line() {
+        let e = Failure::MigrateMismatch { pages: 2, slot: 0, first_gfns: vec![0x10, 0x11] };
+        assert_eq!(
+            e.to_string(),
+            "migrate: 2 pages of memslot 0 differ from the copy after stop-and-copy (first gfns 0x10, 0x11): a write \
+             was not logged"
+        );
+    }
 }
