@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use vmmu::host::FrameAllocator;
 use vmmu::x86_paging::addr::Gva;
 use vmmu_cli::bench::{machine, mem_for, warm_guest_tables};
-use vmmu_cli::runner::Machine;
+use vmmu_cli::machine::Machine;
 
 fn short<M: criterion::measurement::Measurement>(g: &mut BenchmarkGroup<'_, M>) {
     g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(20);

@@ -2,13 +2,13 @@
 //! profiling the write-tracking path (`perf record ./target/release/examples/shadow_pte_write`).
 
 use vmmu::x86_paging::addr::Gva;
-use vmmu_cli::runner::{build, RunOptions};
+use vmmu_cli::machine::build;
 use vmmu_cli::scenario::Scenario;
 
 fn main() {
     let toml =
         "name = \"p\"\n[vm]\nmmu = \"shadow\"\n[[memslot]]\ngpa = 0\nsize = \"2GiB\"\n[guest]\nlayout = \"identity\"\n";
-    let mut m = build(&Scenario::parse(toml).expect("scenario"), &RunOptions::default()).expect("vm");
+    let mut m = build(&Scenario::parse(toml).expect("scenario"), None).expect("vm");
     let x = 1u64 << 30;
     let v = &mut m.vcpus[0];
     v.write(Gva::new(x), 8, 1).expect("touch");

@@ -6,7 +6,7 @@
 //! not times (throughput, scaling, memory overhead) are reported as `value` in `unit`, with
 //! the DESIGN target in the same unit in `target`.
 
-use crate::runner::{build, Machine, RunOptions};
+use crate::machine::{build, Machine};
 use crate::scenario::Scenario;
 use std::hint::black_box;
 use std::sync::Barrier;
@@ -77,7 +77,7 @@ pub fn machine_vm(vm: &str, backing: &str, prefault: bool, mem: &str, vcpus: u32
         "name = \"bench\"\n[vm]\n{vm}\n[[memslot]]\ngpa = 0\nsize = \"{mem}\"\nbacking = \"{backing}\"\nprefault = {prefault}\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"preset\"\nvcpus = {vcpus}\n"
     );
     let s = Scenario::parse(&toml).map_err(|e| e.to_string())?;
-    build(&s, &RunOptions::default()).map_err(|e| e.to_string())
+    build(&s, None).map_err(|e| e.to_string())
 }
 
 /// A memslot size for `bytes` of workload data after the identity tables: rounded up to
@@ -307,7 +307,7 @@ fn shadow_machine(mem: &str) -> Result<Machine, String> {
         "name = \"bench\"\n[vm]\nmmu = \"shadow\"\n[[memslot]]\ngpa = 0\nsize = \"{mem}\"\nprefault = true\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\n"
     );
     let s = Scenario::parse(&toml).map_err(|e| e.to_string())?;
-    build(&s, &RunOptions::default()).map_err(|e| e.to_string())
+    build(&s, None).map_err(|e| e.to_string())
 }
 
 /// The address of the level-`level` guest entry mapping `va` (identity layout).
@@ -608,7 +608,7 @@ fn aging(iters: u64) -> Result<Vec<BenchResult>, String> {
             mem_for(pages * 4096)
         );
         let sc = Scenario::parse(&toml).map_err(|e| e.to_string())?;
-        let mut m = build(&sc, &RunOptions::default()).map_err(|e| e.to_string())?;
+        let mut m = build(&sc, None).map_err(|e| e.to_string())?;
         let base = m.data_start;
         touch(&mut m.vcpus[0], base, pages)?;
         m.vcpus[0].exit_guest();

@@ -15,6 +15,7 @@
 //! tracepoints per phase, aligned ([`crate::compare_trace`]).
 
 use crate::compare_trace::{self, Labels, TraceComparison};
+use crate::error::{ConfigError, Failure, RunError};
 use crate::runner::{self, PhaseResult, RunOptions, TraceMode};
 use crate::scenario::{Op, Scenario};
 use serde::Serialize;
@@ -72,6 +73,12 @@ pub enum CompareError {
     /// A run failed (exit status 1).
     #[error("{0}")]
     Failed(String),
+    /// The vmmu side refused the scenario (exit status 2).
+    #[error("{0}")]
+    RunConfig(#[source] ConfigError),
+    /// The vmmu side's run failed (exit status 1).
+    #[error("vmmu run failed: {0}")]
+    RunFailed(#[source] Failure),
 }
 
 /// Options of `vmmu compare`.
@@ -403,8 +410,8 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         ..RunOptions::default()
     };
     let vm = runner::run(s, &run_opts, |_, _| {}).map_err(|e| match e {
-        runner::RunError::Config(m) => CompareError::Config(m),
-        runner::RunError::Failed(m) => CompareError::Failed(format!("vmmu run failed: {m}")),
+        RunError::Config(e) => CompareError::RunConfig(e),
+        RunError::Failed(e) => CompareError::RunFailed(e),
     })?;
     let kvm_err = |e: KvmError| match e {
         KvmError::NoKvm(_) | KvmError::Trace(_) => CompareError::Failed(format!("real KVM: {e}")),

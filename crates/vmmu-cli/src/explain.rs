@@ -238,7 +238,12 @@ impl WalkObserver for Sptes {
     }
 }
 
+/// The shadow page whose table is at `table_hpa`, if any. The shadow MMU's state is guarded
+/// by `mmu_lock` held for write (KVM's shadow paths, even read-only ones such as the audit,
+/// take `write_lock(&kvm->mmu_lock)`), so this takes it before the shadow lock, in the
+/// order crates/vmmu uses.
 fn sp_of(kvm: &Kvm, table_hpa: u64) -> Option<SpInfo> {
+    let _w = kvm.mmu().mmu_lock.write();
     let s = kvm.mmu().shadow.lock();
     let id = s.pages.by_spt(Hpa::new(table_hpa).pfn())?;
     let p = s.pages.get(id);

@@ -4,7 +4,8 @@
 //! Accessed bits; without them every SPTE becomes access-tracked and the guest's next access
 //! to each page is a fast page fault.
 
-use crate::runner::{Machine, RunError};
+use crate::error::{ConfigError, RunError};
+use crate::machine::Machine;
 use std::time::Instant;
 use vmmu::host::Hva;
 
@@ -53,8 +54,7 @@ pub fn run(
     passes: u32,
     guest: &mut dyn FnMut(&mut Machine) -> Result<u64, RunError>,
 ) -> Result<IdleReport, RunError> {
-    let (_, size, hva) =
-        *m.slots.get(slot as usize).ok_or_else(|| RunError::Config(format!("idle-tracking: no memslot {slot}")))?;
+    let (_, size, hva) = *m.slots.get(slot as usize).ok_or(ConfigError::NoMemslot { op: "idle-tracking", slot })?;
     let npages = size / 4096;
     let mut report = IdleReport { slot, slot_pages: npages, ..Default::default() };
     for pass in 0..=passes {

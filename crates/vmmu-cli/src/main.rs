@@ -6,8 +6,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use vmmu_cli::error::RunError;
 use vmmu_cli::out::{self, MAX_INPUT_BYTES};
-use vmmu_cli::runner::{self, RunError, RunOptions, TraceMode};
+use vmmu_cli::runner::{self, RunOptions, TraceMode};
 use vmmu_cli::scenario::Scenario;
 use vmmu_cli::{compare, report, DEFAULT_SCENARIO};
 
@@ -319,7 +320,9 @@ fn finish_record(r: Result<vmmu_cli::record::RecordReport, vmmu_cli::record::Rec
     }
 }
 
-/// The scenario to run: the file, the replay's own, or the embedded default.
+/// The scenario to run: the file, the replay's own, or the embedded default. Its error is
+/// one message, printed with `{}`: the replay's [`vmmu_cli::error::ConfigError`] keeps its
+/// source, whose text its own message already includes (`{:#}` would repeat it).
 fn load_scenario(
     path: Option<&PathBuf>,
     opts: &RunOptions,
@@ -369,7 +372,7 @@ fn run(
     let (name, scenario) = match load_scenario(path.as_ref(), &opts, guest_memory) {
         Ok(x) => x,
         Err(e) => {
-            errln!("vmmu: {e:#}");
+            errln!("vmmu: {e}");
             return ExitCode::from(2);
         }
     };
@@ -473,7 +476,7 @@ fn explain(
     let (name, scenario) = match load_scenario(path, &opts, None) {
         Ok(x) => x,
         Err(e) => {
-            errln!("vmmu: {e:#}");
+            errln!("vmmu: {e}");
             return ExitCode::from(2);
         }
     };
@@ -549,11 +552,11 @@ fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -
                 }
             }
         }
-        Err(compare::CompareError::Config(e)) => {
+        Err(e @ (compare::CompareError::Config(_) | compare::CompareError::RunConfig(_))) => {
             errln!("vmmu: {name}: {e}");
             ExitCode::from(2)
         }
-        Err(compare::CompareError::Failed(e)) => {
+        Err(e @ (compare::CompareError::Failed(_) | compare::CompareError::RunFailed(_))) => {
             errln!("vmmu: {name}: {e}");
             ExitCode::FAILURE
         }

@@ -7,7 +7,8 @@
 //! the slot's size. At the end it must equal guest memory page for page, which checks the
 //! log's completeness end to end.
 
-use crate::runner::{Machine, RunError};
+use crate::error::{ConfigError, Failure, RunError};
+use crate::machine::Machine;
 use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::host::Hva;
@@ -76,18 +77,18 @@ pub struct MigrationReport {
 type Dest = BTreeMap<u64, Box<[u64]>>;
 
 /// Reads page `i` of the slot from guest memory, as the VMM reads its own mapping.
-fn read_page(m: &Machine, hva: Hva, i: u64) -> Result<Box<[u64]>, RunError> {
+fn read_page(m: &Machine, hva: Hva, i: u64) -> Result<Box<[u64]>, Failure> {
     let host = m.kvm.host();
     let page = host
         .get_user_page(Hva(hva.raw() + i * 4096), false)
-        .map_err(|e| RunError::Failed(format!("migrate: reading page {i} of the slot: {e}")))?;
+        .map_err(|source| Failure::MigrateRead { page: i, source })?;
     let mem = host.frames().mem();
     let base = page.pfn.hpa().raw();
     Ok((0..512u64).map(|w| mem.load(Hpa::new(base + w * 8))).collect())
 }
 
 /// Copies page `i` of the slot into the destination.
-fn copy_page(m: &Machine, hva: Hva, i: u64, dst: &mut Dest) -> Result<(), RunError> {
+fn copy_page(m: &Machine, hva: Hva, i: u64, dst: &mut Dest) -> Result<(), Failure> {
     dst.insert(i, read_page(m, hva, i)?);
     Ok(())
 }
@@ -108,15 +109,11 @@ pub fn run(
     plan: &Plan,
     guest: &mut dyn FnMut(&mut Machine) -> Result<u64, RunError>,
 ) -> Result<MigrationReport, RunError> {
-    let (gpa, size, hva) = *m
-        .slots
-        .get(plan.slot as usize)
-        .ok_or_else(|| RunError::Config(format!("migrate: no memslot {}", plan.slot)))?;
+    let (gpa, size, hva) =
+        *m.slots.get(plan.slot as usize).ok_or(ConfigError::NoMemslot { op: "migrate", slot: plan.slot })?;
     let slots = m.kvm.memslots();
-    let slot = slots
-        .iter()
-        .find(|s| s.base_gfn.raw() == gpa >> 12)
-        .ok_or_else(|| RunError::Failed(format!("migrate: memslot {} is not registered", plan.slot)))?;
+    let slot =
+        slots.iter().find(|s| s.base_gfn.raw() == gpa >> 12).ok_or(Failure::MigrateUnregistered { slot: plan.slot })?;
     let mut region = slot.region();
     let base_flags = region.flags;
     region.flags |= MemslotFlags::LOG_DIRTY_PAGES;
@@ -130,7 +127,7 @@ pub fn run(
         if cfg.eager_page_split && cfg.mmu == vmmu::MmuKind::Tdp { ", eager page split" } else { "" }
     );
     let mut report = MigrationReport { slot: region.slot, slot_pages: npages, mode, ..Default::default() };
-    let kvm_err = |e: vmmu::VmError| RunError::Failed(format!("migrate: {e}"));
+    let kvm_err = Failure::MigrateVm;
     for v in m.vcpus.iter_mut() {
         v.exit_guest();
     }
@@ -207,12 +204,12 @@ pub fn run(
     }
     differ.sort_unstable();
     if !differ.is_empty() {
-        return Err(RunError::Failed(format!(
-            "migrate: {} pages of memslot {} differ from the copy after stop-and-copy (first gfns {:#x?}): a write was not logged",
-            differ.len(),
-            plan.slot,
-            differ.iter().take(8).map(|i| (gpa >> 12) + i).collect::<Vec<_>>()
-        )));
+        return Err(Failure::MigrateMismatch {
+            pages: differ.len(),
+            slot: plan.slot,
+            first_gfns: differ.iter().take(8).map(|i| (gpa >> 12) + i).collect(),
+        }
+        .into());
     }
     report.dest_pages = dst.len() as u64;
     report.dest_bytes = report.dest_pages * 4096;

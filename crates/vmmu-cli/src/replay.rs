@@ -7,7 +7,7 @@
 //! scenario file its VM and guest are used and its phases replaced the same way. The
 //! `replay` scenario op (`{ op = "replay", trace = "FILE" }`) replays inside any phase.
 
-use crate::runner::RunError;
+use crate::error::{ConfigError, Failure, RunError, TraceError};
 use crate::scenario::Scenario;
 use std::fs::File;
 use std::io::BufReader;
@@ -29,14 +29,14 @@ pub struct ReplayReport {
     pub stats: ReplayStats,
 }
 
-fn open(path: &Path) -> Result<TraceReader<BufReader<File>>, RunError> {
-    let f = File::open(path).map_err(|e| RunError::Config(format!("--replay: {}: {e}", path.display())))?;
+fn open(path: &Path) -> Result<TraceReader<BufReader<File>>, TraceError> {
+    let f = File::open(path).map_err(|source| TraceError::Open { path: path.to_owned(), source })?;
     TraceReader::new(BufReader::with_capacity(1 << 16, f))
-        .map_err(|e| RunError::Config(format!("--replay: {}: {e}", path.display())))
+        .map_err(|source| TraceError::Format { path: path.to_owned(), source })
 }
 
 /// The counts in a trace's header (None if the writer could not fill them in).
-pub fn header_counts(path: &Path) -> Result<Option<Counts>, RunError> {
+pub fn header_counts(path: &Path) -> Result<Option<Counts>, TraceError> {
     Ok(open(path)?.header_counts())
 }
 
@@ -61,16 +61,13 @@ pub fn default_guest_memory(counts: Option<Counts>) -> Result<u64, String> {
 }
 
 /// The scenario `vmmu run --replay TRACE` runs without a scenario file.
-pub fn scenario_for(trace: &Path, guest_memory: Option<u64>) -> Result<Scenario, RunError> {
-    let counts = header_counts(trace)?;
+pub fn scenario_for(trace: &Path, guest_memory: Option<u64>) -> Result<Scenario, ConfigError> {
+    let counts = header_counts(trace).map_err(ConfigError::Replay)?;
     let mem = match guest_memory {
-        Some(m) if !m.is_multiple_of(2 << 20) || m == 0 => {
-            return Err(RunError::Config("--guest-memory: must be a non-zero multiple of 2 MiB".into()))
-        }
+        Some(m) if !m.is_multiple_of(2 << 20) || m == 0 => return Err(ConfigError::GuestMemory),
         Some(m) => m,
-        None => {
-            default_guest_memory(counts).map_err(|e| RunError::Config(format!("--replay: {}: {e}", trace.display())))?
-        }
+        None => default_guest_memory(counts)
+            .map_err(|reason| ConfigError::Replay(TraceError::Header { path: trace.to_owned(), reason }))?,
     };
     let text = format!(
         "name = \"replay\"\n\
@@ -81,21 +78,14 @@ pub fn scenario_for(trace: &Path, guest_memory: Option<u64>) -> Result<Scenario,
          [[memslot]]\ngpa = 0\nsize = {mem}\nbacking = \"4k\"\n\
          [guest]\nlayout = \"kernel\"\npage_size = \"2m\"\nprocesses = 1\n"
     );
-    Scenario::parse(&text).map_err(|e| RunError::Config(e.to_string()))
+    Scenario::parse(&text).map_err(ConfigError::ReplayScenario)
 }
 
 /// Checks up front that a trace whose header has counts fits guest RAM of `mem_size` bytes.
-pub fn check_fits(trace: &Path, mem_size: u64) -> Result<(), RunError> {
+pub fn check_fits(trace: &Path, mem_size: u64) -> Result<(), TraceError> {
     if let Some(c) = header_counts(trace)? {
         if c.distinct_pages.saturating_mul(4096) >= mem_size {
-            return Err(RunError::Config(format!(
-                "--replay: {} touches {} distinct pages ({} MiB), more than guest memory ({} MiB) holds; \
-                 give the guest more memory (--guest-memory, or the scenario's memslots)",
-                trace.display(),
-                c.distinct_pages,
-                c.distinct_pages / 256,
-                mem_size >> 20
-            )));
+            return Err(TraceError::TooBig { path: trace.to_owned(), distinct_pages: c.distinct_pages, mem_size });
         }
     }
     Ok(())
@@ -108,10 +98,10 @@ pub fn run<C: GuestCpu>(
     path: &Path,
     phase: &str,
 ) -> Result<ReplayReport, RunError> {
-    let reader = open(path)?;
+    let reader = open(path).map_err(ConfigError::Replay)?;
     let header = reader.header_counts();
-    let stats = replay::replay(kernel, cpu, reader)
-        .map_err(|e| RunError::Failed(format!("replay of {}: {e}", path.display())))?;
+    let stats =
+        replay::replay(kernel, cpu, reader).map_err(|source| Failure::Replay { path: path.to_owned(), source })?;
     Ok(ReplayReport { trace: path.display().to_string(), phase: phase.to_string(), header, stats })
 }
 

@@ -17,7 +17,8 @@
 //! ([`vmmu::Vcpu::set_fault_timing`]), in power-of-two buckets.
 
 use crate::chart::{BarChart, Unit};
-use crate::runner::{self, RunOptions, RunResult, GAUGES};
+use crate::machine::GAUGES;
+use crate::runner::{self, RunOptions, RunResult};
 use crate::scenario::{GuestSection, MemslotSection, Scenario, Size, VmSection};
 use crate::svg::escape as esc;
 use serde::{Deserialize, Deserializer, Serialize};

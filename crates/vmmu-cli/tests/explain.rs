@@ -7,7 +7,8 @@ use std::process::Command;
 use vmmu::x86_paging::access::AccessKind;
 use vmmu::x86_paging::addr::{Gva, Hpa};
 use vmmu_cli::explain::{explain, Dimension, Explanation};
-use vmmu_cli::runner::{run_to, Machine, RunOptions};
+use vmmu_cli::machine::Machine;
+use vmmu_cli::runner::{run_to, RunOptions};
 use vmmu_cli::scenario::Scenario;
 use vmmu_cli::DEFAULT_SCENARIO;
 

@@ -5,13 +5,13 @@
 
 use vmmu::x86_paging::addr::Gva;
 use vmmu::{GuestError, Vcpu};
-use vmmu_cli::runner::{build, Machine, RunOptions};
+use vmmu_cli::machine::{build, Machine};
 use vmmu_cli::scenario::Scenario;
 
 fn machine(extra_vm: &str, slots: &str, guest: &str) -> Machine {
     let toml = format!("name = \"t\"\n[vm]\n{extra_vm}\n{slots}\n[guest]\nlayout = \"identity\"\n{guest}\n");
     let s = Scenario::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    build(&s, &RunOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    build(&s, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn simple(extra_vm: &str) -> Machine {

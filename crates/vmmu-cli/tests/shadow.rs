@@ -4,13 +4,14 @@
 
 use vmmu::x86_paging::addr::Gva;
 use vmmu::Vcpu;
-use vmmu_cli::runner::{build, Machine, RunOptions};
+use vmmu_cli::machine::{build, Machine};
+use vmmu_cli::runner::RunOptions;
 use vmmu_cli::scenario::Scenario;
 
 fn machine(slots: &str, guest: &str) -> Machine {
     let toml = format!("name = \"t\"\n[vm]\nmmu = \"shadow\"\n{slots}\n[guest]\nlayout = \"identity\"\n{guest}\n");
     let s = Scenario::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
-    build(&s, &RunOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    build(&s, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn st(v: &Vcpu, name: &str) -> i64 {
@@ -195,7 +196,7 @@ fn shadow_runs_the_default_scenario_and_audits() {
 
 fn legacy(slots: &str, guest: &str) -> Machine {
     let toml = format!("name = \"t\"\n[vm]\nmmu = \"legacy-tdp\"\n{slots}\n[guest]\nlayout = \"identity\"\n{guest}\n");
-    build(&Scenario::parse(&toml).unwrap(), &RunOptions::default()).unwrap()
+    build(&Scenario::parse(&toml).unwrap(), None).unwrap()
 }
 
 #[test]
