@@ -640,3 +640,24 @@ fn rmap_range_walks_agree() {
         }
     }
 }
+
+/// A remote flush (the one a harvest asks for) and the guest's own MOV CR3 flush pending at
+/// the same entry: KVM's `kvm_vcpu_flush_tlb_all` clears KVM_REQ_TLB_FLUSH_CURRENT, so the
+/// vCPU flushes (and counts `tlb_flush`) once, not twice.
+#[test]
+fn a_full_flush_subsumes_the_current_context_flush() {
+    let tlb_flushes = |with_remote: bool| {
+        let mut m = Mix::new(fixed(MmuKind::Shadow, Harvest::Get));
+        let cr3 = m.cpu.cpu().paging().cr3;
+        m.cpu.write_cr3(cr3).unwrap(); // KVM_REQ_MMU_SYNC | KVM_REQ_TLB_FLUSH_CURRENT
+        if with_remote {
+            m.kvm.flush_remote_tlbs(None); // KVM_REQ_TLB_FLUSH
+        }
+        let before = m.cpu.stats()["tlb_flush"];
+        m.run(&Op::Read(0));
+        m.cpu.stats()["tlb_flush"] - before
+    };
+    let alone = tlb_flushes(false);
+    assert!(alone >= 1, "the CR3 write flushes at the next entry");
+    assert_eq!(tlb_flushes(true), alone, "the full flush covers the current context's");
+}

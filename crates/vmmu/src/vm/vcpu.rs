@@ -186,6 +186,21 @@ impl Vcpu {
         if r & req::LOAD_MMU_PGD != 0 {
             crate::mmu::shadow::kvm_mmu_load_pgd(&self.kvm, &mut self.arch);
         }
+        // KVM's order: KVM_REQ_TLB_FLUSH, then kvm_service_local_tlb_flush_requests (CURRENT,
+        // then GUEST).
+        let mut r = r;
+        if r & req::TLB_FLUSH != 0 {
+            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_all");
+            self.arch.stat.tlb_flush += 1;
+            self.arch.cpu.flush_tlb_all();
+            // kvm_vcpu_flush_tlb_all: flushing every context flushes the current one too.
+            r &= !req::TLB_FLUSH_CURRENT;
+        }
+        if r & req::TLB_FLUSH_CURRENT != 0 {
+            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_current");
+            self.arch.stat.tlb_flush += 1;
+            self.arch.cpu.flush_tlb_current();
+        }
         if r & req::TLB_FLUSH_GUEST != 0 {
             // kvm_vcpu_flush_tlb_guest: sync the roots (and drop previous roots with unsync
             // pages), then flush.
@@ -194,16 +209,6 @@ impl Vcpu {
             crate::mmu::shadow::kvm_mmu_sync_prev_roots(&self.kvm, &mut self.arch);
             self.arch.stat.tlb_flush += 1;
             self.arch.cpu.flush_tlb_all();
-        }
-        if r & req::TLB_FLUSH != 0 {
-            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_all");
-            self.arch.stat.tlb_flush += 1;
-            self.arch.cpu.flush_tlb_all();
-        }
-        if r & req::TLB_FLUSH_CURRENT != 0 {
-            let _f = self.kvm.tracer.func(self.arch.id, "kvm_vcpu_flush_tlb_current");
-            self.arch.stat.tlb_flush += 1;
-            self.arch.cpu.flush_tlb_current();
         }
         Ok(())
     }
