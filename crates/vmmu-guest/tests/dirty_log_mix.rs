@@ -661,3 +661,22 @@ fn a_full_flush_subsumes_the_current_context_flush() {
     assert!(alone >= 1, "the CR3 write flushes at the next entry");
     assert_eq!(tlb_flushes(true), alone, "the full flush covers the current context's");
 }
+
+/// `kvm_mmu_split_huge_page` traces the huge SPTE that was split (as
+/// `tdp_mmu_split_huge_page` does), not the link that replaced it: eager splitting when
+/// logging starts over THP.
+#[test]
+fn split_trace_shows_the_huge_spte() {
+    let mut m = Mix::new(Setup { thp: true, eager_page_split: true, ..fixed(MmuKind::Tdp, Harvest::Get) });
+    m.kvm.tracer.set_events(true);
+    m.run(&Op::Logging(true));
+    let records = m.kvm.tracer.take_records();
+    let lines: Vec<String> =
+        records.iter().map(|r| format!("{r:?}")).filter(|r| r.contains("kvm_mmu_split_huge_page")).collect();
+    assert!(!lines.is_empty(), "enabling logging over THP splits huge pages");
+    for l in &lines {
+        let spte = l.split("spte ").nth(1).and_then(|t| t.split(' ').next()).unwrap();
+        let spte = u64::from_str_radix(spte, 16).unwrap();
+        assert!(spte & (1 << 7) != 0 && l.contains("level 2 errno 0"), "a huge level-2 leaf: {l}");
+    }
+}

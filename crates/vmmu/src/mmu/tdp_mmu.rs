@@ -260,29 +260,39 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
 /// entry changed under us (`old_spte` refreshed) and `sp` is the caller's again.
 fn tdp_mmu_install_table(kvm: &Kvm, cpu: u32, it: &mut TdpIter<'_>, sp: Pfn, ad_disabled: bool) -> Result<(), ()> {
     let masks = kvm.mmu.masks;
-    let split = it.old_spte.is_shadow_present();
-    debug_assert!(!split || it.old_spte.is_large(), "only a huge leaf is split");
+    let (huge, level) = (it.old_spte, it.level);
+    let split = huge.is_shadow_present();
+    debug_assert!(!split || huge.is_large(), "only a huge leaf is split");
     if split {
         for i in 0..512u64 {
-            let child = make_small_spte(&masks, it.old_spte, it.level, i, kvm.nx_huge_pages());
+            let child = make_small_spte(&masks, huge, level, i, kvm.nx_huge_pages());
             kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
         }
     }
     let link = make_nonleaf_spte(&masks, sp.hpa(), ad_disabled);
-    let level = it.level;
-    tdp_mmu_set_spte_atomic(kvm, cpu, it, link)?;
-    kvm.mmu.tdp_mmu_pages.add(1);
-    if split {
-        kvm.stats.update_page_stats(level - 1, 512);
-        if kvm.tracer.events_on() {
-            kvm.tracer.event(
-                cpu,
-                "kvm_mmu_split_huge_page",
-                format_args!("gfn {:x} spte {:x} level {} errno 0", it.gfn.raw(), link.0, level),
-            );
+    let r = tdp_mmu_set_spte_atomic(kvm, cpu, it, link);
+    if r.is_ok() {
+        kvm.mmu.tdp_mmu_pages.add(1);
+        if split {
+            kvm.stats.update_page_stats(level - 1, 512);
         }
     }
-    Ok(())
+    if split && kvm.tracer.events_on() {
+        // tdp_mmu_split_huge_page traces the huge SPTE it replaced, and -EBUSY when it
+        // lost the race to replace it.
+        kvm.tracer.event(
+            cpu,
+            "kvm_mmu_split_huge_page",
+            format_args!(
+                "gfn {:x} spte {:x} level {} errno {}",
+                it.gfn.raw(),
+                huge.0,
+                level,
+                if r.is_ok() { 0 } else { -16 }
+            ),
+        );
+    }
+    r
 }
 
 /// `disallowed_hugepage_adjust`: under the NX mitigation, a table that a fetch made (its
