@@ -319,7 +319,7 @@ fn token() -> impl Strategy<Value = String> {
 }
 
 fn cfg(cases: u32) -> Config {
-    Config { cases, failure_persistence: None, ..Config::default() }
+    Config { cases, ..Config::default() }
 }
 
 proptest! {

@@ -114,7 +114,7 @@ fn lackey_line() -> impl Strategy<Value = String> {
 }
 
 fn cfg(cases: u32) -> Config {
-    Config { cases, failure_persistence: None, ..Config::default() }
+    Config { cases, ..Config::default() }
 }
 
 proptest! {

@@ -1252,7 +1252,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2500, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2500, ..ProptestConfig::default() })]
 
     #[test]
     fn transparent_32bit(c in case_strategy(vec![Mode::Bits32])) {
@@ -1276,7 +1276,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1250, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1250, ..ProptestConfig::default() })]
 
     /// Shadow paging: the guest rewrites its tables itself, through the window.
     #[test]
@@ -1291,7 +1291,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     /// Shadow paging of a PAE guest: the window is PDPTE PAE_WINDOW_PDPTE; PDPTE rewrites
     /// are followed by a CR3 reload (the PDPTEs are loaded only then, natively too).
