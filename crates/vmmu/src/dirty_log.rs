@@ -292,8 +292,7 @@ impl Kvm {
         let _w = self.mmu.mmu_lock.write();
         if self.config.mmu != MmuKind::Tdp {
             let mut sh = self.mmu.shadow.lock();
-            let mut ctx =
-                crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
+            let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut sh, slots.clone());
             flush |= ctx.zap_collapsible_sptes(s);
         }
         // The tables replaced in place are freed after the flush (they may still be walked).
@@ -529,13 +528,13 @@ impl Kvm {
             match how {
                 Rearm::WriteProtect => tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, start, end),
                 Rearm::ClearDirty => tdp_mmu::kvm_tdp_mmu_clear_dirty_slot(self, start, end),
-            };
+            }
             return;
         }
         let _w = self.mmu.mmu_lock.write();
         let mut sh = self.mmu.shadow.lock();
         let slots = self.memslots();
-        let mut ctx = crate::mmu::shadow::Ctx { kvm: self, s: &mut sh, slots, vcpu: None, cpu: u32::MAX };
+        let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut sh, slots);
         // The slot's rmaps over the range (for_each_slot_rmap_range): the cost follows what
         // is mapped, not the slot's size.
         let wp_from = match how {

@@ -53,7 +53,7 @@ pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
         }
         // The rmaps of the shadow MMU (shadow paging and the legacy TDP MMU).
         let mut s = m.shadow.lock();
-        let mut ctx = super::shadow::Ctx { kvm, s: &mut s, slots: kvm.memslots(), vcpu: None, cpu: u32::MAX };
+        let mut ctx = super::shadow::Ctx::host(kvm, &mut s, kvm.memslots());
         flush |= ctx.unmap_gfn_range(start, end);
     }
     kvm.flush_and_free_deferred(None, flush);

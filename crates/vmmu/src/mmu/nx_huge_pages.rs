@@ -138,7 +138,7 @@ impl Kvm {
                 roots.iter().any(|r| self.tdp_zap_table(r, table, p))
             } else {
                 let mut sh = self.mmu.shadow.lock();
-                let mut ctx = Ctx { kvm: self, s: &mut sh, slots: slots.clone(), vcpu: None, cpu: u32::MAX };
+                let mut ctx = Ctx::host(self, &mut sh, slots.clone());
                 match ctx.s.pages.by_spt(table) {
                     Some(id) => {
                         ctx.prepare_zap_page(id);

@@ -333,40 +333,8 @@ fn fetch(
     fault.goal_level = fault.goal_level.min(w.level);
     // The second loop, the same walk going on: direct levels, a guest huge page mapped by
     // smaller SPTEs.
-    loop {
-        let level = it.level;
-        let sptep = it.sptep(&ctx.s.pages);
-        let mut spte = Spte(ctx.kvm.mem().load(sptep));
-        if fault.nx_huge_page_workaround_enabled {
-            ctx.disallowed_hugepage_adjust(fault, spte, level);
-        }
-        if level <= fault.goal_level {
-            break;
-        }
-        // validate_direct_spte: a direct child made for other rights is replaced.
-        if spte.is_shadow_present() && !spte.is_large() {
-            if let Some(c) = ctx.s.pages.by_spt(spte.pfn()) {
-                if ctx.s.pages.get(c).role.access() != u32::from(w.pte_access) {
-                    ctx.zap_pte(sptep);
-                    ctx.kvm.flush_remote_tlbs(Some(ctx.cpu));
-                    spte = Spte::NONPRESENT;
-                }
-            }
-        }
-        if spte.is_shadow_present() && !spte.is_large() {
-            if !it.next(&ctx.s.pages, ctx.kvm.mem()) {
-                return RetPf::Retry;
-            }
-            continue;
-        }
-        let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
-        let role = child_role_at(ctx.s.pages.get(it.sp).role, it.index(), true, w.pte_access);
-        let c = ctx.get_shadow_page(base, role);
-        ctx.link_shadow_page(sptep, c);
-        if fault.huge_page_disallowed {
-            ctx.account_nx_huge_page(c, level, fault.req_level >= level);
-        }
-        it.descend(c);
+    if let Err(r) = ctx.walk_direct_levels(&mut it, fault, w.pte_access) {
+        return r;
     }
     let (sp, level) = (it.sp, it.level);
     let sptep = it.sptep(&ctx.s.pages);

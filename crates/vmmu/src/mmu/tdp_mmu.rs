@@ -514,37 +514,32 @@ pub fn kvm_tdp_mmu_recover_huge_pages(kvm: &Kvm, slot: &crate::memslot::Memslot)
 
 /// `kvm_tdp_mmu_wrprot_slot`: clears W on every leaf SPTE mapping a gfn in [start, end),
 /// keeping MMU-writable so the next write is fixed by fast page fault (dirty logging in
-/// write-protect mode). Returns whether any SPTE changed (a TLB flush is needed).
-pub fn kvm_tdp_mmu_wrprot_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
+/// write-protect mode). The caller flushes, changed or not (see `Kvm::rearm_range`).
+pub fn kvm_tdp_mmu_wrprot_slot(kvm: &Kvm, start: Gfn, end: Gfn) {
     clear_leaf_bits(kvm, start, end, |_| spte::PT_WRITABLE)
 }
 
 /// `kvm_tdp_mmu_clear_dirty_slot` with `remove_write_access(PG_LEVEL_2M)`: clears D on every
 /// 4 KiB leaf in [start, end) (PML logs the next write) and W on huge leaves (the next write
-/// splits them). SPTEs without A/D bits are write-protected instead. Returns whether any
-/// SPTE changed.
-pub fn kvm_tdp_mmu_clear_dirty_slot(kvm: &Kvm, start: Gfn, end: Gfn) -> bool {
+/// splits them). SPTEs without A/D bits are write-protected instead. The caller flushes.
+pub fn kvm_tdp_mmu_clear_dirty_slot(kvm: &Kvm, start: Gfn, end: Gfn) {
     let dirty = kvm.mmu.masks.dirty;
     clear_leaf_bits(kvm, start, end, |level| if level == 1 && dirty != 0 { dirty } else { spte::PT_WRITABLE })
 }
 
 /// Clears `bits(level)` on every present leaf SPTE mapping a gfn in [start, end), in every
 /// valid root, under `mmu_lock` for read with compare-exchange.
-fn clear_leaf_bits(kvm: &Kvm, start: Gfn, end: Gfn, bits: impl Fn(u8) -> u64) -> bool {
+fn clear_leaf_bits(kvm: &Kvm, start: Gfn, end: Gfn, bits: impl Fn(u8) -> u64) {
     let _r = kvm.mmu.mmu_lock.read();
-    let mut changed = false;
     for root in valid_roots(kvm) {
         root.walk(kvm, 1, start, end, |it| {
             let s = it.old_spte;
             let clear = bits(it.level);
-            if s.is_shadow_present() && s.is_last(it.level) && s.0 & clear != 0 {
-                if tdp_mmu_set_spte_atomic(kvm, u32::MAX, it, Spte(s.0 & !clear)).is_err() {
-                    return Step::Retry;
-                }
-                changed = true;
+            let leaf = s.is_shadow_present() && s.is_last(it.level) && s.0 & clear != 0;
+            if leaf && tdp_mmu_set_spte_atomic(kvm, u32::MAX, it, Spte(s.0 & !clear)).is_err() {
+                return Step::Retry;
             }
             Step::Next
         });
     }
-    changed
 }

@@ -522,8 +522,7 @@ impl Kvm {
             // The shadow MMU: zap every page now; roots in use are freed when released.
             let mut s = self.mmu.shadow.lock();
             s.mmu_valid_gen ^= 1;
-            let mut ctx =
-                crate::mmu::shadow::Ctx { kvm: self, s: &mut s, slots: self.memslots(), vcpu: None, cpu: u32::MAX };
+            let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut s, self.memslots());
             ctx.zap_all();
             drop(s);
             self.make_all_cpus_request(req::MMU_FREE_OBSOLETE_ROOTS);
@@ -557,7 +556,7 @@ impl Kvm {
         s.update_n_max(&slots);
         let over = s.n_used_mmu_pages.saturating_sub(s.n_max_mmu_pages);
         if over > 0 {
-            let mut ctx = crate::mmu::shadow::Ctx { kvm: self, s: &mut s, slots, vcpu: None, cpu: u32::MAX };
+            let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut s, slots);
             ctx.zap_oldest_mmu_pages(over);
         }
     }

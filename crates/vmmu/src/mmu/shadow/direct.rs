@@ -48,6 +48,50 @@ pub fn direct_page_fault_locked(
 }
 
 impl Ctx<'_> {
+    /// The direct levels of a fault's shadow walk — all of `direct_map`'s, and those of
+    /// FNAME(fetch)'s second loop (a guest huge page mapped by smaller SPTEs): down to
+    /// `fault.goal_level` (lowered by `disallowed_hugepage_adjust` under the NX mitigation),
+    /// linking a direct page of rights `access` wherever no table is (accounted as an NX
+    /// split when the fault disallowed a huge page) and replacing one made for other rights
+    /// (`validate_direct_spte`). Leaves `it` at the goal level's entry; `Err(Retry)` when a
+    /// table has no shadow page.
+    pub(crate) fn walk_direct_levels(
+        &mut self,
+        it: &mut ShadowWalk,
+        fault: &mut crate::mmu::page_fault::KvmPageFault,
+        access: u8,
+    ) -> Result<(), RetPf> {
+        loop {
+            let level = it.level;
+            let sptep = it.sptep(&self.s.pages);
+            let spte = self.load(sptep);
+            if fault.nx_huge_page_workaround_enabled {
+                self.disallowed_hugepage_adjust(fault, spte, level);
+            }
+            if level <= fault.goal_level {
+                return Ok(());
+            }
+            if spte.is_shadow_present() && !spte.is_large() {
+                let Some(c) = self.s.pages.by_spt(spte.pfn()) else { return Err(RetPf::Retry) };
+                if self.s.pages.get(c).role.access() == u32::from(access) {
+                    it.descend(c);
+                    continue;
+                }
+                // validate_direct_spte: a direct child made for other rights is replaced.
+                self.zap_pte(sptep);
+                self.kvm.flush_remote_tlbs(Some(self.cpu));
+            }
+            let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+            let role = child_role_at(self.s.pages.get(it.sp).role, it.index(), true, access);
+            let c = self.get_shadow_page(base, role);
+            self.link_shadow_page(sptep, c);
+            if fault.huge_page_disallowed {
+                self.account_nx_huge_page(c, level, fault.req_level >= level);
+            }
+            it.descend(c);
+        }
+    }
+
     /// `direct_map`: the legacy TDP fault's walk — direct shadow pages down to the goal
     /// level, then `mmu_set_spte` and `direct_pte_prefetch`.
     pub fn direct_map(&mut self, root: SpId, fault: &mut crate::mmu::page_fault::KvmPageFault) -> RetPf {
@@ -65,30 +109,8 @@ impl Ctx<'_> {
         }
         let gfn = fault.gfn.raw();
         let mut it = ShadowWalk::new(&self.s.pages, root, gfn << 12);
-        loop {
-            let sptep = it.sptep(&self.s.pages);
-            let spte = self.load(sptep);
-            if fault.nx_huge_page_workaround_enabled {
-                self.disallowed_hugepage_adjust(fault, spte, it.level);
-            }
-            if it.level <= fault.goal_level {
-                break;
-            }
-            if spte.is_shadow_present() && !spte.is_large() {
-                if !it.next(&self.s.pages, self.kvm.mem()) {
-                    return RetPf::Retry;
-                }
-            } else {
-                let level = it.level;
-                let base = Gfn::new(gfn & !(pages_at(level) - 1));
-                let role = kvm_mmu_child_role(self.s.pages.get(it.sp).role, true, ACC_ALL);
-                let c = self.get_shadow_page(base, role);
-                self.link_shadow_page(sptep, c);
-                if fault.huge_page_disallowed {
-                    self.account_nx_huge_page(c, level, fault.req_level >= level);
-                }
-                it.descend(c);
-            }
+        if let Err(r) = self.walk_direct_levels(&mut it, fault, ACC_ALL) {
+            return r;
         }
         let (sp, level) = (it.sp, it.level);
         let sptep = it.sptep(&self.s.pages);

@@ -315,6 +315,14 @@ pub struct Ctx<'a> {
     pub cpu: u32,
 }
 
+impl<'a> Ctx<'a> {
+    /// A context for work done on the host's behalf (notifiers, dirty-log ioctls, zaps,
+    /// memslot changes): no vCPU. The caller holds `mmu_lock` for write and the state.
+    pub fn host(kvm: &'a Kvm, s: &'a mut ShadowMmu, slots: Arc<Memslots>) -> Self {
+        Ctx { kvm, s, slots, vcpu: None, cpu: u32::MAX }
+    }
+}
+
 impl Ctx<'_> {
     fn mem(&self) -> &crate::host::PhysMem {
         self.kvm.mem()
@@ -439,31 +447,14 @@ impl Ctx<'_> {
     /// `kvm_mmu_slot_gfn_write_protect` at every level: [`Ctx::spte_write_protect`] on every
     /// SPTE mapping `gfn` (`rmap_write_protect`); returns whether to flush.
     pub fn write_protect_gfn(&mut self, gfn: Gfn, pt_protect: bool) -> bool {
-        self.write_protect_gfn_from(gfn, pt_protect, 1)
-    }
-
-    /// [`Ctx::write_protect_gfn`] for the SPTEs at `min_level` and above.
-    pub fn write_protect_gfn_from(&mut self, gfn: Gfn, pt_protect: bool, min_level: u8) -> bool {
         let Some(slot) = self.slots.find(gfn).cloned() else { return false };
         let mut flush = false;
-        for level in min_level..=3u8 {
+        for level in 1..=3u8 {
             for sptep in self.s.rmaps.get(&slot, gfn, level) {
                 flush |= self.spte_write_protect(sptep, pt_protect);
             }
         }
         flush
-    }
-
-    /// `__rmap_clear_dirty` for `gfn`'s 4 KiB SPTEs: clears `dirty` (the D bit) so the
-    /// next write sets it again and the page-modification log records it; returns whether
-    /// any SPTE changed.
-    pub fn clear_dirty_gfn(&mut self, gfn: Gfn, dirty: u64) -> bool {
-        let Some(slot) = self.slots.find(gfn).cloned() else { return false };
-        let mut changed = false;
-        for sptep in self.s.rmaps.get(&slot, gfn, 1) {
-            changed |= self.spte_clear_dirty(sptep, dirty);
-        }
-        changed
     }
 
     /// `spte_clear_dirty`: clears `dirty` (the D bit) of one SPTE; returns whether it was set.
