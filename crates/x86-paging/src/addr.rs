@@ -118,11 +118,35 @@ impl Gpa {
     }
 }
 
+/// Bytes per paging-structure entry in every 64-bit format (PAE, 4/5-level, EPT, NPT).
+pub const ENTRY_SIZE: u64 = 8;
+
+/// The number of 4 KiB frames a leaf at `level` maps in a 64-bit format table
+/// (1 -> 1, 2 -> 512, 3 -> 512^2, ...): KVM's `KVM_PAGES_PER_HPAGE(level)`.
+/// `level` 0 is treated as 1.
+#[inline]
+pub const fn pages_per_level(level: u8) -> u64 {
+    let l = if level == 0 { 1 } else { level };
+    1u64 << (9 * (l as u32 - 1))
+}
+
 impl Gfn {
     /// The address of the first byte of the frame.
     #[inline]
     pub const fn gpa(self) -> Gpa {
         Gpa(self.0 << PAGE_SHIFT)
+    }
+
+    /// The first frame of the page a leaf at `level` would map (`gfn_round_for_level`).
+    #[inline]
+    pub const fn align_down(self, level: u8) -> Gfn {
+        Gfn(self.0 & !(pages_per_level(level) - 1))
+    }
+
+    /// The frame `n` frames above this one (wrapping, like every address operation).
+    #[inline]
+    pub const fn offset(self, n: u64) -> Gfn {
+        Gfn(self.0.wrapping_add(n))
     }
 }
 
@@ -137,6 +161,27 @@ impl Hpa {
     #[inline]
     pub const fn page_offset(self) -> u64 {
         self.0 & (PAGE_SIZE - 1)
+    }
+}
+
+impl Hpa {
+    /// The address of 8-byte entry `index` of the paging structure that starts at this
+    /// address (a table's SPTE pointer: `sptep = table + index * 8`).
+    #[inline]
+    pub const fn entry(self, index: u64) -> Hpa {
+        Hpa(self.0.wrapping_add(index.wrapping_mul(ENTRY_SIZE)))
+    }
+
+    /// The index of the 8-byte entry this address names within its table.
+    #[inline]
+    pub const fn entry_index(self) -> u64 {
+        self.page_offset() / ENTRY_SIZE
+    }
+
+    /// The start of the table (4 KiB frame) this entry address lies in.
+    #[inline]
+    pub const fn table(self) -> Hpa {
+        Hpa(self.0 & !(PAGE_SIZE - 1))
     }
 }
 
@@ -228,6 +273,23 @@ mod tests {
         assert_eq!(Gva::new(1) + 2, Gva::new(3));
         assert_eq!(Pfn::new(u64::MAX) + 1, Pfn::new(0));
         assert_eq!(Gfn::new(7).raw(), 7);
+    }
+
+    #[test]
+    fn level_and_entry_arithmetic() {
+        assert_eq!(pages_per_level(1), 1);
+        assert_eq!(pages_per_level(2), 512);
+        assert_eq!(pages_per_level(3), 512 * 512);
+        assert_eq!(pages_per_level(0), 1);
+        assert_eq!(Gfn::new(0x12345).align_down(1), Gfn::new(0x12345));
+        assert_eq!(Gfn::new(0x12345).align_down(2), Gfn::new(0x12200));
+        assert_eq!(Gfn::new(0x12345).align_down(3), Gfn::new(0));
+        assert_eq!(Gfn::new(5).offset(3), Gfn::new(8));
+        let t = Hpa::new(0x7000);
+        assert_eq!(t.entry(0), t);
+        assert_eq!(t.entry(511), Hpa::new(0x7ff8));
+        assert_eq!(t.entry(511).entry_index(), 511);
+        assert_eq!(t.entry(17).table(), t);
     }
 
     #[test]
