@@ -15,10 +15,9 @@
 //! (`mark_page_dirty_in_slot`). Marks made with no vCPU running go to the bitmap, which this
 //! model always keeps (KVM's KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP behaviour).
 
-use crate::memslot::{Memslot, MemslotChange, MemslotError, Memslots};
-use crate::mmu::tdp_mmu;
+use crate::memslot::{Memslot, MemslotError, Memslots};
 use crate::sync::{Arc, AtomicU32, AtomicU64, Mutex, Ordering};
-use crate::vm::{mode, req, Kvm, ManualDirtyLog, MmuKind, VcpuShared, VmError};
+use crate::vm::{mode, req, Kvm, ManualDirtyLog, VcpuShared, VmError};
 use x86_paging::addr::Gfn;
 
 /// `KVM_DIRTY_GFN_F_DIRTY`: the entry holds a dirty page for userspace to collect.
@@ -202,29 +201,12 @@ pub(crate) fn mark_page_dirty_in_slot(ring: Option<&DirtyRing>, slot: &Memslot, 
     }
 }
 
-/// Which way KVM re-arms logging for a page it reported.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Rearm {
-    /// Clear W (keep MMU-writable): the next write takes a fast page fault.
-    WriteProtect,
-    /// Clear D on 4 KiB SPTEs (PML logs the next write); write-protect huge SPTEs.
-    ClearDirty,
-}
-
 impl Kvm {
     /// Whether dirty logging uses D bits and the page-modification log rather than write
     /// protection: `kvm_intel.pml` with EPT A/D bits (not under shadow paging, not NPT).
     pub fn pml_in_use(&self) -> bool {
         let c = &self.config;
-        c.pml && c.eptad && c.tdp == crate::vm::TdpKind::Ept && c.mmu != MmuKind::Shadow
-    }
-
-    fn rearm(&self) -> Rearm {
-        if self.pml_in_use() {
-            Rearm::ClearDirty
-        } else {
-            Rearm::WriteProtect
-        }
+        c.pml && c.eptad && c.tdp == crate::vm::TdpKind::Ept && self.mmu.tdp_enabled()
     }
 
     /// `kvm_mmu_update_cpu_dirty_logging`: with PML, counts the logging slots and asks every
@@ -244,59 +226,6 @@ impl Kvm {
     /// Whether vCPUs should run with the page-modification log on.
     pub(crate) fn cpu_dirty_logging(&self) -> bool {
         self.cpu_dirty_logging_count.load(Ordering::Acquire) > 0
-    }
-
-    /// `kvm_mmu_slot_apply_flags`: what turning KVM_MEM_LOG_DIRTY_PAGES on or off does to
-    /// the slot's mappings.
-    pub(crate) fn kvm_mmu_slot_apply_flags(
-        &self,
-        slot: u32,
-        was_logging: bool,
-        logging: bool,
-        change: MemslotChange,
-        initially_set: bool,
-    ) -> Result<(), VmError> {
-        if logging && !was_logging && !initially_set {
-            let slots = self.memslots();
-            let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
-            if self.config.eager_page_split && self.config.mmu == MmuKind::Tdp {
-                // kvm_mmu_slot_try_split_huge_pages: split before protecting, so the
-                // children are protected (or have D cleared) like any 4 KiB SPTE.
-                tdp_mmu::kvm_tdp_mmu_try_split_huge_pages(self, s.base_gfn, s.end_gfn())?;
-            }
-            // Write protection: everything, huge mappings too (huge pages are mapped 4 KiB
-            // while logging). PML: kvm_mmu_slot_leaf_clear_dirty + remove_write_access(2M).
-            self.rearm_range(s.base_gfn.raw(), s.end_gfn().raw(), self.rearm());
-            // Flush whether or not an SPTE changed, as KVM does: an SPTE that is already
-            // read-only (access-tracked by aging, which does not flush) may still sit
-            // writable in a vCPU's TLB, and a write through it would go unlogged.
-            self.flush_remote_tlbs(None);
-        } else if was_logging && !logging && change == MemslotChange::FlagsOnly {
-            self.kvm_mmu_recover_huge_pages(slot);
-        }
-        Ok(())
-    }
-
-    /// `kvm_mmu_recover_huge_pages` (`kvm_mmu_zap_collapsible_sptes` before v6.13): logging
-    /// is off, so what may be huge again becomes huge — in place in the TDP MMU, by zapping
-    /// the collapsible 4 KiB and 2 MiB SPTEs of direct pages in the rmaps. Everything else
-    /// keeps its (write-protected or D-cleared) SPTE; one flush at the end if anything
-    /// changed.
-    fn kvm_mmu_recover_huge_pages(&self, slot: u32) {
-        let slots = self.memslots();
-        let Some(s) = slots.by_id(slot) else { return };
-        let mut flush = false;
-        if self.config.mmu == MmuKind::Tdp {
-            flush |= tdp_mmu::kvm_tdp_mmu_recover_huge_pages(self, s);
-        }
-        let _w = self.mmu.mmu_lock.write();
-        if self.config.mmu != MmuKind::Tdp {
-            let mut sh = self.mmu.shadow.lock();
-            let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut sh, slots.clone());
-            flush |= ctx.zap_collapsible_sptes(s);
-        }
-        // The tables replaced in place are freed after the flush (they may still be walked).
-        self.flush_and_free_deferred(None, flush);
     }
 
     /// KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): `flags` 0 turns manual protection
@@ -498,58 +427,5 @@ impl Kvm {
             self.flush_remote_tlbs(None);
         }
         cleared
-    }
-
-    /// Re-arms logging for the pages whose bits are set in `bitmap` (bit i of word w = page
-    /// first_page + 64 w + i of `s`). The caller flushes TLBs when any bit was set.
-    fn rearm_masked(&self, s: &Memslot, first_page: u64, bitmap: &[u64]) {
-        let base = s.base_gfn.raw() + first_page;
-        let how = self.rearm();
-        for (w, bits) in bitmap.iter().enumerate() {
-            // Each run of consecutive set bits is one range of dirty gfns: one walk each.
-            let mut b = *bits;
-            while b != 0 {
-                let first = u64::from(b.trailing_zeros());
-                let len = u64::from((!(b >> first)).trailing_zeros());
-                b &= !(u64::MAX >> (64 - len) << first);
-                let start = base + w as u64 * 64 + first;
-                self.rearm_range(start, start + len, how);
-            }
-        }
-    }
-
-    /// Re-arms logging on every SPTE mapping a gfn in [start, end), in both MMUs: write
-    /// protection clears W (keeping MMU-writable); clearing dirty clears D on 4 KiB SPTEs and
-    /// W on huge ones. Whether an SPTE changed does not matter to the caller, which flushes
-    /// regardless (a TLB may hold a writable translation behind an already read-only SPTE).
-    pub(crate) fn rearm_range(&self, start: u64, end: u64, how: Rearm) {
-        let (start, end) = (Gfn::new(start), Gfn::new(end));
-        if self.config.mmu == MmuKind::Tdp {
-            match how {
-                Rearm::WriteProtect => tdp_mmu::kvm_tdp_mmu_wrprot_slot(self, start, end),
-                Rearm::ClearDirty => tdp_mmu::kvm_tdp_mmu_clear_dirty_slot(self, start, end),
-            }
-            return;
-        }
-        let _w = self.mmu.mmu_lock.write();
-        let mut sh = self.mmu.shadow.lock();
-        let slots = self.memslots();
-        let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut sh, slots);
-        // The slot's rmaps over the range (for_each_slot_rmap_range): the cost follows what
-        // is mapped, not the slot's size.
-        let wp_from = match how {
-            Rearm::WriteProtect => 1,
-            Rearm::ClearDirty => {
-                // __rmap_clear_dirty at 4 KiB; huge SPTEs write-protected.
-                let dirty = self.mmu.masks.dirty;
-                for (_, sptep) in ctx.s.rmap_range(&ctx.slots, start, end, 1, 1) {
-                    ctx.spte_clear_dirty(sptep, dirty);
-                }
-                2
-            }
-        };
-        for (_, sptep) in ctx.s.rmap_range(&ctx.slots, start, end, wp_from, 3) {
-            ctx.spte_write_protect(sptep, false);
-        }
     }
 }

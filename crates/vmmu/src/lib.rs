@@ -5,12 +5,14 @@
 //!   events;
 //! - [`hw`]: the software vCPU — registers, TLB, page walks, exits — knowing nothing of the
 //!   MMU;
-//! - [`memslot`], [`mmu`], [`vm`]: KVM — memslots, the MMU's mechanisms, the VM and vCPU API;
+//! - [`memslot`], [`guest_mem`], [`mmu`], [`vm`], [`emulate`]: KVM — memslots, guest-memory
+//!   access, the MMU's mechanisms, the VM and vCPU API, the emulator's memory side;
 //! - [`stats`], [`trace`]: KVM's statistics and tracepoints.
 #![warn(missing_docs)]
 
 pub mod dirty_log;
 pub mod emulate;
+pub mod guest_mem;
 pub mod host;
 pub mod hw;
 pub mod machine;

@@ -38,7 +38,7 @@ pub struct AuditError(pub Vec<String>);
 
 /// Runs the audit under `mmu_lock` held for write.
 pub fn audit(kvm: &Kvm) -> Result<AuditReport, AuditError> {
-    if kvm.config().mmu != crate::vm::MmuKind::Tdp {
+    if kvm.mmu.have_rmaps() {
         return audit_shadow(kvm);
     }
     let _w = kvm.mmu.mmu_lock.write();

@@ -49,7 +49,7 @@ fn shadow_root_table(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) -> Option<(Hpa, u8)> 
 pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetPf {
     let _f = kvm.tracer.func(vcpu.id, "handle_mmio_page_fault");
     vcpu.refresh_memslots(kvm);
-    let direct = kvm.config().mmu != crate::vm::MmuKind::Shadow;
+    let direct = vcpu.mmu.ctx.direct;
     // mmio_info_in_cache: by gpa for a direct MMU, by gva for a shadow one.
     let key = if direct { addr >> 12 } else { addr >> 12 | 1 << 63 };
     if vcpu.mmu.mmio_gfn == Some((key, vcpu.slots.generation())) {

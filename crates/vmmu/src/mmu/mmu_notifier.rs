@@ -31,7 +31,7 @@ fn gfn_ranges(kvm: &Kvm, range: HvaRange) -> Vec<(Gfn, Gfn)> {
 pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
     let _f = kvm.tracer.func(crate::trace::HOST_CPU, "kvm_mmu_notifier_invalidate_range_start");
     let m = &kvm.mmu;
-    let _w = m.mmu_lock.write();
+    let w = m.mmu_lock.write();
     if m.mmu_invalidate_in_progress.fetch_add(1, Ordering::AcqRel) == 0 {
         m.mmu_invalidate_range_start.store(u64::MAX, Ordering::Release);
         m.mmu_invalidate_range_end.store(u64::MAX, Ordering::Release);
@@ -52,9 +52,9 @@ pub fn invalidate_range_start(kvm: &Kvm, range: HvaRange) {
             flush |= tdp_mmu::tdp_mmu_zap_leafs(kvm, u32::MAX, &r, start, end);
         }
         // The rmaps of the shadow MMU (shadow paging and the legacy TDP MMU).
-        let mut s = m.shadow.lock();
-        let mut ctx = super::shadow::Ctx::host(kvm, &mut s, kvm.memslots());
-        flush |= ctx.unmap_gfn_range(start, end);
+        if m.have_rmaps() {
+            flush |= kvm.with_shadow_mmu(&w, |ctx| ctx.unmap_gfn_range(start, end));
+        }
     }
     kvm.flush_and_free_deferred(None, flush);
 }
@@ -121,28 +121,30 @@ pub fn age_hva_range(kvm: &Kvm, range: HvaRange, how: Aging) -> bool {
         }
     }
     // The rmaps of the shadow MMU (shadow paging and the legacy TDP MMU).
-    if kvm.config().mmu != crate::vm::MmuKind::Tdp {
-        let _w = kvm.mmu.mmu_lock.write();
-        let sh = kvm.mmu.shadow.lock();
-        let slots = kvm.memslots();
-        for (start, end) in &ranges {
-            for (_, sptep) in sh.rmap_range(&slots, *start, *end, 1, 3) {
-                loop {
-                    let s = super::spte::Spte(kvm.mem().load(sptep));
-                    if !(s.is_shadow_present() && s.is_accessed(&m)) {
-                        break;
-                    }
-                    young = true;
-                    if !clear {
-                        break;
-                    }
-                    let new = super::spte::mark_spte_for_access_track(&m, s);
-                    if kvm.mem().cmpxchg(sptep, s.0, new.0).is_ok() {
-                        break;
+    if kvm.mmu.have_rmaps() {
+        let w = kvm.mmu.mmu_lock.write();
+        young |= kvm.with_shadow_mmu(&w, |ctx| {
+            let mut young = false;
+            for (start, end) in &ranges {
+                for (_, sptep) in ctx.s.rmap_range(&ctx.slots, *start, *end, 1, 3) {
+                    loop {
+                        let s = super::spte::Spte(kvm.mem().load(sptep));
+                        if !(s.is_shadow_present() && s.is_accessed(&m)) {
+                            break;
+                        }
+                        young = true;
+                        if !clear {
+                            break;
+                        }
+                        let new = super::spte::mark_spte_for_access_track(&m, s);
+                        if kvm.mem().cmpxchg(sptep, s.0, new.0).is_ok() {
+                            break;
+                        }
                     }
                 }
             }
-        }
+            young
+        });
     }
     young
 }

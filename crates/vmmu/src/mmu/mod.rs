@@ -16,6 +16,8 @@
 pub mod audit;
 pub mod fast_pf;
 pub mod mmio;
+#[allow(clippy::module_inception)] // KVM's arch/x86/kvm/mmu/mmu.c: the MMU-wide file is named as KVM names it.
+pub mod mmu;
 pub mod mmu_notifier;
 pub mod nx_huge_pages;
 pub mod page;
@@ -63,6 +65,8 @@ pub enum MmuError {
 
 /// The VM-wide MMU state (`kvm->arch` MMU fields and `kvm->mmu_lock`).
 pub struct KvmMmu {
+    /// Which MMU this VM runs (see [`mmu`] for the questions it answers).
+    kind: crate::vm::MmuKind,
     /// SPTE format of this VM.
     pub masks: SpteMasks,
     /// `mmu_lock`: taken for read by TDP MMU faults, for write by zaps.
@@ -79,12 +83,18 @@ pub struct KvmMmu {
     pub mmu_invalidate_range_end: AtomicU64,
     /// `mmu_valid_gen`.
     pub mmu_valid_gen: AtomicU64,
+    /// `indirect_shadow_pages`: shadow pages that shadow a guest page table. Changed under
+    /// `mmu_lock` held for write; read without it by `kvm_mmu_track_write`, which has nothing
+    /// to do while it is zero.
+    pub indirect_shadow_pages: AtomicU64,
     /// `tdp_mmu_pages`: TDP page-table pages in use.
     pub tdp_mmu_pages: PercpuCounter,
     /// Page-table frames unlinked but possibly still seen by lockless walkers; freed after
     /// the next remote TLB flush that waited for every vCPU (our stand-in for RCU; see
     /// docs/decisions/0002-deferred-free.md).
     pub deferred_free: Mutex<Vec<Pfn>>,
+    /// Page-track notifiers (`kvm->arch.track_notifier_head`).
+    pub page_track_notifiers: page_track::PageTrackNotifiers,
     /// The shadow MMU's state (taken while holding `mmu_lock` for write).
     pub shadow: Mutex<shadow::ShadowMmu>,
     /// The all-non-present page the hardware runs on before a shadow root exists.
@@ -94,9 +104,10 @@ pub struct KvmMmu {
 }
 
 impl KvmMmu {
-    /// A fresh MMU with the SPTE format `masks`.
-    pub fn new(masks: SpteMasks) -> Self {
+    /// A fresh MMU of kind `kind` with the SPTE format `masks`.
+    pub fn new(kind: crate::vm::MmuKind, masks: SpteMasks) -> Self {
         KvmMmu {
+            kind,
             masks,
             mmu_lock: PercpuRwLock::default(),
             roots: Mutex::new(Vec::new()),
@@ -105,8 +116,10 @@ impl KvmMmu {
             mmu_invalidate_range_start: AtomicU64::new(u64::MAX),
             mmu_invalidate_range_end: AtomicU64::new(u64::MAX),
             mmu_valid_gen: AtomicU64::new(0),
+            indirect_shadow_pages: AtomicU64::new(0),
             tdp_mmu_pages: PercpuCounter::default(),
             deferred_free: Mutex::new(Vec::new()),
+            page_track_notifiers: page_track::PageTrackNotifiers::default(),
             shadow: Mutex::new(shadow::ShadowMmu::default()),
             shadow_dummy_root: Mutex::new(None),
             nx_huge_pages: Mutex::new(nx_huge_pages::NxHugePages::default()),

@@ -9,12 +9,11 @@
 //! tables have no other per-page metadata here) and the shadow MMU (which also keeps the
 //! flag in its `ShadowPage`).
 
-use super::shadow::Ctx;
 use super::spte::Spte;
 use super::tdp_iter::Step;
 use super::tdp_mmu::{self, TdpRoot};
 use crate::sync::{Arc, AtomicBool, Ordering, Weak};
-use crate::vm::{Kvm, MmuKind};
+use crate::vm::Kvm;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use x86_paging::addr::{Gfn, Pfn};
 
@@ -121,7 +120,7 @@ impl Kvm {
         if !self.config.nx_huge_pages || ratio == 0 {
             return 0;
         }
-        let _w = self.mmu.mmu_lock.write();
+        let w = self.mmu.mmu_lock.write();
         let splits = self.stats.nx_lpage_splits.sum().max(0) as u64;
         let to_zap = splits.div_ceil(ratio);
         let slots = self.memslots();
@@ -134,19 +133,17 @@ impl Kvm {
                 self.unaccount_nx_huge_page(table);
                 continue;
             }
-            let found = if self.config.mmu == MmuKind::Tdp {
+            let found = if self.mmu.tdp_mmu_enabled() {
                 roots.iter().any(|r| self.tdp_zap_table(r, table, p))
             } else {
-                let mut sh = self.mmu.shadow.lock();
-                let mut ctx = Ctx::host(self, &mut sh, slots.clone());
-                match ctx.s.pages.by_spt(table) {
+                self.with_shadow_mmu(&w, |ctx| match ctx.s.pages.by_spt(table) {
                     Some(id) => {
                         ctx.prepare_zap_page(id);
                         ctx.commit_zap_page();
                         true
                     }
                     None => false,
-                }
+                })
             };
             if found {
                 zapped += 1;

@@ -104,7 +104,7 @@ impl KvmPageFault {
         f
     }
 
-    fn new(kvm: &Kvm, addr: Gpa, error_code: u64, prefetch: bool) -> Self {
+    pub(crate) fn new(kvm: &Kvm, addr: Gpa, error_code: u64, prefetch: bool) -> Self {
         let nx = kvm.config().nx_huge_pages;
         KvmPageFault {
             addr,
@@ -160,12 +160,7 @@ pub fn kvm_mmu_do_page_fault(
     if !prefetch {
         vcpu.stat.pf_taken += 1;
     }
-    let r = if kvm.config().mmu == crate::vm::MmuKind::Shadow {
-        super::paging_tmpl::page_fault(kvm, vcpu, cr2_or_gpa, error_code)?
-    } else {
-        let mut fault = KvmPageFault::new(kvm, Gpa::new(cr2_or_gpa), error_code, prefetch);
-        kvm_tdp_page_fault(kvm, vcpu, &mut fault)?
-    };
+    let r = (vcpu.mmu.ctx.page_fault)(kvm, vcpu, cr2_or_gpa, error_code, prefetch)?;
     match r {
         RetPf::Fixed => vcpu.stat.pf_fixed += 1,
         RetPf::Emulate if !prefetch => vcpu.stat.pf_emulate += 1,
@@ -185,14 +180,14 @@ pub fn kvm_tdp_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFau
     }
     {
         let _t = kvm.tracer.func(vcpu.id, "mmu_topup_memory_caches");
-        vcpu.mmu_topup_memory_caches(kvm)
+        super::mmu::mmu_topup_memory_caches(kvm, vcpu)
             .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
     }
     let r = kvm_faultin_pfn(kvm, vcpu, fault)?;
     if r != RetPf::Continue {
         return Ok(r);
     }
-    if kvm.config().mmu == crate::vm::MmuKind::LegacyTdp {
+    if !kvm.mmu.tdp_mmu_enabled() {
         // direct_page_fault: the legacy MMU takes mmu_lock for write.
         return Ok(super::shadow::direct_page_fault_locked(kvm, vcpu, fault));
     }

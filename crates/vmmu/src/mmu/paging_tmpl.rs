@@ -10,7 +10,7 @@ use super::shadow::{child_role_at, Ctx, ShadowWalk};
 use super::spte::{make_spte, Spte, SpteRequest, ACC_EXEC, ACC_USER, ACC_WRITE};
 use super::tdp_iter::pages_at;
 use super::MmuError;
-use crate::emulate::KvmGuestMem;
+use crate::guest_mem::KvmGuestMem;
 use crate::vm::{Kvm, VcpuArch};
 use x86_paging::access::{Access, AccessKind, PfErrorCode};
 use x86_paging::addr::{Gfn, Gpa, Gva, Hpa, Pfn};
@@ -202,7 +202,7 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
         shadow_page_table_clear_flood(kvm, vcpu, gva);
         return Ok(RetPf::Emulate);
     }
-    vcpu.mmu_topup_memory_caches(kvm)
+    crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)
         .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
     let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
     if r != RetPf::Continue {
@@ -255,7 +255,8 @@ fn under_mmu_lock(
 fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
     let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(gva & 0xffff_ffff), error_code);
     fault.max_level = 2;
-    vcpu.mmu_topup_memory_caches(kvm).map_err(|e| MmuError::OutOfMemory { gpa: gva, reason: e.to_string() })?;
+    crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)
+        .map_err(|e| MmuError::OutOfMemory { gpa: gva, reason: e.to_string() })?;
     let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
     if r != RetPf::Continue {
         return Ok(r);

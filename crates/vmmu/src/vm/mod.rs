@@ -20,9 +20,8 @@ use crate::trace::Tracer;
 use std::collections::BTreeMap;
 use x86_paging::access::{AccessKind, PfErrorCode};
 use x86_paging::addr::{Gpa, Gva, Pfn};
-use x86_paging::ept::{EptConfig, EptQual, NptConfig, TdpExit};
+use x86_paging::ept::{EptQual, TdpExit};
 use x86_paging::regs::{Cr0, Cr4, Efer};
-use x86_paging::walk2d::Tdp;
 
 mod config;
 mod vcpu;
@@ -239,9 +238,6 @@ impl Kvm {
     /// KVM_CREATE_VM: a VM whose guest memory will come from `host`.
     pub fn new(config: VmConfig, host: Arc<HostMm>) -> Result<Arc<Kvm>, VmError> {
         crate::sync::barrier::init();
-        match config.mmu {
-            MmuKind::Tdp | MmuKind::Shadow | MmuKind::LegacyTdp => {}
-        }
         if !(36..=52).contains(&config.maxphyaddr) {
             return Err(VmError::InvalidConfig(format!("maxphyaddr {} is outside 36..=52", config.maxphyaddr)));
         }
@@ -268,9 +264,8 @@ impl Kvm {
             (_, TdpKind::Ept) => SpteMasks::ept(config.eptad),
         };
         let kvm = Arc::new(Kvm {
-            config,
             host,
-            mmu: KvmMmu::new(masks),
+            mmu: KvmMmu::new(config.mmu, masks),
             stats: VmStats::default(),
             tracer: Tracer::default(),
             memslots: RwLock::new(Arc::new(Memslots::default())),
@@ -285,6 +280,7 @@ impl Kvm {
             next_vcpu: AtomicU32::new(0),
             n_vcpus_live: AtomicU32::new(0),
             notifier: Mutex::new(None),
+            config,
         });
         let n: Arc<dyn MmuNotifier> = Arc::new(Notifier(Arc::downgrade(&kvm)));
         kvm.host.register_notifier(n.clone());
@@ -387,8 +383,12 @@ impl Kvm {
             self.kvm_mmu_zap_all_fast();
         }
         if matches!(change, MemslotChange::Delete | MemslotChange::Move) {
-            // kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast.
+            // kvm_arch_flush_shadow_memslot: kvm_mmu_zap_all_fast, then
+            // kvm_page_track_delete_slot.
             self.kvm_mmu_zap_all_fast();
+            if let Some(o) = &old {
+                self.kvm_page_track_delete_slot(o.base_gfn, o.npages);
+            }
         }
         if logging != was_logging {
             // Toggling KVM_MEM_LOG_DIRTY_PAGES, deletion included.
@@ -422,7 +422,7 @@ impl Kvm {
                 id,
                 cpu,
                 shared,
-                mmu: VcpuMmu::default(),
+                mmu: VcpuMmu::new(crate::mmu::mmu::kvm_init_mmu(&self.mmu)),
                 stat: VcpuStats::default(),
                 slots: self.memslots(),
                 shadow: Default::default(),
@@ -489,82 +489,6 @@ impl Kvm {
         if kicked {
             self.stats.remote_tlb_flush.add(1);
         }
-    }
-
-    /// Frees page-table frames unlinked earlier, after a remote flush. The caller holds
-    /// `mmu_lock` for write, so no fault-path walker holds a pointer into them; the flush
-    /// guarantees no vCPU is still walking them in hardware or in fast page fault.
-    pub(crate) fn flush_and_free_deferred(&self, me: Option<u32>, need_flush: bool) {
-        let pending = std::mem::take(&mut *self.mmu.deferred_free.lock());
-        if need_flush || !pending.is_empty() {
-            self.flush_remote_tlbs(me);
-        }
-        for p in pending {
-            self.frames().free_4k(p);
-        }
-    }
-
-    /// `kvm_mmu_zap_all_fast`: makes every root obsolete, has the vCPUs drop them and zaps
-    /// their contents (memslot delete/move).
-    pub fn kvm_mmu_zap_all_fast(&self) {
-        let _f = self.tracer.func(crate::trace::HOST_CPU, "kvm_mmu_zap_all_fast");
-        {
-            let _w = self.mmu.mmu_lock.write();
-            let gen = self.mmu.mmu_valid_gen.fetch_xor(1, Ordering::AcqRel) ^ 1;
-            if self.tracer.events_on() {
-                self.tracer.event(
-                    crate::trace::HOST_CPU,
-                    "kvm_mmu_zap_all_fast",
-                    format_args!("kvm-mmu-valid-gen {} used_pages {:x}", gen, 0),
-                );
-            }
-            tdp_mmu::kvm_tdp_mmu_invalidate_all_roots(self);
-            // The shadow MMU: zap every page now; roots in use are freed when released.
-            let mut s = self.mmu.shadow.lock();
-            s.mmu_valid_gen ^= 1;
-            let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut s, self.memslots());
-            ctx.zap_all();
-            drop(s);
-            self.make_all_cpus_request(req::MMU_FREE_OBSOLETE_ROOTS);
-        }
-        tdp_mmu::kvm_tdp_mmu_zap_invalidated_roots(self);
-        let _w = self.mmu.mmu_lock.write();
-        self.flush_and_free_deferred(None, true);
-    }
-
-    /// Write-protects every mapping of memslot `slot` (`kvm_mmu_slot_remove_write_access`,
-    /// what enabling dirty logging does first): writes then take fast page faults.
-    pub fn mmu_slot_remove_write_access(&self, slot: u32) -> Result<(), VmError> {
-        let slots = self.memslots();
-        let s = slots.by_id(slot).ok_or(VmError::Memslot(MemslotError::NoSuchSlot(slot)))?;
-        let (start, end) = (s.base_gfn.raw(), s.end_gfn().raw());
-        drop(slots);
-        self.rearm_range(start, end, crate::dirty_log::Rearm::WriteProtect);
-        // Unconditionally, as every caller of KVM's does: an SPTE already read-only
-        // (access-tracked, not flushed by aging) may still be writable in a TLB.
-        self.flush_remote_tlbs(None);
-        Ok(())
-    }
-
-    /// KVM_SET_NR_MMU_PAGES: the limit on shadow pages (0 = the default, memslot pages / 50,
-    /// at least 64); pages beyond it are recycled, oldest first (`kvm_mmu_change_mmu_pages`).
-    pub fn set_nr_mmu_pages(&self, n: u64) {
-        let _w = self.mmu.mmu_lock.write();
-        let mut s = self.mmu.shadow.lock();
-        s.n_requested_mmu_pages = n;
-        let slots = self.memslots();
-        s.update_n_max(&slots);
-        let over = s.n_used_mmu_pages.saturating_sub(s.n_max_mmu_pages);
-        if over > 0 {
-            let mut ctx = crate::mmu::shadow::Ctx::host(self, &mut s, slots);
-            ctx.zap_oldest_mmu_pages(over);
-        }
-    }
-
-    /// (`n_used_mmu_pages`, `n_max_mmu_pages`) of the shadow MMU.
-    pub fn mmu_pages(&self) -> (u64, u64) {
-        let s = self.mmu.shadow.lock();
-        (s.n_used_mmu_pages, s.n_max_mmu_pages)
     }
 
     /// VM statistics by KVM name.

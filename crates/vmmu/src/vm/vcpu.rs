@@ -5,8 +5,9 @@
 use super::*;
 
 /// A vCPU's MMU state (`vcpu->arch.mmu` and its memory caches).
-#[derive(Default)]
 pub struct VcpuMmu {
+    /// The MMU context: fault handler and root role (`kvm_init_mmu`).
+    pub ctx: crate::mmu::mmu::MmuContext,
     /// The current root.
     pub root: Option<Arc<TdpRoot>>,
     /// `mmu_shadow_page_cache`: zeroed (non-present) table frames ready for the fault path.
@@ -15,10 +16,13 @@ pub struct VcpuMmu {
     pub mmio_gfn: Option<(u64, u64)>,
 }
 
-/// KVM's per-vCPU cache capacity (`KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE`).
-const MEMORY_CACHE_CAPACITY: usize = 40;
-/// Minimum table frames before taking mmu_lock.
-const SHADOW_PAGE_CACHE_MIN: usize = 5;
+impl VcpuMmu {
+    /// A vCPU's MMU with context `ctx`, no root and empty caches.
+    pub fn new(ctx: crate::mmu::mmu::MmuContext) -> Self {
+        VcpuMmu { ctx, root: None, shadow_page_cache: Vec::new(), mmio_gfn: None }
+    }
+}
+
 /// Exits one access may take before the VM is declared stuck.
 const MAX_EXITS_PER_ACCESS: u32 = 10_000;
 
@@ -64,19 +68,6 @@ enum ExitAction {
 }
 
 impl VcpuArch {
-    /// `mmu_topup_memory_caches`.
-    pub(crate) fn mmu_topup_memory_caches(&mut self, kvm: &Kvm) -> Result<(), HostError> {
-        if self.mmu.shadow_page_cache.len() >= SHADOW_PAGE_CACHE_MIN {
-            return Ok(());
-        }
-        while self.mmu.shadow_page_cache.len() < MEMORY_CACHE_CAPACITY {
-            let p = kvm.frames().alloc_4k()?;
-            tdp_mmu::init_table(kvm, p);
-            self.mmu.shadow_page_cache.push(p);
-        }
-        Ok(())
-    }
-
     pub(crate) fn refresh_memslots(&mut self, kvm: &Kvm) {
         if self.slots.generation() != kvm.memslots_generation() {
             self.slots = kvm.memslots();
@@ -118,43 +109,6 @@ impl Vcpu {
     /// The per-fault handling times recorded since timing was turned on.
     pub fn fault_latency(&self) -> Option<&LatencyHistogram> {
         self.arch.fault_latency.as_deref()
-    }
-
-    /// `kvm_mmu_load`: allocates (or shares) the root and points the hardware at it.
-    fn kvm_mmu_load(&mut self) -> Result<(), VmError> {
-        let kvm = self.kvm.clone();
-        if kvm.config.mmu == MmuKind::Shadow {
-            crate::mmu::shadow::kvm_mmu_load(&kvm, &mut self.arch)?;
-            return Ok(());
-        }
-        let cfg = &kvm.config;
-        let (root_hpa, root_level) = if cfg.mmu == MmuKind::LegacyTdp {
-            let r = crate::mmu::shadow::kvm_mmu_load_direct(&kvm, &mut self.arch)?;
-            (r.hpa, cfg.tdp_level())
-        } else {
-            self.mmu_topup_memory_caches(&kvm)?;
-            let role = crate::mmu::shadow::direct_root_role(cfg);
-            let root = tdp_mmu::kvm_tdp_mmu_alloc_root(&kvm, role)?;
-            let r = (root.hpa, root.level());
-            self.mmu.root = Some(root);
-            r
-        };
-        let tdp = match cfg.tdp {
-            TdpKind::Ept => Tdp::Ept(EptConfig {
-                root: root_hpa,
-                levels: root_level,
-                ad_enabled: cfg.eptad,
-                execute_only: true,
-                gbpages: true,
-                maxphyaddr: 46,
-            }),
-            TdpKind::Npt => {
-                Tdp::Npt(NptConfig { root: root_hpa, levels: root_level, nxe: true, gbpages: true, maxphyaddr: 46 })
-            }
-        };
-        self.cpu.set_mode(CpuMode::Tdp(tdp));
-        self.cpu.flush_tlb_current();
-        Ok(())
     }
 
     /// The requests `vcpu_enter_guest` services before entering the guest.
@@ -245,7 +199,7 @@ impl Vcpu {
             self.shared.mode.store(mode::OUTSIDE_GUEST_MODE, Ordering::SeqCst);
             self.service_requests()?;
             if self.mmu.root.is_none() && self.shadow.root.is_none() {
-                self.kvm_mmu_load()?;
+                crate::mmu::mmu::kvm_mmu_load(&self.kvm, &mut self.arch)?;
             }
             self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::SeqCst);
             if self.shared.requests.load(Ordering::SeqCst) == 0 {
@@ -417,7 +371,7 @@ impl Vcpu {
     }
 
     fn shadowing(&self) -> bool {
-        self.kvm.config.mmu == MmuKind::Shadow
+        !self.mmu.ctx.direct
     }
 
     /// `load_pdptrs` under shadow paging: when the guest is about to be in PAE paging with
@@ -429,7 +383,7 @@ impl Vcpu {
         }
         let bus = self.kvm.mmio_bus();
         let slots = self.kvm.memslots();
-        let mut mem = crate::emulate::KvmGuestMem::new(&self.kvm, &slots, &bus);
+        let mut mem = crate::guest_mem::KvmGuestMem::new(&self.kvm, &slots, &bus);
         let mut p = [0u64; 4];
         for (i, e) in p.iter_mut().enumerate() {
             *e = mem.read(next.pdpte_gpa(i), 8);

@@ -15,7 +15,7 @@ pub fn direct_root_role(cfg: &crate::vm::VmConfig) -> Role {
 
 /// `mmu_alloc_direct_roots` for the legacy MMU (tdp_mmu=N): a direct root shadow page.
 pub fn kvm_mmu_load_direct(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<RootInfo, crate::host::HostError> {
-    vcpu.mmu_topup_memory_caches(kvm)?;
+    crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)?;
     let role = direct_root_role(kvm.config());
     vcpu.shadow.root_role = role;
     let root = with_ctx!(kvm, vcpu, |ctx| {

@@ -15,7 +15,7 @@ use super::spte::{make_mmio_spte, make_nonleaf_spte, make_spte, Spte, SpteReques
 use super::tdp_iter::{pages_at, spte_index};
 use super::RetPf;
 use crate::memslot::{Memslot, Memslots};
-use crate::sync::Arc;
+use crate::sync::{Arc, Ordering};
 use crate::vm::{req, Kvm, VcpuArch};
 use x86_paging::addr::{Gfn, Hpa, Pfn};
 
@@ -47,8 +47,6 @@ pub struct ShadowMmu {
     pub n_max_mmu_pages: u64,
     /// `n_requested_mmu_pages` (KVM_SET_NR_MMU_PAGES; 0 = default).
     pub n_requested_mmu_pages: u64,
-    /// `indirect_shadow_pages`.
-    pub indirect_shadow_pages: u64,
     /// `mmu_valid_gen`.
     pub mmu_valid_gen: u64,
     /// Pages prepared for zapping, freed by `kvm_mmu_commit_zap_page`.
@@ -405,7 +403,7 @@ impl Ctx<'_> {
             let sp = self.s.pages.get(id);
             (sp.gfn, sp.role.level() as u8)
         };
-        self.s.indirect_shadow_pages += 1;
+        self.kvm.mmu.indirect_shadow_pages.fetch_add(1, Ordering::Release);
         if let Some(slot) = self.slot_of(gfn) {
             slot.update_disallow_lpage(gfn, 1);
         }
@@ -422,7 +420,7 @@ impl Ctx<'_> {
             let sp = self.s.pages.get(id);
             (sp.gfn, sp.role.level() as u8)
         };
-        self.s.indirect_shadow_pages -= 1;
+        self.kvm.mmu.indirect_shadow_pages.fetch_sub(1, Ordering::Release);
         if let Some(slot) = self.slot_of(gfn) {
             slot.update_disallow_lpage(gfn, -1);
         }

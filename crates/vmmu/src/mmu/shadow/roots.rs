@@ -43,7 +43,7 @@ fn set_hw_root(vcpu: &mut VcpuArch, root: Option<RootInfo>, level: u8, dummy: Hp
 /// `kvm_mmu_load` under shadow paging (`mmu_alloc_shadow_roots` + `kvm_mmu_sync_roots` +
 /// load): the root shadow page for the guest's CR3.
 pub fn kvm_mmu_load(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<(), crate::host::HostError> {
-    vcpu.mmu_topup_memory_caches(kvm)?;
+    crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)?;
     let st = *vcpu.cpu.paging();
     let dummy = dummy_root(kvm)?;
     let Some(role) = shadow_root_role(&st) else {

@@ -7,8 +7,13 @@ use super::*;
 /// page table: zap the SPTEs the written entries made stale, and zap pages that are written
 /// misaligned or flooded with writes no fault uses.
 pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr::Gpa, bytes: u8) {
+    // No page shadows a guest table, so none is write-protected: nothing to do, and no
+    // reason to take mmu_lock (a TDP MMU VM always leaves here).
+    if kvm.mmu.indirect_shadow_pages.load(Ordering::Acquire) == 0 {
+        return;
+    }
     with_ctx!(kvm, vcpu, |ctx| {
-        if ctx.s.indirect_shadow_pages == 0 {
+        if kvm.mmu.indirect_shadow_pages.load(Ordering::Relaxed) == 0 {
             return;
         }
         kvm.stats.mmu_pte_write.add(1);
@@ -23,7 +28,7 @@ pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr
         let gentry = if size == 0 {
             0
         } else {
-            crate::emulate::KvmGuestMem::new(kvm, &ctx.slots, &bus).read(x86_paging::addr::Gpa::new(at), size)
+            crate::guest_mem::KvmGuestMem::new(kvm, &ctx.slots, &bus).read(x86_paging::addr::Gpa::new(at), size)
         };
         let mut flush = false;
         for id in ctx.s.pages.with_gfn(gpa.gfn()) {
