@@ -1,17 +1,125 @@
-//! The one import path for atomics and locks.
+//! The one import path for atomics, locks, `Arc`/`Weak`, fences, threads, yields and
+//! thread-locals.
 //!
-//! Every other module takes its atomics, locks and `Arc` from here, so that a model checker
-//! (loom) can later replace them in one place.
+//! Every other module of the crate takes its concurrency primitives from here, so that a
+//! model checker can replace them in one place. A normal build uses `std` and `parking_lot`;
+//! a build with `RUSTFLAGS="--cfg vmmu_loom"` uses [loom](https://docs.rs/loom)'s atomics,
+//! locks, fences, threads and thread-locals, which loom then schedules exhaustively
+//! (crates/vmmu/tests/loom.rs; run it with `scripts/loom`). The switch is the
+//! `cfg(vmmu_loom)` branch below, as crossbeam's `primitive` and tokio's `loom` modules do.
+//!
+//! Under loom:
+//! - locks keep `parking_lot`'s API (no poisoning: `lock()` returns the guard);
+//! - `Arc` and `Weak` stay `std`'s (loom's `Arc` has no `Weak`); reference counts are not
+//!   part of any protocol a model checks;
+//! - the asymmetric barriers ([`barrier`]) become SeqCst fences on both sides, which is what
+//!   `membarrier(2)` guarantees;
+//! - host memory is a vector of loom atomics ([`crate::host::PhysMem::with_words`]), so SPTE
+//!   words are modelled like every other atomic.
 
-pub use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-pub use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-pub use std::sync::{Arc, Weak};
+#[cfg(not(vmmu_loom))]
+mod imp {
+    pub use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+    pub use std::hint::spin_loop;
+    pub use std::sync::atomic::{
+        compiler_fence, fence, AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    };
+    pub use std::sync::{Arc, Weak};
+    pub use std::thread_local;
+
+    /// Threads (`std::thread`).
+    pub mod thread {
+        pub use std::thread::{current, park_timeout, spawn, yield_now, Builder, JoinHandle, Thread};
+    }
+}
+
+#[cfg(vmmu_loom)]
+mod imp {
+    pub use loom::hint::spin_loop;
+    pub use loom::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+    pub use loom::thread_local;
+    pub use std::sync::{Arc, Weak};
+
+    /// A compiler-only fence has no meaning to loom, which models the memory order of every
+    /// access; the callers' real ordering comes from the fences and atomics around it.
+    pub fn compiler_fence(_: Ordering) {}
+
+    /// Threads (`loom::thread`).
+    pub mod thread {
+        pub use loom::thread::{current, spawn, yield_now, Builder, JoinHandle, Thread};
+
+        /// `park_timeout`: may return at any time (spurious wake-ups are allowed), so a
+        /// yield is a faithful model.
+        pub fn park_timeout(_: std::time::Duration) {
+            loom::thread::yield_now();
+        }
+    }
+
+    /// `parking_lot::Mutex`'s API over loom's mutex.
+    #[derive(Debug, Default)]
+    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    /// The guard of [`Mutex`].
+    pub type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        /// A new mutex holding `t`.
+        pub fn new(t: T) -> Self {
+            Mutex(loom::sync::Mutex::new(t))
+        }
+        /// Locks it.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().expect("loom mutexes are not poisoned by vmmu")
+        }
+        /// Locks it if free.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.0.try_lock().ok()
+        }
+        /// The data, through an exclusive reference.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.0.get_mut().expect("loom mutexes are not poisoned by vmmu")
+        }
+        /// The data.
+        pub fn into_inner(self) -> T {
+            self.0.into_inner().expect("loom mutexes are not poisoned by vmmu")
+        }
+    }
+
+    /// `parking_lot::RwLock`'s API over loom's lock.
+    #[derive(Debug, Default)]
+    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    /// Shared guard of [`RwLock`].
+    pub type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+    /// Exclusive guard of [`RwLock`].
+    pub type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        /// A new lock holding `t`.
+        pub fn new(t: T) -> Self {
+            RwLock(loom::sync::RwLock::new(t))
+        }
+        /// Shared access.
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().expect("loom locks are not poisoned by vmmu")
+        }
+        /// Exclusive access.
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0.write().expect("loom locks are not poisoned by vmmu")
+        }
+        /// The data, through an exclusive reference.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.0.get_mut().expect("loom locks are not poisoned by vmmu")
+        }
+    }
+}
+
+pub use imp::*;
 
 /// Asymmetric memory barriers (Linux `membarrier(2)`), for the vCPU-entry / remote-flush
 /// handshake: a vCPU publishes "in guest mode" and then reads its requests with only a
 /// compiler barrier ([`light_barrier`]) on every guest operation, and the rare remote TLB
 /// flush pays for a full barrier on every thread of the process ([`heavy_barrier`]). Where
 /// the system call is unavailable, the light side falls back to a full fence.
+#[cfg(not(vmmu_loom))]
 pub mod barrier {
     use super::{AtomicU8, Ordering};
 
@@ -49,15 +157,15 @@ pub mod barrier {
     #[inline]
     pub fn light_barrier() {
         if STATE.load(Ordering::Relaxed) == EXPEDITED {
-            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            super::compiler_fence(Ordering::SeqCst);
         } else {
-            std::sync::atomic::fence(Ordering::SeqCst);
+            super::fence(Ordering::SeqCst);
         }
     }
 
     /// The expensive side: every thread of the process executes a full memory barrier.
     pub fn heavy_barrier() {
-        std::sync::atomic::fence(Ordering::SeqCst);
+        super::fence(Ordering::SeqCst);
         if state() == EXPEDITED && !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
             // Cannot happen after a successful registration; stay safe regardless.
             STATE.store(FENCE, Ordering::Release);
@@ -70,6 +178,32 @@ pub mod barrier {
     }
 }
 
+/// The asymmetric barriers under loom: a SeqCst fence on both sides, which is the ordering
+/// `membarrier(2)` provides (every thread executes a full barrier).
+#[cfg(vmmu_loom)]
+pub mod barrier {
+    use super::{fence, Ordering};
+
+    /// Nothing to set up.
+    pub fn init() {}
+
+    /// The cheap side.
+    #[inline]
+    pub fn light_barrier() {
+        fence(Ordering::SeqCst);
+    }
+
+    /// The expensive side.
+    pub fn heavy_barrier() {
+        fence(Ordering::SeqCst);
+    }
+
+    /// The system call is never used under loom.
+    pub fn expedited() -> bool {
+        false
+    }
+}
+
 /// Per-CPU slots: a thread's slot index, for counters and locks that must not bounce one
 /// cache line between vCPU threads (Linux's percpu data).
 pub mod percpu {
@@ -78,8 +212,14 @@ pub mod percpu {
     /// Number of slots (a power of two); threads beyond it share slots.
     pub const SLOTS: usize = 8;
 
+    #[cfg(not(vmmu_loom))]
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    std::thread_local! {
+    #[cfg(vmmu_loom)]
+    loom::lazy_static! {
+        // Per model execution, so slot numbers follow the explored schedule.
+        static ref NEXT: AtomicUsize = AtomicUsize::new(0);
+    }
+    super::thread_local! {
         static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) & (SLOTS - 1);
     }
 
@@ -193,7 +333,7 @@ pub mod percpu {
                 }
                 self.readers[slot].0.fetch_sub(1, Ordering::SeqCst);
                 while self.writer_active.load(Ordering::Acquire) {
-                    std::thread::yield_now();
+                    super::thread::yield_now();
                 }
             }
         }
@@ -207,9 +347,9 @@ pub mod percpu {
                 while r.0.load(Ordering::SeqCst) != 0 {
                     spins += 1;
                     if spins > 64 {
-                        std::thread::yield_now();
+                        super::thread::yield_now();
                     } else {
-                        std::hint::spin_loop();
+                        super::spin_loop();
                     }
                 }
             }
@@ -217,7 +357,7 @@ pub mod percpu {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, not(vmmu_loom)))]
     mod tests {
         use super::*;
         use std::sync::Arc;

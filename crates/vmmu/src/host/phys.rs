@@ -1,9 +1,15 @@
-//! Host physical memory: one sparse arena holding every host frame's real bytes.
+//! Host physical memory: every host frame's real bytes, as 64-bit atomic words.
 //!
-//! The arena is a single anonymous `MAP_NORESERVE` mapping, so declaring a large host costs
-//! only the frames that are touched. Every access goes through atomics, because guest data,
-//! SPTE tables and guest page tables are shared between vCPU threads exactly as RAM is shared
-//! between CPUs. This module holds the only `unsafe` code of the host model.
+//! Two backends sit behind one word API ([`PhysMem::word`]):
+//! - the **arena** ([`PhysMem::new`]): a single anonymous `MAP_NORESERVE` mapping, so declaring
+//!   a large host costs only the frames that are touched;
+//! - **words** ([`PhysMem::with_words`]): a vector of atomics from [`crate::sync`], allocated
+//!   up front — for small hosts, and the only backend under `--cfg vmmu_loom`, where the
+//!   atomics are loom's and every SPTE or guest-table word is modelled.
+//!
+//! Every access goes through atomics, because guest data, SPTE tables and guest page tables
+//! are shared between vCPU threads exactly as RAM is shared between CPUs. This module holds
+//! the only `unsafe` code of the host model.
 
 use super::HostError;
 use crate::sync::{AtomicU64, Ordering};
@@ -16,18 +22,50 @@ pub const HUGE_FRAME_SIZE: u64 = 2 << 20;
 
 /// The host's physical memory: `size` bytes of frames, addressed by host physical address.
 pub struct PhysMem {
-    base: *mut u8,
+    /// The word at host physical address 0; word `i` is at `base + i` (either backend).
+    base: *const AtomicU64,
     size: u64,
+    /// What owns the words (and frees them on drop).
+    store: Store,
 }
 
-// SAFETY: the arena is only ever accessed through `AtomicU64` references (see `word`), which
+/// The owner of host memory's words.
+enum Store {
+    /// An anonymous mapping starting at `base` (unmapped on drop).
+    #[cfg(not(vmmu_loom))]
+    Arena,
+    /// A vector of atomics; `base` points at its first element, which does not move.
+    Words(#[allow(dead_code)] Box<[AtomicU64]>),
+}
+
+// SAFETY: the memory is only ever accessed through `AtomicU64` references (see `word`), which
 // are `Sync`; the base pointer itself is never mutated after construction.
 unsafe impl Send for PhysMem {}
 // SAFETY: as above — shared access is through atomics only.
 unsafe impl Sync for PhysMem {}
 
 impl PhysMem {
+    /// Host memory of `size` bytes (rounded up to 4 KiB) as a vector of atomics, all zero:
+    /// allocated up front, so meant for small hosts (tests, loom models).
+    pub fn with_words(size: u64) -> Result<Self, HostError> {
+        let size = size.div_ceil(FRAME_SIZE).saturating_mul(FRAME_SIZE);
+        let Ok(n) = usize::try_from(size / 8) else {
+            return Err(HostError::ArenaMap { size, errno: "larger than the address space".into() });
+        };
+        let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
+        let base = words.as_ptr();
+        Ok(PhysMem { base, size, store: Store::Words(words) })
+    }
+
+    /// Reserves `size` bytes (rounded up to 2 MiB) of host physical address space. Under
+    /// `--cfg vmmu_loom` this is [`Self::with_words`].
+    #[cfg(vmmu_loom)]
+    pub fn new(size: u64) -> Result<Self, HostError> {
+        Self::with_words(size)
+    }
+
     /// Reserves `size` bytes (rounded up to 2 MiB) of host physical address space.
+    #[cfg(not(vmmu_loom))]
     pub fn new(size: u64) -> Result<Self, HostError> {
         // Over-allocate by 2 MiB so the arena can start on a huge-page boundary. A size that
         // cannot even be written down as a mapping length is refused like one the OS refuses.
@@ -61,7 +99,7 @@ impl PhysMem {
         unsafe {
             libc::madvise(base.cast(), size as usize, libc::MADV_HUGEPAGE);
         }
-        Ok(PhysMem { base, size })
+        Ok(PhysMem { base: base as *const AtomicU64, size, store: Store::Arena })
     }
 
     /// Bytes of host physical memory.
@@ -89,9 +127,11 @@ impl PhysMem {
     pub fn word(&self, hpa: Hpa) -> &AtomicU64 {
         let off = hpa.raw() & !7;
         assert!(off < self.size, "host physical address {hpa} outside host memory");
-        // SAFETY: `off` is 8-aligned and inside the arena (checked above); the arena lives as
-        // long as `self`, and all accesses to it are atomic, so no data race can occur.
-        unsafe { &*(self.base.add(off as usize) as *const AtomicU64) }
+        // SAFETY: word `off / 8` is inside host memory (checked above) and both backends hold
+        // `size / 8` initialised, aligned `AtomicU64`s from `base` on (the arena's zeroed
+        // anonymous pages are valid atomics); the memory lives as long as `self`, and all
+        // accesses to it are atomic, so no data race can occur.
+        unsafe { &*self.base.add((off / 8) as usize) }
     }
 
     /// Loads an aligned 64-bit word.
@@ -180,10 +220,17 @@ impl PhysMem {
     /// instead of a real page fault per 4 KiB). Falls back to touching one byte per page.
     pub fn populate(&self, hpa: Hpa, len: u64) {
         assert!(self.contains(hpa, len));
+        if matches!(self.store, Store::Words(_)) {
+            return; // allocated up front
+        }
         // SAFETY: the range is inside the arena (asserted above); MADV_POPULATE_WRITE only
         // faults pages in and does not change their contents.
         let r = unsafe {
-            libc::madvise(self.base.add(hpa.raw() as usize).cast(), len as usize, 23 /* MADV_POPULATE_WRITE */)
+            libc::madvise(
+                self.base.cast::<u8>().add(hpa.raw() as usize).cast_mut().cast(),
+                len as usize,
+                23, /* MADV_POPULATE_WRITE */
+            )
         };
         if r != 0 {
             let mut a = hpa.raw();
@@ -198,13 +245,16 @@ impl PhysMem {
 
 impl Drop for PhysMem {
     fn drop(&mut self) {
-        // The original mapping started at most one huge page before `base`; unmapping from the
-        // aligned base releases everything the arena ever used (the unaligned head stays
-        // reserved but was never touched).
-        // SAFETY: `base..base+size` is part of our own mapping and no reference into it can
-        // outlive `self` (every `&AtomicU64` borrows `self`).
-        unsafe {
-            libc::munmap(self.base.cast(), self.size as usize);
+        #[cfg(not(vmmu_loom))]
+        if matches!(self.store, Store::Arena) {
+            // The original mapping started at most one huge page before `base`; unmapping
+            // from the aligned base releases everything the arena ever used (the unaligned
+            // head stays reserved but was never touched).
+            // SAFETY: `base..base+size` is part of our own mapping and no reference into it
+            // can outlive `self` (every `&AtomicU64` borrows `self`).
+            unsafe {
+                libc::munmap(self.base.cast_mut().cast(), self.size as usize);
+            }
         }
     }
 }
@@ -238,6 +288,27 @@ mod tests {
                     assert_eq!(m.read(Hpa::new(0x1000), off.min(8) as u8), 0);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn word_backend_behaves_like_the_arena() {
+        let a = PhysMem::new(2 << 20).unwrap();
+        let w = PhysMem::with_words(2 << 20).unwrap();
+        assert_eq!(w.size(), a.size());
+        for m in [&a, &w] {
+            m.write(Hpa::new(0x1003), 4, 0xdead_beef);
+            assert_eq!(m.read(Hpa::new(0x1003), 4), 0xdead_beef);
+            assert_eq!(m.load(Hpa::new(0x1000)), 0xdead_beef << 24);
+            assert_eq!(m.cmpxchg(Hpa::new(0x2000), 0, 7), Ok(0));
+            assert_eq!(m.cmpxchg(Hpa::new(0x2000), 0, 9), Err(7));
+            m.copy_frame(Pfn::new(1), Pfn::new(3));
+            assert_eq!(m.read(Hpa::new(0x3003), 4), 0xdead_beef);
+            m.zero_frame(Pfn::new(3));
+            assert_eq!(m.load(Hpa::new(0x3000)), 0);
+            m.populate(Hpa::new(0), 0x4000);
+            assert!(m.contains(Hpa::new((2 << 20) - 8), 8));
+            assert!(!m.contains(Hpa::new(2 << 20), 1));
         }
     }
 

@@ -20,7 +20,7 @@ use crate::memslot::{Memslot, MemslotChange, MemslotError};
 use crate::sync::percpu::WriteGuard;
 use crate::sync::Ordering;
 use crate::vm::{req, Kvm, MmuKind, TdpKind, VcpuArch, VmError};
-use x86_paging::addr::{Gfn, Gpa};
+use x86_paging::addr::{Gfn, Gpa, Pfn};
 use x86_paging::ept::{EptConfig, NptConfig};
 use x86_paging::walk2d::Tdp;
 
@@ -166,7 +166,35 @@ pub(crate) enum Rearm {
     ClearDirty,
 }
 
+/// What a tool may read about one shadow page (`vmmu explain`), copied out under the locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowPageInfo {
+    /// Its role.
+    pub role: super::role::Role,
+    /// The guest table it shadows (indirect) or the first gfn it maps (direct).
+    pub gfn: Gfn,
+    /// Whether it is unsync.
+    pub unsync: bool,
+    /// `root_count`: vCPU roots that hold it.
+    pub root_count: u32,
+}
+
 impl Kvm {
+    /// The shadow page whose table is the frame `table`, if any (legacy TDP or shadow
+    /// paging; TDP MMU tables are not shadow pages). Takes `mmu_lock` for write and then
+    /// the shadow state, as every shadow-MMU path does, so it never sees a page half made.
+    pub fn shadow_page_info(&self, table: Pfn) -> Option<ShadowPageInfo> {
+        if !self.mmu.have_rmaps() {
+            return None;
+        }
+        let w = self.mmu.mmu_lock.write();
+        self.with_shadow_mmu(&w, |ctx| {
+            let id = ctx.s.pages.by_spt(table)?;
+            let p = ctx.s.pages.get(id);
+            Some(ShadowPageInfo { role: p.role, gfn: p.gfn, unsync: p.unsync, root_count: p.root_count })
+        })
+    }
+
     /// Runs `f` on the shadow MMU as the host side (no vCPU): the one constructor of a
     /// host-side shadow context. `_held` proves the caller holds `mmu_lock` for write, which
     /// guards every shadow-MMU structure (KVM's shadow paths all `write_lock(&kvm->mmu_lock)`);

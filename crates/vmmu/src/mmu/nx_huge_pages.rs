@@ -182,10 +182,10 @@ impl Kvm {
         let period = self.config.nx_huge_pages_recovery_period()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (kvm, stop2): (Weak<Kvm>, _) = (Arc::downgrade(self), stop.clone());
-        let thread = std::thread::Builder::new()
+        let thread = crate::sync::thread::Builder::new()
             .name("kvm-nx-lpage-recovery".into())
             .spawn(move || loop {
-                std::thread::park_timeout(period);
+                crate::sync::thread::park_timeout(period);
                 if stop2.load(Ordering::Acquire) {
                     return;
                 }
@@ -205,7 +205,7 @@ impl Kvm {
 #[derive(Debug)]
 pub struct NxRecoveryWorker {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<crate::sync::thread::JoinHandle<()>>,
 }
 
 impl Drop for NxRecoveryWorker {

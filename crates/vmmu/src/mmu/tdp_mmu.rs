@@ -178,7 +178,7 @@ fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared:
                 if !o.is_frozen() {
                     break o;
                 }
-                std::hint::spin_loop();
+                crate::sync::spin_loop();
             }
         } else {
             let o = Spte(mem.load(sptep));

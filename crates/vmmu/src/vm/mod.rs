@@ -158,6 +158,17 @@ impl VcpuShared {
         SrcuReadGuard(&self.srcu)
     }
 
+    /// The vCPU's side of the entry handshake (`vcpu_enter_guest`: `smp_store_mb(vcpu->mode,
+    /// IN_GUEST_MODE)`, then `kvm_request_pending`): publish guest mode, then look at the
+    /// requests. Returns whether one is pending, in which case the caller leaves guest mode
+    /// (SeqCst), services them and tries again. Pairs with [`make_request_and_wait`].
+    #[inline]
+    pub(crate) fn enter_guest_mode(&self) -> bool {
+        self.mode.store(mode::IN_GUEST_MODE, Ordering::Relaxed);
+        crate::sync::barrier::light_barrier();
+        self.requests.load(Ordering::Relaxed) != 0
+    }
+
     /// Waits until this vCPU has consumed request `bit` (made by the caller) or is in no mode
     /// `busy` accepts: the "IPI" of `kvm_make_all_cpus_request` with KVM_REQUEST_WAIT. The
     /// caller has made the request and run `heavy_barrier` first.
@@ -166,12 +177,37 @@ impl VcpuShared {
         while self.requests.load(Ordering::SeqCst) & bit != 0 && busy(self.mode.load(Ordering::SeqCst)) {
             spins += 1;
             if spins > 64 {
-                std::thread::yield_now();
+                crate::sync::thread::yield_now();
             } else {
-                std::hint::spin_loop();
+                crate::sync::spin_loop();
             }
         }
     }
+}
+
+/// `kvm_make_all_cpus_request(kvm, bit | KVM_REQUEST_WAIT)`, the requester's side of the
+/// handshake with [`VcpuShared::enter_guest_mode`]: sets `bit` on every vCPU, then waits until
+/// each vCPU other than `me` that is in guest mode or walking SPTEs locklessly has consumed
+/// it. When this returns, no vCPU can still act on what the request invalidates (a TLB
+/// entry, a table about to be freed): it has either serviced the request or will see it
+/// before its next guest access. Returns whether some vCPU had to be waited for (an "IPI",
+/// what `remote_tlb_flush` counts).
+pub(crate) fn make_request_and_wait(vcpus: &[Arc<VcpuShared>], me: Option<u32>, bit: u64) -> bool {
+    for v in vcpus {
+        v.requests.fetch_or(bit, Ordering::SeqCst);
+    }
+    // Every vCPU thread now either shows us IN_GUEST_MODE / READING_SHADOW_PAGE_TABLES, or
+    // will see the request before its next access. With no other vCPU there is nobody to
+    // wait for: the caller sees its own request on its next entry.
+    if vcpus.iter().any(|v| Some(v.id) != me) {
+        crate::sync::barrier::heavy_barrier();
+    }
+    let mut kicked = false;
+    for v in vcpus.iter().filter(|v| Some(v.id) != me) {
+        kicked |= v.mode.load(Ordering::SeqCst) != mode::OUTSIDE_GUEST_MODE;
+        v.wait_for_request(bit, |m| matches!(m, mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES));
+    }
+    kicked
 }
 
 /// A VM (`struct kvm`).
@@ -201,7 +237,7 @@ pub struct Kvm {
     notifier: Mutex<Option<Arc<dyn MmuNotifier>>>,
 }
 
-struct Notifier(std::sync::Weak<Kvm>);
+struct Notifier(crate::sync::Weak<Kvm>);
 
 impl MmuNotifier for Notifier {
     fn invalidate_range_start(&self, range: crate::host::HvaRange, _ev: crate::host::MmuNotifyEvent) {
@@ -447,9 +483,9 @@ impl Kvm {
             while v.srcu.load(Ordering::Acquire) == seen {
                 spins += 1;
                 if spins > 64 {
-                    std::thread::yield_now();
+                    crate::sync::thread::yield_now();
                 } else {
-                    std::hint::spin_loop();
+                    crate::sync::spin_loop();
                 }
             }
         }
@@ -469,24 +505,7 @@ impl Kvm {
         let _f = self.tracer.func(me.unwrap_or(crate::trace::HOST_CPU), "kvm_flush_remote_tlbs");
         self.stats.remote_tlb_flush_requests.add(1);
         let vcpus = self.vcpus.read().clone();
-        for v in &vcpus {
-            v.requests.fetch_or(req::TLB_FLUSH, Ordering::SeqCst);
-        }
-        // Every vCPU thread now either shows us IN_GUEST_MODE / READING_SHADOW_PAGE_TABLES,
-        // or will see the request before its next access (the "IPI"). With no other vCPU
-        // there is nobody to wait for: the caller sees its own request on its next entry.
-        if vcpus.iter().any(|v| Some(v.id) != me) {
-            crate::sync::barrier::heavy_barrier();
-        }
-        // kvm_make_all_cpus_request: only a vCPU other than the caller that is not outside
-        // guest mode needs the IPI (KVM_REQ_TLB_FLUSH waits); remote_tlb_flush counts the
-        // flushes that sent one.
-        let mut kicked = false;
-        for v in vcpus.iter().filter(|v| Some(v.id) != me) {
-            kicked |= v.mode.load(Ordering::SeqCst) != mode::OUTSIDE_GUEST_MODE;
-            v.wait_for_request(req::TLB_FLUSH, |m| matches!(m, mode::IN_GUEST_MODE | mode::READING_SHADOW_PAGE_TABLES));
-        }
-        if kicked {
+        if make_request_and_wait(&vcpus, me, req::TLB_FLUSH) {
             self.stats.remote_tlb_flush.add(1);
         }
     }
@@ -530,6 +549,9 @@ impl Drop for Kvm {
         }
     }
 }
+
+#[cfg(all(test, vmmu_loom))]
+mod loom_models;
 
 #[cfg(test)]
 mod tests {

@@ -184,10 +184,7 @@ impl Vcpu {
     /// then look at requests; anything pending is serviced outside guest mode first.
     #[inline]
     fn enter(&mut self) -> Result<(), VmError> {
-        self.shared.mode.store(mode::IN_GUEST_MODE, Ordering::Relaxed);
-        crate::sync::barrier::light_barrier();
-        if self.shared.requests.load(Ordering::Relaxed) != 0 || (self.mmu.root.is_none() && self.shadow.root.is_none())
-        {
+        if self.shared.enter_guest_mode() || (self.mmu.root.is_none() && self.shadow.root.is_none()) {
             self.enter_slow()?;
         }
         Ok(())
@@ -308,7 +305,7 @@ impl Vcpu {
                     } else {
                         // The host is invalidating: faults retry until it is done. That is
                         // progress elsewhere, not a stuck vCPU; let the other thread run.
-                        std::thread::yield_now();
+                        crate::sync::thread::yield_now();
                     }
                     if exits > MAX_EXITS_PER_ACCESS {
                         return Err(VmError::Stuck { vcpu: self.id, gva, exits, last: x.to_string() }.into());
