@@ -10,10 +10,10 @@
 
 use crate::access::{check_access, Access, PagePerms, PfErrorCode};
 use crate::addr::{Gpa, Gva, PageSize};
-use crate::bits;
 use crate::entry::{Pte32, ADDR_MASK_1G, ADDR_MASK_2M, ADDR_MASK_4K};
 use crate::mode::{PagingMode, PagingState};
 use crate::regs::{cr3_base, Cr4, Efer};
+use crate::{bits, low32};
 
 /// How many times a walk is restarted after losing an A/D compare-and-exchange
 /// race before it gives up with [`WalkError::Contended`].
@@ -415,7 +415,7 @@ fn walk_once<M: GuestPhys, O: WalkObserver>(
         (_, 1) => (leaf_pte & ADDR_MASK_4K, PageSize::Size4K),
         (true, 2) => (leaf_pte & ADDR_MASK_2M, PageSize::Size2M),
         (true, _) => (leaf_pte & ADDR_MASK_1G, PageSize::Size1G),
-        (false, _) => (Pte32(leaf_pte as u32).addr_4m(), PageSize::Size4M),
+        (false, _) => (Pte32(low32(leaf_pte)).addr_4m(), PageSize::Size4M),
     };
     let gpa = base | (va & size.offset_mask());
     t.gpa = Gpa(gpa);

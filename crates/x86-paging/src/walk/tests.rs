@@ -327,7 +327,7 @@ fn pse_disabled_ignores_ps_in_32bit_pde() {
     // Bits 13 and 17 are now address bits of the page table pointer.
     let pt = f.get(2) & 0xffff_f000;
     let idx = (f.gva.0 >> 12) & 0x3ff;
-    f.mem.store_u32(pt + idx * 4, (0x55_5000 | P | RW | US | A | D) as u32).unwrap();
+    f.mem.store_u32(pt + idx * 4, u32::try_from(0x55_5000 | P | RW | US | A | D).unwrap()).unwrap();
     let t = f.walk(Access::read(0)).unwrap();
     assert_eq!(t.level, 1);
     assert_eq!(t.gpa, Gpa(0x55_5678));
