@@ -381,6 +381,8 @@ impl GuestKernel {
             }
         }
         self.next_pid = pid.checked_add(1).ok_or_else(|| KernelError::Invalid("out of process ids".into()))?;
+        // pid % 4095 + 1 is in 1..=4095 (a PCID other than 0), so it fits u16.
+        #[allow(clippy::cast_possible_truncation)]
         let pcid = if self.cfg.pcid { (pid % 4095 + 1) as u16 } else { 0 };
         self.processes.push(Process { pid, root: Gpa::new(root), vmas: Vec::new(), pcid, node });
         Ok(pid)
