@@ -120,6 +120,17 @@ pub fn tables_needed(ranges: &[(u64, u64, u32)], levels: u8) -> u64 {
         .sum()
 }
 
+/// The level of the leaf entry that maps a page of `1 << shift` bytes: 1 (4 KiB), 2 (2 MiB)
+/// or 3 (1 GiB).
+fn leaf_level(shift: u32) -> Result<u8, String> {
+    match shift {
+        12 => Ok(1),
+        21 => Ok(2),
+        30 => Ok(3),
+        _ => Err(format!("unsupported page shift {shift} (12, 21 or 30)")),
+    }
+}
+
 /// Builds one 4- or 5-level page-table tree.
 pub struct PageTableBuilder<'a, M: BootMem + ?Sized> {
     mem: &'a M,
@@ -140,9 +151,10 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
         Ok(PageTableBuilder { mem, root, levels, accessed: false, tables: 1 })
     }
 
-    /// Maps `va` -> `pa` with a page of `1 << shift` bytes (shift 12, 21 or 30).
+    /// Maps `va` -> `pa` with a page of `1 << shift` bytes (shift 12, 21 or 30; any other
+    /// shift is an error).
     pub fn map(&mut self, alloc: &mut FrameBump, va: u64, pa: u64, shift: u32, flags: PteFlags) -> Result<(), String> {
-        let leaf_level = ((shift - 12) / 9 + 1) as u8;
+        let leaf_level = leaf_level(shift)?;
         let mut table = self.root;
         for level in (leaf_level + 1..=self.levels).rev() {
             let idx = (va >> (12 + 9 * (u32::from(level) - 1))) & 511;
@@ -163,7 +175,8 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
         self.mem.write_phys(Gpa::new(table.raw() + idx * 8), 8, (pa & ADDR) | flags.bits() | ps)
     }
 
-    /// Maps [va, va+len) -> [pa, ..) with pages of `1 << shift` bytes.
+    /// Maps [va, va+len) -> [pa, ..) with pages of `1 << shift` bytes (shift 12, 21 or 30;
+    /// any other shift is an error).
     pub fn map_range(
         &mut self,
         alloc: &mut FrameBump,
@@ -173,6 +186,7 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
         shift: u32,
         flags: PteFlags,
     ) -> Result<(), String> {
+        leaf_level(shift)?;
         let step = 1u64 << shift;
         let mut off = 0;
         while off < len {
@@ -186,6 +200,41 @@ impl<'a, M: BootMem + ?Sized> PageTableBuilder<'a, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Sparse guest memory of 8-byte words.
+    #[derive(Default)]
+    struct Words(RefCell<HashMap<u64, u64>>);
+
+    impl BootMem for Words {
+        fn write_phys(&self, gpa: Gpa, _size: u8, val: u64) -> Result<(), String> {
+            self.0.borrow_mut().insert(gpa.raw(), val);
+            Ok(())
+        }
+        fn read_phys(&self, gpa: Gpa, _size: u8) -> Result<u64, String> {
+            Ok(self.0.borrow().get(&gpa.raw()).copied().unwrap_or(0))
+        }
+    }
+
+    #[test]
+    fn only_4k_2m_and_1g_pages_are_built() {
+        let mem = Words::default();
+        let mut alloc = FrameBump::new(1 << 20, 2 << 20);
+        let mut b = PageTableBuilder::new(&mem, &mut alloc, 4).unwrap();
+        let flags = PteFlags::USER_RW;
+        for shift in [0, 11, 13, 20, 22, 29, 31, 39, 64, u32::MAX] {
+            assert!(b.map(&mut alloc, 0, 0, shift, flags).is_err(), "map with shift {shift}");
+            assert!(b.map_range(&mut alloc, 0, 0, 1 << 30, shift, flags).is_err(), "map_range with shift {shift}");
+        }
+        assert_eq!((b.tables, mem.0.borrow().len()), (1, 0), "nothing built for a bad shift");
+        for (i, shift) in [12u32, 21, 30].into_iter().enumerate() {
+            b.map(&mut alloc, (i as u64 + 1) << 30, 0, shift, flags).unwrap();
+        }
+        // The root, one PDPT, a PD and a PT for the 4 KiB page, a PD for the 2 MiB page (the
+        // 1 GiB page is a PDPTE).
+        assert_eq!(b.tables, 1 + 1 + 2 + 1);
+    }
 
     #[test]
     fn tables_needed_counts_each_level_once() {

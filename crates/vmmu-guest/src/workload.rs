@@ -160,6 +160,8 @@ pub fn run<S: Space>(w: Workload, space: &mut S, start: u64, pages: u64) -> Resu
             let z =
                 rand_distr::Zipf::new(pages.max(1), theta).map_err(|e| KernelError::Invalid(format!("zipf: {e}")))?;
             for n in 0..accesses {
+                // Zipf samples are whole numbers in 1..=pages; `as` saturates anything else.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 let p = (z.sample(&mut rng) as u64).saturating_sub(1).min(pages.max(1) - 1);
                 let off = rng.gen_range(0..512u64) * 8;
                 let kind = if n % 2 == 0 { AccessKind::Read } else { AccessKind::Write };

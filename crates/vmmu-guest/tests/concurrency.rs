@@ -85,6 +85,11 @@ fn boot(cpu: &mut Vcpu, cr3: u64) -> Result<(), GuestError> {
 }
 
 /// The byte offset in page `p` that thread `t` owns, and the 8-byte value it writes there.
+/// `v` as an index (page numbers here are far below `usize::MAX`).
+fn ix(v: u64) -> usize {
+    usize::try_from(v).expect("index fits usize")
+}
+
 fn slot(t: u64, p: u64) -> (u64, u64) {
     ((p % 32) * 64 + t * 8, (t + 1) << 56 | p << 8 | 0x5a)
 }
@@ -163,7 +168,11 @@ fn two_vcpus_fault_concurrently(tdp: TdpKind, backing: Backing) {
             // Every data page and every guest page-table page, each mapped once.
             let gfns = PAGES + s.pt_pages;
             assert!(pf_fixed >= gfns, "{tdp:?}: pf_fixed {pf_fixed} < {gfns} gfns touched");
-            assert_eq!(st["pages_4k"] as u64, gfns, "{tdp:?}: 4 KiB leaves vs distinct gfns touched; {st:?}");
+            assert_eq!(
+                u64::try_from(st["pages_4k"]).unwrap(),
+                gfns,
+                "{tdp:?}: 4 KiB leaves vs distinct gfns touched; {st:?}"
+            );
             assert_eq!(st["pages_2m"] + st["pages_1g"], 0, "{st:?}");
         }
         Backing::Thp => {
@@ -247,7 +256,7 @@ fn host_coherence(tdp: TdpKind, backing: Backing, drops: Drops) {
                 boot(&mut cpu, cr3).map_err(|e| format!("boot: {e}"))?;
                 cpu.exit_guest();
                 started.wait();
-                let mut last = vec![0u64; PAGES as usize];
+                let mut last = vec![0u64; ix(PAGES)];
                 let mut stuck = 0u64;
                 let mut x = 0x2545_f491_4f6c_dd1du64;
                 let mut n = 0u64;
@@ -260,12 +269,12 @@ fn host_coherence(tdp: TdpKind, backing: Backing, drops: Drops) {
                     let gva = Gva::new(DATA + p * 4096);
                     let got = retry_stuck(&stop, &mut stuck, || cpu.read(gva, 8)).map_err(|e| format!("read: {e}"))?;
                     // Only 0 (dropped) or this thread's last write can be there.
-                    if got != 0 && got != last[p as usize] {
-                        return Err(format!("page {p} reads {got:#x}; last written {:#x}", last[p as usize]));
+                    if got != 0 && got != last[ix(p)] {
+                        return Err(format!("page {p} reads {got:#x}; last written {:#x}", last[ix(p)]));
                     }
                     let val = n << 16 | p;
                     retry_stuck(&stop, &mut stuck, || cpu.write(gva, 8, val)).map_err(|e| format!("write: {e}"))?;
-                    last[p as usize] = val;
+                    last[ix(p)] = val;
                 }
                 if stuck > 0 {
                     eprintln!("{tdp:?} {backing:?}: {stuck} accesses hit VmError::Stuck during the invalidation storm and were retried");
@@ -305,9 +314,9 @@ fn host_coherence(tdp: TdpKind, backing: Backing, drops: Drops) {
         let vmm = s.kvm.host().read(Hva(s.hva.raw() + DATA + p * 4096), 8).unwrap();
         assert_eq!(guest, vmm, "{tdp:?} {backing:?}: page {p}: the vCPU and the VMM see different bytes");
         assert!(
-            guest == 0 || guest == last[p as usize],
+            guest == 0 || guest == last[ix(p)],
             "{tdp:?} {backing:?}: page {p} reads {guest:#x}; last written {:#x}",
-            last[p as usize]
+            last[ix(p)]
         );
     }
     cpu.exit_guest();
@@ -365,7 +374,7 @@ fn host_coherence_two_vcpus(mmu: vmmu::MmuKind, backing: Backing, seed: u64) {
                     boot(&mut cpu, cr3).map_err(|e| format!("boot: {e}"))?;
                     cpu.exit_guest();
                     started.wait();
-                    let mut last = vec![0u64; PAGES as usize];
+                    let mut last = vec![0u64; ix(PAGES)];
                     let mut stuck = 0u64;
                     let mut x = 0x2545_f491_4f6c_dd1du64 ^ (seed << 8) ^ t;
                     let mut n = 0u64;
@@ -378,16 +387,13 @@ fn host_coherence_two_vcpus(mmu: vmmu::MmuKind, backing: Backing, seed: u64) {
                         let gva = Gva::new(DATA + p * 4096);
                         let got =
                             retry_stuck(&stop, &mut stuck, || cpu.read(gva, 8)).map_err(|e| format!("read: {e}"))?;
-                        if got != 0 && got != last[p as usize] {
-                            return Err(format!(
-                                "{what}: page {p} reads {got:#x}; last written {:#x}",
-                                last[p as usize]
-                            ));
+                        if got != 0 && got != last[ix(p)] {
+                            return Err(format!("{what}: page {p} reads {got:#x}; last written {:#x}", last[ix(p)]));
                         }
                         // Few distinct values, so KSM finds identical pages to merge.
                         let val = (n % 3 + 1) << 8 | t;
                         retry_stuck(&stop, &mut stuck, || cpu.write(gva, 8, val)).map_err(|e| format!("write: {e}"))?;
-                        last[p as usize] = val;
+                        last[ix(p)] = val;
                         progress.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(last)
@@ -447,7 +453,7 @@ fn host_coherence_two_vcpus(mmu: vmmu::MmuKind, backing: Backing, seed: u64) {
         let guest = cpu.read(gva, 8).unwrap();
         let vmm = host.read(Hva(s.hva.raw() + DATA + p * 4096), 8).unwrap();
         assert_eq!(guest, vmm, "{what}: page {p}: the vCPU and the VMM see different bytes");
-        let last = lasts[(p % 2) as usize][p as usize];
+        let last = lasts[ix(p % 2)][ix(p)];
         assert!(guest == 0 || guest == last, "{what}: page {p} reads {guest:#x}; last written {last:#x}");
     }
     cpu.exit_guest();

@@ -217,7 +217,7 @@ fn huge_pages_are_logged_at_4k_and_come_back_when_logging_stops(eager_page_split
     let (fast, fixed) = (g.cpu.stat.pf_fast, g.cpu.stat.pf_fixed);
     g.write_pages(0, pages);
     assert_eq!(g.cpu.stat.pf_fixed - fixed, g.cpu.stat.pf_fast - fast, "no slow-path fault after recovery");
-    assert!(g.cpu.stat.pf_fixed - fixed <= huge as u64, "at most one fast fault per huge page");
+    assert!(g.cpu.stat.pf_fixed - fixed <= u64::try_from(huge).unwrap(), "at most one fast fault per huge page");
     assert!(g.kvm.vm_stats()["pages_2m"] >= huge, "still huge");
     g.kvm.audit().unwrap();
 }
@@ -334,10 +334,10 @@ fn completeness_with_racing_harvests(mmu: MmuKind, pml: bool, writes: &[u16]) {
 /// (`log[i] = (p, h)`), shows up in harvest `h` or a later one.
 fn check_every_write_harvested(what: &str, log: &[(u64, usize)], harvests: &[BTreeSet<u64>], gfn: &[u64]) {
     for (i, &(p, h)) in log.iter().enumerate() {
+        let g = gfn[usize::try_from(p).unwrap()];
         assert!(
-            harvests[h.min(harvests.len() - 1)..].iter().any(|set| set.contains(&gfn[p as usize])),
-            "{what}: write #{i} to page {p} (gfn {:#x}) after {h} harvests is in no later harvest",
-            gfn[p as usize]
+            harvests[h.min(harvests.len() - 1)..].iter().any(|set| set.contains(&g)),
+            "{what}: write #{i} to page {p} (gfn {g:#x}) after {h} harvests is in no later harvest"
         );
     }
 }

@@ -173,6 +173,11 @@ struct Mix {
     step: usize,
 }
 
+/// `v` as an index (page numbers here are far below `usize::MAX`).
+fn ix(v: u64) -> usize {
+    usize::try_from(v).expect("index fits usize")
+}
+
 fn region(hva: Hva, logging: bool) -> UserspaceMemoryRegion {
     let flags = if logging { MemslotFlags::LOG_DIRTY_PAGES } else { MemslotFlags::empty() };
     UserspaceMemoryRegion { slot: 0, flags, guest_phys_addr: 0, memory_size: MEM, userspace_addr: hva }
@@ -251,7 +256,7 @@ impl Mix {
 
     /// The host address of user page `p`'s frame.
     fn page_hva(&self, p: u64) -> Hva {
-        Hva(self.hva.raw() + self.gfn[p as usize] * 4096)
+        Hva(self.hva.raw() + self.gfn[ix(p)] * 4096)
     }
 
     /// One guest access, harvesting when the vCPU stops on a full dirty ring.
@@ -337,7 +342,7 @@ impl Mix {
                 HostEvent::CollapseThp => drop(self.host.collapse_huge_pages(huge, 2 << 20).unwrap()),
                 HostEvent::DontNeed => {
                     self.host.madvise_dontneed(at, 4096).unwrap();
-                    self.value[p as usize] = 0;
+                    self.value[ix(p)] = 0;
                 }
             }
         }
@@ -349,14 +354,14 @@ impl Mix {
                 let v = self.next_value;
                 self.next_value += 1;
                 self.access(p, AccessKind::Write, v);
-                self.value[p as usize] = v;
+                self.value[ix(p)] = v;
                 if self.logging {
-                    self.pending.entry(self.gfn[p as usize]).or_insert(self.step);
+                    self.pending.entry(self.gfn[ix(p)]).or_insert(self.step);
                 }
             }
             Op::Read(p) => {
                 let got = self.access(p, AccessKind::Read, 0);
-                assert_eq!(got, self.value[p as usize], "{:?} step {}: page {p} lost data", self.setup, self.step);
+                assert_eq!(got, self.value[ix(p)], "{:?} step {}: page {p} lost data", self.setup, self.step);
             }
             Op::Fetch(p) => {
                 self.access(p, AccessKind::Fetch, 0);
@@ -581,7 +586,7 @@ fn logging_toggled_under_a_running_vcpu(setup: Setup, periods: usize, seed: u64)
         harvests = host_thread.join().unwrap();
     });
     for (i, &(p, e, h)) in writes.iter().enumerate() {
-        let g = gfn[p as usize];
+        let g = gfn[ix(p)];
         assert!(
             harvests.iter().skip(h).filter(|(he, _)| *he == e).any(|(_, set)| set.contains(&g)),
             "{setup:?} seed {seed}: write #{i} to page {p} (gfn {g:#x}) in logging period {} after {h} harvests is in no later harvest of that period",

@@ -116,13 +116,14 @@ fn coherence_with_concurrent_host_events(mmu: MmuKind, seed: u64) {
             while !stop.load(std::sync::atomic::Ordering::Acquire) || n < 2000 {
                 let i = rng.gen_range(0..PAGES);
                 let va = USER_BASE + i * 4096 + 64;
+                let slot = usize::try_from(i).unwrap();
                 if rng.gen_bool(0.5) {
                     let v = rng.r#gen::<u64>();
                     k.access(&mut cpu, va, AccessKind::Write, 8, v).unwrap();
-                    want[i as usize] = v;
+                    want[slot] = v;
                 } else {
                     let got = k.access(&mut cpu, va, AccessKind::Read, 8, 0).unwrap();
-                    assert_eq!(got, want[i as usize], "{mmu:?} seed {seed}: page {i} after {n} accesses");
+                    assert_eq!(got, want[slot], "{mmu:?} seed {seed}: page {i} after {n} accesses");
                 }
                 n += 1;
             }

@@ -630,7 +630,7 @@ fn switch_storm<C: GuestCpu>(k: &mut GuestKernel, cpu: &mut C) -> Vec<u64> {
         for i in 0..n {
             let last = (0..5u64).filter(|r| (r + j as u64) % n == i).max();
             let want = last.map_or(i, |r| (p as u64) << 16 | r << 8 | i);
-            assert_eq!(v[j * n as usize + i as usize], want, "pid {p} page {i}");
+            assert_eq!(v[usize::try_from(j as u64 * n + i).unwrap()], want, "pid {p} page {i}");
         }
     }
     v

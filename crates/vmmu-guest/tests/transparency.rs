@@ -460,7 +460,7 @@ fn pick_index(x: u16, bits: u32) -> u64 {
 
 fn sign_extend(va: u64, bits: u32) -> u64 {
     let sh = 64 - bits;
-    (((va << sh) as i64) >> sh) as u64
+    ((va << sh).cast_signed() >> sh).cast_unsigned()
 }
 
 /// The target guest-physical address of a leaf of `1 << shift` bytes.

@@ -12,12 +12,18 @@ fn main() {
     let flag = |f: &str| args.iter().any(|a| a == f);
     let nums: Vec<u64> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let n = nums.first().copied().unwrap_or(1024);
-    let iters = nums.get(1).copied().unwrap_or(10) as u32;
+    let iters = nums.get(1).copied().unwrap_or(10);
+    let count = |v: u64, what: &str| {
+        u32::try_from(v).unwrap_or_else(|_| {
+            eprintln!("{what} {v} is too large (at most {})", u32::MAX);
+            std::process::exit(2);
+        })
+    };
     let spec = match args.first().map(String::as_str) {
         Some("first-touch") | None => WorkloadSpec::first_touch(n),
         Some("write-after-read") => WorkloadSpec::write_after_read(n),
-        Some("pte-rewrite") => WorkloadSpec::pte_rewrite(n as u32),
-        Some("cr3-switch") => WorkloadSpec::cr3_switch(n, iters),
+        Some("pte-rewrite") => WorkloadSpec::pte_rewrite(count(n, "iteration count")),
+        Some("cr3-switch") => WorkloadSpec::cr3_switch(n, count(iters, "iteration count")),
         Some(other) => {
             eprintln!("unknown workload {other}: first-touch, write-after-read, pte-rewrite, cr3-switch");
             std::process::exit(2);

@@ -42,11 +42,20 @@ pub(crate) const SEL_UDATA: u16 = 0x18 | 3;
 pub(crate) const SEL_UCODE: u16 = 0x20 | 3;
 pub(crate) const SEL_TSS: u16 = 0x28;
 pub(crate) const GDT_LIMIT: u16 = 0x38 - 1;
-pub(crate) const IDT_VECTORS: u64 = 32;
+pub(crate) const IDT_VECTORS: u16 = 32;
 /// The TSS: 0x68 bytes, then a 32-byte I/O bitmap (ports 0-255) and its 0xff terminator.
-const IOPB_OFFSET: u64 = 0x68;
-const IOPB_BYTES: u64 = 32;
+const IOPB_OFFSET: u16 = 0x68;
+const IOPB_BYTES: u16 = 32;
 pub(crate) const TSS_LIMIT: u32 = (IOPB_OFFSET + IOPB_BYTES) as u32;
+
+/// [`PAGE`] as a buffer length.
+// PAGE is 4096, which every usize holds.
+#[allow(clippy::cast_possible_truncation)]
+const PAGE_LEN: usize = PAGE as usize;
+/// [`PAGE`] as an instruction immediate.
+// PAGE is 4096, which an i32 holds.
+#[allow(clippy::cast_possible_truncation)]
+const PAGE_IMM: i32 = PAGE as i32;
 
 /// Ports the guest writes (32-bit `out` with EAX).
 /// End of phase EAX (0 is the implicit boot phase).
@@ -123,7 +132,7 @@ impl Tables<'_> {
         }
         let t = self.next;
         self.next += PAGE;
-        self.mem.write_slice(&[0u8; PAGE as usize], GuestAddress(t)).map_err(mem_err)?;
+        self.mem.write_slice(&[0u8; PAGE_LEN], GuestAddress(t)).map_err(mem_err)?;
         Ok(t)
     }
 
@@ -209,6 +218,9 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
             mem_end = mem_end.max(g + r.pages * PAGE);
         }
     }
+    if u32::try_from(spec.phases.len()).is_err() {
+        return bad(format!("{} phases (the guest numbers them with 32 bits)", spec.phases.len()));
+    }
     for p in &spec.phases {
         if p.repeat == 0 {
             return bad(format!("phase {}: repeat must be at least 1", p.name));
@@ -272,7 +284,9 @@ fn copied_roots(spec: &WorkloadSpec) -> Vec<usize> {
 /// Builds guest memory, tables, descriptors and code for `spec`.
 pub(crate) fn build(spec: &WorkloadSpec) -> Result<BuiltGuest, KvmError> {
     let mem_size = validate(spec)?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+    let len = usize::try_from(mem_size)
+        .map_err(|_| KvmError::Memory(format!("{mem_size} bytes of guest RAM do not fit the address space")))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)])
         .map_err(|e| KvmError::Memory(format!("allocating {mem_size} bytes of guest RAM: {e}")))?;
 
     // Page tables: the system area identity-mapped (page 0 left unmapped), then each region.
@@ -365,9 +379,9 @@ fn write_descriptors(mem: &GuestMemoryMmap) -> Result<(), KvmError> {
     // TSS: RSP0 at offset 4, I/O map base at offset 0x66, bitmap (all ports 0-255 allowed),
     // then the terminating 0xff byte.
     mem.write_obj(KSTACK_TOP, GuestAddress(TSS_GPA + 4)).map_err(mem_err)?;
-    mem.write_obj(IOPB_OFFSET as u16, GuestAddress(TSS_GPA + 0x66)).map_err(mem_err)?;
-    mem.write_slice(&[0u8; IOPB_BYTES as usize], GuestAddress(TSS_GPA + IOPB_OFFSET)).map_err(mem_err)?;
-    mem.write_obj(0xffu8, GuestAddress(TSS_GPA + IOPB_OFFSET + IOPB_BYTES)).map_err(mem_err)?;
+    mem.write_obj(IOPB_OFFSET, GuestAddress(TSS_GPA + 0x66)).map_err(mem_err)?;
+    mem.write_slice(&[0u8; IOPB_BYTES as usize], GuestAddress(TSS_GPA + u64::from(IOPB_OFFSET))).map_err(mem_err)?;
+    mem.write_obj(0xffu8, GuestAddress(TSS_GPA + u64::from(IOPB_OFFSET + IOPB_BYTES))).map_err(mem_err)?;
     Ok(())
 }
 
@@ -418,7 +432,7 @@ fn emit_user(
     roots: &[u64],
 ) -> Result<(), IcedError> {
     phase_end(a, 0)?;
-    for (i, phase) in spec.phases.iter().enumerate() {
+    for (phase, index) in spec.phases.iter().zip(1u32..) {
         let mut top = a.create_label();
         if phase.repeat > 1 {
             a.mov(r14d, phase.repeat)?;
@@ -438,7 +452,7 @@ fn emit_user(
                             a.inc(r15)?;
                         }
                     }
-                    a.add(rdi, PAGE as i32)?;
+                    a.add(rdi, PAGE_IMM)?;
                     a.dec(rcx)?;
                     a.jnz(lp)?;
                 }
@@ -484,7 +498,7 @@ fn emit_user(
             a.dec(r14d)?;
             a.jnz(top)?;
         }
-        phase_end(a, i as u32 + 1)?;
+        phase_end(a, index)?;
     }
     let mut done = a.create_label();
     a.set_label(&mut done)?;
@@ -504,7 +518,7 @@ fn enter_kernel(a: &mut CodeAssembler, how: KernelEntry) -> Result<(), IcedError
 /// past the `int3`); every other vector reports itself on [`PORT_FATAL`] and halts.
 fn emit_handlers(a: &mut CodeAssembler) -> Result<Vec<CodeLabel>, IcedError> {
     let mut labels = Vec::new();
-    for vector in 0..IDT_VECTORS as u32 {
+    for vector in 0..u32::from(IDT_VECTORS) {
         let mut l = a.create_label();
         a.set_label(&mut l)?;
         if vector == 6 || vector == 3 {

@@ -135,7 +135,7 @@ fn setup_vcpu(kvm: &Kvm, m: &Machine) -> Result<(), KvmError> {
     s.gdt.base = guest::GDT_GPA;
     s.gdt.limit = guest::GDT_LIMIT;
     s.idt.base = guest::IDT_GPA;
-    s.idt.limit = (guest::IDT_VECTORS * 16 - 1) as u16;
+    s.idt.limit = guest::IDT_VECTORS * 16 - 1;
     // PG | WP | NE | ET | MP | PE; CR4.PAE; EFER.LME | LMA.
     s.cr0 = (1 << 31) | (1 << 16) | (1 << 5) | (1 << 4) | (1 << 1) | 1;
     s.cr4 = 1 << 5;
@@ -265,20 +265,24 @@ fn run(spec: &WorkloadSpec, trace: Option<&TraceSession>) -> Result<KvmRun, KvmE
                 let after = (vm_stats.read()?, vcpu_stats.read()?);
                 phases.push(KvmPhase {
                     name: names[index].clone(),
-                    wall_ns: stop.duration_since(started).as_nanos() as u64,
+                    wall_ns: u64::try_from(stop.duration_since(started).as_nanos()).unwrap_or(u64::MAX),
                     vm: after.0.delta_since(&before.0),
                     vcpu: after.1.delta_since(&before.1),
                 });
                 before = after;
             }
             Ok((guest::PORT_DONE, _)) if phases.len() == names.len() => break,
-            Ok((guest::PORT_FATAL, vector)) => return Err(fatal(&m, vector as u8)),
             Ok((port, value)) => {
-                return Err(KvmError::UnexpectedExit {
-                    exit: format!("IoOut port {port:#x} value {value:#x}"),
-                    rip: rip(),
-                    phase: phases.len(),
-                })
+                // A fatal exception reports its vector, which fits 8 bits; anything else on the
+                // port is as unexpected as a write to another port.
+                return Err(match u8::try_from(value) {
+                    Ok(vector) if port == guest::PORT_FATAL => fatal(&m, vector),
+                    _ => KvmError::UnexpectedExit {
+                        exit: format!("IoOut port {port:#x} value {value:#x}"),
+                        rip: rip(),
+                        phase: phases.len(),
+                    },
+                });
             }
             Err(exit) => return Err(KvmError::UnexpectedExit { exit, rip: rip(), phase: phases.len() }),
         }

@@ -259,12 +259,11 @@ mod tests {
         let desc_offset = id_offset + name_size;
         let stride = DESC_FIXED_LEN + name_size;
         let data_offset = desc_offset + stats.len() * stride;
+        let u32_of = |v: usize| u32::try_from(v).unwrap();
         let mut f = Vec::new();
-        for v in [0u32, name_size as u32, stats.len() as u32, id_offset as u32] {
-            f.extend_from_slice(&v.to_ne_bytes());
+        for v in [0, name_size, stats.len(), id_offset, desc_offset, data_offset] {
+            f.extend_from_slice(&u32_of(v).to_ne_bytes());
         }
-        f.extend_from_slice(&(desc_offset as u32).to_ne_bytes());
-        f.extend_from_slice(&(data_offset as u32).to_ne_bytes());
         let mut id = b"kvm-42".to_vec();
         id.resize(name_size, 0);
         f.extend_from_slice(&id);
@@ -273,7 +272,7 @@ mod tests {
             f.extend_from_slice(&flags.to_ne_bytes());
             f.extend_from_slice(&0i16.to_ne_bytes());
             f.extend_from_slice(&size.to_ne_bytes());
-            f.extend_from_slice(&(data.len() as u32).to_ne_bytes());
+            f.extend_from_slice(&u32_of(data.len()).to_ne_bytes());
             f.extend_from_slice(&0u32.to_ne_bytes());
             let mut n = name.as_bytes().to_vec();
             n.resize(name_size, 0);
@@ -301,7 +300,8 @@ mod tests {
         assert_eq!(layout.descs.len(), 3);
         assert_eq!(layout.descs[2].size, 3);
         assert_eq!(layout.data_len, 5 * 8);
-        let values = layout.decode(&f[layout.data_offset as usize..]);
+        let data_offset = usize::try_from(layout.data_offset).unwrap();
+        let values = layout.decode(&f[data_offset..]);
         let snap = StatsSnapshot { stats: values.into_iter().map(|v| (v.name.clone(), v)).collect() };
         assert_eq!(snap.get("pf_fixed"), Some(7));
         assert_eq!(snap.get("halt_wait_hist"), Some(6));
@@ -315,11 +315,7 @@ mod tests {
             ],
         );
         let later = StatsSnapshot {
-            stats: layout
-                .decode(&later_f[layout.data_offset as usize..])
-                .into_iter()
-                .map(|v| (v.name.clone(), v))
-                .collect(),
+            stats: layout.decode(&later_f[data_offset..]).into_iter().map(|v| (v.name.clone(), v)).collect(),
         };
         let d = later.delta_since(&snap);
         assert_eq!(d["pf_fixed"], 12);

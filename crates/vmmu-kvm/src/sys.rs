@@ -33,8 +33,10 @@ pub(crate) fn get_stats_fd(fd: &impl AsRawFd) -> io::Result<File> {
 pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> io::Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem.get_host_address(region.start_addr()).map_err(|e| io::Error::other(e.to_string()))?;
+        let slot =
+            u32::try_from(slot).map_err(|_| io::Error::other(format!("memory region {slot}: too many slots")))?;
         let desc = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),

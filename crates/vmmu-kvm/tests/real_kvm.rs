@@ -124,7 +124,7 @@ fn first_touch() {
     let run = run_workload(&WorkloadSpec::first_touch(n)).unwrap();
     show(&run);
     assert_eq!(run.phases.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["boot", "first-touch", "re-touch"]);
-    assert_eq!(run.checked_writes, n as usize);
+    assert_eq!(run.checked_writes, usize::try_from(n).unwrap());
     assert!(run.translations.iter().all(|t| t.kvm_gpa == Some(t.expected_gpa)));
     if shadow(&run) {
         // Every page's first write takes a shadow fault that installs its SPTE.
@@ -156,13 +156,13 @@ fn pte_rewrite() {
     if !kvm_or_skip("pte_rewrite") {
         return;
     }
-    let iters = 100u64;
+    let iters = 100u32;
     for entry in [KernelEntry::Ud2, KernelEntry::Int3] {
-        let run = run_workload(&WorkloadSpec::pte_rewrite(iters as u32).with_kernel_entry(entry)).unwrap();
+        let run = run_workload(&WorkloadSpec::pte_rewrite(iters).with_kernel_entry(entry)).unwrap();
         show(&run);
-        assert_eq!(stat(&run, "pte-rewrite", "invlpg"), 2 * iters, "one INVLPG per rewrite");
+        assert_eq!(stat(&run, "pte-rewrite", "invlpg"), 2 * u64::from(iters), "one INVLPG per rewrite");
         if shadow(&run) {
-            assert!(stat(&run, "pte-rewrite", "pf_fixed") >= 2 * iters, "each remapped page faults in");
+            assert!(stat(&run, "pte-rewrite", "pf_fixed") >= 2 * u64::from(iters), "each remapped page faults in");
         }
     }
 }
@@ -172,16 +172,16 @@ fn cr3_switch() {
     if !kvm_or_skip("cr3_switch") {
         return;
     }
-    let (n, iters) = (256u64, 10u64);
+    let (n, iters) = (256u64, 10u32);
     for entry in [KernelEntry::Ud2, KernelEntry::Int3] {
-        let run = run_workload(&WorkloadSpec::cr3_switch(n, iters as u32).with_kernel_entry(entry)).unwrap();
+        let run = run_workload(&WorkloadSpec::cr3_switch(n, iters).with_kernel_entry(entry)).unwrap();
         show(&run);
-        assert_eq!(run.checked_writes, 2 * n as usize, "both frame windows written");
+        assert_eq!(run.checked_writes, usize::try_from(2 * n).unwrap(), "both frame windows written");
         if shadow(&run) {
             assert!(stat(&run, "touch-root1", "pf_fixed") >= n, "a new root shadows its pages anew");
             // KVM keeps the previous roots cached: switching back and forth refaults nothing.
             assert!(stat(&run, "cr3-switch", "pf_fixed") < n);
-            assert!(stat(&run, "cr3-switch", "tlb_flush") >= 2 * iters);
+            assert!(stat(&run, "cr3-switch", "tlb_flush") >= 2 * u64::from(iters));
         }
     }
 }

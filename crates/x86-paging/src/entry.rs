@@ -7,7 +7,7 @@
 use core::fmt;
 
 use crate::addr::PageSize;
-use crate::bits;
+use crate::{bits, low32};
 
 /// Physical-address bits 51:12 of a 64-bit format entry.
 pub const ADDR_MASK_4K: u64 = 0x000f_ffff_ffff_f000;
@@ -236,7 +236,7 @@ impl Pte32 {
     #[inline]
     #[must_use]
     pub const fn with_addr(self, addr: u64) -> Self {
-        Pte32((self.0 & !Self::ADDR_MASK) | (addr as u32 & Self::ADDR_MASK))
+        Pte32((self.0 & !Self::ADDR_MASK) | (low32(addr) & Self::ADDR_MASK))
     }
 
     /// The physical address of a 4 MiB page with PSE-36: bits 31:22 from the
@@ -251,8 +251,8 @@ impl Pte32 {
     #[inline]
     #[must_use]
     pub const fn with_addr_4m(self, addr: u64) -> Self {
-        let low = addr as u32 & Self::ADDR_MASK_4M;
-        let high = ((addr >> 19) as u32) & Self::PSE36_MASK;
+        let low = low32(addr) & Self::ADDR_MASK_4M;
+        let high = low32(addr >> 19) & Self::PSE36_MASK;
         Pte32((self.0 & !(Self::ADDR_MASK_4M | Self::PSE36_MASK)) | low | high)
     }
 }

@@ -70,6 +70,13 @@ pub use walk2d::{
     walk_2d, walk_2d_cached, walk_2d_logged, walk_2d_with, DirtiedGfns, GpaCache, Tdp, Translation2d, Walk2dError,
 };
 
+/// The low 32 bits of `v`, for 32-bit paging entries and fields held in a `u64`: the
+/// truncation is the point, and the mask makes it explicit.
+#[inline]
+pub(crate) const fn low32(v: u64) -> u32 {
+    (v & 0xffff_ffff) as u32
+}
+
 /// A mask with bits `lo..=hi` set (empty when `lo > hi`; `hi` is clamped to 63).
 #[inline]
 pub(crate) const fn bits(lo: u32, hi: u32) -> u64 {

@@ -4,6 +4,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{Gpa, Gva, Hpa};
 use crate::ept::HostPhys;
+use crate::low32;
 use crate::walk::GuestPhys;
 
 /// An access outside a [`VecMem`].
@@ -60,7 +61,7 @@ impl VecMem {
         for (i, b) in buf.iter_mut().enumerate() {
             let a = addr + i as u64;
             let w = self.word(a)?.load(Ordering::Acquire);
-            *b = (w >> ((a & 7) * 8)) as u8;
+            *b = w.to_le_bytes()[(a & 7) as usize];
         }
         Ok(())
     }
@@ -109,7 +110,7 @@ impl VecMem {
         let addr = addr.into();
         if addr & 3 == 0 {
             let w = self.word(addr)?.load(Ordering::Acquire);
-            return Ok((w >> ((addr & 4) * 8)) as u32);
+            return Ok(low32(w >> ((addr & 4) * 8)));
         }
         let mut b = [0u8; 4];
         self.load_bytes(addr, &mut b)?;
@@ -160,16 +161,15 @@ impl VecMem {
     }
 
     /// Unaligned compare-and-exchange: not atomic (test memory only).
-    fn cmpxchg_slow(&self, addr: u64, size: u64, old: u64, new: u64) -> Result<bool, OutOfRange> {
+    fn cmpxchg_slow(&self, addr: u64, size: usize, old: u64, new: u64) -> Result<bool, OutOfRange> {
         let mut b = [0u8; 8];
-        let n = size as usize;
-        self.load_bytes(addr, &mut b[..n])?;
+        self.load_bytes(addr, &mut b[..size])?;
         let cur = u64::from_le_bytes(b);
         let mask = if size == 8 { u64::MAX } else { (1 << (size * 8)) - 1 };
         if cur & mask != old & mask {
             return Ok(false);
         }
-        self.store_bytes(addr, &new.to_le_bytes()[..n])?;
+        self.store_bytes(addr, &new.to_le_bytes()[..size])?;
         Ok(true)
     }
 }
@@ -187,7 +187,7 @@ impl VecMem {
     #[inline]
     fn cmpxchg_entry(&self, gpa: Gpa, size: u8, old: u64, new: u64) -> Result<bool, OutOfRange> {
         if size == 4 {
-            self.cmpxchg_u32_at(gpa, old as u32, new as u32)
+            self.cmpxchg_u32_at(gpa, low32(old), low32(new))
         } else {
             self.cmpxchg_u64_at(gpa, old, new)
         }

@@ -75,7 +75,7 @@ impl PagingMode {
             return true;
         }
         let sh = 64 - self.va_bits();
-        (((gva.0 << sh) as i64) >> sh) as u64 == gva.0
+        ((gva.0 << sh).cast_signed() >> sh).cast_unsigned() == gva.0
     }
 }
 
@@ -209,10 +209,10 @@ impl PagingState {
     pub fn load_pdptrs<M: GuestPhys>(&mut self, mem: &mut M) -> Result<(), PdptrError<M::Error>> {
         let mut new = [0u64; 4];
         let rsvd = self.pdpte_reserved_mask();
-        for (i, slot) in new.iter_mut().enumerate() {
-            let v = mem.read_pte(self.pdpte_gpa(i), 8, Gva(0)).map_err(PdptrError::Mem)?;
+        for (i, slot) in (0u8..).zip(new.iter_mut()) {
+            let v = mem.read_pte(self.pdpte_gpa(usize::from(i)), 8, Gva(0)).map_err(PdptrError::Mem)?;
             if v & 1 != 0 && v & rsvd != 0 {
-                return Err(PdptrError::Reserved { index: i as u8, value: v });
+                return Err(PdptrError::Reserved { index: i, value: v });
             }
             *slot = v;
         }

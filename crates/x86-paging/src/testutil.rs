@@ -133,7 +133,7 @@ impl Fix {
     pub fn put(&mut self, level: u8, v: u64) {
         let at = self.at[usize::from(level - 1)];
         if self.esize() == 4 {
-            self.mem.store_u32(at, v as u32).unwrap();
+            self.mem.store_u32(at, crate::low32(v)).unwrap();
         } else {
             self.mem.store_u64(at, v).unwrap();
         }

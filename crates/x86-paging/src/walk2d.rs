@@ -169,6 +169,8 @@ impl GpaCache {
     }
 
     #[inline]
+    // Only the low bits survive the mask, and a usize holds at least 32 of them.
+    #[allow(clippy::cast_possible_truncation)]
     fn slot(gfn: u64) -> usize {
         (gfn as usize) & (GPA_CACHE_ENTRIES - 1)
     }
@@ -433,7 +435,7 @@ mod tests {
         fn set_guest_entry(&self, level: u8, v: u64) {
             let at = GUEST_BASE + self.fix.at[usize::from(level - 1)];
             if self.fix.mode == PagingMode::Bits32 {
-                self.host.mem.store_u32(at, v as u32).unwrap();
+                self.host.mem.store_u32(at, crate::low32(v)).unwrap();
             } else {
                 self.host.mem.store_u64(at, v).unwrap();
             }

@@ -134,7 +134,7 @@ impl TraceSummary {
 }
 
 fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
+    ((v << 1) ^ (v >> 63)).cast_unsigned()
 }
 
 fn unzigzag(v: u64) -> i64 {
@@ -144,10 +144,10 @@ fn unzigzag(v: u64) -> i64 {
 /// Appends `v` as an LEB128 varint; returns the bytes used.
 fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
+        buf.push(((v & 0x7f) as u8) | 0x80);
         v >>= 7;
     }
-    buf.push(v as u8);
+    buf.push((v & 0x7f) as u8);
 }
 
 /// Address predictors shared by the writer and the reader.
@@ -200,7 +200,7 @@ impl<W: Write> TraceWriter<W> {
     /// Appends one record.
     pub fn write(&mut self, r: Record) -> Result<(), FormatError> {
         let start = self.buf.len();
-        let code = if (1..u32::from(SIZE_ESCAPE)).contains(&r.size) { r.size as u8 } else { SIZE_ESCAPE };
+        let code = u8::try_from(r.size).ok().filter(|s| (1..SIZE_ESCAPE).contains(s)).unwrap_or(SIZE_ESCAPE);
         self.buf.push(r.kind.code() | (code << 2));
         if code == SIZE_ESCAPE {
             put_varint(&mut self.buf, u64::from(r.size));
@@ -368,7 +368,7 @@ impl<R: BufRead> TraceReader<R> {
             s => u32::from(s),
         };
         let delta = unzigzag(self.varint()?);
-        let r = Record { kind, size, addr: self.predict.base(kind).wrapping_add(delta as u64) };
+        let r = Record { kind, size, addr: self.predict.base(kind).wrapping_add_signed(delta) };
         self.predict.update(&r);
         self.read += 1;
         Ok(Some(r))
