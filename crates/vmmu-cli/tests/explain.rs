@@ -74,7 +74,7 @@ fn shadow_explains_the_guest_and_shadow_walks() {
     assert_eq!(e.shadow.iter().map(|s| s.level).collect::<Vec<_>>(), [4, 3, 2, 1]);
     for (s, g) in e.shadow.iter().zip(&e.guest) {
         let sp = s.sp.expect("every shadow table is a shadow page");
-        assert_eq!(sp.role.level(), u32::from(s.level));
+        assert_eq!(sp.role.level(), s.level);
         assert_eq!(sp.role.direct(), 0);
         // Each shadow page shadows the guest table of its level.
         assert_eq!(sp.gfn, g.table_gpa >> 12);

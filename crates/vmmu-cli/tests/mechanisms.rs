@@ -211,7 +211,7 @@ fn deleting_a_memslot_zaps_all_roots_fast() {
 
 #[test]
 fn five_level_tdp_only_when_maxphyaddr_needs_it() {
-    for (maxphy, level) in [(46, 4u32), (52, 5)] {
+    for (maxphy, level) in [(46, 4u8), (52, 5)] {
         let mut m = simple(&format!("max_tdp_level = 5\nmaxphyaddr = {maxphy}"));
         let base = m.data_start;
         let v = &mut m.vcpus[0];

@@ -156,7 +156,7 @@ fn audit_shadow(kvm: &Kvm) -> Result<AuditReport, AuditError> {
             continue;
         }
         rep.tables += 1;
-        let level = sp.role.level() as u8;
+        let level = sp.role.level();
         for i in 0..512u64 {
             let sptep = sp.sptep(i);
             let spte = Spte(kvm.mem().load(sptep));

@@ -58,7 +58,7 @@ pub fn fast_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &KvmPageFault) -> 
     // The TDP MMU's root, or the legacy MMU's direct root.
     let root = match (vcpu.mmu.root.as_deref(), vcpu.shadow.root) {
         (Some(r), _) => (r.hpa, r.level()),
-        (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level() as u8),
+        (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level()),
         (None, None) => return RetPf::Invalid,
     };
     let m = kvm.mmu().masks;

@@ -8,7 +8,7 @@
 use super::page_fault::RetPf;
 use super::spte::{Spte, MMIO_SPTE_GEN_MASK};
 use crate::vm::{Kvm, VcpuArch};
-use x86_paging::addr::{Gfn, Gpa, Hpa};
+use x86_paging::addr::{Gfn, Gpa, Gva, Hpa};
 
 /// The error code flags as the kernel's `__print_flags` prints them ("P|W|U").
 pub fn pferr_flags(ec: u64) -> String {
@@ -39,7 +39,7 @@ fn check_mmio_spte(kvm: &Kvm, vcpu: &VcpuArch, spte: Spte) -> bool {
 
 /// The table and level of the shadow root that translates `gva` (the vCPU's reference
 /// keeps the root itself alive after the shadow lock is dropped).
-fn shadow_root_table(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) -> Option<(Hpa, u8)> {
+fn shadow_root_table(kvm: &Kvm, vcpu: &VcpuArch, gva: Gva) -> Option<(Hpa, u8)> {
     let (sp, level) = vcpu.shadow.root_for(gva)?;
     let s = kvm.mmu.shadow.lock();
     s.pages.exists(sp).then(|| (s.pages.get(sp).spt_hpa(), level))
@@ -59,7 +59,7 @@ pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetP
     let spte = if direct {
         let (root_hpa, root_level) = match (vcpu.mmu.root.as_deref(), vcpu.shadow.root) {
             (Some(r), _) => (r.hpa, r.level()),
-            (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level() as u8),
+            (None, Some(r)) => (r.hpa, vcpu.shadow.root_role.level()),
             (None, None) => return RetPf::Retry,
         };
         // get_mmio_spte: the lockless walk to the last SPTE.
@@ -71,7 +71,7 @@ pub fn handle_mmio_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, addr: u64) -> RetP
         // get_mmio_spte for an indirect MMU: the same lockless last-SPTE lookup, indexed by
         // the gva, from the root's table. No lock is taken inside the bracket: a remote flush
         // made under the shadow lock waits for this vCPU.
-        let Some((table, level)) = shadow_root_table(kvm, vcpu, addr) else { return RetPf::Retry };
+        let Some((table, level)) = shadow_root_table(kvm, vcpu, Gva::new(addr)) else { return RetPf::Retry };
         super::fast_pf::walk_shadow_page_lockless_begin(vcpu);
         let (_, spte, _) = super::tdp_iter::last_spte(kvm.mem(), table, level, Gfn::new(addr >> 12));
         super::fast_pf::walk_shadow_page_lockless_end(vcpu);

@@ -20,7 +20,7 @@ use crate::memslot::{Memslot, MemslotChange, MemslotError};
 use crate::sync::percpu::WriteGuard;
 use crate::sync::Ordering;
 use crate::vm::{req, Kvm, MmuKind, TdpKind, VcpuArch, VmError};
-use x86_paging::addr::{Gfn, Gpa, Pfn};
+use x86_paging::addr::{Gfn, Gpa, Gva, Pfn};
 use x86_paging::ept::{EptConfig, NptConfig};
 use x86_paging::walk2d::Tdp;
 
@@ -102,7 +102,7 @@ fn shadow_page_fault(
     error_code: u64,
     _prefetch: bool,
 ) -> Result<RetPf, MmuError> {
-    super::paging_tmpl::page_fault(kvm, vcpu, gva, error_code)
+    super::paging_tmpl::page_fault(kvm, vcpu, Gva::new(gva), error_code)
 }
 
 /// `mmu_topup_memory_caches`: fills the vCPU's cache of zeroed table frames before the

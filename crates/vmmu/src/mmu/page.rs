@@ -45,8 +45,38 @@ use x86_paging::addr::{Gfn, Hpa, Pfn};
 /// `KVM_MMU_HASH_SHIFT`.
 pub const KVM_MMU_HASH_SHIFT: u32 = 12;
 
-/// A shadow page's index in [`MmuPages`].
-pub type SpId = u32;
+/// A shadow page's name in [`MmuPages`]: its slot and the slot's generation. A slot is reused
+/// after its page is freed, with the next generation, so an id kept across a free (a vCPU's
+/// root, a page collected before a zap) never names the page that reuses the slot:
+/// [`MmuPages::exists`] is false for it and [`MmuPages::get`] refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SpId {
+    index: u32,
+    gen: u32,
+}
+
+impl SpId {
+    /// An id no page ever has (a marker, e.g. for the set of PAE roots).
+    pub const NONE: SpId = SpId { index: u32::MAX, gen: u32::MAX };
+
+    fn slot(self) -> usize {
+        self.index as usize
+    }
+}
+
+impl std::fmt::Display for SpId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sp{}.{}", self.index, self.gen)
+    }
+}
+
+/// One slot of [`MmuPages`]: the page, and the generation of the id that names it (bumped
+/// when the page is freed).
+#[derive(Debug, Default)]
+struct Slot {
+    gen: u32,
+    page: Option<ShadowPage>,
+}
 
 /// `struct kvm_mmu_page`.
 #[derive(Debug)]
@@ -87,15 +117,15 @@ impl ShadowPage {
 
     /// Address of SPTE `index`.
     pub fn sptep(&self, index: u64) -> Hpa {
-        Hpa::new(self.spt.hpa().raw() + index * 8)
+        self.spt.hpa().entry(index)
     }
 }
 
 /// All shadow pages of a VM.
 #[derive(Debug, Default)]
 pub struct MmuPages {
-    pages: Vec<Option<ShadowPage>>,
-    free_ids: Vec<SpId>,
+    pages: Vec<Slot>,
+    free_slots: Vec<u32>,
     by_spt: FastMap<u64, SpId>,
     hash: FastMap<u64, Vec<SpId>>,
     active: BTreeMap<u64, SpId>,
@@ -127,14 +157,16 @@ impl MmuPages {
             mmu_valid_gen: gen,
             seq,
         };
-        let id = match self.free_ids.pop() {
-            Some(id) => {
-                self.pages[id as usize] = Some(sp);
-                id
+        let id = match self.free_slots.pop() {
+            Some(index) => {
+                let slot = &mut self.pages[index as usize];
+                slot.page = Some(sp);
+                SpId { index, gen: slot.gen }
             }
             None => {
-                self.pages.push(Some(sp));
-                (self.pages.len() - 1) as SpId
+                let index = u32::try_from(self.pages.len()).expect("more than 2^32 shadow pages");
+                self.pages.push(Slot { gen: 0, page: Some(sp) });
+                SpId { index, gen: 0 }
             }
         };
         self.by_spt.insert(spt.raw(), id);
@@ -145,7 +177,11 @@ impl MmuPages {
 
     /// Removes a page entirely (`kvm_mmu_free_shadow_page`); returns it.
     pub fn remove(&mut self, id: SpId) -> ShadowPage {
-        let sp = self.pages[id as usize].take().expect("freeing a shadow page twice");
+        assert!(self.exists(id), "freeing shadow page {id} twice");
+        let slot = &mut self.pages[id.slot()];
+        let sp = slot.page.take().expect("checked above");
+        // Every id handed out for this page is stale from now on.
+        slot.gen = slot.gen.wrapping_add(1);
         self.by_spt.remove(&sp.spt.raw());
         let h = kvm_page_table_hashfn(sp.gfn);
         if let Some(b) = self.hash.get_mut(&h) {
@@ -155,7 +191,7 @@ impl MmuPages {
             }
         }
         self.active.remove(&sp.seq);
-        self.free_ids.push(id);
+        self.free_slots.push(id.index);
         sp
     }
 
@@ -167,22 +203,28 @@ impl MmuPages {
 
     /// The page.
     pub fn get(&self, id: SpId) -> &ShadowPage {
-        self.pages[id as usize].as_ref().expect("stale shadow page id")
+        match self.pages.get(id.slot()) {
+            Some(Slot { gen, page: Some(p) }) if *gen == id.gen => p,
+            _ => panic!("stale shadow page id {id}"),
+        }
     }
 
     /// The page, mutably.
     pub fn get_mut(&mut self, id: SpId) -> &mut ShadowPage {
-        self.pages[id as usize].as_mut().expect("stale shadow page id")
+        match self.pages.get_mut(id.slot()) {
+            Some(Slot { gen, page: Some(p) }) if *gen == id.gen => p,
+            _ => panic!("stale shadow page id {id}"),
+        }
     }
 
     /// Whether `id` names a live page.
     pub fn exists(&self, id: SpId) -> bool {
-        self.pages.get(id as usize).is_some_and(|p| p.is_some())
+        self.pages.get(id.slot()).is_some_and(|s| s.gen == id.gen && s.page.is_some())
     }
 
     /// `sptep_to_sp`: the page holding the SPTE at `sptep`, and the SPTE's index.
     pub fn sptep_to_sp(&self, sptep: Hpa) -> Option<(SpId, u64)> {
-        self.by_spt.get(&sptep.pfn().raw()).map(|id| (*id, (sptep.raw() & 0xfff) / 8))
+        self.by_spt.get(&sptep.pfn().raw()).map(|id| (*id, sptep.entry_index()))
     }
 
     /// The page whose table is at `spt`.
@@ -207,11 +249,52 @@ impl MmuPages {
 
     /// Every live page.
     pub fn all(&self) -> Vec<SpId> {
-        self.pages.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i as SpId).collect()
+        (0u32..)
+            .zip(&self.pages)
+            .filter(|(_, s)| s.page.is_some())
+            .map(|(index, s)| SpId { index, gen: s.gen })
+            .collect()
     }
 
     /// Number of pages on `active_mmu_pages`.
     pub fn active_len(&self) -> usize {
         self.active.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_id_never_names_the_page_that_reuses_its_slot() {
+        let mut p = MmuPages::default();
+        let a = p.insert(Gfn::new(1), Role::default(), Pfn::new(10), 0);
+        let b = p.insert(Gfn::new(2), Role::default(), Pfn::new(11), 0);
+        assert_ne!(a, b);
+        assert_eq!(p.remove(a).gfn, Gfn::new(1));
+        assert!(!p.exists(a));
+        let c = p.insert(Gfn::new(3), Role::default(), Pfn::new(12), 0);
+        assert_ne!(c, a, "the slot is reused under a new generation");
+        assert!(p.exists(c) && !p.exists(a) && p.exists(b));
+        assert_eq!(p.get(c).gfn, Gfn::new(3));
+        assert_eq!(p.by_spt(Pfn::new(12)), Some(c));
+        assert_eq!(p.sptep_to_sp(Pfn::new(12).hpa().entry(7)), Some((c, 7)));
+        let mut all = p.all();
+        all.sort();
+        let mut want = vec![b, c];
+        want.sort();
+        assert_eq!(all, want);
+        assert!(!p.exists(SpId::NONE));
+    }
+
+    #[test]
+    #[should_panic(expected = "stale shadow page id")]
+    fn reading_through_a_stale_id_panics() {
+        let mut p = MmuPages::default();
+        let a = p.insert(Gfn::new(1), Role::default(), Pfn::new(10), 0);
+        p.remove(a);
+        let _reuse = p.insert(Gfn::new(2), Role::default(), Pfn::new(11), 0);
+        let _ = p.get(a);
     }
 }

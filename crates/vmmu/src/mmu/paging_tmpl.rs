@@ -97,7 +97,7 @@ fn pferr_text(ec: u64) -> String {
 
 /// `FNAME(walk_addr_generic)`: walks the guest's tables in software (through memslots),
 /// setting A/D bits as hardware would; a fault comes back as the guest's #PF error code.
-pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Result<GuestWalker, PfErrorCode> {
+pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: Gva, error_code: u64) -> Result<GuestWalker, PfErrorCode> {
     let st: PagingState = *vcpu.cpu.paging();
     let kind = if error_code & PFERR_WRITE != 0 {
         AccessKind::Write
@@ -124,9 +124,9 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
     let mut mem = KvmGuestMem::new(kvm, &vcpu.slots, &bus).with_ring(vcpu.dirty_ring.as_deref());
     let r = loop {
         let r = if tracing {
-            walk(&mut mem, &st, Gva::new(gva), &access, WalkOptions::ARCH, &mut TraceWalk { kvm, cpu: vcpu.id })
+            walk(&mut mem, &st, gva, &access, WalkOptions::ARCH, &mut TraceWalk { kvm, cpu: vcpu.id })
         } else {
-            walk(&mut mem, &st, Gva::new(gva), &access, WalkOptions::ARCH, &mut x86_paging::walk::NoObserver)
+            walk(&mut mem, &st, gva, &access, WalkOptions::ARCH, &mut x86_paging::walk::NoObserver)
         };
         match r {
             Err(WalkError::Contended) => continue,
@@ -179,7 +179,7 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: u64, error_code: u64) -> Resul
 }
 
 /// `FNAME(page_fault)`: an intercepted #PF under shadow paging.
-pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
+pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: Gva, error_code: u64) -> Result<RetPf, MmuError> {
     let _f = kvm.tracer.func(vcpu.id, "paging64_page_fault");
     let mode = vcpu.cpu.paging().mode();
     if mode == PagingMode::NonPaging {
@@ -190,11 +190,11 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
         Err(ec) => {
             // The guest's own fault: inject it (kvm_inject_emulated_page_fault).
             vcpu.stat.pf_guest += 1;
-            vcpu.shadow.pending_pf = Some((gva, ec.0));
+            vcpu.shadow.pending_pf = Some((gva.raw(), ec.0));
             return Ok(RetPf::Retry);
         }
     };
-    let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(walker.gfn.gpa().raw() | (gva & 0xfff)), error_code);
+    let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(walker.gfn.gpa().raw() | gva.page_offset()), error_code);
     fault.gfn = walker.gfn;
     fault.max_level = walker.level;
     // page_fault_handle_page_track: a write to a write-tracked gfn cannot be fixed.
@@ -229,7 +229,7 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> 
 fn under_mmu_lock(
     kvm: &Kvm,
     vcpu: &mut VcpuArch,
-    gva: u64,
+    gva: Gva,
     fault: &mut KvmPageFault,
     map: impl FnOnce(&mut Ctx<'_>, SpId, &mut KvmPageFault) -> RetPf,
 ) -> RetPf {
@@ -252,11 +252,11 @@ fn under_mmu_lock(
 
 /// `nonpaging_page_fault`: paging is off, the gva is the gpa; direct pages under the PAE
 /// roots map it, at most 2 MiB at a time.
-fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64, error_code: u64) -> Result<RetPf, MmuError> {
-    let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(gva & 0xffff_ffff), error_code);
+fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: Gva, error_code: u64) -> Result<RetPf, MmuError> {
+    let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(gva.raw() & 0xffff_ffff), error_code);
     fault.max_level = 2;
     crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)
-        .map_err(|e| MmuError::OutOfMemory { gpa: gva, reason: e.to_string() })?;
+        .map_err(|e| MmuError::OutOfMemory { gpa: gva.raw(), reason: e.to_string() })?;
     let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
     if r != RetPf::Continue {
         return Ok(r);
@@ -290,12 +290,12 @@ fn gpte_addr(ctx: &Ctx<'_>, sp: SpId, i: u64) -> (Gpa, u8) {
 fn fetch(
     ctx: &mut Ctx<'_>,
     root_sp: SpId,
-    gva: u64,
+    gva: Gva,
     w: &GuestWalker,
     fault: &mut KvmPageFault,
     pte_access: u8,
 ) -> RetPf {
-    let mut it = ShadowWalk::new(&ctx.s.pages, root_sp, gva);
+    let mut it = ShadowWalk::new(&ctx.s.pages, root_sp, gva.raw());
     // For PAE the PDPTE comes from the PDPTR registers: the top checked entry is the PDE.
     let top = if w.root_level == 3 { 2 } else { w.root_level };
     if gpte_changed(ctx, w, top) {
@@ -339,7 +339,7 @@ fn fetch(
     }
     let (sp, level) = (it.sp, it.level);
     let sptep = it.sptep(&ctx.s.pages);
-    let gfn = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+    let gfn = fault.gfn.align_down(level);
     let pfn = fault.slot.map(|_| Pfn::new(fault.pfn.raw() & !(pages_at(level) - 1)));
     if ctx.kvm.tracer.events_on() {
         ctx.kvm.tracer.event(
@@ -357,13 +357,13 @@ fn fetch(
 
 /// `shadow_page_table_clear_flood`: a fault that used the path to `gva` resets the
 /// write-flooding counts of the pages on it.
-fn shadow_page_table_clear_flood(kvm: &Kvm, vcpu: &VcpuArch, gva: u64) {
+fn shadow_page_table_clear_flood(kvm: &Kvm, vcpu: &VcpuArch, gva: Gva) {
     let Some((root, _)) = vcpu.shadow.root_for(gva) else { return };
     let mut s = kvm.mmu.shadow.lock();
     if !s.pages.exists(root) {
         return;
     }
-    let mut it = ShadowWalk::new(&s.pages, root, gva);
+    let mut it = ShadowWalk::new(&s.pages, root, gva.raw());
     loop {
         s.pages.get_mut(it.sp).write_flooding_count = 0;
         if !it.next(&s.pages, kvm.mem()) {
@@ -438,7 +438,7 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     let st = *vcpu.cpu.paging();
     let (role_access, level) = {
         let p = ctx.s.pages.get(sp);
-        (p.role.access() as u8, p.role.level() as u8)
+        (p.role.access() as u8, p.role.level())
     };
     let sptep = ctx.s.pages.get(sp).sptep(i);
     let bus = ctx.kvm.mmio_bus();
@@ -494,11 +494,11 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
 
 /// `kvm_mmu_invalidate_addr` for the current root: INVLPG syncs the SPTE of `gva` in unsync
 /// pages along the path (dropping it if the guest changed it).
-pub fn invlpg(ctx: &mut Ctx<'_>, root_sp: SpId, gva: u64) {
+pub fn invlpg(ctx: &mut Ctx<'_>, root_sp: SpId, gva: Gva) {
     if !ctx.s.pages.exists(root_sp) {
         return;
     }
-    let mut it = ShadowWalk::new(&ctx.s.pages, root_sp, gva);
+    let mut it = ShadowWalk::new(&ctx.s.pages, root_sp, gva.raw());
     loop {
         let (sp, index) = (it.sp, it.index());
         if !ctx.s.pages.exists(sp) {

@@ -26,8 +26,6 @@ macro_rules! role_bits {
 pub struct Role(pub u32);
 
 role_bits! {
-    /// Level (1 = 4 KiB table ... 5 = PML5).
-    level / with_level: 0, 4;
     /// The guest uses 4-byte (32-bit non-PAE) entries.
     has_4_byte_gpte / with_has_4_byte_gpte: 4, 1;
     /// Quadrant of a 32-bit guest table shadowed by PAE tables.
@@ -54,6 +52,23 @@ role_bits! {
     passthrough / with_passthrough: 18, 1;
     /// Address space (SMM).
     smm / with_smm: 24, 8;
+}
+
+impl Role {
+    /// Level (1 = 4 KiB table ... 5 = PML5): bits 0-3.
+    #[inline]
+    pub const fn level(self) -> u8 {
+        // Masked to 4 bits: always fits.
+        #[allow(clippy::cast_possible_truncation)]
+        let l = (self.0 & 0xf) as u8;
+        l
+    }
+
+    /// Returns the role with `level` set (only its low 4 bits are kept).
+    #[inline]
+    pub const fn with_level(self, level: u8) -> Role {
+        Role((self.0 & !0xf) | (level as u32 & 0xf))
+    }
 }
 
 impl std::fmt::Debug for Role {

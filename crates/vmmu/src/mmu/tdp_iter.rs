@@ -12,11 +12,8 @@ use super::spte::Spte;
 use crate::host::PhysMem;
 use x86_paging::addr::{Gfn, Hpa};
 
-/// Pages mapped by one entry at `level`.
-#[inline]
-pub const fn pages_at(level: u8) -> u64 {
-    1 << (9 * (level as u32 - 1))
-}
+/// Pages mapped by one entry at `level` (`KVM_PAGES_PER_HPAGE`).
+pub use x86_paging::addr::pages_per_level as pages_at;
 
 /// Index of `gfn` in a table at `level`.
 #[inline]
@@ -123,7 +120,7 @@ impl<'a> TdpIter<'a> {
     fn refresh(&mut self) {
         let per = pages_at(self.level);
         self.gfn = Gfn::new(self.next_last_level_gfn & !(per - 1));
-        self.sptep = Hpa::new(self.pt_path[usize::from(self.level)].raw() + spte_index(self.gfn.raw(), self.level) * 8);
+        self.sptep = self.pt_path[usize::from(self.level)].entry(spte_index(self.gfn.raw(), self.level));
         self.old_spte = Spte(self.mem.load(self.sptep));
         self.valid = self.gfn.raw() < self.end;
     }
@@ -206,7 +203,7 @@ mod tests {
         let (root, l3, l2) = (Hpa::new(0x1000), Hpa::new(0x2000), Hpa::new(0x3000));
         for t in [root, l3, l2] {
             for i in 0..512 {
-                mem.store(Hpa::new(t.raw() + i * 8), Spte::NONPRESENT.0);
+                mem.store(t.entry(i), Spte::NONPRESENT.0);
             }
         }
         mem.store(root, make_nonleaf_spte(&m, l3, false).0);

@@ -33,7 +33,7 @@ pub struct TdpRoot {
 impl TdpRoot {
     /// Level of the root table.
     pub fn level(&self) -> u8 {
-        self.role.level() as u8
+        self.role.level()
     }
 
     /// Whether the root is invalid (obsolete).
@@ -72,7 +72,7 @@ impl TdpRoot {
 pub(crate) fn init_table(kvm: &Kvm, pfn: Pfn) {
     let mem = kvm.mem();
     for i in 0..512 {
-        mem.store(Hpa::new(pfn.hpa().raw() + i * 8), Spte::NONPRESENT.0);
+        mem.store(pfn.hpa().entry(i), Spte::NONPRESENT.0);
     }
 }
 
@@ -170,7 +170,7 @@ fn handle_removed_pt(kvm: &Kvm, cpu: u32, pt: Hpa, level: u8, base: Gfn, shared:
     kvm.unaccount_nx_huge_page(pt.pfn());
     let mem = kvm.mem();
     for i in 0..512u64 {
-        let sptep = Hpa::new(pt.raw() + i * 8);
+        let sptep = pt.entry(i);
         let gfn = Gfn::new(base.raw() + i * pages_at(level));
         let old = if shared {
             loop {
@@ -246,7 +246,7 @@ pub fn kvm_tdp_mmu_map(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
         if fault.huge_page_disallowed {
             // tdp_mmu_init_child_sp: nx_huge_page_disallowed; track_possible_nx_huge_page
             // when a huge page would have been mapped but for the mitigation.
-            let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+            let base = fault.gfn.align_down(level);
             kvm.account_nx_huge_page(sp, base, level, fault.req_level >= level, true);
         }
         Step::Next
@@ -266,7 +266,7 @@ fn tdp_mmu_install_table(kvm: &Kvm, cpu: u32, it: &mut TdpIter<'_>, sp: Pfn, ad_
     if split {
         for i in 0..512u64 {
             let child = make_small_spte(&masks, huge, level, i, kvm.nx_huge_pages());
-            kvm.mem().store(Hpa::new(sp.hpa().raw() + i * 8), child.0);
+            kvm.mem().store(sp.hpa().entry(i), child.0);
         }
     }
     let link = make_nonleaf_spte(&masks, sp.hpa(), ad_disabled);
@@ -391,7 +391,7 @@ pub fn tdp_mmu_zap_root(kvm: &Kvm, root: &TdpRoot, shared: bool) {
     let mem = kvm.mem();
     let level = root.level();
     for i in 0..512u64 {
-        let sptep = Hpa::new(root.hpa.raw() + i * 8);
+        let sptep = root.hpa.entry(i);
         let old = Spte(mem.word(sptep).swap(Spte::NONPRESENT.0, Ordering::AcqRel));
         if old.is_shadow_present() || old.is_mmio(&kvm.mmu.masks) {
             handle_changed_spte(kvm, u32::MAX, Gfn::new(i * pages_at(level)), old, Spte::NONPRESENT, level, shared);

@@ -508,7 +508,7 @@ impl Vcpu {
     pub fn invlpg(&mut self, gva: Gva) {
         if self.shadowing() {
             let Vcpu { kvm, arch } = self;
-            crate::mmu::shadow::kvm_mmu_invlpg(kvm, arch, gva.raw());
+            crate::mmu::shadow::kvm_mmu_invlpg(kvm, arch, gva);
         } else {
             self.cpu.invlpg(gva)
         }
@@ -524,7 +524,7 @@ impl Vcpu {
         if self.shadowing() {
             if kind == 0 {
                 let Vcpu { kvm, arch } = self;
-                crate::mmu::shadow::kvm_mmu_invlpg(kvm, arch, gva.raw());
+                crate::mmu::shadow::kvm_mmu_invlpg(kvm, arch, gva);
             } else {
                 self.arch.shared.requests.fetch_or(req::MMU_SYNC | req::TLB_FLUSH_CURRENT, Ordering::SeqCst);
             }

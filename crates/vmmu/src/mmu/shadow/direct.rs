@@ -5,7 +5,7 @@ use super::*;
 /// The legacy MMU's TDP root role (`kvm_calc_tdp_mmu_root_page_role`).
 pub fn direct_root_role(cfg: &crate::vm::VmConfig) -> Role {
     Role(0)
-        .with_level(u32::from(cfg.tdp_level()))
+        .with_level(cfg.tdp_level())
         .with_direct(1)
         .with_access(u32::from(ACC_ALL))
         .with_cr0_wp(1)
@@ -81,7 +81,7 @@ impl Ctx<'_> {
                 self.zap_pte(sptep);
                 self.kvm.flush_remote_tlbs(Some(self.cpu));
             }
-            let base = Gfn::new(fault.gfn.raw() & !(pages_at(level) - 1));
+            let base = fault.gfn.align_down(level);
             let role = child_role_at(self.s.pages.get(it.sp).role, it.index(), true, access);
             let c = self.get_shadow_page(base, role);
             self.link_shadow_page(sptep, c);
@@ -115,7 +115,7 @@ impl Ctx<'_> {
         let (sp, level) = (it.sp, it.level);
         let sptep = it.sptep(&self.s.pages);
         let pfn = fault.slot.map(|_| fault.pfn);
-        let base = Gfn::new(gfn & !(pages_at(level) - 1));
+        let base = Gfn::new(gfn).align_down(level);
         let r = self.mmu_set_spte(sptep, ACC_ALL, base, pfn, fault.map_writable, false, fault.write);
         if r != RetPf::Emulate && level == 1 && self.s.pages.get(sp).role.ad_disabled() == 0 {
             crate::mmu::paging_tmpl::pte_prefetch_pub(self, sp, sptep);

@@ -17,7 +17,7 @@ use super::RetPf;
 use crate::memslot::{Memslot, Memslots};
 use crate::sync::{Arc, Ordering};
 use crate::vm::{req, Kvm, VcpuArch};
-use x86_paging::addr::{Gfn, Hpa, Pfn};
+use x86_paging::addr::{Gfn, Gva, Hpa, Pfn};
 
 /// `KVM_MIN_FREE_MMU_PAGES`.
 pub const KVM_MIN_FREE_MMU_PAGES: u64 = 5;
@@ -81,14 +81,14 @@ pub struct VcpuShadow {
 }
 
 /// `RootInfo::sp` of the marker root that stands for a set of PAE roots.
-pub const PAE_ROOTS: SpId = SpId::MAX;
+pub const PAE_ROOTS: SpId = SpId::NONE;
 
 impl VcpuShadow {
     /// The shadow page a walk of `gva` starts at, and its level.
-    pub fn root_for(&self, gva: u64) -> Option<(SpId, u8)> {
+    pub fn root_for(&self, gva: Gva) -> Option<(SpId, u8)> {
         match &self.pae {
-            Some(p) => p[((gva >> 30) & 3) as usize].map(|sp| (sp, 2)),
-            None => self.root.map(|r| (r.sp, self.root_role.level() as u8)),
+            Some(p) => p[((gva.raw() >> 30) & 3) as usize].map(|sp| (sp, 2)),
+            None => self.root.map(|r| (r.sp, self.root_role.level())),
         }
     }
 
@@ -117,7 +117,7 @@ pub struct ShadowWalk {
 impl ShadowWalk {
     /// `shadow_walk_init_using_root`: the root's entry for `addr`.
     pub fn new(pages: &MmuPages, root: SpId, addr: u64) -> Self {
-        ShadowWalk { sp: root, level: pages.get(root).role.level() as u8, addr }
+        ShadowWalk { sp: root, level: pages.get(root).role.level(), addr }
     }
 
     /// Index of the current entry in its page.
@@ -256,7 +256,7 @@ impl ShadowMmu {
         let sp = self.pages.get(id);
         match &sp.shadowed_translation {
             Some(t) if sp.role.direct() == 0 => Gfn::new(t[index as usize] >> 12),
-            _ => Gfn::new(sp.gfn.raw() + index * pages_at(sp.role.level() as u8)),
+            _ => Gfn::new(sp.gfn.raw() + index * pages_at(sp.role.level())),
         }
     }
 
@@ -401,7 +401,7 @@ impl Ctx<'_> {
     fn account_shadowed(&mut self, id: SpId) {
         let (gfn, level) = {
             let sp = self.s.pages.get(id);
-            (sp.gfn, sp.role.level() as u8)
+            (sp.gfn, sp.role.level())
         };
         self.kvm.mmu.indirect_shadow_pages.fetch_add(1, Ordering::Release);
         if let Some(slot) = self.slot_of(gfn) {
@@ -418,7 +418,7 @@ impl Ctx<'_> {
     fn unaccount_shadowed(&mut self, id: SpId) {
         let (gfn, level) = {
             let sp = self.s.pages.get(id);
-            (sp.gfn, sp.role.level() as u8)
+            (sp.gfn, sp.role.level())
         };
         self.kvm.mmu.indirect_shadow_pages.fetch_sub(1, Ordering::Release);
         if let Some(slot) = self.slot_of(gfn) {
@@ -567,7 +567,7 @@ impl Ctx<'_> {
             return;
         }
         let Some((id, index)) = self.s.pages.sptep_to_sp(sptep) else { return };
-        let level = self.s.pages.get(id).role.level() as u8;
+        let level = self.s.pages.get(id).role.level();
         let gfn = self.s.sp_gfn_at(id, index);
         if let Some(slot) = self.slots.find(gfn).cloned() {
             if self.s.rmaps.remove(&slot, gfn, level, sptep) {
@@ -586,7 +586,7 @@ impl Ctx<'_> {
     pub fn zap_pte(&mut self, sptep: Hpa) {
         let s = self.load(sptep);
         let Some((id, _)) = self.s.pages.sptep_to_sp(sptep) else { return };
-        let level = self.s.pages.get(id).role.level() as u8;
+        let level = self.s.pages.get(id).role.level();
         if s.is_shadow_present() {
             if s.is_last(level) {
                 self.drop_spte(sptep);
@@ -613,7 +613,7 @@ impl Ctx<'_> {
         write_fault: bool,
     ) -> RetPf {
         let Some((id, index)) = self.s.pages.sptep_to_sp(sptep) else { return RetPf::Retry };
-        let level = self.s.pages.get(id).role.level() as u8;
+        let level = self.s.pages.get(id).role.level();
         let m = self.kvm.mmu.masks;
         let Some(pfn) = pfn else {
             let gen = self.slots.generation();

@@ -108,7 +108,7 @@ pub fn kvm_mmu_load(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<(), crate::host::H
         ctx.commit_zap_page();
         let v = ctx.vcpu.as_mut().expect("vcpu");
         v.shadow.root = Some(RootInfo { pgd, sp: id, hpa });
-        set_hw_root(v, v.shadow.root, role.level() as u8, dummy);
+        set_hw_root(v, v.shadow.root, role.level(), dummy);
         v.cpu.flush_tlb_current();
     });
     Ok(())
@@ -151,7 +151,7 @@ pub fn kvm_mmu_reset_context(kvm: &Kvm, vcpu: &mut VcpuArch) {
 pub fn kvm_mmu_load_pgd(kvm: &Kvm, vcpu: &mut VcpuArch) {
     if let Some(r) = vcpu.shadow.root {
         let dummy = dummy_root(kvm).unwrap_or(r.hpa);
-        let level = vcpu.shadow.root_role.level() as u8;
+        let level = vcpu.shadow.root_role.level();
         set_hw_root(vcpu, Some(r), level, dummy);
     }
 }
@@ -284,7 +284,7 @@ pub fn kvm_mmu_free_obsolete_roots(kvm: &Kvm, vcpu: &mut VcpuArch) {
 
 /// `kvm_mmu_invlpg` under shadow paging: syncs the SPTE of `gva` in unsync pages on every
 /// root's path, then the hardware drops its TLB entry.
-pub fn kvm_mmu_invlpg(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64) {
+pub fn kvm_mmu_invlpg(kvm: &Kvm, vcpu: &mut VcpuArch, gva: x86_paging::addr::Gva) {
     vcpu.stat.invlpg += 1;
     let roots: Vec<SpId> = match &vcpu.shadow.pae {
         Some(_) => vcpu.shadow.root_for(gva).map(|(sp, _)| sp).into_iter().collect(),
@@ -296,5 +296,5 @@ pub fn kvm_mmu_invlpg(kvm: &Kvm, vcpu: &mut VcpuArch, gva: u64) {
         }
         ctx.commit_zap_page();
     });
-    vcpu.cpu.invlpg(x86_paging::addr::Gva::new(gva));
+    vcpu.cpu.invlpg(gva);
 }

@@ -39,7 +39,7 @@ impl Ctx<'_> {
     /// subtree has nothing unsync left.
     pub(super) fn collect_unsync(&mut self, id: SpId, out: &mut Vec<SpId>) {
         let spt = self.s.pages.get(id).spt_hpa();
-        let level = self.s.pages.get(id).role.level() as u8;
+        let level = self.s.pages.get(id).role.level();
         for w in 0..8 {
             let mut bits = self.s.pages.get(id).unsync_child_bitmap[w];
             while bits != 0 {
@@ -49,7 +49,7 @@ impl Ctx<'_> {
                 let b = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
                 let index = w as u64 * 64 + b;
-                let s = self.load(Hpa::new(spt.raw() + index * 8));
+                let s = self.load(spt.entry(index));
                 let child =
                     if s.is_shadow_present() && !s.is_last(level) { self.s.pages.by_spt(s.pfn()) } else { None };
                 match child {
@@ -90,7 +90,7 @@ impl Ctx<'_> {
         let spt = self.s.pages.get(id).spt_hpa();
         let mut flush = false;
         for i in 0..512u64 {
-            let sptep = Hpa::new(spt.raw() + i * 8);
+            let sptep = spt.entry(i);
             let s = self.load(sptep);
             if !s.is_shadow_present() && !s.is_mmio(&self.kvm.mmu.masks) {
                 continue;

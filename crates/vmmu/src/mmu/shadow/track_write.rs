@@ -40,7 +40,7 @@ pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr
                 (
                     sp.role.direct() != 0,
                     sp.role.invalid() != 0,
-                    sp.role.level() as u8,
+                    sp.role.level(),
                     sp.role.has_4_byte_gpte() != 0,
                     sp.role.quadrant(),
                 )

@@ -14,7 +14,7 @@ impl Ctx<'_> {
         let _f = self.kvm.tracer.func(self.cpu, "kvm_mmu_prepare_zap_page");
         trace_sp(self.kvm, self.cpu, "kvm_mmu_prepare_zap_page", self.s.pages.get(id), None);
         self.kvm.stats.mmu_shadow_zapped.add(1);
-        let level = self.s.pages.get(id).role.level() as u8;
+        let level = self.s.pages.get(id).role.level();
         // mmu_zap_unsync_children: unsync pages below cannot be synced once unlinked.
         if level > 1 {
             loop {
@@ -31,7 +31,7 @@ impl Ctx<'_> {
         let spt = self.s.pages.get(id).spt_hpa();
         // kvm_mmu_page_unlink_children.
         for i in 0..512u64 {
-            let sptep = Hpa::new(spt.raw() + i * 8);
+            let sptep = spt.entry(i);
             let s = self.load(sptep);
             if s.is_shadow_present() && !s.is_last(level) {
                 if let Some(child) = self.s.pages.by_spt(s.pfn()) {
@@ -141,7 +141,7 @@ impl Ctx<'_> {
         for (_, sptep) in self.s.rmap_range(&self.slots, slot.base_gfn, slot.end_gfn(), 1, 2) {
             let Some((id, _)) = self.s.pages.sptep_to_sp(sptep) else { continue };
             let sp = self.s.pages.get(id);
-            let (direct, level, gfn) = (sp.role.direct() != 0, sp.role.level() as u8, sp.gfn);
+            let (direct, level, gfn) = (sp.role.direct() != 0, sp.role.level(), sp.gfn);
             if direct && level < crate::mmu::page_fault::kvm_mmu_max_mapping_level(self.kvm, slot, gfn) {
                 self.drop_spte(sptep);
                 flush = true;
