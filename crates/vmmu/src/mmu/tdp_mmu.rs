@@ -386,17 +386,21 @@ pub fn tdp_mmu_zap_leafs(kvm: &Kvm, cpu: u32, root: &TdpRoot, start: Gfn, end: G
     flush
 }
 
-/// Zaps a whole root (`tdp_mmu_zap_root`): every top-level entry, tearing down all tables.
+/// Zaps a whole root (`tdp_mmu_zap_root`): every top-level entry (a walk with the root's
+/// level as its lowest), tearing down all tables below it through `handle_removed_pt`. The
+/// entry is exchanged, not compare-exchanged: whatever a racing walker left there goes.
 pub fn tdp_mmu_zap_root(kvm: &Kvm, root: &TdpRoot, shared: bool) {
     let mem = kvm.mem();
     let level = root.level();
-    for i in 0..512u64 {
-        let sptep = root.hpa.entry(i);
-        let old = Spte(mem.word(sptep).swap(Spte::NONPRESENT.0, Ordering::AcqRel));
+    // The gfns one root maps: 512 entries of pages_at(level) each.
+    let end = Gfn::new(pages_at(level) * 512);
+    root.walk(kvm, level, Gfn::new(0), end, |it| {
+        let old = Spte(mem.word(it.sptep).swap(Spte::NONPRESENT.0, Ordering::AcqRel));
         if old.is_shadow_present() || old.is_mmio(&kvm.mmu.masks) {
-            handle_changed_spte(kvm, u32::MAX, Gfn::new(i * pages_at(level)), old, Spte::NONPRESENT, level, shared);
+            handle_changed_spte(kvm, u32::MAX, it.gfn, old, Spte::NONPRESENT, level, shared);
         }
-    }
+        Step::SkipChildren
+    });
 }
 
 /// `kvm_tdp_mmu_invalidate_all_roots`: marks every root invalid (obsolete); vCPUs drop them
