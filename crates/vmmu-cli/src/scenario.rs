@@ -259,14 +259,19 @@ pub struct Phase {
 
 /// A scenario problem: the field and what is wrong with it. Control characters the
 /// scenario's own text brought in (a value echoed back) print escaped, so an error stays one
-/// line.
+/// line. When the text is not TOML of the scenario's shape, the TOML parser's error is the
+/// source (its message, on one line, is `problem`; its own text spans several lines): print
+/// with `{}`, not by walking the chain.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{}: {}", printable(.field), printable(.problem))]
 pub struct ScenarioError {
-    /// Which field.
+    /// Which field (for a TOML error: `line L, column C`, or `file`).
     pub field: String,
     /// What is wrong.
     pub problem: String,
+    /// The TOML parser's error, if the text did not parse.
+    #[source]
+    pub source: Option<Box<toml::de::Error>>,
 }
 
 /// `s` with control characters escaped (`\r`, `\n`, `\u{1b}`).
@@ -279,7 +284,7 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn err(field: impl Into<String>, problem: impl Into<String>) -> ScenarioError {
-    ScenarioError { field: field.into(), problem: problem.into() }
+    ScenarioError { field: field.into(), problem: problem.into(), source: None }
 }
 
 /// Parses a page size name to its shift.
@@ -327,8 +332,8 @@ impl Scenario {
     /// Parses TOML text; the error is one line (it may name a line and column).
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
         let s: Scenario = toml::from_str(text).map_err(|e| {
-            let (at, problem) = toml_error(text, &e);
-            err(at, problem)
+            let (field, problem) = toml_error(text, &e);
+            ScenarioError { field, problem, source: Some(Box::new(e)) }
         })?;
         s.validate()?;
         Ok(s)

@@ -19,6 +19,7 @@
 //! This module has the grid, the cells and their runs; the submodule `output` writes the
 //! results (CSV, JSON Lines, the plots and the HTML report), re-exported here.
 
+use crate::error::RunError;
 use crate::machine::GAUGES;
 use crate::runner::{self, RunOptions, RunResult};
 use crate::scenario::{GuestSection, MemslotSection, Scenario, Size, VmSection};
@@ -36,12 +37,25 @@ pub use output::{
     CONFIG_COLUMNS, FILES, LATENCY_COLUMNS, PHASES, PHASE_COLUMNS, PLOTS, TOTAL_COLUMNS,
 };
 
-/// A sweep failure that stops the whole sweep (a failed cell does not: it is recorded).
+/// A sweep failure that stops the whole sweep (a failed cell does not: it is recorded). A
+/// variant that wraps an underlying error carries it as its source and, as the crate's errors
+/// do ([`crate::error`]), includes its text in the message: print with `{}`, not by walking
+/// the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     /// The grid is invalid.
     #[error("{0}")]
     Grid(String),
+    /// The grid file is not TOML of the grid's shape.
+    #[error("{at}: {problem}")]
+    Toml {
+        /// Where: `line L, column C` (or `file`).
+        at: String,
+        /// The parser's message, on one line ([`crate::scenario::toml_error`]).
+        problem: String,
+        /// The parser's error.
+        source: Box<toml::de::Error>,
+    },
     /// Writing the outputs failed.
     #[error("{path}: {source}")]
     Io {
@@ -113,7 +127,7 @@ impl Grid {
     pub fn parse(text: &str) -> Result<Grid, SweepError> {
         let g: Grid = toml::from_str(text).map_err(|e| {
             let (at, problem) = crate::scenario::toml_error(text, &e);
-            SweepError::Grid(format!("{at}: {problem}"))
+            SweepError::Toml { at, problem, source: Box::new(e) }
         })?;
         g.validate()?;
         Ok(g)
@@ -290,13 +304,30 @@ fn onoff(b: bool) -> &'static str {
     }
 }
 
+/// Why a cell has no results (recorded in its row; the sweep goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum CellError {
+    /// The cell's generated scenario does not validate (a bug in [`CellConfig::scenario`]).
+    #[error("generated scenario: {0}")]
+    Scenario(#[source] crate::scenario::ScenarioError),
+    /// The run refused the cell or failed.
+    #[error("{0}")]
+    Run(#[source] RunError),
+    /// The model panicked; the panic's message.
+    #[error("panicked: {0}")]
+    Panicked(String),
+    /// The thread running the cell panicked outside the cell's run.
+    #[error("cell thread panicked")]
+    ThreadPanicked,
+}
+
 /// One cell's outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CellResult {
     /// Its configuration.
     pub config: CellConfig,
     /// The run, or why it failed.
-    pub run: Result<RunResult, String>,
+    pub run: Result<RunResult, CellError>,
     /// Wall time of the whole cell (building the VM and booting included).
     pub cell_wall_ns: u64,
 }
@@ -356,7 +387,7 @@ pub fn run_cells(
 ) -> Vec<CellResult> {
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let slots: Mutex<Vec<Option<CellResult>>> = Mutex::new(vec![None; cells.len()]);
+    let slots: Mutex<Vec<Option<CellResult>>> = Mutex::new(cells.iter().map(|_| None).collect());
     std::thread::scope(|sc| {
         for _ in 0..jobs.clamp(1, cells.len().max(1)) {
             sc.spawn(|| loop {
@@ -375,11 +406,7 @@ pub fn run_cells(
         .into_iter()
         .zip(cells)
         .map(|(r, c)| {
-            r.unwrap_or_else(|| CellResult {
-                config: c.clone(),
-                run: Err("cell thread panicked".into()),
-                cell_wall_ns: 0,
-            })
+            r.unwrap_or_else(|| CellResult { config: c.clone(), run: Err(CellError::ThreadPanicked), cell_wall_ns: 0 })
         })
         .collect()
 }
@@ -389,17 +416,16 @@ pub fn run_cell(c: &CellConfig) -> CellResult {
     let t0 = Instant::now();
     let s = c.scenario();
     let run = match s.validate() {
-        Err(e) => Err(format!("generated scenario: {e}")),
+        Err(e) => Err(CellError::Scenario(e)),
         Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            runner::run(&s, &c.run_options(), |_, _| {}).map_err(|e| e.to_string())
+            runner::run(&s, &c.run_options(), |_, _| {}).map_err(CellError::Run)
         }))
         .unwrap_or_else(|p| {
-            Err(format!(
-                "panicked: {}",
+            Err(CellError::Panicked(
                 p.downcast_ref::<String>()
                     .cloned()
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
             ))
         }),
     };

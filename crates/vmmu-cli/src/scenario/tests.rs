@@ -29,3 +29,19 @@ fn errors_name_the_field() {
     let e = Scenario::parse("name = \"x\"\n[[memslot]]\ngpa = 0\nsize = \"1MiB\"\n[[phase]]\nname = \"p\"\nops = [{ op = \"write\", start = 0, pages = 0 }]\n").unwrap_err();
     assert_eq!(e.field, "phase[0].ops[0].pages");
 }
+
+#[test]
+fn a_toml_error_is_the_source_and_is_named_once() {
+    use std::error::Error as _;
+    let e = Scenario::parse("name = \"x\"\n[[memslot]]\ngpa = 0\nsize = [1]\n").unwrap_err();
+    assert_eq!(e.field, "line 4, column 8");
+    let toml = e.source().and_then(|s| s.downcast_ref::<Box<toml::de::Error>>()).expect("the toml::de::Error");
+    let shown = e.to_string();
+    assert!(shown.starts_with("line 4, column 8: "), "{shown}");
+    assert!(shown.contains(toml.message().lines().next().unwrap()), "{shown} / {toml}");
+    assert!(!shown.contains('\n'), "{shown:?}");
+    // A problem of the scenario's own (not the parser's) has no source.
+    let e = Scenario::parse("name = \"x\"\n").unwrap_err();
+    assert_eq!(e.field, "memslot");
+    assert!(e.source().is_none());
+}

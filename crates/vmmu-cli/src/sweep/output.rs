@@ -88,7 +88,7 @@ pub fn csv_row(r: &CellResult) -> Vec<String> {
     let c = &r.config;
     let (status, error) = match &r.run {
         Ok(_) => ("ok", String::new()),
-        Err(e) => ("error", e.clone()),
+        Err(e) => ("error", e.to_string()),
     };
     let mut row = vec![
         c.id(),
@@ -158,7 +158,7 @@ pub fn json(r: &CellResult) -> serde_json::Value {
     });
     match &r.run {
         Err(e) => serde_json::json!({
-            "cell": c.id(), "config": config, "status": "error", "error": e, "cell_wall_ns": r.cell_wall_ns,
+            "cell": c.id(), "config": config, "status": "error", "error": e.to_string(), "cell_wall_ns": r.cell_wall_ns,
         }),
         Ok(run) => {
             let phases: Vec<_> = run
@@ -424,7 +424,12 @@ figcaption{{font-size:13px;color:#555}}.err{{color:#b00}}</style></head><body>"
         );
         match &r.run {
             Err(e) => {
-                let _ = write!(h, "<td class=\"l err\" colspan=\"{}\">failed: {}</td>", cols.len() + 3, esc(e));
+                let _ = write!(
+                    h,
+                    "<td class=\"l err\" colspan=\"{}\">failed: {}</td>",
+                    cols.len() + 3,
+                    esc(&e.to_string())
+                );
             }
             Ok(_) => {
                 let t = r.totals();

@@ -40,3 +40,34 @@ fn csv_quotes() {
     assert_eq!(csv_field("a,b"), "\"a,b\"");
     assert_eq!(csv_field("x"), "x");
 }
+
+#[test]
+fn a_grid_that_is_not_toml_keeps_the_parser_error_as_its_source() {
+    use std::error::Error as _;
+    let e = Grid::parse("pages = \"many\"\n").unwrap_err();
+    let SweepError::Toml { at, problem, .. } = &e else { panic!("not a TOML error: {e:?}") };
+    assert_eq!(at, "line 1, column 9");
+    assert!(problem.contains("invalid type"), "{problem}");
+    let source = e.source().expect("the TOML error is the source");
+    let toml = source.downcast_ref::<Box<toml::de::Error>>().expect("a toml::de::Error");
+    assert!(toml.message().contains("invalid type"), "{toml}");
+    // Printed with `{}` (as `vmmu sweep` prints it), the problem is named once, on one line.
+    let shown = e.to_string();
+    assert_eq!(shown.matches("invalid type").count(), 1, "{shown}");
+    assert!(!shown.contains('\n'), "{shown:?}");
+    // A grid the crate itself refuses has no source.
+    assert!(Grid::parse("mmu = [\"ept\"]").unwrap_err().source().is_none());
+}
+
+#[test]
+fn a_cell_that_cannot_run_keeps_why() {
+    use std::error::Error as _;
+    let mut c = Grid::default().cells().remove(0);
+    c.mmu = "ept".into();
+    let r = run_cell(&c);
+    let e = r.run.as_ref().expect_err("an invalid MMU cannot run");
+    assert!(matches!(e, CellError::Scenario(_)), "{e:?}");
+    let s = e.source().and_then(|s| s.downcast_ref::<crate::scenario::ScenarioError>()).expect("the ScenarioError");
+    assert_eq!(s.field, "vm.mmu");
+    assert_eq!(e.to_string(), format!("generated scenario: {s}"));
+}
