@@ -538,7 +538,7 @@ fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
         let base = m.data_start;
         let t = time(|| touch(&mut m.vcpus[0], base, pages))?;
         let stats = m.kvm.vm_stats();
-        let tables = stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64;
+        let tables = u64::try_from(stats.get("tdp_mmu_pages").copied().unwrap_or(0)).unwrap_or(0);
         let (p4k, p2m) = (stats.get("pages_4k").copied().unwrap_or(0), stats.get("pages_2m").copied().unwrap_or(0));
         let host_pt = m.kvm.host().pt_pages();
         let touched = pages * 4096;
@@ -646,7 +646,7 @@ fn aging(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
         touch(&mut m.vcpus[0], base, pages)?;
         m.vcpus[0].exit_guest();
         let (_, size, hva) = m.slots[0];
-        let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0).max(1) as u64;
+        let mapped = u64::try_from(m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0)).unwrap_or(0).max(1);
         let mut young = false;
         let t = time(|| {
             young = m.kvm.host().clear_young(hva, size);

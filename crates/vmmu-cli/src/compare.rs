@@ -533,7 +533,7 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
             .collect();
         let timing = |wall_ns: u64, faults: Option<i64>| Timing {
             wall_ns,
-            wall_per_fault_ns: faults.filter(|&f| f > 0).map(|f| wall_ns / f as u64),
+            wall_per_fault_ns: faults.and_then(|f| u64::try_from(f).ok()).filter(|&f| f > 0).map(|f| wall_ns / f),
         };
         phases.push(PhaseComparison {
             name,

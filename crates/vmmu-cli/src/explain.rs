@@ -265,7 +265,7 @@ fn nested_walk(kvm: &Kvm, gpa: u64, levels: u8, refs: &[MemRef]) -> NestedWalk {
         }
         let table = r.hpa & !0xfff;
         steps.push(TableStep {
-            level: levels - steps.len() as u8,
+            level: levels.saturating_sub(u8::try_from(steps.len()).unwrap_or(u8::MAX)),
             table_hpa: table,
             index: (r.hpa & 0xfff) / 8,
             entry: r.value,
@@ -313,7 +313,7 @@ pub fn explain(kvm: &Kvm, vcpu: &Vcpu, gva: u64, access: AccessKind) -> Result<E
             let r = walk_2d_with(&rec, tdp, &st, Gva::new(gva), &acc, WalkOptions::PEEK, &mut obs);
             let (seen, mark) = (obs.seen, obs.mark);
             let log = rec.log.into_inner();
-            e.mem_refs = log.len() as u32;
+            e.mem_refs = u32::try_from(log.len()).unwrap_or(u32::MAX);
             for (level, entry_gpa, entry, refs) in seen {
                 let (nested, entry_hpa) = match refs.split_last() {
                     Some((last, walk)) => {

@@ -691,7 +691,7 @@ fn sweep(grid: Option<&Path>, out_dir: &Path, jobs: Option<usize>, pages: Option
     if tty {
         errs!("\r\x1b[2K");
     }
-    let info = sweep::SweepInfo { grid: g, jobs, wall_ns: t0.elapsed().as_nanos() as u64 };
+    let info = sweep::SweepInfo { grid: g, jobs, wall_ns: vmmu_cli::clock::elapsed_ns(t0) };
     let failed: Vec<&sweep::CellResult> = results.iter().filter(|r| r.run.is_err()).collect();
     for r in &failed {
         if let Err(e) = &r.run {

@@ -360,7 +360,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
                 }
             }
         }
-        let wall_ns = t0.elapsed().as_nanos() as u64;
+        let wall_ns = crate::clock::elapsed_ns(t0);
         let (after, hw1) = stats_now(&m);
         let fault_latency = latency_now(&m).zip(lat0).map(|(a, b)| a.since(&b));
         let stats = after
@@ -395,7 +395,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         frames_4k: counts.frames_4k,
         frames_2m: counts.frames_2m,
         host_pt_pages: m.kvm.host().pt_pages(),
-        mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096,
+        mmu_table_bytes: u64::try_from(stats.get("tdp_mmu_pages").copied().unwrap_or(0)).unwrap_or(0) * 4096,
     };
     let trace_records = if keep_records { m.kvm.tracer.take_records() } else { Vec::new() };
     if stream.is_some() {

@@ -429,7 +429,7 @@ pub fn run_cell(c: &CellConfig) -> CellResult {
             ))
         }),
     };
-    CellResult { config: c.clone(), run, cell_wall_ns: t0.elapsed().as_nanos() as u64 }
+    CellResult { config: c.clone(), run, cell_wall_ns: crate::clock::elapsed_ns(t0) }
 }
 
 #[cfg(test)]
