@@ -6,14 +6,51 @@
 //! not times (throughput, scaling, memory overhead) are reported as `value` in `unit`, with
 //! the DESIGN target in the same unit in `target`.
 
+use crate::error::RunError;
 use crate::machine::{build, Machine};
 use crate::scenario::Scenario;
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::Instant;
-use vmmu::host::FrameAllocator;
+use vmmu::host::{FrameAllocator, HostError};
 use vmmu::x86_paging::addr::Gva;
-use vmmu::Vcpu;
+use vmmu::{GuestError, Vcpu, VmError};
+
+/// Why a benchmark could not run. A variant that wraps an underlying error carries it as its
+/// source and prints its text: print with `{}`, not by walking the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The iteration count is out of range ([`check_iters`]).
+    #[error("iterations: {0}")]
+    Iters(String),
+    /// A benchmark VM's scenario does not parse (a bug in the benchmark).
+    #[error("{0}")]
+    Scenario(#[from] crate::scenario::ScenarioError),
+    /// A benchmark VM cannot be built.
+    #[error("{0}")]
+    Build(#[from] RunError),
+    /// A vCPU access or control-register write failed.
+    #[error("{0}")]
+    Guest(#[from] GuestError),
+    /// A host frame allocation failed.
+    #[error("{0}")]
+    Host(#[from] HostError),
+    /// A VM ioctl (memslot update, dirty log, write protection) failed.
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    /// A vCPU thread of a parallel run panicked.
+    #[error("vCPU thread panicked")]
+    ThreadPanicked,
+    /// A parallel run was given no vCPUs.
+    #[error("no vCPUs")]
+    NoVcpus,
+    /// The VM has no memslot to log.
+    #[error("no memslot")]
+    NoMemslot,
+    /// An aging pass found no young page (the touched pages were not mapped as accessed).
+    #[error("{0}: no young page found")]
+    NoYoungPage(&'static str),
+}
 
 /// One measurement.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,17 +104,17 @@ impl BenchResult {
 /// A VM with one memslot at gpa 0 of `mem` (a scenario size such as "64MiB") backed by
 /// `backing` ("4k" or "thp"), `vcpus` vCPUs, and an identity-mapped 4-level guest with 4 KiB
 /// guest pages and A/D bits preset. Workload data starts at `Machine::data_start`.
-pub fn machine(backing: &str, prefault: bool, mem: &str, vcpus: u32) -> Result<Machine, String> {
+pub fn machine(backing: &str, prefault: bool, mem: &str, vcpus: u32) -> Result<Machine, BenchError> {
     machine_vm("", backing, prefault, mem, vcpus)
 }
 
 /// [`machine`] with extra `[vm]` settings (TOML lines).
-pub fn machine_vm(vm: &str, backing: &str, prefault: bool, mem: &str, vcpus: u32) -> Result<Machine, String> {
+pub fn machine_vm(vm: &str, backing: &str, prefault: bool, mem: &str, vcpus: u32) -> Result<Machine, BenchError> {
     let toml = format!(
         "name = \"bench\"\n[vm]\n{vm}\n[[memslot]]\ngpa = 0\nsize = \"{mem}\"\nbacking = \"{backing}\"\nprefault = {prefault}\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"preset\"\nvcpus = {vcpus}\n"
     );
-    let s = Scenario::parse(&toml).map_err(|e| e.to_string())?;
-    build(&s, None).map_err(|e| e.to_string())
+    let s = Scenario::parse(&toml)?;
+    build(&s, None).map_err(BenchError::from)
 }
 
 /// A memslot size for `bytes` of workload data after the identity tables: rounded up to
@@ -89,19 +126,19 @@ pub fn mem_for(bytes: u64) -> String {
 /// Maps the guest's own page tables in the EPT (one read of every page from 1 MiB, where the
 /// identity tables start, to `data_start`), so that later first touches of data pages take
 /// exactly one TDP fault each.
-pub fn warm_guest_tables(m: &mut Machine) -> Result<(), String> {
+pub fn warm_guest_tables(m: &mut Machine) -> Result<(), BenchError> {
     let end = m.data_start;
     let v = &mut m.vcpus[0];
     for a in ((1u64 << 20)..end).step_by(4096) {
-        v.read(Gva::new(a), 8).map_err(|e| e.to_string())?;
+        v.read(Gva::new(a), 8)?;
     }
     Ok(())
 }
 
 /// Writes one byte to each of `pages` pages from `start`.
-pub fn touch(v: &mut Vcpu, start: u64, pages: u64) -> Result<(), String> {
+pub fn touch(v: &mut Vcpu, start: u64, pages: u64) -> Result<(), BenchError> {
     for p in 0..pages {
-        v.write(Gva::new(start + p * 4096), 1, 1).map_err(|e| e.to_string())?;
+        v.write(Gva::new(start + p * 4096), 1, 1)?;
     }
     Ok(())
 }
@@ -122,10 +159,10 @@ fn thread_cpu_ns() -> Option<u64> {
 
 /// Has each vCPU, on its own thread, touch `pages` pages from its start address; all start
 /// together (a barrier).
-pub fn touch_parallel(vcpus: &mut [Vcpu], starts: &[u64], pages: u64) -> Result<ParallelRun, String> {
+pub fn touch_parallel(vcpus: &mut [Vcpu], starts: &[u64], pages: u64) -> Result<ParallelRun, BenchError> {
     type Span = (Instant, Instant, Option<u64>);
     let barrier = Barrier::new(vcpus.len());
-    let spans: Vec<Result<Span, String>> = std::thread::scope(|s| {
+    let spans: Vec<Result<Span, BenchError>> = std::thread::scope(|s| {
         let hs: Vec<_> = vcpus
             .iter_mut()
             .zip(starts)
@@ -145,7 +182,7 @@ pub fn touch_parallel(vcpus: &mut [Vcpu], starts: &[u64], pages: u64) -> Result<
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("vCPU thread panicked".into()))).collect()
+        hs.into_iter().map(|h| h.join().unwrap_or(Err(BenchError::ThreadPanicked))).collect()
     });
     let mut first: Option<Instant> = None;
     let mut last: Option<Instant> = None;
@@ -160,11 +197,11 @@ pub fn touch_parallel(vcpus: &mut [Vcpu], starts: &[u64], pages: u64) -> Result<
         (Some(a), Some(b)) => {
             Ok(ParallelRun { wall_ns: b.duration_since(a).as_nanos() as f64, on_cpu_ns: on_cpu.map(|c| c as f64) })
         }
-        _ => Err("no vCPUs".into()),
+        _ => Err(BenchError::NoVcpus),
     }
 }
 
-fn time(mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+fn time(mut f: impl FnMut() -> Result<(), BenchError>) -> Result<f64, BenchError> {
     let t = Instant::now();
     f()?;
     Ok(t.elapsed().as_nanos() as f64)
@@ -190,21 +227,20 @@ pub fn check_iters(iters: u64) -> Result<(), String> {
 }
 
 /// Runs every benchmark with about `iters` operations each (1..=[`MAX_ITERS`]).
-pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
-    check_iters(iters).map_err(|e| format!("iterations: {e}"))?;
+pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
+    check_iters(iters).map_err(BenchError::Iters)?;
     let mut out = Vec::new();
-    let e = |e: vmmu::GuestError| e.to_string();
 
     // TLB hit: the same 8 bytes again and again.
     let mut m = machine("4k", true, "64MiB", 1)?;
     let base = m.data_start;
     let v = &mut m.vcpus[0];
-    v.write(Gva::new(base), 8, 1).map_err(e)?;
+    v.write(Gva::new(base), 8, 1)?;
     let n = iters * 10;
     let mut sum = 0u64;
     let t = time(|| {
         for i in 0..n {
-            sum = sum.wrapping_add(v.read(Gva::new(base + (i & 0xff) * 8), 8).map_err(e)?);
+            sum = sum.wrapping_add(v.read(Gva::new(base + (i & 0xff) * 8), 8)?);
         }
         Ok(())
     })?;
@@ -215,13 +251,13 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
     // (4096 accesses per pass, every one a TLB hit after the first pass).
     let sim_pages = 8u64;
     for p in 0..sim_pages {
-        v.write(Gva::new(base + p * 4096), 8, p).map_err(e)?;
+        v.write(Gva::new(base + p * 4096), 8, p)?;
     }
     let words = sim_pages * 512;
     let n = iters * 10;
     let t = time(|| {
         for i in 0..n {
-            sum = sum.wrapping_add(v.read(Gva::new(base + (i % words) * 8), 8).map_err(e)?);
+            sum = sum.wrapping_add(v.read(Gva::new(base + (i % words) * 8), 8)?);
         }
         Ok(())
     })?;
@@ -237,13 +273,13 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
     // tables are populated, so each access is one 2D walk over cached tables.
     let pages = 8192u64;
     for p in 0..pages {
-        v.write(Gva::new(base + p * 4096), 8, p).map_err(e)?;
+        v.write(Gva::new(base + p * 4096), 8, p)?;
     }
     let n = iters.max(pages);
     let (h0, m0) = (v.cpu().tlb().counters.hits, v.cpu().tlb().counters.misses);
     let t = time(|| {
         for i in 0..n {
-            sum = sum.wrapping_add(v.read(Gva::new(base + (i % pages) * 4096), 8).map_err(e)?);
+            sum = sum.wrapping_add(v.read(Gva::new(base + (i % pages) * 4096), 8)?);
         }
         Ok(())
     })?;
@@ -256,12 +292,12 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
     )));
 
     // Fast page fault: write-protect the slot (as dirty logging does), then write each page.
-    m.kvm.mmu_slot_remove_write_access(0).map_err(|e| e.to_string())?;
+    m.kvm.mmu_slot_remove_write_access(0)?;
     let v = &mut m.vcpus[0];
     let before = v.stat.pf_fast;
     let t = time(|| {
         for p in 0..pages {
-            v.write(Gva::new(base + p * 4096), 8, p).map_err(e)?;
+            v.write(Gva::new(base + p * 4096), 8, p)?;
         }
         Ok(())
     })?;
@@ -302,29 +338,28 @@ pub fn run_all(iters: u64) -> Result<Vec<BenchResult>, String> {
 /// A shadow-paging VM like [`machine`] (A/D bits clear, so prefetch does not hide faults),
 /// with the data in the second GiB so its page directory is not on the path through which
 /// the guest writes it.
-fn shadow_machine(mem: &str) -> Result<Machine, String> {
+fn shadow_machine(mem: &str) -> Result<Machine, BenchError> {
     let toml = format!(
         "name = \"bench\"\n[vm]\nmmu = \"shadow\"\n[[memslot]]\ngpa = 0\nsize = \"{mem}\"\nprefault = true\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\n"
     );
-    let s = Scenario::parse(&toml).map_err(|e| e.to_string())?;
-    build(&s, None).map_err(|e| e.to_string())
+    let s = Scenario::parse(&toml)?;
+    build(&s, None).map_err(BenchError::from)
 }
 
 /// The address of the level-`level` guest entry mapping `va` (identity layout).
-fn entry_addr(v: &mut Vcpu, va: u64, level: u8) -> Result<u64, String> {
+fn entry_addr(v: &mut Vcpu, va: u64, level: u8) -> Result<u64, BenchError> {
     let mut table = v.cpu().paging().cr3 & 0x000f_ffff_ffff_f000;
     for l in (level + 1..=4).rev() {
         let at = table + ((va >> (12 + 9 * (u32::from(l) - 1))) & 511) * 8;
-        table = v.read(Gva::new(at), 8).map_err(|e| e.to_string())? & 0x000f_ffff_ffff_f000;
+        table = v.read(Gva::new(at), 8)? & 0x000f_ffff_ffff_f000;
     }
     Ok(table + ((va >> (12 + 9 * (u32::from(level) - 1))) & 511) * 8)
 }
 
 /// Shadow paging: a fault end to end, a guest write to a write-tracked page table, a CR3
 /// switch to a cached root.
-fn shadow(iters: u64) -> Result<Vec<BenchResult>, String> {
+fn shadow(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
     let mut out = Vec::new();
-    let e = |e: vmmu::GuestError| e.to_string();
     let pages = iters.clamp(4096, 65_536);
     let mut m = shadow_machine(&format!("{}MiB", 2048 + ((pages * 4096) >> 20)))?;
     let base = 1u64 << 30;
@@ -339,16 +374,16 @@ fn shadow(iters: u64) -> Result<Vec<BenchResult>, String> {
 
     // A write to a page directory the shadow MMU write-tracks: #PF, emulation, track_write.
     let pde_at = entry_addr(v, base, 2)?;
-    let pde = v.read(Gva::new(pde_at), 8).map_err(e)?;
+    let pde = v.read(Gva::new(pde_at), 8)?;
     let rounds = (iters / 10).clamp(1000, 20_000);
     let emulate0 = v.stat.pf_emulate;
     let mut write_ns = 0.0;
     for i in 0..rounds {
         let t0 = Instant::now();
-        v.write(Gva::new(pde_at), 8, pde).map_err(e)?;
+        v.write(Gva::new(pde_at), 8, pde)?;
         write_ns += t0.elapsed().as_nanos() as f64;
         // A fault through the directory relinks it and resets its write-flooding count.
-        v.read(Gva::new(base + (i % 512) * 4096), 8).map_err(e)?;
+        v.read(Gva::new(base + (i % 512) * 4096), 8)?;
     }
     let emulated = v.stat.pf_emulate - emulate0;
     out.push(
@@ -360,20 +395,20 @@ fn shadow(iters: u64) -> Result<Vec<BenchResult>, String> {
     // CR3 switches between two roots the vCPU keeps in prev_roots.
     let cr3 = v.cpu().paging().cr3;
     let copy = base + (pages * 4096) + 0x10_0000;
-    v.write(Gva::new(copy), 8, 0).map_err(e)?;
+    v.write(Gva::new(copy), 8, 0)?;
     for i in 0..512u64 {
-        let x = v.read(Gva::new(cr3 + i * 8), 8).map_err(e)?;
-        v.write(Gva::new(copy + i * 8), 8, x).map_err(e)?;
+        let x = v.read(Gva::new(cr3 + i * 8), 8)?;
+        v.write(Gva::new(copy + i * 8), 8, x)?;
     }
-    v.write_cr3(copy).map_err(e)?;
-    v.read(Gva::new(base), 8).map_err(e)?;
+    v.write_cr3(copy)?;
+    v.read(Gva::new(base), 8)?;
     let misses = m.kvm.vm_stats()["mmu_cache_miss"];
     let v = &mut m.vcpus[0];
     let n = (iters / 10).clamp(1000, 20_000);
     let t = time(|| {
         for i in 0..n {
-            v.write_cr3(if i % 2 == 0 { cr3 } else { copy }).map_err(e)?;
-            v.read(Gva::new(base), 8).map_err(e)?;
+            v.write_cr3(if i % 2 == 0 { cr3 } else { copy })?;
+            v.read(Gva::new(base), 8)?;
         }
         Ok(())
     })?;
@@ -386,15 +421,14 @@ fn shadow(iters: u64) -> Result<Vec<BenchResult>, String> {
 
 /// Host frame allocation: 4 KiB frames never used before (amortizing one 2 MiB
 /// `MADV_POPULATE_WRITE` per 512 frames), and the 2 MiB chunk populate itself.
-fn frame_alloc(iters: u64) -> Result<Vec<BenchResult>, String> {
-    let he = |e: vmmu::host::HostError| e.to_string();
+fn frame_alloc(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
     let frames = iters.clamp(4096, 131_072).next_multiple_of(512);
-    let fa = FrameAllocator::new((frames + 4 * 512) * 4096).map_err(he)?;
+    let fa = FrameAllocator::new((frames + 4 * 512) * 4096)?;
     // Use up the chunk the allocator is carving (its zero page came from it), so the timed
     // run starts on a chunk boundary: exactly one populate per 512 frames.
     loop {
         let c = fa.counts().chunks_populated;
-        black_box(fa.alloc_4k().map_err(he)?);
+        black_box(fa.alloc_4k()?);
         if fa.counts().chunks_populated != c {
             break;
         }
@@ -402,7 +436,7 @@ fn frame_alloc(iters: u64) -> Result<Vec<BenchResult>, String> {
     let c0 = fa.counts().chunks_populated;
     let t = time(|| {
         for _ in 0..frames {
-            black_box(fa.alloc_4k().map_err(he)?);
+            black_box(fa.alloc_4k()?);
         }
         Ok(())
     })?;
@@ -413,10 +447,10 @@ fn frame_alloc(iters: u64) -> Result<Vec<BenchResult>, String> {
     );
 
     let n = (frames / 512).max(8);
-    let fa = FrameAllocator::new((n + 4) * (2 << 20)).map_err(he)?;
+    let fa = FrameAllocator::new((n + 4) * (2 << 20))?;
     let t = time(|| {
         for _ in 0..n {
-            black_box(fa.alloc_2m().map_err(he)?);
+            black_box(fa.alloc_2m()?);
         }
         Ok(())
     })?;
@@ -430,7 +464,7 @@ fn frame_alloc(iters: u64) -> Result<Vec<BenchResult>, String> {
 /// TDP fault throughput from 1 and 2 vCPU threads of one VM, each first-touching its own
 /// disjoint range through identity-mapped tables (host memory populated). Best of 3 rounds,
 /// alternating, each on fresh pages.
-fn fault_scaling(iters: u64) -> Result<Vec<BenchResult>, String> {
+fn fault_scaling(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
     let per = (iters / 4).clamp(2048, 65_536);
     let rounds = 3u64;
     let mut m = machine("4k", true, &mem_for(rounds * 3 * per * 4096), 2)?;
@@ -493,7 +527,7 @@ fn fault_scaling(iters: u64) -> Result<Vec<BenchResult>, String> {
 }
 
 /// MMU page-table memory per touched guest page, for 4 KiB and THP host backing.
-fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, String> {
+fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
     let mut out = Vec::new();
     for (name, backing) in [
         ("memory overhead per touched 4 KiB page, 4 KiB backing", "4k"),
@@ -504,7 +538,7 @@ fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, String> {
         let base = m.data_start;
         let t = time(|| touch(&mut m.vcpus[0], base, pages))?;
         let stats = m.kvm.vm_stats();
-        let tables = stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64;
+        let tables = u64::try_from(stats.get("tdp_mmu_pages").copied().unwrap_or(0)).unwrap_or(0);
         let (p4k, p2m) = (stats.get("pages_4k").copied().unwrap_or(0), stats.get("pages_2m").copied().unwrap_or(0));
         let host_pt = m.kvm.host().pt_pages();
         let touched = pages * 4096;
@@ -521,9 +555,9 @@ fn memory_overhead(iters: u64) -> Result<Vec<BenchResult>, String> {
 }
 
 /// The region of `m`'s data memslot (its largest) with KVM_MEM_LOG_DIRTY_PAGES added.
-fn logging_region(m: &Machine) -> Result<vmmu::memslot::UserspaceMemoryRegion, String> {
+fn logging_region(m: &Machine) -> Result<vmmu::memslot::UserspaceMemoryRegion, BenchError> {
     let slots = m.kvm.memslots();
-    let mut r = slots.iter().max_by_key(|s| s.npages).ok_or("no memslot")?.region();
+    let mut r = slots.iter().max_by_key(|s| s.npages).ok_or(BenchError::NoMemslot)?.region();
     r.flags |= vmmu::memslot::MemslotFlags::LOG_DIRTY_PAGES;
     Ok(r)
 }
@@ -531,8 +565,7 @@ fn logging_region(m: &Machine) -> Result<vmmu::memslot::UserspaceMemoryRegion, S
 /// Dirty logging under the TDP MMU, in both of KVM's modes (write protection, and D bits with
 /// the page-modification log): turning KVM_MEM_LOG_DIRTY_PAGES on over mapped memory, the same
 /// over THP with eager splitting, and KVM_GET_DIRTY_LOG after the guest wrote every page.
-fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
-    let e = |e: vmmu::VmError| e.to_string();
+fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
     let pages = iters.clamp(8192, 262_144).next_multiple_of(512);
     let mut out = Vec::new();
     for (mode, pml) in [("write protection", false), ("D bits + PML", true)] {
@@ -543,7 +576,7 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
         let region = logging_region(&m)?;
         let slot_bytes = region.memory_size;
         let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0);
-        let t = time(|| m.kvm.set_user_memory_region(region).map_err(e))?;
+        let t = time(|| m.kvm.set_user_memory_region(region).map_err(BenchError::from))?;
         let name = if pml {
             "enable dirty logging (PML: clear D bits)"
         } else {
@@ -564,7 +597,7 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
             touch(&mut t.vcpus[0], base, pages)?;
             let r2 = logging_region(&t)?;
             let huge = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
-            let ns = time(|| t.kvm.set_user_memory_region(r2).map_err(e))?;
+            let ns = time(|| t.kvm.set_user_memory_region(r2).map_err(BenchError::from))?;
             let after = t.kvm.vm_stats().get("pages_2m").copied().unwrap_or(0);
             let name = if pml {
                 "enable dirty logging with eager split (THP, PML)"
@@ -579,12 +612,12 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
             )));
         }
 
-        m.kvm.get_dirty_log(region.slot).map_err(e)?;
+        m.kvm.get_dirty_log(region.slot)?;
         touch(&mut m.vcpus[0], base, pages)?;
         m.vcpus[0].exit_guest();
         let mut dirty = 0u64;
         let t = time(|| {
-            dirty = m.kvm.get_dirty_log(region.slot).map_err(e)?.iter().map(|w| u64::from(w.count_ones())).sum();
+            dirty = m.kvm.get_dirty_log(region.slot)?.iter().map(|w| u64::from(w.count_ones())).sum();
             Ok(())
         })?;
         let name = if pml { "KVM_GET_DIRTY_LOG, per dirty page (PML)" } else { "KVM_GET_DIRTY_LOG, per dirty page" };
@@ -597,7 +630,7 @@ fn dirty_log(iters: u64) -> Result<Vec<BenchResult>, String> {
 
 /// Aging: one clear_young pass (the MMU notifier, as idle page tracking calls it) over a
 /// slot whose pages are all mapped and accessed, with EPT A/D bits and without them.
-fn aging(iters: u64) -> Result<Vec<BenchResult>, String> {
+fn aging(iters: u64) -> Result<Vec<BenchResult>, BenchError> {
     let mut out = Vec::new();
     for (name, eptad) in
         [("aging pass (clear_young), A/D bits", true), ("aging pass (clear_young), access tracking", false)]
@@ -607,20 +640,20 @@ fn aging(iters: u64) -> Result<Vec<BenchResult>, String> {
             "name = \"bench\"\n[vm]\neptad = {eptad}\n[[memslot]]\ngpa = 0\nsize = \"{}\"\nprefault = true\n[guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"preset\"\n",
             mem_for(pages * 4096)
         );
-        let sc = Scenario::parse(&toml).map_err(|e| e.to_string())?;
-        let mut m = build(&sc, None).map_err(|e| e.to_string())?;
+        let sc = Scenario::parse(&toml)?;
+        let mut m = build(&sc, None)?;
         let base = m.data_start;
         touch(&mut m.vcpus[0], base, pages)?;
         m.vcpus[0].exit_guest();
         let (_, size, hva) = m.slots[0];
-        let mapped = m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0).max(1) as u64;
+        let mapped = u64::try_from(m.kvm.vm_stats().get("pages_4k").copied().unwrap_or(0)).unwrap_or(0).max(1);
         let mut young = false;
         let t = time(|| {
             young = m.kvm.host().clear_young(hva, size);
             Ok(())
         })?;
         if !young {
-            return Err(format!("{name}: no young page found"));
+            return Err(BenchError::NoYoungPage(name));
         }
         out.push(BenchResult::time(name, t, mapped, Some(10.0)).note(format!(
             "one clear_young over a {} MiB slot with {mapped} 4 KiB SPTEs, all accessed; ns per mapped page",

@@ -49,6 +49,8 @@ impl Unit {
         }
     }
 
+    // A count's value, shown whole: the bars' values are counts (whole, >= 0) stored as f64.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn exact(self, v: f64) -> String {
         match self {
             Unit::Count => format!("{}", v as u64),
@@ -81,6 +83,8 @@ fn text_width(s: &str, size: f64) -> f64 {
 }
 
 /// Ticks of a linear axis from 0 to at least `max`: (top of axis, tick values).
+// `top / step` is a whole number from 1 to 5: the step is picked so that 5 steps reach `max`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn linear_ticks(max: f64) -> (f64, Vec<f64>) {
     let max = if max > 0.0 { max } else { 1.0 };
     let raw = max / 5.0;
@@ -89,6 +93,13 @@ fn linear_ticks(max: f64) -> (f64, Vec<f64>) {
     let top = (max / step).ceil() * step;
     let n = (top / step).round() as usize;
     (top, (0..=n).map(|i| i as f64 * step).collect())
+}
+
+/// A whole decade exponent (a floored or ceiled log10) as an integer.
+// log10 of a finite positive f64 is within ±324, and the callers pass it floored or ceiled.
+#[allow(clippy::cast_possible_truncation)]
+fn decade(e: f64) -> i32 {
+    e as i32
 }
 
 impl BarChart {
@@ -124,7 +135,7 @@ impl BarChart {
             let minpos = vals.iter().copied().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
             let lo = if minpos.is_finite() { minpos.log10().floor() } else { 0.0 };
             let hi = if vmax > 0.0 { vmax.log10().ceil().max(lo + 1.0) } else { lo + 1.0 };
-            let ticks = (lo as i32..=hi as i32).map(|e| 10f64.powi(e)).collect();
+            let ticks = (decade(lo)..=decade(hi)).map(|e| 10f64.powi(e)).collect();
             // The axis starts a quarter decade below the lowest tick, so the smallest value
             // (e.g. a count of 1) still gets a visible bar.
             let bottom = lo - 0.25;

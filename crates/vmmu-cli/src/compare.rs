@@ -64,21 +64,37 @@ pub const MMU_STATS: &[&str] = &[
     "mmio_exits",
 ];
 
-/// What can go wrong before or while comparing.
+/// What can go wrong before or while comparing. A variant that wraps an underlying error
+/// carries it as its source and, as the crate's errors do ([`crate::error`]), includes its
+/// text in the message: print with `{}`, not by walking the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
     /// The scenario or the options cannot be compared (exit status 2).
     #[error("{0}")]
     Config(String),
-    /// A run failed (exit status 1).
-    #[error("{0}")]
-    Failed(String),
+    /// The real-KVM backend refuses the translated workload (exit status 2).
+    #[error("compare: {0}")]
+    Spec(#[source] KvmError),
+    /// The real KVM could not be used or traced (exit status 1).
+    #[error("real KVM: {0}")]
+    Kvm(#[source] KvmError),
+    /// The real KVM's run failed (exit status 1).
+    #[error("real KVM run failed: {0}")]
+    KvmRun(#[source] KvmError),
     /// The vmmu side refused the scenario (exit status 2).
     #[error("{0}")]
     RunConfig(#[source] ConfigError),
     /// The vmmu side's run failed (exit status 1).
     #[error("vmmu run failed: {0}")]
     RunFailed(#[source] Failure),
+}
+
+impl CompareError {
+    /// Whether the error is bad input (the scenario or the options: exit status 2) rather
+    /// than a failed run (exit status 1).
+    pub fn is_config(&self) -> bool {
+        matches!(self, CompareError::Config(_) | CompareError::Spec(_) | CompareError::RunConfig(_))
+    }
 }
 
 /// Options of `vmmu compare`.
@@ -292,7 +308,7 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
         WorkloadSpec { name: s.name.clone(), roots, kernel_entry: KernelEntry::Int3, regions, phases: out_phases };
     // Checked here, before either side runs, with or without /dev/kvm: a scenario the
     // real-KVM guest cannot be built for is an input error.
-    vmmu_kvm::check_spec(&spec).map_err(|e| cfg(format!("compare: {e}")))?;
+    vmmu_kvm::check_spec(&spec).map_err(CompareError::Spec)?;
     Ok(Translation { spec, boot_phase, notes })
 }
 
@@ -414,8 +430,8 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         RunError::Failed(e) => CompareError::RunFailed(e),
     })?;
     let kvm_err = |e: KvmError| match e {
-        KvmError::NoKvm(_) | KvmError::Trace(_) => CompareError::Failed(format!("real KVM: {e}")),
-        e => CompareError::Failed(format!("real KVM run failed: {e}")),
+        KvmError::NoKvm(_) | KvmError::Trace(_) => CompareError::Kvm(e),
+        e => CompareError::KvmRun(e),
     };
     let (kvm, kvm_trace) = match &kvm_ok {
         Ok(()) if tracing => {
@@ -517,7 +533,7 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
             .collect();
         let timing = |wall_ns: u64, faults: Option<i64>| Timing {
             wall_ns,
-            wall_per_fault_ns: faults.filter(|&f| f > 0).map(|f| wall_ns / f as u64),
+            wall_per_fault_ns: faults.and_then(|f| u64::try_from(f).ok()).filter(|&f| f > 0).map(|f| wall_ns / f),
         };
         phases.push(PhaseComparison {
             name,

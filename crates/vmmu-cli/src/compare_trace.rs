@@ -315,28 +315,37 @@ enum Edit {
     Ins(usize),
 }
 
+/// An index of the edit graph as a slice index. Myers' algorithm works on signed diagonals
+/// (`k = x - y` may be negative), but every index it takes into a slice (`off + k` with
+/// `|k| < off`, and `x`, `y`, `d` themselves) is non-negative by construction.
+// Never negative (see above): the cast loses nothing.
+#[allow(clippy::cast_sign_loss)]
+fn ix(i: isize) -> usize {
+    debug_assert!(i >= 0, "negative edit-graph index {i}");
+    i as usize
+}
+
 /// Myers' O((N+M)D) shortest edit script; None when D > `max_edits`.
 fn myers(a: &[String], b: &[String], max_edits: usize) -> Option<Vec<Edit>> {
     let (n, m) = (a.len() as isize, b.len() as isize);
-    let max = (n + m) as usize;
-    let limit = max.min(max_edits);
+    let limit = (a.len() + b.len()).min(max_edits);
     let off = limit as isize + 1;
     let mut v = vec![0isize; 2 * limit + 3];
     let mut trace: Vec<Vec<isize>> = Vec::new();
     let mut found = None;
     for d in 0..=limit as isize {
         // Keep only the diagonals -d..=d of this round.
-        trace.push(v[(off - d) as usize..=(off + d) as usize].to_vec());
+        trace.push(v[ix(off - d)..=ix(off + d)].to_vec());
         let mut k = -d;
         while k <= d {
-            let down = k == -d || (k != d && v[(off + k - 1) as usize] < v[(off + k + 1) as usize]);
-            let mut x = if down { v[(off + k + 1) as usize] } else { v[(off + k - 1) as usize] + 1 };
+            let down = k == -d || (k != d && v[ix(off + k - 1)] < v[ix(off + k + 1)]);
+            let mut x = if down { v[ix(off + k + 1)] } else { v[ix(off + k - 1)] + 1 };
             let mut y = x - k;
-            while x < n && y < m && a[x as usize] == b[y as usize] {
+            while x < n && y < m && a[ix(x)] == b[ix(y)] {
                 x += 1;
                 y += 1;
             }
-            v[(off + k) as usize] = x;
+            v[ix(off + k)] = x;
             if x >= n && y >= m {
                 found = Some(d);
                 break;
@@ -352,8 +361,8 @@ fn myers(a: &[String], b: &[String], max_edits: usize) -> Option<Vec<Edit>> {
     let mut edits = Vec::new();
     let (mut x, mut y) = (n, m);
     for d in (1..=dmax).rev() {
-        let vd = &trace[d as usize];
-        let get = |k: isize| vd[(k + d) as usize];
+        let vd = &trace[ix(d)];
+        let get = |k: isize| vd[ix(k + d)];
         let k = x - y;
         let down = k == -d || (k != d && get(k - 1) < get(k + 1));
         let pk = if down { k + 1 } else { k - 1 };
@@ -362,21 +371,21 @@ fn myers(a: &[String], b: &[String], max_edits: usize) -> Option<Vec<Edit>> {
         while x > px && y > py {
             x -= 1;
             y -= 1;
-            edits.push(Edit::Same(x as usize, y as usize));
+            edits.push(Edit::Same(ix(x), ix(y)));
         }
         if down {
             y -= 1;
-            edits.push(Edit::Ins(y as usize));
+            edits.push(Edit::Ins(ix(y)));
         } else {
             x -= 1;
-            edits.push(Edit::Del(x as usize));
+            edits.push(Edit::Del(ix(x)));
         }
         debug_assert_eq!((x, y), (px, py));
     }
     while x > 0 && y > 0 {
         x -= 1;
         y -= 1;
-        edits.push(Edit::Same(x as usize, y as usize));
+        edits.push(Edit::Same(ix(x), ix(y)));
     }
     edits.reverse();
     Some(edits)

@@ -223,6 +223,14 @@ pub enum ConfigError {
     /// `--pages 0`.
     #[error("--pages: must be > 0")]
     ZeroPages,
+    /// `--pages` pages from the data area run past the end of the 64-bit address space.
+    #[error("--pages: {start:#x} + {pages} pages runs past the end of the 64-bit address space")]
+    PagesPastEnd {
+        /// The pages given.
+        pages: u64,
+        /// Where the workload starts (the data area).
+        start: u64,
+    },
     /// `--replay` with `--workload` or `--pages`.
     #[error("--replay: cannot be combined with --workload or --pages")]
     ReplayWithWorkload,

@@ -65,11 +65,11 @@ pub fn run(
         if pass > 0 {
             m.kvm.host().page_idle_mark(hva, size);
         }
-        let mark_ns = if pass > 0 { t.elapsed().as_nanos() as u64 } else { 0 };
+        let mark_ns = if pass > 0 { crate::clock::elapsed_ns(t) } else { 0 };
         let (t0, f0) = faults(m);
         let t = Instant::now();
         let guest_accesses = guest(m)?;
-        let guest_ns = t.elapsed().as_nanos() as u64;
+        let guest_ns = crate::clock::elapsed_ns(t);
         let (t1, f1) = faults(m);
         for v in m.vcpus.iter_mut() {
             v.exit_guest();
@@ -80,7 +80,7 @@ pub fn run(
         } else {
             0
         };
-        let read_ns = if pass > 0 { t.elapsed().as_nanos() as u64 } else { 0 };
+        let read_ns = if pass > 0 { crate::clock::elapsed_ns(t) } else { 0 };
         report.passes.push(Pass {
             pass,
             mark_ns,

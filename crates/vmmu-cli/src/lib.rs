@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod chart;
+pub mod clock;
 pub mod compare;
 pub mod compare_trace;
 pub mod error;

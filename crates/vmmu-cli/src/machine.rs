@@ -69,6 +69,16 @@ pub struct Machine {
     pub data_start: u64,
 }
 
+/// The page-table level whose leaf maps a page of `size`: "4k" 1, "2m" 2, "1g" 3 (also for a
+/// name that is none of them, which validation refuses before a run).
+fn leaf_level(size: &str) -> u8 {
+    match page_shift(size) {
+        Some(12) => 1,
+        Some(21) => 2,
+        _ => 3,
+    }
+}
+
 fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, ConfigError> {
     let (mmu, v) = s.vm.variant(variant).map_err(ConfigError::Mmu)?;
     Ok(VmConfig {
@@ -85,7 +95,7 @@ fn vm_config(s: &Scenario, variant: &str) -> Result<VmConfig, ConfigError> {
         nx_huge_pages_recovery_ratio: v.nx_huge_pages_recovery_ratio,
         nx_huge_pages_recovery_period_ms: v.nx_huge_pages_recovery_period_ms,
         mmio_caching: v.mmio_caching,
-        tdp_huge_page_level: ((page_shift(&v.tdp_huge_page).unwrap_or(30) - 12) / 9 + 1) as u8,
+        tdp_huge_page_level: leaf_level(&v.tdp_huge_page),
         eager_page_split: v.eager_page_split,
         pml: v.pml,
     })
@@ -190,7 +200,9 @@ pub fn build(s: &Scenario, mmu: Option<&str>) -> Result<Machine, RunError> {
             .map_err(|source| ConfigError::MemslotMap { index: i, source })?;
         let flags = if ms.readonly { MemslotFlags::READONLY } else { MemslotFlags::empty() };
         kvm.set_user_memory_region(UserspaceMemoryRegion {
-            slot: i as u32,
+            // An index past u32 (never: a scenario file is at most 16 MiB) saturates to an id
+            // the VM refuses, as it does every id from KVM_USER_MEM_SLOTS on: memslot[i]'s error.
+            slot: u32::try_from(i).unwrap_or(u32::MAX),
             flags,
             guest_phys_addr: ms.gpa.0,
             memory_size: ms.size.0,

@@ -320,9 +320,19 @@ fn finish_record(r: Result<vmmu_cli::record::RecordReport, vmmu_cli::record::Rec
     }
 }
 
+/// Reads an input file (scenario or grid) and parses it. The error is one line: why the file
+/// cannot be read, or `FILE: ` and the parse error's message. The parse error is printed with
+/// `{}`, not by walking its chain: its message already includes its source's (a TOML error's
+/// own text spans several lines).
+fn parse_file<T, E: std::fmt::Display>(path: &Path, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T, String> {
+    let text = out::read_text(path, MAX_INPUT_BYTES).map_err(|e| e.to_string())?;
+    parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The scenario to run: the file, the replay's own, or the embedded default. Its error is
-/// one message, printed with `{}`: the replay's [`vmmu_cli::error::ConfigError`] keeps its
-/// source, whose text its own message already includes (`{:#}` would repeat it).
+/// one message, printed with `{}`: the replay's [`vmmu_cli::error::ConfigError`] and a file's
+/// [`vmmu_cli::out::InputError`] keep their sources, whose text their own messages already
+/// include (`{:#}` would repeat it).
 fn load_scenario(
     path: Option<&PathBuf>,
     opts: &RunOptions,
@@ -343,7 +353,7 @@ fn load_scenario(
     }
     let (name, text) = match path {
         None => ("<default scenario>".to_string(), DEFAULT_SCENARIO.to_string()),
-        Some(p) => (p.display().to_string(), out::read_text(p, MAX_INPUT_BYTES).map_err(anyhow::Error::msg)?),
+        Some(p) => (p.display().to_string(), out::read_text(p, MAX_INPUT_BYTES)?),
     };
     let s = Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     Ok((name, s))
@@ -526,13 +536,10 @@ fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -
             return ExitCode::from(2);
         }
     };
-    let scenario = match out::read_text(path, MAX_INPUT_BYTES)
-        .map_err(anyhow::Error::msg)
-        .and_then(|t| Scenario::parse(&t).with_context(|| name.clone()))
-    {
+    let scenario = match parse_file(path, Scenario::parse) {
         Ok(s) => s,
         Err(e) => {
-            errln!("vmmu: {e:#}");
+            errln!("vmmu: {e}");
             return ExitCode::from(2);
         }
     };
@@ -552,11 +559,11 @@ fn compare(path: &Path, mmu: Option<String>, json: bool, trace: Option<Trace>) -
                 }
             }
         }
-        Err(e @ (compare::CompareError::Config(_) | compare::CompareError::RunConfig(_))) => {
+        Err(e) if e.is_config() => {
             errln!("vmmu: {name}: {e}");
             ExitCode::from(2)
         }
-        Err(e @ (compare::CompareError::Failed(_) | compare::CompareError::RunFailed(_))) => {
+        Err(e) => {
             errln!("vmmu: {name}: {e}");
             ExitCode::FAILURE
         }
@@ -637,14 +644,12 @@ fn sweep(grid: Option<&Path>, out_dir: &Path, jobs: Option<usize>, pages: Option
     use vmmu_cli::sweep::{self, Grid};
     let parsed = match grid {
         None => Ok(Grid::default()),
-        Some(p) => out::read_text(p, MAX_INPUT_BYTES)
-            .map_err(anyhow::Error::msg)
-            .and_then(|t| Grid::parse(&t).with_context(|| p.display().to_string())),
+        Some(p) => parse_file(p, Grid::parse),
     };
     let mut g = match parsed {
         Ok(g) => g,
         Err(e) => {
-            errln!("vmmu sweep: {e:#}");
+            errln!("vmmu sweep: {e}");
             return ExitCode::from(2);
         }
     };
@@ -686,7 +691,7 @@ fn sweep(grid: Option<&Path>, out_dir: &Path, jobs: Option<usize>, pages: Option
     if tty {
         errs!("\r\x1b[2K");
     }
-    let info = sweep::SweepInfo { grid: g, jobs, wall_ns: t0.elapsed().as_nanos() as u64 };
+    let info = sweep::SweepInfo { grid: g, jobs, wall_ns: vmmu_cli::clock::elapsed_ns(t0) };
     let failed: Vec<&sweep::CellResult> = results.iter().filter(|r| r.run.is_err()).collect();
     for r in &failed {
         if let Err(e) = &r.run {

@@ -136,12 +136,12 @@ pub fn run(
     // zero on both sides).
     let t = Instant::now();
     m.kvm.set_user_memory_region(region).map_err(kvm_err)?;
-    let harvest_ns = t.elapsed().as_nanos() as u64;
+    let harvest_ns = crate::clock::elapsed_ns(t);
     let t = Instant::now();
     for i in data_pages(m, hva, size) {
         copy_page(m, hva, i, &mut dst)?;
     }
-    let copy_ns = t.elapsed().as_nanos() as u64;
+    let copy_ns = crate::clock::elapsed_ns(t);
     report.rounds.push(Round { dirty_pages: npages, harvest_ns, copy_ns, ..Default::default() });
     report.copied_pages = npages;
 
@@ -149,14 +149,14 @@ pub fn run(
         let (taken0, fast0) = fault_counts(m);
         let t = Instant::now();
         let guest_accesses = guest(m)?;
-        let guest_ns = t.elapsed().as_nanos() as u64;
+        let guest_ns = crate::clock::elapsed_ns(t);
         for v in m.vcpus.iter_mut() {
             v.exit_guest();
         }
         let (taken1, fast1) = fault_counts(m);
         let t = Instant::now();
         let bitmap = m.kvm.get_dirty_log(region.slot).map_err(kvm_err)?;
-        let harvest_ns = t.elapsed().as_nanos() as u64;
+        let harvest_ns = crate::clock::elapsed_ns(t);
         let t = Instant::now();
         let mut dirty = 0;
         for (w, bits) in bitmap.iter().enumerate() {
@@ -168,7 +168,7 @@ pub fn run(
                 dirty += 1;
             }
         }
-        let copy_ns = t.elapsed().as_nanos() as u64;
+        let copy_ns = crate::clock::elapsed_ns(t);
         report.copied_pages += dirty;
         let last = dirty <= plan.stop_pages || round == plan.max_rounds;
         report.rounds.push(Round {

@@ -61,8 +61,8 @@ pub fn text(r: &RunResult, description: &str) -> String {
             .filter(|(k, v)| **v != 0 && !COLUMNS.contains(&k.as_str()))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        if taken > 0 {
-            extras.push(format!("wall per fault {}", human_ns(p.wall_ns / taken as u64)));
+        if let Some(taken) = u64::try_from(taken).ok().filter(|&t| t > 0) {
+            extras.push(format!("wall per fault {}", human_ns(p.wall_ns / taken)));
         }
         if p.accesses > 0 {
             extras.push(format!("{:.1} M accesses/s", p.accesses as f64 * 1e3 / p.wall_ns.max(1) as f64));

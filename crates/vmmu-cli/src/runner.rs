@@ -187,20 +187,25 @@ fn op_at(phase: usize, name: &str, index: usize, op: &Op) -> OpAt {
     OpAt { phase, phase_name: name.to_string(), index, op: op.name() }
 }
 
-/// The phases to run: the scenario's, or two passes of `--replay` or of `--workload`.
-fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenario::Phase> {
+/// The phases to run: the scenario's, or two passes of `--replay` or of `--workload`. The
+/// error: `--pages` pages from the data area run past the end of the address space.
+fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Result<Vec<crate::scenario::Phase>, ConfigError> {
     if let Some(t) = &opts.replay {
         let op = Op::Replay { trace: t.display().to_string() };
-        return ["pass1", "pass2"]
+        return Ok(["pass1", "pass2"]
             .iter()
             .map(|n| crate::scenario::Phase { name: n.to_string(), ops: vec![op.clone()] })
-            .collect();
+            .collect());
     }
     match (&opts.workload, opts.pages) {
-        (None, None) => s.phases.clone(),
+        (None, None) => Ok(s.phases.clone()),
         (w, p) => {
             let name = w.clone().unwrap_or_else(|| "first-touch".into());
             let pages = p.unwrap_or(16384);
+            // As the scenario's own ops are checked (Scenario::validate).
+            if pages.checked_mul(4096).and_then(|b| data_start.checked_add(b)).is_none() {
+                return Err(ConfigError::PagesPastEnd { pages, start: data_start });
+            }
             let second = if name == "first-touch" { "re-touch".to_string() } else { name.clone() };
             let op = |n: &str| Op::Workload {
                 name: n.to_string(),
@@ -209,10 +214,10 @@ fn phases(s: &Scenario, opts: &RunOptions, data_start: u64) -> Vec<crate::scenar
                 accesses: None,
                 seed: None,
             };
-            vec![
+            Ok(vec![
                 crate::scenario::Phase { name: "pass1".into(), ops: vec![op(&name)] },
                 crate::scenario::Phase { name: "pass2".into(), ops: vec![op(&second)] },
-            ]
+            ])
         }
     }
 }
@@ -243,7 +248,7 @@ fn precheck(s: &Scenario, opts: &RunOptions) -> Result<(), RunError> {
 pub fn run_to(s: &Scenario, opts: &RunOptions, after_phase: Option<&str>) -> Result<Machine, RunError> {
     precheck(s, opts)?;
     let mut m = build(s, opts.mmu.as_deref())?;
-    let phases = phases(s, opts, m.data_start);
+    let phases = phases(s, opts, m.data_start)?;
     if let Some(name) = after_phase {
         if !phases.iter().any(|p| p.name == name) {
             let phases = phases.iter().map(|p| p.name.clone()).collect();
@@ -342,7 +347,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
     };
     let mut results = Vec::new();
     let mut reports = Reports::default();
-    for (pi, ph) in phases(s, opts, m.data_start).into_iter().enumerate() {
+    for (pi, ph) in phases(s, opts, m.data_start)?.into_iter().enumerate() {
         let (before, hw0) = stats_now(&m);
         let lat0 = latency_now(&m);
         let trace_start = if opts.trace == TraceMode::Events { m.kvm.tracer.len() } else { 0 };
@@ -360,7 +365,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
                 }
             }
         }
-        let wall_ns = t0.elapsed().as_nanos() as u64;
+        let wall_ns = crate::clock::elapsed_ns(t0);
         let (after, hw1) = stats_now(&m);
         let fault_latency = latency_now(&m).zip(lat0).map(|(a, b)| a.since(&b));
         let stats = after
@@ -395,7 +400,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         frames_4k: counts.frames_4k,
         frames_2m: counts.frames_2m,
         host_pt_pages: m.kvm.host().pt_pages(),
-        mmu_table_bytes: stats.get("tdp_mmu_pages").copied().unwrap_or(0).max(0) as u64 * 4096,
+        mmu_table_bytes: u64::try_from(stats.get("tdp_mmu_pages").copied().unwrap_or(0)).unwrap_or(0) * 4096,
     };
     let trace_records = if keep_records { m.kvm.tracer.take_records() } else { Vec::new() };
     if stream.is_some() {

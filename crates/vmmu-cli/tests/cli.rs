@@ -133,12 +133,17 @@ fn bad_input_is_one_line_and_exit_2() {
         &["run", "--workload", "sideways"][..],
         &["run", "--mmu", "magic"],
         &["run", "--pages", "0"],
+        // 2^62 pages: their size in bytes wrapped to 0 (overflowed in a debug build).
+        &["run", "--pages", "4611686018427387904"],
+        &["run", "--workload", "read", "--pages", "18446744073709551615"],
         &["run", "--frobnicate"],
     ] {
         let (code, _, err) = vmmu(args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    let (_, _, err) = vmmu(&["run", "--pages", "4611686018427387904"]);
+    assert!(err.contains("--pages") && err.contains("past the end"), "{err}");
 }
 
 #[test]

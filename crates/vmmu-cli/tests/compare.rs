@@ -149,3 +149,31 @@ fn scenarios_that_cannot_be_compared_are_refused() {
         println!("skipped the --mmu check: /dev/kvm not available");
     }
 }
+
+/// A scenario whose translation the real-KVM backend refuses (a page at 2^47, beyond the
+/// KVM guest's address space): the backend's error is the source, and `vmmu compare` prints
+/// it once, on one line, with exit status 2.
+#[test]
+fn a_workload_the_backend_refuses_keeps_its_error() {
+    use std::error::Error as _;
+    let text = "name = \"high\"\n[[memslot]]\ngpa = 0\nsize = \"64MiB\"\n\
+                [guest]\nlayout = \"identity\"\npage_size = \"4k\"\naccessed_dirty = \"clear\"\nuser = true\n\
+                [[phase]]\nname = \"p\"\nops = [{ op = \"write\", start = \"0x800000000000\", pages = 1 }]\n";
+    let s = vmmu_cli::scenario::Scenario::parse(text).unwrap();
+    let e = vmmu_cli::compare::translate(&s).unwrap_err();
+    assert!(matches!(e, vmmu_cli::compare::CompareError::Spec(_)), "{e:?}");
+    assert!(e.is_config());
+    let kvm = e.source().and_then(|s| s.downcast_ref::<vmmu_kvm::KvmError>()).expect("the KvmError");
+    assert_eq!(e.to_string(), format!("compare: {kvm}"));
+
+    let dir = std::env::temp_dir().join(format!("vmmu-compare-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("high.toml");
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = vmmu(&["compare", f.to_str().unwrap()], true);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err, format!("vmmu: {}: compare: {kvm}\n", f.display()));
+    assert_eq!(err.matches(&kvm.to_string()).count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -171,3 +171,20 @@ fn bad_grids_are_refused() {
     assert!(err.contains("--pages"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A grid file that is not TOML of the grid's shape: one line naming the file, where, and the
+/// parser's problem once (the TOML error is the error's source, and not printed again).
+#[test]
+fn a_grid_that_does_not_parse_is_named_once() {
+    let dir = tempdir("toml");
+    let grid = dir.join("grid.toml");
+    std::fs::write(&grid, "pages = \"many\"\n").unwrap();
+    let (code, out, err) = vmmu(&["sweep", "--grid", grid.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty(), "{out}");
+    let prefix = format!("vmmu sweep: {}: line 1, column 9: ", grid.display());
+    assert!(err.starts_with(&prefix), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("invalid type").count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
