@@ -242,15 +242,11 @@ impl WalkObserver for Sptes {
     }
 }
 
-/// The shadow page whose table is at `table_hpa`, if any. The shadow MMU's state is guarded
-/// by `mmu_lock` held for write (KVM's shadow paths, even read-only ones such as the audit,
-/// take `write_lock(&kvm->mmu_lock)`), so this takes it before the shadow lock, in the
-/// order crates/vmmu uses.
+/// The shadow page whose table is at `table_hpa`, if any: asked of the MMU
+/// ([`Kvm::shadow_page_info`]), which takes `mmu_lock` and the shadow state as KVM's shadow
+/// paths do.
 fn sp_of(kvm: &Kvm, table_hpa: u64) -> Option<SpInfo> {
-    let _w = kvm.mmu().mmu_lock.write();
-    let s = kvm.mmu().shadow.lock();
-    let id = s.pages.by_spt(Hpa::new(table_hpa).pfn())?;
-    let p = s.pages.get(id);
+    let p = kvm.shadow_page_info(Hpa::new(table_hpa).pfn())?;
     Some(SpInfo { role: p.role, gfn: p.gfn.raw(), unsync: p.unsync })
 }
 
