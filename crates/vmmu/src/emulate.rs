@@ -23,7 +23,7 @@ pub fn emulate_access(
     let slots = vcpu.slots.clone();
     let bus = kvm.mmio_bus();
     let ring = vcpu.dirty_ring.clone();
-    let mut mem = KvmGuestMem::new(kvm, &slots, &bus).with_ring(ring.as_deref());
+    let mut mem = KvmGuestMem::new(kvm.host(), &slots, &bus).with_ring(ring.as_deref());
     let st = *vcpu.cpu.paging();
     let access = Access { kind, cpl: vcpu.cpu.cpl(), implicit_supervisor: false, eflags_ac: vcpu.cpu.eflags_ac() };
     let in_page = 4096 - (gva.raw() & 0xfff);

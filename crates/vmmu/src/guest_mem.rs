@@ -3,9 +3,9 @@
 //! the MMIO bus where no memslot is. Used by the emulator and by the shadow MMU, which reads
 //! guest page-table entries through it; it calls neither.
 
+use crate::host::HostMm;
 use crate::memslot::Memslots;
 use crate::mmio_bus::MmioBus;
-use crate::vm::Kvm;
 use std::convert::Infallible;
 use x86_paging::addr::{Gpa, Gva, Hpa};
 use x86_paging::walk::GuestPhys;
@@ -13,7 +13,7 @@ use x86_paging::walk::GuestPhys;
 /// Guest-physical memory as KVM sees it: memslots backed by the VMM's mapping, and the MMIO
 /// bus for everything else (`kvm_vcpu_read_guest` plus the emulator's MMIO path).
 pub struct KvmGuestMem<'a> {
-    kvm: &'a Kvm,
+    host: &'a HostMm,
     slots: &'a Memslots,
     bus: &'a MmioBus,
     ring: Option<&'a crate::dirty_log::DirtyRing>,
@@ -22,9 +22,10 @@ pub struct KvmGuestMem<'a> {
 }
 
 impl<'a> KvmGuestMem<'a> {
-    /// A view over `kvm`'s memory with the memslots `slots`.
-    pub fn new(kvm: &'a Kvm, slots: &'a Memslots, bus: &'a MmioBus) -> Self {
-        KvmGuestMem { kvm, slots, bus, ring: None, mmio_accesses: 0 }
+    /// A view over the memory the VMM's address space `host` maps, with the memslots
+    /// `slots` and the MMIO bus `bus`.
+    pub fn new(host: &'a HostMm, slots: &'a Memslots, bus: &'a MmioBus) -> Self {
+        KvmGuestMem { host, slots, bus, ring: None, mmio_accesses: 0 }
     }
 
     /// Marks written pages in `ring` (the running vCPU's dirty ring) instead of the bitmap.
@@ -44,14 +45,14 @@ impl<'a> KvmGuestMem<'a> {
             crate::dirty_log::mark_page_dirty_in_slot(self.ring, slot, gpa.gfn());
         }
         let hva = slot.gfn_to_hva(gpa.gfn());
-        let p = self.kvm.host().get_user_page(hva, write).ok()?;
+        let p = self.host.get_user_page(hva, write).ok()?;
         Some(Hpa::new(p.pfn.hpa().raw() + gpa.page_offset()))
     }
 
     /// Reads `size` bytes (within one page) at `gpa`.
     pub fn read(&mut self, gpa: Gpa, size: u8) -> u64 {
         match self.host_addr(gpa, false) {
-            Some(h) => self.kvm.mem().read(h, size),
+            Some(h) => self.host.frames().mem().read(h, size),
             None => {
                 self.mmio_accesses += 1;
                 self.bus.read(gpa, size)
@@ -64,7 +65,7 @@ impl<'a> KvmGuestMem<'a> {
     pub fn write(&mut self, gpa: Gpa, size: u8, val: u64) -> bool {
         match self.host_addr(gpa, true) {
             Some(h) => {
-                self.kvm.mem().write(h, size, val);
+                self.host.frames().mem().write(h, size, val);
                 true
             }
             None => {
@@ -87,7 +88,7 @@ impl GuestPhys for KvmGuestMem<'_> {
             // write to the device. Treat it as done.
             return Ok(true);
         };
-        let mem = self.kvm.mem();
+        let mem = self.host.frames().mem();
         if size == 8 {
             return Ok(mem.cmpxchg(h, old, new).is_ok());
         }

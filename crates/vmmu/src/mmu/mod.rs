@@ -43,12 +43,13 @@ pub use page_fault::{KvmPageFault, RetPf};
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum MmuError {
     /// The host could not provide a frame for a page table or a guest page.
-    #[error("out of host memory while handling a fault at gpa {gpa:#x}: {reason}")]
+    #[error("out of host memory while handling a fault at gpa {gpa:#x}: {source}")]
     OutOfMemory {
         /// Faulting gpa.
         gpa: u64,
-        /// The host's reason.
-        reason: String,
+        /// What the host refused.
+        #[source]
+        source: crate::host::HostError,
     },
     /// A guest configuration this build's MMU does not handle yet.
     #[error("not implemented: {0}")]

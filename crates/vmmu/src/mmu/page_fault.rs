@@ -181,7 +181,7 @@ pub fn kvm_tdp_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFau
     {
         let _t = kvm.tracer.func(vcpu.id, "mmu_topup_memory_caches");
         super::mmu::mmu_topup_memory_caches(kvm, vcpu)
-            .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
+            .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), source: e })?;
     }
     let r = kvm_faultin_pfn(kvm, vcpu, fault)?;
     if r != RetPf::Continue {
@@ -233,7 +233,7 @@ pub fn kvm_faultin_pfn(kvm: &Kvm, vcpu: &mut VcpuArch, fault: &mut KvmPageFault)
     let want_writable = !slot.readonly();
     let gup = |write| {
         host.get_user_page(hva, write).map_err(|e| match e {
-            HostError::OutOfMemory { .. } => MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() },
+            HostError::OutOfMemory { .. } => MmuError::OutOfMemory { gpa: fault.addr.raw(), source: e },
             _ => MmuError::MemoryFault { gpa: fault.addr.raw(), hva: hva.raw() },
         })
     };

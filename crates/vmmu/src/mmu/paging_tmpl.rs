@@ -121,7 +121,7 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: Gva, error_code: u64) -> Resul
         );
     }
     let bus = kvm.mmio_bus();
-    let mut mem = KvmGuestMem::new(kvm, &vcpu.slots, &bus).with_ring(vcpu.dirty_ring.as_deref());
+    let mut mem = KvmGuestMem::new(kvm.host(), &vcpu.slots, &bus).with_ring(vcpu.dirty_ring.as_deref());
     let r = loop {
         let r = if tracing {
             walk(&mut mem, &st, gva, &access, WalkOptions::ARCH, &mut TraceWalk { kvm, cpu: vcpu.id })
@@ -203,7 +203,7 @@ pub fn page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: Gva, error_code: u64) -> 
         return Ok(RetPf::Emulate);
     }
     crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)
-        .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), reason: e.to_string() })?;
+        .map_err(|e| MmuError::OutOfMemory { gpa: fault.addr.raw(), source: e })?;
     let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
     if r != RetPf::Continue {
         return Ok(r);
@@ -256,7 +256,7 @@ fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: Gva, error_code: u6
     let mut fault = KvmPageFault::new_shadow(kvm, Gpa::new(gva.raw() & 0xffff_ffff), error_code);
     fault.max_level = 2;
     crate::mmu::mmu::mmu_topup_memory_caches(kvm, vcpu)
-        .map_err(|e| MmuError::OutOfMemory { gpa: gva.raw(), reason: e.to_string() })?;
+        .map_err(|e| MmuError::OutOfMemory { gpa: gva.raw(), source: e })?;
     let r = page_fault::kvm_faultin_pfn(kvm, vcpu, &mut fault)?;
     if r != RetPf::Continue {
         return Ok(r);
@@ -268,7 +268,7 @@ fn nonpaging_page_fault(kvm: &Kvm, vcpu: &mut VcpuArch, gva: Gva, error_code: u6
 fn gpte_changed(ctx: &Ctx<'_>, w: &GuestWalker, level: u8) -> bool {
     let i = usize::from(level - 1);
     let bus = ctx.kvm.mmio_bus();
-    KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(w.pte_gpa[i], w.gpte_size) != w.ptes[i]
+    KvmGuestMem::new(ctx.kvm.host(), &ctx.slots, &bus).read(w.pte_gpa[i], w.gpte_size) != w.ptes[i]
 }
 
 /// Where entry `i` of the guest table behind shadow page `sp` lives, and its size: a
@@ -409,7 +409,7 @@ fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
             (Gfn::new(gfn_table.raw() + i), role_access)
         } else {
             let (at, size) = gpte_addr(ctx, sp, i);
-            let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(at, size);
+            let gpte = KvmGuestMem::new(ctx.kvm.host(), &ctx.slots, &bus).read(at, size);
             if prefetch_invalid_gpte(gpte, &st) {
                 continue;
             }
@@ -443,7 +443,7 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     let sptep = ctx.s.pages.get(sp).sptep(i);
     let bus = ctx.kvm.mmio_bus();
     let (at, size) = gpte_addr(ctx, sp, i);
-    let gpte = KvmGuestMem::new(ctx.kvm, &ctx.slots, &bus).read(at, size);
+    let gpte = KvmGuestMem::new(ctx.kvm.host(), &ctx.slots, &bus).read(at, size);
     if prefetch_invalid_gpte(gpte, &st) {
         ctx.drop_spte(sptep);
         ctx.kvm.mem().store(sptep, Spte::NONPRESENT.0);

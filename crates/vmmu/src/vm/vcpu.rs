@@ -380,7 +380,7 @@ impl Vcpu {
         }
         let bus = self.kvm.mmio_bus();
         let slots = self.kvm.memslots();
-        let mut mem = crate::guest_mem::KvmGuestMem::new(&self.kvm, &slots, &bus);
+        let mut mem = crate::guest_mem::KvmGuestMem::new(self.kvm.host(), &slots, &bus);
         let mut p = [0u64; 4];
         for (i, e) in p.iter_mut().enumerate() {
             *e = mem.read(next.pdpte_gpa(i), 8);

@@ -28,7 +28,7 @@ pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr
         let gentry = if size == 0 {
             0
         } else {
-            crate::guest_mem::KvmGuestMem::new(kvm, &ctx.slots, &bus).read(x86_paging::addr::Gpa::new(at), size)
+            crate::guest_mem::KvmGuestMem::new(kvm.host(), &ctx.slots, &bus).read(x86_paging::addr::Gpa::new(at), size)
         };
         let mut flush = false;
         for id in ctx.s.pages.with_gfn(gpa.gfn()) {
