@@ -28,6 +28,11 @@ pub const KVM_DIRTY_GFN_F_RESET: u32 = 1 << 1;
 /// `KVM_DIRTY_RING_RSVD_ENTRIES`: entries kept free past the soft limit, for the marks a
 /// vCPU makes between the limit being reached and its exit.
 pub const KVM_DIRTY_RING_RSVD_ENTRIES: u32 = 64;
+/// The page-modification log's capacity, as ring entries.
+const PML_ENTRIES_U32: u32 = {
+    assert!(crate::hw::cpu::PML_ENTRIES <= u32::MAX as usize);
+    crate::num::low32(crate::hw::cpu::PML_ENTRIES as u64)
+};
 /// `KVM_DIRTY_RING_MAX_ENTRIES`.
 pub const KVM_DIRTY_RING_MAX_ENTRIES: u32 = 65536;
 /// `sizeof(struct kvm_dirty_gfn)`: the ring size KVM_CAP_DIRTY_LOG_RING takes is in bytes.
@@ -86,7 +91,7 @@ impl DirtyRing {
 
     /// Number of entries.
     pub fn size(&self) -> u32 {
-        self.entries.len() as u32
+        u32::try_from(self.entries.len()).expect("ring sizes are checked against KVM_DIRTY_RING_MAX_ENTRIES")
     }
 
     /// Entries pushed and not yet recycled (`kvm_dirty_ring_used`).
@@ -332,7 +337,7 @@ impl Kvm {
         if !num_pages.is_multiple_of(64) && end != s.npages {
             return bad(format!("num_pages {num_pages} is not a multiple of 64 and does not reach the slot's end"));
         }
-        let words = num_pages.div_ceil(64) as usize;
+        let words = crate::num::usize_of(num_pages.div_ceil(64));
         if bitmap.len() < words {
             return bad(format!("the bitmap has {} words, {num_pages} pages need {words}", bitmap.len()));
         }
@@ -388,7 +393,7 @@ impl Kvm {
     /// `kvm_dirty_ring_get_rsvd_entries`: the slack past the soft limit; a vCPU with PML may
     /// empty a whole log into the ring before it can exit.
     fn dirty_ring_reserved(&self) -> u32 {
-        KVM_DIRTY_RING_RSVD_ENTRIES + if self.pml_in_use() { crate::hw::cpu::PML_ENTRIES as u32 } else { 0 }
+        KVM_DIRTY_RING_RSVD_ENTRIES + if self.pml_in_use() { PML_ENTRIES_U32 } else { 0 }
     }
 
     pub(crate) fn new_dirty_ring(&self, owner: Arc<VcpuShared>) -> Option<Arc<DirtyRing>> {

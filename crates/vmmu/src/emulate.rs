@@ -27,7 +27,7 @@ pub fn emulate_access(
     let st = *vcpu.cpu.paging();
     let access = Access { kind, cpl: vcpu.cpu.cpl(), implicit_supervisor: false, eflags_ac: vcpu.cpu.eflags_ac() };
     let in_page = 4096 - (gva.raw() & 0xfff);
-    let first = u64::from(size).min(in_page) as u8;
+    let first = u8::try_from(u64::from(size).min(in_page)).unwrap_or(size);
     let mut gpas = [(Gpa::new(0), 0u8); 2];
     let parts: &[(u64, u8)] = if first < size { &[(0, first), (first as u64, size - first)] } else { &[(0, size)] };
     for (i, (off, len)) in parts.iter().enumerate() {

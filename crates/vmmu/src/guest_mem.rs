@@ -95,7 +95,7 @@ impl GuestPhys for KvmGuestMem<'_> {
         let word = Hpa::new(h.raw() & !7);
         let shift = (h.raw() & 7) * 8;
         let cur = mem.load(word);
-        if (cur >> shift) as u32 != old as u32 {
+        if crate::num::low32(cur >> shift) != crate::num::low32(old) {
             return Ok(false);
         }
         let m = 0xffff_ffffu64 << shift;

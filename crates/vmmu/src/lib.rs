@@ -19,6 +19,7 @@ pub mod machine;
 pub mod memslot;
 pub mod mmio_bus;
 pub mod mmu;
+mod num;
 pub mod stats;
 pub mod sync;
 pub mod trace;

@@ -124,7 +124,7 @@ impl Memslot {
             let per = pages_per_level(level);
             let first = base / per;
             let last = (base + npages - 1) / per;
-            let n = (last - first + 1) as usize;
+            let n = crate::num::usize_of(last - first + 1);
             let v: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
             // A huge page can only map a range wholly inside the slot, and only if the guest
             // and host addresses agree modulo the huge page size.
@@ -211,7 +211,9 @@ impl Memslot {
         let Some(b) = &self.dirty_bitmap else { return vec![0; mask.len()] };
         mask.iter()
             .enumerate()
-            .map(|(i, &m)| b.get(first_word as usize + i).map_or(0, |w| w.fetch_and(!m, Ordering::AcqRel) & m))
+            .map(|(i, &m)| {
+                b.get(crate::num::usize_of(first_word) + i).map_or(0, |w| w.fetch_and(!m, Ordering::AcqRel) & m)
+            })
             .collect()
     }
 
@@ -244,7 +246,7 @@ impl Memslot {
 
     fn lpage_index(&self, gfn: Gfn, level: u8) -> usize {
         let per = pages_per_level(level);
-        (gfn.raw() / per - self.base_gfn.raw() / per) as usize
+        crate::num::usize_of(gfn.raw() / per - self.base_gfn.raw() / per)
     }
 
     /// Whether a huge page at `level` (2 or 3) covering `gfn` is disallowed by lpage_info.
@@ -261,7 +263,7 @@ impl Memslot {
             let i = self.lpage_index(gfn, level);
             let e = &self.lpage_info[usize::from(level) - 2][i];
             if delta >= 0 {
-                e.fetch_add(delta as u32, Ordering::Relaxed);
+                e.fetch_add(delta.cast_unsigned(), Ordering::Relaxed);
             } else {
                 e.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
             }
@@ -503,17 +505,18 @@ mod tests {
         // KVM's maximum of slots, created highest gpa first (each insertion at the front),
         // then every one looked up by gfn and by id, moved, resized and deleted.
         let n = u64::from(KVM_USER_MEM_SLOTS);
+        let slot = |id: u64| u32::try_from(id).unwrap();
         let mut s = Memslots::default();
         for id in (0..n).rev() {
-            let c = s.apply(&region(id as u32, id * 2 * 4096, 4096, id * 2 * 4096), 46).unwrap().0;
+            let c = s.apply(&region(slot(id), id * 2 * 4096, 4096, id * 2 * 4096), 46).unwrap().0;
             assert_eq!(c, MemslotChange::Create);
         }
-        assert_eq!(s.len(), n as usize);
+        assert_eq!(s.len(), crate::num::usize_of(n));
         assert_eq!(s.total_pages(), n);
         for id in (0..n).step_by(997) {
-            assert_eq!(s.find(Gfn::new(id * 2)).unwrap().id, id as u32);
+            assert_eq!(s.find(Gfn::new(id * 2)).unwrap().id, slot(id));
             assert!(s.find(Gfn::new(id * 2 + 1)).is_none(), "the holes between slots belong to no slot");
-            assert_eq!(s.by_id(id as u32).unwrap().base_gfn, Gfn::new(id * 2));
+            assert_eq!(s.by_id(slot(id)).unwrap().base_gfn, Gfn::new(id * 2));
         }
         let sorted: Vec<u64> = s.iter().map(|m| m.base_gfn.raw()).collect();
         assert!(sorted.windows(2).all(|w| w[0] < w[1]));
@@ -529,7 +532,7 @@ mod tests {
         assert!(s.find(Gfn::new(0)).is_none());
         assert_eq!(s.apply(&region(0, 0, 0, 0), 46).unwrap().0, MemslotChange::Delete);
         assert!(s.by_id(0).is_none());
-        assert_eq!(s.len(), n as usize - 1);
+        assert_eq!(s.len(), crate::num::usize_of(n) - 1);
         assert_eq!(s.total_pages(), n);
     }
 }

@@ -206,7 +206,9 @@ impl LatencyHistogram {
         if self.count == 0 {
             return 0;
         }
-        let want = ((self.count as f64 * q).ceil() as u64).clamp(1, self.count);
+        // q is in 0..=1 (clamped), so the product is in 0..=count: no sign, no truncation.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let want = ((self.count as f64 * q.clamp(0.0, 1.0)).ceil() as u64).clamp(1, self.count);
         let mut seen = 0;
         for (i, c) in self.buckets.iter().enumerate() {
             seen += c;

@@ -129,14 +129,14 @@ impl Tracer {
     }
 
     fn push(&self, cpu: u32, rec: Rec) {
-        let ns = self.start.elapsed().as_nanos() as u64;
+        let ns = crate::num::nanos(self.start.elapsed());
         self.buf.lock().records.push(Record { ns, cpu, rec });
     }
 
     /// Records tracepoint `name` with its already formatted text (call only when
     /// [`Tracer::events_on`]); while streaming, writes its line instead.
     pub fn event(&self, cpu: u32, name: &'static str, args: std::fmt::Arguments<'_>) {
-        let ns = self.start.elapsed().as_nanos() as u64;
+        let ns = crate::num::nanos(self.start.elapsed());
         let mut buf = self.buf.lock();
         let b = &mut *buf;
         match &mut b.stream {

@@ -121,7 +121,7 @@ impl Kvm {
             return 0;
         }
         let w = self.mmu.mmu_lock.write();
-        let splits = self.stats.nx_lpage_splits.sum().max(0) as u64;
+        let splits = u64::try_from(self.stats.nx_lpage_splits.sum()).unwrap_or(0);
         let to_zap = splits.div_ceil(ratio);
         let slots = self.memslots();
         let roots = tdp_mmu::valid_roots(self);

@@ -117,7 +117,7 @@ pub fn walk_addr(kvm: &Kvm, vcpu: &VcpuArch, gva: Gva, error_code: u64) -> Resul
         kvm.tracer.event(
             vcpu.id,
             "kvm_mmu_pagetable_walk",
-            format_args!("addr {:x} pferr {:x} {}", gva, error_code as u32, pferr_text(error_code)),
+            format_args!("addr {:x} pferr {:x} {}", gva, crate::num::low32(error_code), pferr_text(error_code)),
         );
     }
     let bus = kvm.mmio_bus();
@@ -392,7 +392,7 @@ fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
     }
     let (gfn_table, direct, role_access) = {
         let p = ctx.s.pages.get(sp);
-        (p.gfn, p.role.direct() != 0, p.role.access() as u8)
+        (p.gfn, p.role.direct() != 0, p.role.access())
     };
     let index = (sptep.raw() & 0xfff) / 8;
     let first = index & !(PTE_PREFETCH_NUM - 1);
@@ -438,7 +438,7 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     let st = *vcpu.cpu.paging();
     let (role_access, level) = {
         let p = ctx.s.pages.get(sp);
-        (p.role.access() as u8, p.role.level())
+        (p.role.access(), p.role.level())
     };
     let sptep = ctx.s.pages.get(sp).sptep(i);
     let bus = ctx.kvm.mmio_bus();

@@ -143,7 +143,7 @@ mod tests {
     fn add_remove_keeps_kvm_shape() {
         let mut l = PteList::default();
         for i in 0..40u64 {
-            assert_eq!(l.add(Hpa::new(i * 8)), i as usize);
+            assert_eq!(l.add(Hpa::new(i * 8)), crate::num::usize_of(i));
         }
         assert_eq!(l.len(), 40);
         if let PteList::Many(d) = &l {

@@ -32,8 +32,6 @@ role_bits! {
     quadrant / with_quadrant: 5, 2;
     /// No guest table is shadowed.
     direct / with_direct: 7, 1;
-    /// ACC_* rights inherited from upper guest entries.
-    access / with_access: 8, 3;
     /// Zapped or obsolete.
     invalid / with_invalid: 11, 1;
     /// EFER.NX.
@@ -58,10 +56,19 @@ impl Role {
     /// Level (1 = 4 KiB table ... 5 = PML5): bits 0-3.
     #[inline]
     pub const fn level(self) -> u8 {
-        // Masked to 4 bits: always fits.
-        #[allow(clippy::cast_possible_truncation)]
-        let l = (self.0 & 0xf) as u8;
-        l
+        crate::num::low8((self.0 & 0xf) as u64)
+    }
+
+    /// ACC_* rights inherited from upper guest entries: bits 8-10.
+    #[inline]
+    pub const fn access(self) -> u8 {
+        crate::num::low8(((self.0 >> 8) & 7) as u64)
+    }
+
+    /// Returns the role with `access` set (only its low 3 bits are kept).
+    #[inline]
+    pub const fn with_access(self, access: u8) -> Role {
+        Role((self.0 & !(7 << 8)) | ((access as u32 & 7) << 8))
     }
 
     /// Returns the role with `level` set (only its low 4 bits are kept).

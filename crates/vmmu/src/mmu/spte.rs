@@ -253,7 +253,7 @@ impl Spte {
 
     /// The access bits stored in an MMIO SPTE.
     pub fn mmio_access(self, m: &SpteMasks) -> u8 {
-        (self.0 & m.mmio_access) as u8
+        crate::num::low8(self.0 & m.mmio_access)
     }
 }
 

@@ -207,7 +207,7 @@ pub fn write_chrome_json<W: Write>(
     };
     w.write_all(b"{\"displayTimeUnit\": \"ns\", \"traceEvents\": [")?;
     for (i, p) in procs.iter().enumerate() {
-        let pid = i as u32 + 1;
+        let pid = u32::try_from(i + 1).unwrap_or(u32::MAX);
         line(
             w,
             &format!(

@@ -91,6 +91,9 @@ pub enum GuestError {
     Vm(#[from] VmError),
 }
 
+/// `KVM_MAX_VCPUS` on x86: vCPUs one VM may create.
+pub const KVM_MAX_VCPUS: u32 = 4096;
+
 /// Bit numbers of vCPU requests (KVM_REQ_*).
 pub mod req {
     /// KVM_REQ_TLB_FLUSH.
@@ -440,9 +443,14 @@ impl Kvm {
         self.memslots_gen.load(Ordering::Acquire)
     }
 
-    /// KVM_CREATE_VCPU.
+    /// KVM_CREATE_VCPU. At most [`KVM_MAX_VCPUS`] per VM, as x86 KVM (`kvm->max_vcpus`).
     pub fn create_vcpu(self: &Arc<Self>) -> Result<Vcpu, VmError> {
-        let id = self.next_vcpu.fetch_add(1, Ordering::Relaxed);
+        let id = self
+            .next_vcpu
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < KVM_MAX_VCPUS).then_some(n + 1))
+            .map_err(|_| VmError::InvalidConfig(format!("KVM_CREATE_VCPU: a VM has at most {KVM_MAX_VCPUS} vCPUs")))?;
+        // VPIDs 1..=KVM_MAX_VCPUS: each vCPU tags its TLB entries with its own.
+        let vpid = u16::try_from(id + 1).expect("KVM_MAX_VCPUS fits a VPID");
         let shared = Arc::new(VcpuShared { id, ..Default::default() });
         if self.pml_in_use() {
             // vmx_vcpu_create: PML follows the logging slots from the start.
@@ -451,7 +459,7 @@ impl Kvm {
         let dirty_ring = self.new_dirty_ring(shared.clone());
         self.vcpus.write().push(shared.clone());
         self.n_vcpus_live.fetch_add(1, Ordering::Relaxed);
-        let cpu = Cpu::new(self.host.frames().mem().clone(), CpuMode::Native, (id + 1) as u16, self.config.maxphyaddr);
+        let cpu = Cpu::new(self.host.frames().mem().clone(), CpuMode::Native, vpid, self.config.maxphyaddr);
         Ok(Vcpu {
             kvm: self.clone(),
             arch: VcpuArch {

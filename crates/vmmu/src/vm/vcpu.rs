@@ -257,7 +257,7 @@ impl Vcpu {
         };
         let r = crate::mmu::page_fault::kvm_mmu_page_fault(kvm, arch, addr, ec);
         if let (Some(t0), Some(h)) = (t0, arch.fault_latency.as_deref_mut()) {
-            h.record(t0.elapsed().as_nanos() as u64);
+            h.record(crate::num::nanos(t0.elapsed()));
         }
         let r = r?;
         Ok(if r == RetPf::Emulate { ExitAction::Emulate } else { ExitAction::Resume })

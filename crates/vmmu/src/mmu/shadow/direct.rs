@@ -7,7 +7,7 @@ pub fn direct_root_role(cfg: &crate::vm::VmConfig) -> Role {
     Role(0)
         .with_level(cfg.tdp_level())
         .with_direct(1)
-        .with_access(u32::from(ACC_ALL))
+        .with_access(ACC_ALL)
         .with_cr0_wp(1)
         .with_efer_nx(1)
         .with_ad_disabled(u32::from(!cfg.ad_enabled()))
@@ -73,7 +73,7 @@ impl Ctx<'_> {
             }
             if spte.is_shadow_present() && !spte.is_large() {
                 let Some(c) = self.s.pages.by_spt(spte.pfn()) else { return Err(RetPf::Retry) };
-                if self.s.pages.get(c).role.access() == u32::from(access) {
+                if self.s.pages.get(c).role.access() == access {
                     it.descend(c);
                     continue;
                 }

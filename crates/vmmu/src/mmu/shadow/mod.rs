@@ -167,7 +167,7 @@ fn trace_sp(kvm: &Kvm, cpu: u32, name: &'static str, sp: &ShadowPage, created: O
         if r.has_4_byte_gpte() != 0 { 4 } else { 8 },
         r.quadrant(),
         if r.direct() != 0 { " direct" } else { "" },
-        ACC[r.access() as usize & 7],
+        ACC[usize::from(r.access())],
         if r.invalid() != 0 { " invalid" } else { "" },
         if r.efer_nx() != 0 { "" } else { "!" },
         if r.ad_disabled() != 0 { "!" } else { "" },
@@ -255,7 +255,7 @@ impl ShadowMmu {
     pub fn sp_gfn_at(&self, id: SpId, index: u64) -> Gfn {
         let sp = self.pages.get(id);
         match &sp.shadowed_translation {
-            Some(t) if sp.role.direct() == 0 => Gfn::new(t[index as usize] >> 12),
+            Some(t) if sp.role.direct() == 0 => Gfn::new(t[crate::num::usize_of(index)] >> 12),
             _ => Gfn::new(sp.gfn.raw() + index * pages_at(sp.role.level())),
         }
     }
@@ -264,14 +264,14 @@ impl ShadowMmu {
     pub fn sp_access_at(&self, id: SpId, index: u64) -> u8 {
         let sp = self.pages.get(id);
         match &sp.shadowed_translation {
-            Some(t) if sp.role.direct() == 0 => (t[index as usize] & 7) as u8,
-            _ => sp.role.access() as u8,
+            Some(t) if sp.role.direct() == 0 => crate::num::low8(t[crate::num::usize_of(index)] & 7),
+            _ => sp.role.access(),
         }
     }
 
     fn set_translation(&mut self, id: SpId, index: u64, gfn: Gfn, access: u8) {
         if let Some(t) = self.pages.get_mut(id).shadowed_translation.as_mut() {
-            t[index as usize] = (gfn.raw() << 12) | u64::from(access);
+            t[crate::num::usize_of(index)] = (gfn.raw() << 12) | u64::from(access);
         }
     }
 }
@@ -281,7 +281,7 @@ pub fn kvm_mmu_child_role(parent: Role, direct: bool, access: u8) -> Role {
     parent
         .with_level(parent.level() - 1)
         .with_direct(u32::from(direct))
-        .with_access(u32::from(access))
+        .with_access(access)
         .with_passthrough(0)
         .with_quadrant(0)
 }

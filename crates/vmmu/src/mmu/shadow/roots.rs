@@ -16,9 +16,7 @@ pub fn shadow_root_role(st: &x86_paging::mode::PagingState) -> Option<Role> {
         // Paging off: direct pages under PAE roots, identity-mapping the 4 GiB the guest
         // can address.
         PagingMode::NonPaging => {
-            return Some(
-                Role(0).with_level(3).with_direct(1).with_access(u32::from(ACC_ALL)).with_efer_nx(1).with_cr0_wp(1),
-            )
+            return Some(Role(0).with_level(3).with_direct(1).with_access(ACC_ALL).with_efer_nx(1).with_cr0_wp(1))
         }
     };
     let wp = st.cr0.contains(Cr0::WP);
@@ -26,7 +24,7 @@ pub fn shadow_root_role(st: &x86_paging::mode::PagingState) -> Option<Role> {
     Some(
         Role(0)
             .with_level(level)
-            .with_access(u32::from(ACC_ALL))
+            .with_access(ACC_ALL)
             .with_efer_nx(1)
             .with_cr0_wp(u32::from(wp))
             .with_smep_andnot_wp(u32::from(st.cr4.contains(Cr4::SMEP) && !wp))
@@ -76,7 +74,8 @@ pub fn kvm_mmu_load(kvm: &Kvm, vcpu: &mut VcpuArch) -> Result<(), crate::host::H
                 } else {
                     continue;
                 };
-                let role_i = if four_byte { child.with_quadrant(i as u32) } else { child };
+                let role_i =
+                    if four_byte { child.with_quadrant(u32::try_from(i).expect("four PDPTEs")) } else { child };
                 let id = ctx.get_shadow_page(gfn, role_i);
                 ctx.s.pages.get_mut(id).root_count += 1;
                 if ctx.s.pages.get(id).unsync_children > 0 {

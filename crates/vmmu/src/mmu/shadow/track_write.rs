@@ -62,7 +62,7 @@ pub fn kvm_mmu_track_write(kvm: &Kvm, vcpu: &mut VcpuArch, gpa: x86_paging::addr
                     spte_off <<= 1;
                     nspte = 2;
                 }
-                if (spte_off >> 12) as u32 != quadrant {
+                if spte_off >> 12 != u64::from(quadrant) {
                     continue;
                 }
                 spte_off &= 0xfff;
