@@ -11,7 +11,7 @@
 //! are shared between vCPU threads exactly as RAM is shared between CPUs. This module holds
 //! the only `unsafe` code of the host model.
 
-use super::HostError;
+use super::{ArenaMapError, HostError};
 use crate::sync::{AtomicU64, Ordering};
 use x86_paging::addr::{Hpa, Pfn};
 
@@ -50,7 +50,7 @@ impl PhysMem {
     pub fn with_words(size: u64) -> Result<Self, HostError> {
         let size = size.div_ceil(FRAME_SIZE).saturating_mul(FRAME_SIZE);
         let Ok(n) = usize::try_from(size / 8) else {
-            return Err(HostError::ArenaMap { size, errno: "larger than the address space".into() });
+            return Err(HostError::ArenaMap { size, source: ArenaMapError::TooLarge });
         };
         let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
         let base = words.as_ptr();
@@ -74,7 +74,7 @@ impl PhysMem {
             .checked_mul(HUGE_FRAME_SIZE)
             .and_then(|s| Some((s, usize::try_from(s.checked_add(HUGE_FRAME_SIZE)?).ok()?)))
         else {
-            return Err(HostError::ArenaMap { size, errno: "larger than the address space".into() });
+            return Err(HostError::ArenaMap { size, source: ArenaMapError::TooLarge });
         };
         // SAFETY: an anonymous private mapping with no fixed address has no preconditions; the
         // result is checked against MAP_FAILED below.
@@ -89,7 +89,8 @@ impl PhysMem {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(HostError::ArenaMap { size, errno: std::io::Error::last_os_error().to_string() });
+            let source = ArenaMapError::Os(crate::sync::Arc::new(std::io::Error::last_os_error()));
+            return Err(HostError::ArenaMap { size, source });
         }
         let addr = raw as usize;
         let aligned = addr.next_multiple_of(HUGE_FRAME_SIZE as usize);
@@ -327,5 +328,24 @@ mod tests {
             let e = PhysMem::new(size).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.starts_with("cannot reserve"), "{size:#x}: {e}");
         }
+    }
+
+    /// The arena's error keeps its cause typed: a size no mapping length can express, or the
+    /// OS's own error, which is the end of the source chain.
+    #[cfg(not(vmmu_loom))]
+    #[test]
+    fn an_arena_error_carries_its_cause() {
+        use std::error::Error;
+        let too_large = HostError::ArenaMap { size: u64::MAX, source: ArenaMapError::TooLarge };
+        assert_eq!(PhysMem::new(u64::MAX).err(), Some(too_large));
+        // 2^63 bytes can be asked for, but no x86-64 address space holds them: mmap refuses.
+        let e = PhysMem::new(1 << 63).err().expect("mmap of 2^63 bytes fails");
+        let HostError::ArenaMap { source: ArenaMapError::Os(os), .. } = &e else { panic!("{e}") };
+        assert_eq!(os.raw_os_error(), Some(libc::ENOMEM));
+        assert_eq!(e.to_string(), format!("cannot reserve {} bytes of host memory: {os}", 1u64 << 63));
+        let io = e.source().and_then(Error::source).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.and_then(std::io::Error::raw_os_error), Some(libc::ENOMEM));
+        assert_eq!(e.clone(), e);
+        assert_ne!(e, HostError::ArenaMap { size: 1 << 63, source: ArenaMapError::TooLarge });
     }
 }
