@@ -93,12 +93,12 @@ impl PhysMem {
             return Err(HostError::ArenaMap { size, source });
         }
         let addr = raw as usize;
-        let aligned = addr.next_multiple_of(HUGE_FRAME_SIZE as usize);
+        let aligned = addr.next_multiple_of(arena_usize(HUGE_FRAME_SIZE));
         let base = aligned as *mut u8;
         // SAFETY: `base..base+size` lies inside the mapping just created (we over-allocated by
         // one huge page for the alignment). MADV_HUGEPAGE is advisory; failure is harmless.
         unsafe {
-            libc::madvise(base.cast(), size as usize, libc::MADV_HUGEPAGE);
+            libc::madvise(base.cast(), arena_usize(size), libc::MADV_HUGEPAGE);
         }
         Ok(PhysMem { base: base as *const AtomicU64, size, store: Store::Arena })
     }
@@ -180,11 +180,11 @@ impl PhysMem {
         if off == 0 && size == 8 {
             return self.store(hpa, val);
         }
-        let first = (8 - off).min(u64::from(size));
-        self.merge(Hpa::new(hpa.raw() & !7), off * 8, first as u8, val);
-        if u64::from(size) > first {
-            let rest = u64::from(size) - first;
-            self.merge(Hpa::new((hpa.raw() & !7) + 8), 0, rest as u8, val >> (first * 8));
+        // The bytes that fit in the first word (8 - off of them at most), then the rest.
+        let first = size.min(8 - (hpa.raw() & 7) as u8);
+        self.merge(Hpa::new(hpa.raw() & !7), off * 8, first, val);
+        if size > first {
+            self.merge(Hpa::new((hpa.raw() & !7) + 8), 0, size - first, val >> (8 * u32::from(first)));
         }
     }
 
@@ -228,8 +228,8 @@ impl PhysMem {
         // faults pages in and does not change their contents.
         let r = unsafe {
             libc::madvise(
-                self.base.cast::<u8>().add(hpa.raw() as usize).cast_mut().cast(),
-                len as usize,
+                self.base.cast::<u8>().add(arena_usize(hpa.raw())).cast_mut().cast(),
+                arena_usize(len),
                 23, /* MADV_POPULATE_WRITE */
             )
         };
@@ -254,10 +254,18 @@ impl Drop for PhysMem {
             // SAFETY: `base..base+size` is part of our own mapping and no reference into it
             // can outlive `self` (every `&AtomicU64` borrows `self`).
             unsafe {
-                libc::munmap(self.base.cast_mut().cast(), self.size as usize);
+                libc::munmap(self.base.cast_mut().cast(), arena_usize(self.size));
             }
         }
     }
+}
+
+/// An offset or length inside the arena (or a frame size) as the `usize` the OS calls take.
+// Lossless: `PhysMem::new` refuses a size whose mapping length a usize cannot hold.
+#[allow(clippy::cast_possible_truncation)]
+#[inline]
+fn arena_usize(x: u64) -> usize {
+    x as usize
 }
 
 #[inline]

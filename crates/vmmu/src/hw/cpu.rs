@@ -14,7 +14,7 @@ use crate::host::PhysMem;
 use crate::sync::Arc;
 use std::convert::Infallible;
 use x86_paging::access::{check_access, Access, AccessKind, PagePerms, PfErrorCode};
-use x86_paging::addr::{Gpa, Gva, Hpa};
+use x86_paging::addr::{Gpa, Gva, Hpa, PageSize};
 use x86_paging::ept::{HostPhys, TdpExit};
 use x86_paging::mode::{PagingMode, PagingState};
 use x86_paging::regs::{Cr0, Cr4, Efer};
@@ -60,7 +60,7 @@ impl GuestPhys for NativeMem<'_> {
         let word = Hpa::new(hpa.raw() & !7);
         let shift = (hpa.raw() & 7) * 8;
         let cur = self.0.load(word);
-        if (cur >> shift) as u32 != old as u32 {
+        if (cur >> shift) & 0xffff_ffff != old & 0xffff_ffff {
             return Ok(false);
         }
         let m = 0xffff_ffffu64 << shift;
@@ -236,6 +236,13 @@ fn kind_index(k: AccessKind) -> usize {
         AccessKind::Write => 1,
         AccessKind::Fetch => 2,
     }
+}
+
+/// log2 of a page size, as the TLB keeps it.
+// Lossless: a page shift is 12, 21, 22 or 30.
+#[allow(clippy::cast_possible_truncation)]
+fn page_shift(size: PageSize) -> u8 {
+    size.shift() as u8
 }
 
 fn kind_mask(k: usize) -> u16 {
@@ -480,7 +487,7 @@ impl Cpu {
                 if let Some(e) = pde_cache_entry(&t, &self.st) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
-                let guest_shift = t.size.shift() as u8;
+                let guest_shift = page_shift(t.size);
                 let page = t.gpa.raw() & !((1u64 << guest_shift) - 1);
                 let shift = if self.mem.contains(Hpa::new(page), 1 << guest_shift) {
                     guest_shift
@@ -537,8 +544,8 @@ impl Cpu {
                 }
                 // The combined translation is as large as the smaller of the two pages; it
                 // remembers the guest page size, which is what INVLPG invalidates.
-                let guest_shift = t.guest.size.shift() as u8;
-                let shift = guest_shift.min(t.host_size.shift() as u8);
+                let guest_shift = page_shift(t.guest.size);
+                let shift = guest_shift.min(page_shift(t.host_size));
                 (t.hpa, t.guest.perms, shift, guest_shift, allow)
             }
             CpuMode::Shadow(_) => {
@@ -560,7 +567,7 @@ impl Cpu {
                 if let Some(e) = pde_cache_entry(&t, &hw) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
-                let shift = t.size.shift() as u8;
+                let shift = page_shift(t.size);
                 (Hpa::new(t.gpa.raw()), t.perms, shift, shift, class::ALL)
             }
         };
@@ -609,11 +616,12 @@ impl Cpu {
         assert!((1..=8).contains(&size), "access size {size} must be 1..=8 bytes");
         let first = self.translate(gva, kind)?;
         let in_page = 4096 - (gva.raw() & 0xfff);
-        if u64::from(size) <= in_page {
+        // The access crosses a page when fewer bytes than it needs are left in the first.
+        let Some(n) = u8::try_from(in_page).ok().filter(|&n| n < size) else {
             return Ok((first, None));
-        }
+        };
         let second = self.translate(Gva::new(gva.raw() + in_page), kind)?;
-        Ok((first, Some((second, in_page as u8))))
+        Ok((first, Some((second, n))))
     }
 
     /// Reads `size` (1..=8) bytes at `gva`.
