@@ -32,7 +32,7 @@ struct Pool {
     /// 2 MiB frames split into 4 KiB frames ([`FrameAllocator::split_2m`]), by first pfn:
     /// how many of their 512 frames are in use. When none is, the buddy allocator's merge
     /// makes them one free 2 MiB frame again.
-    split: std::collections::HashMap<u64, u32>,
+    split: std::collections::HashMap<u64, u64>,
 }
 
 /// Allocates host frames.
@@ -162,7 +162,7 @@ impl FrameAllocator {
     /// on each is freed with [`FrameAllocator::free_4k`].
     pub fn split_2m(&self, pfn: Pfn) {
         debug_assert!(pfn.raw().is_multiple_of(FRAMES_PER_CHUNK) && !self.is_zero_pfn(pfn));
-        self.pool.lock().split.insert(pfn.raw(), FRAMES_PER_CHUNK as u32);
+        self.pool.lock().split.insert(pfn.raw(), FRAMES_PER_CHUNK);
         self.frames_2m.fetch_sub(1, Ordering::Relaxed);
         self.frames_4k.fetch_add(FRAMES_PER_CHUNK, Ordering::Relaxed);
     }

@@ -15,16 +15,18 @@ pub use mm::{Backing, HostMm, HostPage, Hva, KsmStats};
 pub use notifier::{HvaRange, MmuNotifier, MmuNotifyEvent};
 pub use phys::PhysMem;
 
+use crate::sync::Arc;
+
 /// Errors of the host model.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum HostError {
     /// The arena could not be reserved.
-    #[error("cannot reserve {size} bytes of host memory: {errno}")]
+    #[error("cannot reserve {size} bytes of host memory: {source}")]
     ArenaMap {
         /// Requested size.
         size: u64,
-        /// The OS error.
-        errno: String,
+        /// Why.
+        source: ArenaMapError,
     },
     /// Host physical memory is exhausted.
     #[error("host memory exhausted ({size} bytes); declare a larger host with `host_memory`")]
@@ -57,3 +59,50 @@ pub enum HostError {
     #[error("invalid mapping request: {0}")]
     Invalid(String),
 }
+
+/// Why host memory ([`PhysMem`]) could not be reserved: the cause of [`HostError::ArenaMap`].
+///
+/// Cloneable and comparable like [`HostError`], which embeds it: the OS error is shared
+/// behind an `Arc`, and two OS errors are equal when their kind and message are.
+#[derive(Debug, Clone)]
+pub enum ArenaMapError {
+    /// The size (with the alignment slack) cannot be expressed as a length in this host's
+    /// address space.
+    TooLarge,
+    /// The OS refused the mapping (`mmap` failed); the error is the source.
+    Os(Arc<std::io::Error>),
+}
+
+impl std::fmt::Display for ArenaMapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArenaMapError::TooLarge => f.write_str("larger than the address space"),
+            // As the workspace's errors do, the message includes its source's.
+            ArenaMapError::Os(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ArenaMapError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ArenaMapError::TooLarge => None,
+            ArenaMapError::Os(e) => Some(&**e),
+        }
+    }
+}
+
+impl PartialEq for ArenaMapError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ArenaMapError::TooLarge, ArenaMapError::TooLarge) => true,
+            (ArenaMapError::Os(a), ArenaMapError::Os(b)) => {
+                Arc::ptr_eq(a, b) || (a.kind() == b.kind() && a.to_string() == b.to_string())
+            }
+            _ => false,
+        }
+    }
+}
+
+// Reflexive: an error's kind and message are always equal to themselves.
+impl Eq for ArenaMapError {}

@@ -11,7 +11,7 @@
 //! are shared between vCPU threads exactly as RAM is shared between CPUs. This module holds
 //! the only `unsafe` code of the host model.
 
-use super::HostError;
+use super::{ArenaMapError, HostError};
 use crate::sync::{AtomicU64, Ordering};
 use x86_paging::addr::{Hpa, Pfn};
 
@@ -50,7 +50,7 @@ impl PhysMem {
     pub fn with_words(size: u64) -> Result<Self, HostError> {
         let size = size.div_ceil(FRAME_SIZE).saturating_mul(FRAME_SIZE);
         let Ok(n) = usize::try_from(size / 8) else {
-            return Err(HostError::ArenaMap { size, errno: "larger than the address space".into() });
+            return Err(HostError::ArenaMap { size, source: ArenaMapError::TooLarge });
         };
         let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
         let base = words.as_ptr();
@@ -74,7 +74,7 @@ impl PhysMem {
             .checked_mul(HUGE_FRAME_SIZE)
             .and_then(|s| Some((s, usize::try_from(s.checked_add(HUGE_FRAME_SIZE)?).ok()?)))
         else {
-            return Err(HostError::ArenaMap { size, errno: "larger than the address space".into() });
+            return Err(HostError::ArenaMap { size, source: ArenaMapError::TooLarge });
         };
         // SAFETY: an anonymous private mapping with no fixed address has no preconditions; the
         // result is checked against MAP_FAILED below.
@@ -89,15 +89,16 @@ impl PhysMem {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(HostError::ArenaMap { size, errno: std::io::Error::last_os_error().to_string() });
+            let source = ArenaMapError::Os(crate::sync::Arc::new(std::io::Error::last_os_error()));
+            return Err(HostError::ArenaMap { size, source });
         }
         let addr = raw as usize;
-        let aligned = addr.next_multiple_of(HUGE_FRAME_SIZE as usize);
+        let aligned = addr.next_multiple_of(arena_usize(HUGE_FRAME_SIZE));
         let base = aligned as *mut u8;
         // SAFETY: `base..base+size` lies inside the mapping just created (we over-allocated by
         // one huge page for the alignment). MADV_HUGEPAGE is advisory; failure is harmless.
         unsafe {
-            libc::madvise(base.cast(), size as usize, libc::MADV_HUGEPAGE);
+            libc::madvise(base.cast(), arena_usize(size), libc::MADV_HUGEPAGE);
         }
         Ok(PhysMem { base: base as *const AtomicU64, size, store: Store::Arena })
     }
@@ -179,11 +180,11 @@ impl PhysMem {
         if off == 0 && size == 8 {
             return self.store(hpa, val);
         }
-        let first = (8 - off).min(u64::from(size));
-        self.merge(Hpa::new(hpa.raw() & !7), off * 8, first as u8, val);
-        if u64::from(size) > first {
-            let rest = u64::from(size) - first;
-            self.merge(Hpa::new((hpa.raw() & !7) + 8), 0, rest as u8, val >> (first * 8));
+        // The bytes that fit in the first word (8 - off of them at most), then the rest.
+        let first = size.min(8 - (hpa.raw() & 7) as u8);
+        self.merge(Hpa::new(hpa.raw() & !7), off * 8, first, val);
+        if size > first {
+            self.merge(Hpa::new((hpa.raw() & !7) + 8), 0, size - first, val >> (8 * u32::from(first)));
         }
     }
 
@@ -227,8 +228,8 @@ impl PhysMem {
         // faults pages in and does not change their contents.
         let r = unsafe {
             libc::madvise(
-                self.base.cast::<u8>().add(hpa.raw() as usize).cast_mut().cast(),
-                len as usize,
+                self.base.cast::<u8>().add(arena_usize(hpa.raw())).cast_mut().cast(),
+                arena_usize(len),
                 23, /* MADV_POPULATE_WRITE */
             )
         };
@@ -253,10 +254,18 @@ impl Drop for PhysMem {
             // SAFETY: `base..base+size` is part of our own mapping and no reference into it
             // can outlive `self` (every `&AtomicU64` borrows `self`).
             unsafe {
-                libc::munmap(self.base.cast_mut().cast(), self.size as usize);
+                libc::munmap(self.base.cast_mut().cast(), arena_usize(self.size));
             }
         }
     }
+}
+
+/// An offset or length inside the arena (or a frame size) as the `usize` the OS calls take.
+// Lossless: `PhysMem::new` refuses a size whose mapping length a usize cannot hold.
+#[allow(clippy::cast_possible_truncation)]
+#[inline]
+fn arena_usize(x: u64) -> usize {
+    x as usize
 }
 
 #[inline]
@@ -327,5 +336,24 @@ mod tests {
             let e = PhysMem::new(size).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.starts_with("cannot reserve"), "{size:#x}: {e}");
         }
+    }
+
+    /// The arena's error keeps its cause typed: a size no mapping length can express, or the
+    /// OS's own error, which is the end of the source chain.
+    #[cfg(not(vmmu_loom))]
+    #[test]
+    fn an_arena_error_carries_its_cause() {
+        use std::error::Error;
+        let too_large = HostError::ArenaMap { size: u64::MAX, source: ArenaMapError::TooLarge };
+        assert_eq!(PhysMem::new(u64::MAX).err(), Some(too_large));
+        // 2^63 bytes can be asked for, but no x86-64 address space holds them: mmap refuses.
+        let e = PhysMem::new(1 << 63).err().expect("mmap of 2^63 bytes fails");
+        let HostError::ArenaMap { source: ArenaMapError::Os(os), .. } = &e else { panic!("{e}") };
+        assert_eq!(os.raw_os_error(), Some(libc::ENOMEM));
+        assert_eq!(e.to_string(), format!("cannot reserve {} bytes of host memory: {os}", 1u64 << 63));
+        let io = e.source().and_then(Error::source).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.and_then(std::io::Error::raw_os_error), Some(libc::ENOMEM));
+        assert_eq!(e.clone(), e);
+        assert_ne!(e, HostError::ArenaMap { size: 1 << 63, source: ArenaMapError::TooLarge });
     }
 }

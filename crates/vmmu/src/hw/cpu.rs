@@ -1,15 +1,22 @@
 //! The software vCPU: registers, TLB, page walks (native 1D or 2D over EPT/NPT), data
 //! accesses on real bytes, exceptions and VM exits.
+//!
+//! This file holds the vCPU's state, its translation (TLB lookup, page walk, TLB fill) and
+//! the data accesses built on it; the control-register writes and the TLB-maintenance
+//! instructions are in the child module `regs`.
+
+mod regs;
+#[cfg(test)]
+mod tests;
 
 use super::tlb::{class, Tlb, TlbFill};
 use crate::host::PhysMem;
 use crate::sync::Arc;
 use std::convert::Infallible;
 use x86_paging::access::{check_access, Access, AccessKind, PagePerms, PfErrorCode};
-use x86_paging::addr::{Gpa, Gva, Hpa};
-use x86_paging::ept::EptAccess;
+use x86_paging::addr::{Gpa, Gva, Hpa, PageSize};
 use x86_paging::ept::{HostPhys, TdpExit};
-use x86_paging::mode::{PagingMode, PagingState, PdptrError};
+use x86_paging::mode::{PagingMode, PagingState};
 use x86_paging::regs::{Cr0, Cr4, Efer};
 use x86_paging::walk::{pde_cache_entry, walk, GuestPhys, NoObserver, WalkError, WalkOptions};
 use x86_paging::walk2d::{walk_2d_logged, DirtiedGfns, GpaCache, Tdp, Walk2dError};
@@ -53,7 +60,7 @@ impl GuestPhys for NativeMem<'_> {
         let word = Hpa::new(hpa.raw() & !7);
         let shift = (hpa.raw() & 7) * 8;
         let cur = self.0.load(word);
-        if (cur >> shift) as u32 != old as u32 {
+        if (cur >> shift) & 0xffff_ffff != old & 0xffff_ffff {
             return Ok(false);
         }
         let m = 0xffff_ffffu64 << shift;
@@ -229,6 +236,13 @@ fn kind_index(k: AccessKind) -> usize {
         AccessKind::Write => 1,
         AccessKind::Fetch => 2,
     }
+}
+
+/// log2 of a page size, as the TLB keeps it.
+// Lossless: a page shift is 12, 21, 22 or 30.
+#[allow(clippy::cast_possible_truncation)]
+fn page_shift(size: PageSize) -> u8 {
+    size.shift() as u8
 }
 
 fn kind_mask(k: usize) -> u16 {
@@ -473,7 +487,7 @@ impl Cpu {
                 if let Some(e) = pde_cache_entry(&t, &self.st) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
-                let guest_shift = t.size.shift() as u8;
+                let guest_shift = page_shift(t.size);
                 let page = t.gpa.raw() & !((1u64 << guest_shift) - 1);
                 let shift = if self.mem.contains(Hpa::new(page), 1 << guest_shift) {
                     guest_shift
@@ -530,8 +544,8 @@ impl Cpu {
                 }
                 // The combined translation is as large as the smaller of the two pages; it
                 // remembers the guest page size, which is what INVLPG invalidates.
-                let guest_shift = t.guest.size.shift() as u8;
-                let shift = guest_shift.min(t.host_size.shift() as u8);
+                let guest_shift = page_shift(t.guest.size);
+                let shift = guest_shift.min(page_shift(t.host_size));
                 (t.hpa, t.guest.perms, shift, guest_shift, allow)
             }
             CpuMode::Shadow(_) => {
@@ -553,7 +567,7 @@ impl Cpu {
                 if let Some(e) = pde_cache_entry(&t, &hw) {
                     self.tlb.psc_fill(gva.raw(), self.ctx, e);
                 }
-                let shift = t.size.shift() as u8;
+                let shift = page_shift(t.size);
                 (Hpa::new(t.gpa.raw()), t.perms, shift, shift, class::ALL)
             }
         };
@@ -602,11 +616,12 @@ impl Cpu {
         assert!((1..=8).contains(&size), "access size {size} must be 1..=8 bytes");
         let first = self.translate(gva, kind)?;
         let in_page = 4096 - (gva.raw() & 0xfff);
-        if u64::from(size) <= in_page {
+        // The access crosses a page when fewer bytes than it needs are left in the first.
+        let Some(n) = u8::try_from(in_page).ok().filter(|&n| n < size) else {
             return Ok((first, None));
-        }
+        };
         let second = self.translate(Gva::new(gva.raw() + in_page), kind)?;
-        Ok((first, Some((second, in_page as u8))))
+        Ok((first, Some((second, n))))
     }
 
     /// Reads `size` (1..=8) bytes at `gva`.
@@ -643,289 +658,5 @@ impl Cpu {
             }
         }
         Ok(())
-    }
-
-    fn load_pdptrs(&mut self) -> Result<(), Stop> {
-        let r = match &self.mode {
-            CpuMode::Native => self.st.load_pdptrs(&mut NativeMem(&self.mem)).map_err(|e| match e {
-                PdptrError::Reserved { .. } => Stop::Exception(Exception::GeneralProtection),
-                PdptrError::Mem(never) => match never {},
-            }),
-            CpuMode::Tdp(tdp) => {
-                let tdp = *tdp;
-                let mut m = TdpPhys { mem: &self.mem, tdp: &tdp };
-                self.st.load_pdptrs(&mut m).map_err(|e| match e {
-                    PdptrError::Reserved { .. } => Stop::Exception(Exception::GeneralProtection),
-                    PdptrError::Mem(x) => Stop::Exit(VmExit::Tdp(x)),
-                })
-            }
-            // The hypervisor intercepts CR writes and loads the guest's PDPTEs itself.
-            CpuMode::Shadow(_) => Ok(()),
-        };
-        r
-    }
-
-    fn pae_paging(&self) -> bool {
-        self.st.mode() == PagingMode::Pae
-    }
-
-    fn regs_changed(&mut self) -> Result<(), Stop> {
-        if self.st.efer.contains(Efer::LME) && self.st.cr0.contains(Cr0::PG) {
-            self.st.efer |= Efer::LMA;
-        } else {
-            self.st.efer.remove(Efer::LMA);
-        }
-        if self.pae_paging() {
-            self.load_pdptrs()?;
-        }
-        self.recompute_perm_table();
-        self.refresh_cached();
-        // Flushing more than required is always allowed; these writes are rare.
-        self.tlb.flush_vpid(self.vpid);
-        Ok(())
-    }
-
-    /// MOV to CR0.
-    pub fn write_cr0(&mut self, v: Cr0) -> Result<(), Stop> {
-        let old = self.st;
-        self.st.cr0 = v;
-        self.regs_changed().inspect_err(|_| self.st = old)
-    }
-
-    /// MOV to CR4.
-    pub fn write_cr4(&mut self, v: Cr4) -> Result<(), Stop> {
-        let old = self.st;
-        self.st.cr4 = v;
-        self.regs_changed().inspect_err(|_| self.st = old)
-    }
-
-    /// WRMSR IA32_EFER (LMA is computed, as hardware does).
-    pub fn write_efer(&mut self, v: Efer) -> Result<(), Stop> {
-        let old = self.st;
-        self.st.efer = v - Efer::LMA;
-        self.regs_changed().inspect_err(|_| self.st = old)
-    }
-
-    /// WRPKRU. (This TLB caches PKRU-derived rights, so it flushes; allowed, not required.)
-    pub fn write_pkru(&mut self, v: u32) {
-        self.st.pkru = v;
-        self.tlb.flush_vpid(self.vpid);
-    }
-
-    /// MOV to CR3: loads PDPTRs in PAE mode; flushes non-global translations of the new PCID
-    /// unless CR4.PCIDE and bit 63 (no-flush) are set.
-    pub fn write_cr3(&mut self, v: u64) -> Result<(), Stop> {
-        let pcide = self.st.cr4.contains(Cr4::PCIDE);
-        let noflush = pcide && v & (1 << 63) != 0;
-        let old = self.st;
-        self.st.cr3 = v & !(1 << 63);
-        if self.pae_paging() {
-            self.load_pdptrs().inspect_err(|_| self.st = old)?;
-        }
-        self.refresh_cached();
-        if !noflush {
-            if pcide {
-                self.tlb.flush_pcid(self.vpid, (self.st.cr3 & 0xfff) as u16, false);
-            } else {
-                self.tlb.flush_vpid_nonglobal(self.vpid, false);
-            }
-        }
-        Ok(())
-    }
-
-    /// INVLPG: drops the translations of the page holding `gva` for the current PCID, and
-    /// global ones. A non-canonical address is a no-op.
-    pub fn invlpg(&mut self, gva: Gva) {
-        let pcid = (self.ctx() & 0xfff) as u16;
-        self.tlb.flush_addr(self.vpid, Some(pcid), gva.raw());
-    }
-
-    /// INVPCID of `kind` 0 (individual address), 1 (single context), 2 (all contexts with
-    /// globals) or 3 (all contexts except globals).
-    pub fn invpcid(&mut self, kind: u8, pcid: u16, gva: Gva) -> Result<(), Stop> {
-        match kind {
-            0 => self.tlb.flush_addr(self.vpid, Some(pcid & 0xfff), gva.raw()),
-            1 => self.tlb.flush_pcid(self.vpid, pcid & 0xfff, false),
-            2 => self.tlb.flush_vpid_nonglobal(self.vpid, true),
-            3 => self.tlb.flush_vpid_nonglobal(self.vpid, false),
-            _ => return Err(Stop::Exception(Exception::GeneralProtection)),
-        }
-        Ok(())
-    }
-
-    /// Flushes every translation of this vCPU's VPID (what KVM's TLB flush requests do:
-    /// INVEPT / INVVPID of the current context).
-    pub fn flush_tlb_current(&mut self) {
-        self.tlb.flush_vpid(self.vpid);
-        self.gpa_cache.flush();
-    }
-
-    /// Flushes the whole TLB.
-    pub fn flush_tlb_all(&mut self) {
-        self.tlb.flush_all();
-        self.gpa_cache.flush();
-    }
-}
-
-/// Guest-physical memory as seen through the TDP tables, for accesses the CPU makes outside a
-/// linear-address walk (the PDPTE loads of MOV CR3 in PAE mode).
-struct TdpPhys<'a> {
-    mem: &'a PhysMem,
-    tdp: &'a Tdp,
-}
-
-impl GuestPhys for TdpPhys<'_> {
-    type Error = TdpExit;
-    fn read_pte(&mut self, gpa: Gpa, size: u8, _gva: Gva) -> Result<u64, TdpExit> {
-        let acc = EptAccess { kind: AccessKind::Read, gva: None, paging_structure: true };
-        let t = self.tdp.walk(self.mem, gpa, &acc)?;
-        Ok(self.mem.read(t.hpa, size))
-    }
-    fn cmpxchg_pte(&mut self, gpa: Gpa, _size: u8, old: u64, new: u64, _gva: Gva) -> Result<bool, TdpExit> {
-        let acc = EptAccess { kind: AccessKind::Write, gva: None, paging_structure: true };
-        let t = self.tdp.walk(self.mem, gpa, &acc)?;
-        Ok(self.mem.cmpxchg(t.hpa, old, new).is_ok())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use x86_paging::regs::{Cr0, Cr4, Efer};
-
-    #[test]
-    fn exceptions_print_as_kvm_developers_read_them() {
-        let pf = |cr2, ec| Exception::PageFault { cr2, error_code: PfErrorCode(ec) }.to_string();
-        assert_eq!(
-            pf(0xffff_8880_0000_0000, 0),
-            "#PF at 0xffff888000000000, error code 0x0 [not-present read, supervisor]"
-        );
-        assert_eq!(pf(0x1000, 0x7), "#PF at 0x1000, error code 0x7 [protection write, user]");
-        assert_eq!(pf(0x1000, 0x15), "#PF at 0x1000, error code 0x15 [protection fetch, user]");
-        assert_eq!(pf(0x1000, 0x9), "#PF at 0x1000, error code 0x9 [reserved-bit read, supervisor]");
-        assert_eq!(pf(0x1000, 0x23), "#PF at 0x1000, error code 0x23 [protection write, supervisor, protection-key]");
-        assert!(Exception::GeneralProtection.to_string().starts_with("#GP"));
-        let e = crate::GuestError::Exception(Exception::PageFault { cr2: 0x2000, error_code: PfErrorCode(2) });
-        assert_eq!(e.to_string(), "guest exception #PF at 0x2000, error code 0x2 [not-present write, supervisor]");
-    }
-
-    const P: u64 = 1;
-    const RW: u64 = 2;
-    const G: u64 = 1 << 8;
-
-    /// A native machine with a 4-level identity map of one page at `VA` -> `PA`, with the
-    /// leaf flags `leaf`, built at 0x1000.. .
-    fn machine(leaf: u64) -> Cpu {
-        let mem = Arc::new(PhysMem::new(4 << 20).unwrap());
-        let w = |a: u64, v: u64| mem.store(Hpa::new(a), v);
-        w(0x1000, 0x2000 | P | RW);
-        w(0x2000, 0x3000 | P | RW);
-        w(0x3000, 0x4000 | P | RW);
-        w(0x4000 + 8 * 0x10, 0x10_0000 | leaf);
-        w(0x10_0000, 0x1111);
-        w(0x20_0000, 0x2222);
-        let mut c = Cpu::new(mem, CpuMode::Native, 1, 46);
-        c.write_cr4(Cr4::PAE | Cr4::PGE | Cr4::PCIDE).unwrap();
-        c.write_efer(Efer::LME | Efer::NXE).unwrap();
-        c.write_cr3(0x1000 | 5).unwrap();
-        c.write_cr0(Cr0::PE | Cr0::PG | Cr0::WP).unwrap();
-        c
-    }
-
-    const VA: u64 = 0x10_000;
-
-    /// Re-points the leaf at the second data page behind the TLB's back.
-    fn retarget(c: &Cpu) {
-        c.mem().store(Hpa::new(0x4000 + 8 * 0x10), 0x20_0000 | P | RW);
-    }
-
-    #[test]
-    fn cr3_write_flushes_its_pcid_unless_noflush() {
-        let mut c = machine(P | RW);
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        retarget(&c);
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111), "stale translation until a flush");
-        c.write_cr3(0x1000 | 5 | (1 << 63)).unwrap();
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111), "CR3 with the no-flush bit keeps the PCID's entries");
-        c.write_cr3(0x1000 | 5).unwrap();
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222), "CR3 without it flushes them");
-    }
-
-    /// The PDE cache: a walk to a 4 KiB page caches where its page table is, so the next TLB
-    /// miss in the same 2 MiB region reads only the PTE. A PDE re-pointed behind the CPU's
-    /// back is not seen until a flush (as the SDM allows); INVLPG drops the cache.
-    #[test]
-    fn pde_cache_resumes_walks_at_the_page_table_until_a_flush() {
-        let mut c = machine(P | RW);
-        let w = |c: &Cpu, a: u64, v: u64| c.mem().store(Hpa::new(a), v);
-        // A second page table at 0x5000 maps VA to the second data page.
-        w(&c, 0x5000 + 8 * 0x10, 0x20_0000 | P | RW);
-        w(&c, 0x4000 + 8 * 0x11, 0x10_0000 | P | RW); // VA + 4 KiB, same 2 MiB region
-        w(&c, 0x4000 + 8 * 0x12, 0x10_0000 | P | RW); // VA + 8 KiB: old table, first page
-        w(&c, 0x5000 + 8 * 0x12, 0x20_0000 | P | RW); // ... new table, second page
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        let (walks, refs, hits) = (c.counters.walks, c.counters.walk_mem_refs, c.tlb.counters.psc_hits);
-        assert_eq!(c.read(Gva::new(VA + 0x1000), 8), Ok(0x1111), "the neighbour maps the first data page too");
-        assert_eq!(c.tlb.counters.psc_hits, hits + 1, "the second walk started at the page table");
-        assert_eq!((c.counters.walks - walks, c.counters.walk_mem_refs - refs), (1, 1), "one reference: the PTE");
-        // The PDE now points at the other page table; the cache still has the old one.
-        w(&c, 0x3000, 0x5000 | P | RW | (1 << 5));
-        assert_eq!(c.read(Gva::new(VA + 0x2000), 8), Ok(0x1111), "a TLB miss still resumes at the cached (old) table");
-        c.tlb.flush_addr(1, Some(5), VA); // drops VA's TLB entry and, with it, the PDE cache
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222), "INVLPG dropped the PDE cache: the new table is walked");
-    }
-
-    #[test]
-    fn other_pcids_keep_their_entries() {
-        let mut c = machine(P | RW);
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        retarget(&c);
-        c.write_cr3(0x1000 | 6).unwrap(); // switch to PCID 6 (flushes PCID 6 only)
-                                          // (Not touching VA here: the direct-mapped TLB would evict PCID 5's entry, which the
-                                          // architecture allows at any time.)
-        c.write_cr3(0x1000 | 5 | (1 << 63)).unwrap(); // back to PCID 5 without flushing
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111), "PCID 5's entry survived");
-        c.invpcid(1, 5, Gva::new(0)).unwrap(); // single-context
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222));
-    }
-
-    #[test]
-    fn global_pages_survive_cr3_writes_but_not_invpcid_all() {
-        let mut c = machine(P | RW | G);
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        retarget(&c);
-        c.write_cr3(0x1000 | 5).unwrap();
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111), "global entry survives MOV CR3");
-        c.invpcid(3, 0, Gva::new(0)).unwrap(); // all contexts, except globals
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        c.invpcid(2, 0, Gva::new(0)).unwrap(); // all contexts, including globals
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222));
-    }
-
-    #[test]
-    fn invlpg_and_invpcid_individual_drop_one_address() {
-        let mut c = machine(P | RW | G);
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        retarget(&c);
-        c.invlpg(Gva::new(VA + 0x10));
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x2222), "INVLPG drops global entries too");
-        c.mem().store(Hpa::new(0x4000 + 8 * 0x10), 0x10_0000 | P | RW);
-        c.invpcid(0, 5, Gva::new(VA)).unwrap();
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        assert_eq!(c.invpcid(4, 0, Gva::new(0)), Err(Stop::Exception(Exception::GeneralProtection)));
-    }
-
-    #[test]
-    fn a_write_through_a_clean_tlb_entry_walks_again_and_sets_dirty() {
-        let mut c = machine(P | RW);
-        assert_eq!(c.read(Gva::new(VA), 8), Ok(0x1111));
-        let pte = |c: &Cpu| c.mem().load(Hpa::new(0x4000 + 8 * 0x10));
-        assert_eq!(pte(&c) & 0x60, 0x20, "read sets A only");
-        let walks = c.counters.walks;
-        c.write(Gva::new(VA), 8, 5).unwrap();
-        assert_eq!(c.counters.walks, walks + 1, "the write could not use the clean entry");
-        assert_eq!(pte(&c) & 0x60, 0x60, "and set D");
-        c.write(Gva::new(VA), 8, 6).unwrap();
-        assert_eq!(c.counters.walks, walks + 1, "now it can");
     }
 }

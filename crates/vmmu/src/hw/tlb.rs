@@ -142,14 +142,26 @@ impl Default for Tlb {
     }
 }
 
+/// The bits of a page number that pick a 4 KiB entry's slot.
+const SLOT_MASK: u64 = TLB_ENTRIES as u64 - 1;
+/// The bits of a 2 MiB frame number that pick a large entry's slot.
+const LARGE_SLOT_MASK: u64 = TLB_LARGE_ENTRIES as u64 - 1;
+/// The bits of a PDE-cache key (2 MiB frame number + 1) that pick its slot.
+const PSC_SLOT_MASK: u64 = PSC_ENTRIES as u64 - 1;
+
 #[inline]
 fn slot(vpn: u64) -> usize {
-    (vpn as usize) & (TLB_ENTRIES - 1)
+    (vpn & SLOT_MASK) as usize
 }
 
 #[inline]
 fn large_slot(gva: u64) -> usize {
-    ((gva >> 21) as usize) & (TLB_LARGE_ENTRIES - 1)
+    ((gva >> 21) & LARGE_SLOT_MASK) as usize
+}
+
+#[inline]
+fn psc_slot(key: u64) -> usize {
+    (key & PSC_SLOT_MASK) as usize
 }
 
 impl Tlb {
@@ -171,7 +183,7 @@ impl Tlb {
     #[inline]
     pub fn psc_lookup(&self, gva: u64, ctx: u32) -> Option<x86_paging::walk::WalkStart> {
         let key = (gva >> 21) + 1;
-        let e = &self.psc[(key as usize) & (PSC_ENTRIES - 1)];
+        let e = &self.psc[psc_slot(key)];
         (e.key == key && e.ctx == ctx && e.gen == self.gen && e.gen_ng == self.gen_ng && e.psc_gen == self.psc_gen)
             .then_some(e.start)
             .flatten()
@@ -181,7 +193,7 @@ impl Tlb {
     #[inline]
     pub fn psc_fill(&mut self, gva: u64, ctx: u32, start: x86_paging::walk::WalkStart) {
         let key = (gva >> 21) + 1;
-        self.psc[(key as usize) & (PSC_ENTRIES - 1)] =
+        self.psc[psc_slot(key)] =
             PscEntry { key, ctx, gen: self.gen, gen_ng: self.gen_ng, psc_gen: self.psc_gen, start: Some(start) };
     }
 
