@@ -3,19 +3,13 @@
 //! (`kvm_mmu_track_write`); MMIO writes reach neither; deleting a memslot calls
 //! `track_remove_region`. The emulator does not ask which MMU the VM runs.
 
+mod pae_guest;
+
+use pae_guest::{slot0, vm, MEM, MMIO};
 use std::sync::{Arc, Mutex};
-use vmmu::host::{Backing, FrameAllocator, HostMm};
-use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
-use vmmu::mmio_bus::LatchDevice;
 use vmmu::mmu::page_track::PageTrackNotifier;
 use vmmu::x86_paging::addr::{Gfn, Gpa, Gva};
-use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
-use vmmu::{Kvm, MmuKind, Vcpu, VmConfig};
-use vmmu_guest::boot::BootMem;
-
-const MEM: u64 = 16 << 20;
-/// A device window above guest RAM, mapped by the guest at the same virtual address.
-const MMIO: u64 = 0x1000_0000;
+use vmmu::MmuKind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
@@ -39,42 +33,6 @@ impl Recorder {
     fn take(&self) -> Vec<Event> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
-}
-
-fn slot0(hva: u64, size: u64) -> UserspaceMemoryRegion {
-    UserspaceMemoryRegion {
-        slot: 0,
-        flags: MemslotFlags::empty(),
-        guest_phys_addr: 0,
-        memory_size: size,
-        userspace_addr: vmmu::host::Hva(hva),
-    }
-}
-
-/// A PAE guest: PDPT at 0x1000, PD at 0x2000, PT at 0x3000 mapping [0, 2 MiB) with 4 KiB
-/// pages, 2 MiB pages for [2, 16) MiB and for the device window at `MMIO`.
-fn vm(mmu: MmuKind) -> (Arc<Kvm>, Vcpu, u64) {
-    let host = Arc::new(HostMm::new(Arc::new(FrameAllocator::new(256 << 20).unwrap())).unwrap());
-    let kvm = Kvm::new(VmConfig { mmu, ..Default::default() }, host.clone()).unwrap();
-    let hva = host.mmap(MEM, Backing::Anon4k, true, false).unwrap();
-    kvm.set_user_memory_region(slot0(hva.raw(), MEM)).unwrap();
-    kvm.register_mmio(Gpa::new(MMIO), 0x1000, Arc::new(LatchDevice::default()));
-    let m: &dyn BootMem = &*kvm;
-    m.write_phys(Gpa::new(0x1000), 8, 0x2000 | 1).unwrap();
-    m.write_phys(Gpa::new(0x2000), 8, 0x3000 | 3).unwrap();
-    for i in 0..512u64 {
-        m.write_phys(Gpa::new(0x3000 + i * 8), 8, (i << 12) | 3).unwrap();
-    }
-    for pd in 1..8u64 {
-        m.write_phys(Gpa::new(0x2000 + pd * 8), 8, (pd << 21) | 0x83).unwrap();
-    }
-    m.write_phys(Gpa::new(0x2000 + (MMIO >> 21) * 8), 8, MMIO | 0x83).unwrap();
-    let mut v = kvm.create_vcpu().unwrap();
-    v.write_cr4(Cr4::PAE).unwrap();
-    v.write_efer(Efer::NXE).unwrap();
-    v.write_cr3(0x1000).unwrap();
-    v.write_cr0(Cr0::PE | Cr0::PG | Cr0::WP).unwrap();
-    (kvm, v, hva.raw())
 }
 
 #[test]

@@ -455,10 +455,13 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
     let old = Spte(ctx.kvm.mem().load(sptep));
     let m = ctx.kvm.mmu.masks;
     if old.is_mmio(&m) {
-        // sync_mmio_spte: an MMIO SPTE whose gfn changed is dropped.
+        // sync_mmio_spte: an MMIO SPTE whose gfn changed is cleared; one that still points
+        // at the same gfn is marked again, with the current generation and the new access.
+        // Neither needs a flush (MMIO SPTEs are never cached as translations).
         if old.mmio_gfn(&m) != gfn {
             ctx.kvm.mem().store(sptep, Spte::NONPRESENT.0);
-            return 1;
+        } else {
+            ctx.mark_mmio_spte(sptep, gfn, access);
         }
         return 0;
     }
@@ -466,6 +469,11 @@ pub fn sync_spte(ctx: &mut Ctx<'_>, sp: SpId, i: u64) -> i32 {
         ctx.drop_spte(sptep);
         return 1;
     }
+    // The same gfn with the same rights: nothing to do (a write-protected PTE stays so).
+    if access == ctx.s.sp_access_at(sp, i) {
+        return 0;
+    }
+    ctx.s.set_translation(sp, i, gfn, access);
     let req = SpteRequest {
         level,
         pfn: old.pfn(),

@@ -269,7 +269,8 @@ impl ShadowMmu {
         }
     }
 
-    fn set_translation(&mut self, id: SpId, index: u64, gfn: Gfn, access: u8) {
+    /// `kvm_mmu_page_set_translation`.
+    pub(crate) fn set_translation(&mut self, id: SpId, index: u64, gfn: Gfn, access: u8) {
         if let Some(t) = self.pages.get_mut(id).shadowed_translation.as_mut() {
             t[crate::num::usize_of(index)] = (gfn.raw() << 12) | u64::from(access);
         }
@@ -375,9 +376,16 @@ impl Ctx<'_> {
                 }
                 continue;
             }
-            if role.direct() == 0 && self.s.pages.get(id).unsync && self.sync_page(id) < 0 {
-                self.prepare_zap_page(id);
-                continue;
+            if role.direct() == 0 && self.s.pages.get(id).unsync {
+                // Synced but left unsync (and writable) until the guest flushes.
+                match self.sync_page(id) {
+                    r if r < 0 => {
+                        self.prepare_zap_page(id);
+                        continue;
+                    }
+                    r if r > 0 => self.kvm.flush_remote_tlbs(self.me()),
+                    _ => {}
+                }
             }
             self.s.pages.get_mut(id).write_flooding_count = 0;
             trace_sp(self.kvm, self.cpu, "kvm_mmu_get_page", self.s.pages.get(id), Some(false));
@@ -600,6 +608,26 @@ impl Ctx<'_> {
         }
     }
 
+    /// `mark_mmio_spte`: an MMIO SPTE for `gfn` with the memslots' current generation.
+    pub(crate) fn mark_mmio_spte(&mut self, sptep: Hpa, gfn: Gfn, access: u8) {
+        let gen = self.slots.generation();
+        let m = self.kvm.mmu.masks;
+        self.store(sptep, make_mmio_spte(&m, gfn, access, gen));
+        if self.kvm.tracer.events_on() {
+            self.kvm.tracer.event(
+                self.cpu,
+                "mark_mmio_spte",
+                format_args!(
+                    "sptep:{:016x} gfn {:x} access {:x} gen {:x}",
+                    sptep.raw(),
+                    gfn.raw(),
+                    access,
+                    gen & super::spte::MMIO_SPTE_GEN_MASK
+                ),
+            );
+        }
+    }
+
     /// `mmu_set_spte`: installs a leaf (or MMIO) SPTE for `gfn` at `sptep`.
     #[allow(clippy::too_many_arguments)]
     pub fn mmu_set_spte(
@@ -615,43 +643,43 @@ impl Ctx<'_> {
         let Some((id, index)) = self.s.pages.sptep_to_sp(sptep) else { return RetPf::Retry };
         let level = self.s.pages.get(id).role.level();
         let m = self.kvm.mmu.masks;
-        let Some(pfn) = pfn else {
-            let gen = self.slots.generation();
-            self.store(sptep, make_mmio_spte(&m, gfn, pte_access, gen));
-            if let Some(v) = self.vcpu.as_mut() {
-                v.stat.pf_mmio_spte_created += 1;
-            }
-            if self.kvm.tracer.events_on() {
-                self.kvm.tracer.event(
-                    self.cpu,
-                    "mark_mmio_spte",
-                    format_args!(
-                        "sptep:{:016x} gfn {:x} access {:x} gen {:x}",
-                        sptep.raw(),
-                        gfn.raw(),
-                        pte_access,
-                        gen & super::spte::MMIO_SPTE_GEN_MASK
-                    ),
-                );
-            }
-            return RetPf::Emulate;
-        };
         let old = self.load(sptep);
         let mut flush = false;
         let mut was_rmapped = false;
         if old.is_shadow_present() {
+            if prefetch && old.is_last(level) && Some(old.pfn()) == pfn {
+                // Prefetching what is already mapped changes nothing (and must not take
+                // the Accessed bit away from a used SPTE).
+                return RetPf::Spurious;
+            }
             if level > 1 && !old.is_large() {
+                // A huge mapping (or an MMIO SPTE) replaces a link: the child table is
+                // unreachable from here.
                 if let Some(child) = self.s.pages.by_spt(old.pfn()) {
                     self.drop_parent_pte(child, sptep);
                 }
                 flush = true;
-            } else if old.pfn() != pfn {
+            } else if Some(old.pfn()) != pfn {
+                // Another frame (or MMIO, whose "pfn" matches none): the old leaf goes, with
+                // its rmap entry and page count.
                 self.drop_spte(sptep);
                 flush = true;
             } else {
                 was_rmapped = true;
             }
         }
+        let Some(pfn) = pfn else {
+            // No memslot: an MMIO SPTE, installed only after the present SPTE it replaces was
+            // dropped above (KVM fixed this order in 2026: a54aa15c6bda3's "Fixes").
+            if let Some(v) = self.vcpu.as_mut() {
+                v.stat.pf_mmio_spte_created += 1;
+            }
+            self.mark_mmio_spte(sptep, gfn, pte_access);
+            if flush {
+                self.kvm.flush_remote_tlbs(self.me());
+            }
+            return RetPf::Emulate;
+        };
         let old = self.load(sptep);
         let req = SpteRequest {
             level,
@@ -665,7 +693,9 @@ impl Ctx<'_> {
         };
         let (new, wrprot) = make_spte(&m, &req, old, || self.try_to_unsync_pages(gfn, true, prefetch));
         if new == old {
-            return RetPf::Spurious;
+            // Nothing to change; a write the SPTE still refuses (a write-protected guest
+            // table) is emulated all the same, as KVM's `wrprot && write_fault` wins.
+            return if wrprot && write_fault { RetPf::Emulate } else { RetPf::Spurious };
         }
         self.store(sptep, new);
         if new.is_writable() {

@@ -5,33 +5,54 @@ use super::*;
 
 impl Ctx<'_> {
     /// `mmu_sync_children`: syncs every unsync page below `parent` (after write-protecting
-    /// it again), in batches of `KVM_PAGE_ARRAY_NR`.
+    /// it again), in batches of `KVM_PAGE_ARRAY_NR`. Flushes are gathered as KVM gathers
+    /// them: write protection that changed something flushes (and commits the zaps so far)
+    /// before the batch is synced; what the syncs need, and the pages they zap, go in one
+    /// `kvm_mmu_remote_flush_or_zap` at the end.
     pub fn sync_children(&mut self, parent: SpId) {
+        let mut flush = false;
         loop {
             let mut batch = Vec::new();
             self.collect_unsync(parent, &mut batch);
             if batch.is_empty() {
-                return;
+                break;
             }
-            let mut flush = false;
+            let mut protected = false;
             for &id in &batch {
                 let gfn = self.s.pages.get(id).gfn;
-                flush |= self.write_protect_gfn(gfn, true);
+                protected |= self.write_protect_gfn(gfn, true);
             }
-            if flush {
-                self.kvm.flush_remote_tlbs(self.me());
+            if protected {
+                self.remote_flush_or_zap(true);
+                flush = false;
             }
             for id in batch {
                 if !self.s.pages.exists(id) || !self.s.pages.get(id).unsync {
                     continue;
                 }
                 self.unlink_unsync_page(id);
-                if self.sync_page(id) < 0 {
+                let r = self.sync_page(id);
+                if r < 0 {
                     self.prepare_zap_page(id);
                 }
+                flush |= r > 0;
                 self.clear_parents_unsync(id);
             }
+        }
+        self.remote_flush_or_zap(flush);
+    }
+
+    /// `kvm_mmu_remote_flush_or_zap`: commits the pages prepared for zapping (which
+    /// flushes), or else flushes if `flush`. Returns whether it flushed.
+    pub(crate) fn remote_flush_or_zap(&mut self, flush: bool) -> bool {
+        if !self.s.invalid_list.is_empty() {
             self.commit_zap_page();
+            true
+        } else if flush {
+            self.kvm.flush_remote_tlbs(self.me());
+            true
+        } else {
+            false
         }
     }
 
@@ -84,7 +105,7 @@ impl Ctx<'_> {
     /// `kvm_sync_page`: brings an unsync page's SPTEs up to date with the guest table, without
     /// write-protecting it or marking it in sync (a reuse by `kvm_mmu_get_shadow_page` keeps it
     /// unsync until the guest flushes; `mmu_sync_children` does both). Negative means it must
-    /// be zapped.
+    /// be zapped; positive that a TLB flush is needed, which the caller does (or gathers).
     pub fn sync_page(&mut self, id: SpId) -> i32 {
         trace_sp(self.kvm, self.cpu, "kvm_mmu_sync_page", self.s.pages.get(id), None);
         let spt = self.s.pages.get(id).spt_hpa();
@@ -100,10 +121,7 @@ impl Ctx<'_> {
                 r => flush |= r > 0,
             }
         }
-        if flush {
-            self.kvm.flush_remote_tlbs(self.me());
-        }
-        0
+        i32::from(flush)
     }
 
     /// `kvm_unlink_unsync_page`: the page is in sync again (its gfn was write-protected).
