@@ -90,3 +90,73 @@ fn syncing_many_unsync_pages_flushes_twice() {
     assert_eq!(kvm.vm_stats()["mmu_unsync"], 0);
     kvm.audit().unwrap();
 }
+
+/// Sets PTEs `first..first + 8` of the first page table (gvas `first << 12` on, identity) to
+/// present, writable and accessed (prefetchable), except those in `not_accessed`, and has the
+/// VMM touch the pages (prefetch maps only pages the host already maps writable).
+fn accessed_group(kvm: &vmmu::Kvm, first: u64, not_accessed: &[u64]) {
+    use vmmu::x86_paging::addr::Gpa;
+    use vmmu_guest::boot::BootMem;
+    let m: &dyn BootMem = kvm;
+    for i in first..first + 8 {
+        let a = if not_accessed.contains(&i) { 0 } else { 0x20 };
+        m.write_phys(Gpa::new(0x3000 + i * 8), 8, (i << 12) | 3 | a).unwrap();
+        m.write_phys(Gpa::new(i << 12), 8, i).unwrap();
+    }
+}
+
+/// FNAME(fetch) prefetches after a fix *or an emulation* (an MMIO SPTE), and not after a
+/// spurious fault: an MMIO access maps its accessed neighbours.
+#[test]
+fn an_mmio_fault_prefetches_its_neighbours() {
+    let (kvm, mut v, _) = vm(MmuKind::Shadow);
+    accessed_group(&kvm, 0x10, &[]);
+    use vmmu_guest::boot::BootMem;
+    let m: &dyn BootMem = &*kvm;
+    // Entry 0x10 of the group points at the device window.
+    m.write_phys(vmmu::x86_paging::addr::Gpa::new(0x3000 + 0x10 * 8), 8, MMIO | 0x23).unwrap();
+    v.write(Gva::new(0x10_000), 4, 5).unwrap();
+    assert_eq!(v.read(Gva::new(0x10_000), 4).unwrap(), 5);
+    let fixed = v.stats()["pf_fixed"];
+    for i in 0x11..0x18u64 {
+        v.read(Gva::new(i << 12), 8).unwrap();
+    }
+    assert_eq!(v.stats()["pf_fixed"], fixed, "the seven neighbours were prefetched with the MMIO SPTE");
+    kvm.audit().unwrap();
+}
+
+/// FNAME(pte_prefetch) stops at the first guest entry it cannot prefetch (here one whose
+/// Accessed bit is clear): the entries after it are not mapped.
+#[test]
+fn prefetch_stops_at_the_first_unusable_gpte() {
+    let (kvm, mut v, _) = vm(MmuKind::Shadow);
+    accessed_group(&kvm, 0x20, &[0x22]);
+    v.read(Gva::new(0x20_000), 8).unwrap();
+    let fixed = v.stats()["pf_fixed"];
+    v.read(Gva::new(0x21_000), 8).unwrap();
+    assert_eq!(v.stats()["pf_fixed"], fixed, "0x21 was prefetched");
+    v.read(Gva::new(0x23_000), 8).unwrap();
+    assert_eq!(v.stats()["pf_fixed"], fixed + 1, "0x23 comes after the unusable 0x22: not prefetched");
+    kvm.audit().unwrap();
+}
+
+/// Prefetch takes only host pages mapped writable (`kvm_prefetch_pages` is
+/// get_user_pages_fast_only with FOLL_WRITE): neighbours the VMM has only read (the shared
+/// zero page) are left to fault.
+#[test]
+fn prefetch_skips_pages_the_host_maps_read_only() {
+    use vmmu::x86_paging::addr::Gpa;
+    use vmmu_guest::boot::BootMem;
+    let (kvm, mut v, hva) = vm(MmuKind::Shadow);
+    let m: &dyn BootMem = &*kvm;
+    for i in 0x30..0x38u64 {
+        m.write_phys(Gpa::new(0x3000 + i * 8), 8, (i << 12) | 0x23).unwrap();
+        // The VMM reads the page: the host maps the zero page, read-only.
+        assert_eq!(kvm.host().read(vmmu::host::Hva(hva + (i << 12)), 8).unwrap(), 0);
+    }
+    v.read(Gva::new(0x30_000), 8).unwrap();
+    let fixed = v.stats()["pf_fixed"];
+    v.read(Gva::new(0x31_000), 8).unwrap();
+    assert_eq!(v.stats()["pf_fixed"], fixed + 1, "a zero-page neighbour is not prefetched");
+    kvm.audit().unwrap();
+}

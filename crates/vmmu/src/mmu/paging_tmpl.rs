@@ -349,7 +349,8 @@ fn fetch(
         );
     }
     let r = ctx.mmu_set_spte(sptep, pte_access, gfn, pfn, fault.map_writable, false, fault.write);
-    if r != RetPf::Emulate && level == 1 {
+    // Prefetch after a fix or an emulation (an MMIO SPTE too), not after nothing changed.
+    if r != RetPf::Spurious && level == 1 {
         pte_prefetch(ctx, sp, sptep);
     }
     r
@@ -382,52 +383,116 @@ pub fn pte_prefetch_pub(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
     pte_prefetch(ctx, sp, sptep)
 }
 
-/// `FNAME(pte_prefetch)`: maps the accessed, present neighbours in the 8-entry group of a
-/// last-level page whose host pages are already present.
+/// `FNAME(pte_prefetch)` / `direct_pte_prefetch`: maps the neighbours of a just-mapped
+/// last-level SPTE in its aligned group of [`PTE_PREFETCH_NUM`]. Indirect pages stop at the
+/// first guest entry that cannot be prefetched (not present or accessed, reserved bits, no
+/// memslot, a dirty-logged slot for a writable mapping, a host page not mapped writable);
+/// direct pages prefetch each run of non-present SPTEs as one batch of host pages
+/// (`direct_pte_prefetch_many`), stopping at the first run that gets none.
 fn pte_prefetch(ctx: &mut Ctx<'_>, sp: SpId, sptep: Hpa) {
     let Some(vcpu) = ctx.vcpu.as_ref() else { return };
     let st = *vcpu.cpu.paging();
+    let (gfn_table, direct, role_access, level, ad_disabled) = {
+        let p = ctx.s.pages.get(sp);
+        (p.gfn, p.role.direct() != 0, p.role.access(), p.role.level(), p.role.ad_disabled() != 0)
+    };
+    // Without Accessed bits a prefetched translation cannot be told from a used one.
+    if level > 1 || (direct && ad_disabled) {
+        return;
+    }
     if ctx.kvm.mmu.mmu_invalidate_in_progress.load(crate::sync::Ordering::Acquire) != 0 {
         return;
     }
-    let (gfn_table, direct, role_access) = {
-        let p = ctx.s.pages.get(sp);
-        (p.gfn, p.role.direct() != 0, p.role.access())
-    };
-    let index = (sptep.raw() & 0xfff) / 8;
+    let index = sptep.entry_index();
     let first = index & !(PTE_PREFETCH_NUM - 1);
+    if direct {
+        let mut start = None;
+        for i in first..first + PTE_PREFETCH_NUM {
+            let present = Spte(ctx.kvm.mem().load(ctx.s.pages.get(sp).sptep(i))).is_shadow_present();
+            if present || i == index {
+                if let Some(s) = start.take() {
+                    if !direct_pte_prefetch_many(ctx, sp, Gfn::new(gfn_table.raw() + s), s, i, role_access) {
+                        return;
+                    }
+                }
+            } else if start.is_none() {
+                start = Some(i);
+            }
+        }
+        if let Some(s) = start {
+            direct_pte_prefetch_many(ctx, sp, Gfn::new(gfn_table.raw() + s), s, first + PTE_PREFETCH_NUM, role_access);
+        }
+        return;
+    }
     let bus = ctx.kvm.mmio_bus();
     for i in first..first + PTE_PREFETCH_NUM {
         if i == index {
             continue;
         }
         let p = ctx.s.pages.get(sp).sptep(i);
-        if Spte(ctx.kvm.mem().load(p)).is_shadow_present() {
+        let cur = Spte(ctx.kvm.mem().load(p));
+        if cur.is_shadow_present() {
             continue;
         }
-        let (gfn, access) = if direct {
-            (Gfn::new(gfn_table.raw() + i), role_access)
-        } else {
-            let (at, size) = gpte_addr(ctx, sp, i);
-            let gpte = KvmGuestMem::new(ctx.kvm.host(), &ctx.slots, &bus).read(at, size);
-            if prefetch_invalid_gpte(gpte, &st) {
-                continue;
+        let (at, size) = gpte_addr(ctx, sp, i);
+        let gpte = KvmGuestMem::new(ctx.kvm.host(), &ctx.slots, &bus).read(at, size);
+        if prefetch_invalid_gpte(gpte, &st) {
+            // FNAME(prefetch_invalid_gpte) drops what is there (an MMIO SPTE) and stops.
+            if cur.is_mmio(&ctx.kvm.mmu.masks) {
+                ctx.kvm.mem().store(p, Spte::NONPRESENT.0);
             }
-            let mut a = role_access & gpte_access(gpte, st.nx_enabled());
-            protect_clean_gpte(&mut a, gpte);
-            (Gfn::new((gpte & PT64_ADDR) >> 12), a)
-        };
-        // gfn_to_memslot_dirty_bitmap: no writable prefetch into a dirty-logged slot (a
-        // prefetched writable SPTE would log a page the guest never wrote).
-        let Some(slot) = ctx.slots.find(gfn).cloned() else { continue };
-        if access & ACC_WRITE != 0 && slot.dirty_logging() {
-            continue;
+            break;
         }
-        // gfn_to_page_many_atomic: only pages the host already maps.
-        let Some(page) = ctx.kvm.host().get_user_page_fast_only(slot.gfn_to_hva(gfn), false) else { continue };
-        let writable = !slot.readonly() && ctx.kvm.host().get_user_page_fast_only(slot.gfn_to_hva(gfn), true).is_some();
-        ctx.mmu_set_spte(p, access, gfn, Some(page.pfn), writable, true, false);
+        let mut access = role_access & gpte_access(gpte, st.nx_enabled());
+        protect_clean_gpte(&mut access, gpte);
+        let gfn = Gfn::new((gpte & PT64_ADDR) >> 12);
+        let Some(pfns) = prefetch_pages(ctx, gfn, 1, access) else { break };
+        let Some(&pfn) = pfns.first() else { break };
+        ctx.mmu_set_spte(p, access, gfn, Some(pfn), true, true, false);
     }
+}
+
+/// `direct_pte_prefetch_many`: maps SPTEs `from..to` of direct page `sp` (gfns from `gfn`)
+/// with the host pages `kvm_prefetch_pages` gets; false stops the prefetch.
+fn direct_pte_prefetch_many(ctx: &mut Ctx<'_>, sp: SpId, gfn: Gfn, from: u64, to: u64, access: u8) -> bool {
+    let Some(pfns) = prefetch_pages(ctx, gfn, to - from, access) else { return false };
+    if pfns.is_empty() {
+        return false;
+    }
+    for (k, pfn) in (0u64..).zip(pfns) {
+        let p = ctx.s.pages.get(sp).sptep(from + k);
+        ctx.mmu_set_spte(p, access, gfn.offset(k), Some(pfn), true, true, false);
+    }
+    true
+}
+
+/// `gfn_to_memslot_dirty_bitmap` + `kvm_prefetch_pages`: the host frames of up to `n` gfns
+/// from `gfn` that the VMM maps writable right now (get_user_pages_fast_only with
+/// FOLL_WRITE), stopping at the first that is not; `None` when there is no memslot, the slot
+/// is read-only, or a writable mapping would go unlogged in a dirty-logged slot. Prefetched
+/// SPTEs are therefore always host-writable.
+fn prefetch_pages(ctx: &Ctx<'_>, gfn: Gfn, n: u64, access: u8) -> Option<Vec<Pfn>> {
+    let slot = ctx.slots.find(gfn)?;
+    if access & ACC_WRITE != 0 && slot.dirty_logging() {
+        return None;
+    }
+    if slot.readonly() {
+        return None;
+    }
+    // gfn_to_hva_many: no more pages than the slot has from gfn on.
+    let left = slot.end_gfn().raw().saturating_sub(gfn.raw());
+    if left < n {
+        return Some(Vec::new());
+    }
+    let host = ctx.kvm.host();
+    let mut out = Vec::new();
+    for k in 0..n {
+        match host.get_user_page_fast_only(slot.gfn_to_hva(gfn.offset(k)), true) {
+            Some(p) => out.push(p.pfn),
+            None => break,
+        }
+    }
+    Some(out)
 }
 
 /// `FNAME(sync_spte)`: re-reads the guest entry behind SPTE `i` of an unsync page; the SPTE

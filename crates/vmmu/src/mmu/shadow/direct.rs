@@ -117,7 +117,7 @@ impl Ctx<'_> {
         let pfn = fault.slot.map(|_| fault.pfn);
         let base = Gfn::new(gfn).align_down(level);
         let r = self.mmu_set_spte(sptep, ACC_ALL, base, pfn, fault.map_writable, false, fault.write);
-        if r != RetPf::Emulate && level == 1 && self.s.pages.get(sp).role.ad_disabled() == 0 {
+        if r != RetPf::Spurious {
             crate::mmu::paging_tmpl::pte_prefetch_pub(self, sp, sptep);
         }
         r
