@@ -400,7 +400,10 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         frames_4k: counts.frames_4k,
         frames_2m: counts.frames_2m,
         host_pt_pages: m.kvm.host().pt_pages(),
-        mmu_table_bytes: u64::try_from(stats.get("tdp_mmu_pages").copied().unwrap_or(0)).unwrap_or(0) * 4096,
+        // The TDP MMU's tables: those below the roots (tdp_mmu_pages) and the roots.
+        mmu_table_bytes: (u64::try_from(stats.get("tdp_mmu_pages").copied().unwrap_or(0)).unwrap_or(0)
+            + m.kvm.mmu().roots.lock().len() as u64)
+            * 4096,
     };
     let trace_records = if keep_records { m.kvm.tracer.take_records() } else { Vec::new() };
     if stream.is_some() {

@@ -73,6 +73,10 @@ fn trace_events_in_kernel_format() {
     assert!(u64::from_str_radix(parts[1], 16).is_ok() && u64::from_str_radix(parts[3], 16).is_ok());
     assert!(line.contains("[000] ....."), "{line}");
     assert!(out.contains("kvm_tdp_mmu_spte_changed: as id 0 gfn "), "no spte_changed lines");
+    // tdp_mmu_map_handle_target_level traces the SPTE it set (under EPT KVM's "user" mask is
+    // the read bit, so a readable SPTE shows u).
+    let set = out.lines().find(|l| l.contains("kvm_mmu_set_spte: gfn ")).expect("a kvm_mmu_set_spte line (TDP MMU)");
+    assert!(set.contains(" (rwxu) level 1 at "), "{set}");
 }
 
 #[test]
@@ -368,6 +372,9 @@ fn nx_huge_pages_scenario_splits_and_recovers() {
         // ratio 4: passes zap 4, 3, 3 and 2 of the 16 tables.
         let rec = ph("recover");
         assert_eq!(stat(&rec, "nx_lpage_splits"), 4, "{mmu}");
+        // kvm_recover_nx_huge_pages flushes once per pass (kvm_mmu_remote_flush_or_zap),
+        // not once per zapped table.
+        assert_eq!(stat(&rec, "remote_tlb_flush_requests"), 4, "{mmu}: one flush per recovery pass");
         let again = ph("data-again");
         assert_eq!(stat(&again, "pf_taken"), 12, "{mmu}: the 12 recovered ranges fault back in");
         assert_eq!(stat(&again, "pages_2m"), 28, "{mmu}: ... as huge pages");

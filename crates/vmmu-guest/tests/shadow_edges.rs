@@ -160,3 +160,13 @@ fn prefetch_skips_pages_the_host_maps_read_only() {
     assert_eq!(v.stats()["pf_fixed"], fixed + 1, "a zero-page neighbour is not prefetched");
     kvm.audit().unwrap();
 }
+
+/// `tdp_mmu_pages` counts the tables linked below a root (`tdp_account_mmu_page`), not the
+/// roots: one 4 KiB mapping under 4-level EPT needs a PDPT, a PD and a PT.
+#[test]
+fn tdp_mmu_pages_does_not_count_roots() {
+    let (kvm, mut v, _) = vm(MmuKind::Tdp);
+    v.read(Gva::new(0x5000), 8).unwrap();
+    assert_eq!(kvm.vm_stats()["tdp_mmu_pages"], 3);
+    kvm.audit().unwrap();
+}

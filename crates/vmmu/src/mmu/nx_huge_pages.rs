@@ -134,12 +134,14 @@ impl Kvm {
                 continue;
             }
             let found = if self.mmu.tdp_mmu_enabled() {
-                roots.iter().any(|r| self.tdp_zap_table(r, table, p))
+                let f = roots.iter().any(|r| self.tdp_zap_table(r, table, p));
+                flush |= f;
+                f
             } else {
+                // Prepared now, committed with the others in one go at the end.
                 self.with_shadow_mmu(&w, |ctx| match ctx.s.pages.by_spt(table) {
                     Some(id) => {
                         ctx.prepare_zap_page(id);
-                        ctx.commit_zap_page();
                         true
                     }
                     None => false,
@@ -147,13 +149,15 @@ impl Kvm {
             };
             if found {
                 zapped += 1;
-                flush = true;
             }
             // Zapping unaccounted it; anything still listed is stale: drop it.
             self.unaccount_nx_huge_page(table);
         }
-        if flush {
-            self.flush_and_free_deferred(None, true);
+        // kvm_mmu_remote_flush_or_zap, once for the whole pass.
+        if self.mmu.have_rmaps() {
+            self.with_shadow_mmu(&w, |ctx| ctx.remote_flush_or_zap(flush));
+        } else {
+            self.flush_and_free_deferred(None, flush);
         }
         zapped
     }

@@ -417,6 +417,28 @@ pub fn restore_acc_track_spte(spte: Spte) -> Spte {
     Spte((spte.0 & !(ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT)) | saved)
 }
 
+/// The text of the `kvm_mmu_set_spte` tracepoint (mmutrace.h): the SPTE and its R/W/X/U
+/// view; the U column is empty in formats without a user bit (EPT).
+pub fn set_spte_trace(m: &SpteMasks, gfn: Gfn, spte: Spte, level: u8, sptep: Hpa) -> String {
+    let u = if m.user == 0 {
+        ""
+    } else if spte.0 & m.user != 0 {
+        "u"
+    } else {
+        "-"
+    };
+    format!(
+        "gfn {:x} spte {:x} (r{}{}{}) level {} at {:x}",
+        gfn.raw(),
+        spte.0,
+        if spte.is_writable() { "w" } else { "-" },
+        if spte.is_executable(m) { "x" } else { "-" },
+        u,
+        level,
+        sptep.raw()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,7 +85,9 @@ pub fn kvm_tdp_mmu_alloc_root(kvm: &Kvm, role: Role) -> Result<Arc<TdpRoot>, cra
     }
     let pfn = kvm.frames().alloc_4k()?;
     init_table(kvm, pfn);
-    kvm.mmu.tdp_mmu_pages.add(1);
+    // Roots are not counted in tdp_mmu_pages (tdp_account_mmu_page runs only when a
+    // table is linked below one).
+
     let root = Arc::new(TdpRoot {
         hpa: pfn.hpa(),
         role,
@@ -108,7 +110,6 @@ pub fn kvm_tdp_mmu_put_root(kvm: &Kvm, root: &Arc<TdpRoot>) {
         let _w = kvm.mmu.mmu_lock.write();
         tdp_mmu_zap_root(kvm, root, false);
     }
-    kvm.mmu.tdp_mmu_pages.add(-1);
     kvm.mmu.deferred_free.lock().push(root.hpa.pfn());
 }
 
@@ -140,6 +141,9 @@ pub(crate) fn tdp_mmu_set_spte(kvm: &Kvm, cpu: u32, iter: &mut TdpIter<'_>, new:
 /// `handle_changed_spte`: the bookkeeping after any SPTE change — the tracepoint, page
 /// stats, and tearing down a page table that was unlinked.
 pub(crate) fn handle_changed_spte(kvm: &Kvm, cpu: u32, gfn: Gfn, old: Spte, new: Spte, level: u8, shared: bool) {
+    if old == new {
+        return;
+    }
     if kvm.tracer.events_on() {
         kvm.tracer.event(
             cpu,
@@ -315,6 +319,10 @@ fn tdp_mmu_map_handle_target_level(
     ad_disabled: bool,
 ) -> RetPf {
     let masks = kvm.mmu.masks;
+    if fault.prefetch && it.old_spte.is_shadow_present() && it.old_spte.is_last(it.level) {
+        // Prefetching what is already mapped: leave it (and its Accessed bit) alone.
+        return RetPf::Spurious;
+    }
     let new = if fault.slot.is_none() {
         make_mmio_spte(&masks, it.gfn, ACC_ALL, vcpu.slots.generation())
     } else {
@@ -330,19 +338,23 @@ fn tdp_mmu_map_handle_target_level(
         };
         make_spte(&masks, &req, it.old_spte, || true).0
     };
+    let mut ret = RetPf::Fixed;
     if new == it.old_spte {
-        return RetPf::Spurious;
-    }
-    let was_nonleaf = it.old_spte.is_shadow_present() && !it.old_spte.is_last(it.level);
-    if tdp_mmu_set_spte_atomic(kvm, vcpu.id, it, new).is_err() {
-        return RetPf::Retry;
-    }
-    if was_nonleaf {
-        // A table was replaced by a huge page: other vCPUs may cache its translations.
-        kvm.flush_remote_tlbs(Some(vcpu.id));
+        // Nothing to change (another vCPU fixed it first); still traced below, as KVM does.
+        ret = RetPf::Spurious;
+    } else {
+        let was_nonleaf = it.old_spte.is_shadow_present() && !it.old_spte.is_last(it.level);
+        if tdp_mmu_set_spte_atomic(kvm, vcpu.id, it, new).is_err() {
+            return RetPf::Retry;
+        }
+        if was_nonleaf {
+            // A table was replaced by a huge page: other vCPUs may cache its translations.
+            kvm.flush_remote_tlbs(Some(vcpu.id));
+        }
     }
     if new.is_writable() {
-        // make_spte -> mark_page_dirty_in_slot: a writable mapping may be written at once.
+        // make_spte -> mark_page_dirty_in_slot: a writable mapping may be written at once
+        // (marked even when nothing changed: make_spte runs before the comparison).
         if let Some(slot) = fault.slot.map(|i| vcpu.slots.at(i)) {
             crate::dirty_log::mark_page_dirty_in_slot(vcpu.dirty_ring.as_deref(), slot, fault.gfn);
         }
@@ -364,7 +376,14 @@ fn tdp_mmu_map_handle_target_level(
         }
         return RetPf::Emulate;
     }
-    RetPf::Fixed
+    if kvm.tracer.events_on() {
+        kvm.tracer.event(
+            vcpu.id,
+            "kvm_mmu_set_spte",
+            format_args!("{}", spte::set_spte_trace(&masks, it.gfn, new, it.level, it.sptep)),
+        );
+    }
+    ret
 }
 
 /// Zaps every leaf SPTE of `root` mapping a gfn in [start, end) (`tdp_mmu_zap_leafs`);

@@ -692,34 +692,24 @@ impl Ctx<'_> {
             ad_disabled: false,
         };
         let (new, wrprot) = make_spte(&m, &req, old, || self.try_to_unsync_pages(gfn, true, prefetch));
+        if new.is_writable() {
+            // make_spte -> mark_page_dirty_in_slot (before the comparison, as in KVM).
+            if let Some(slot) = self.slots.find(gfn) {
+                let ring = self.vcpu.as_ref().and_then(|v| v.dirty_ring.as_deref());
+                crate::dirty_log::mark_page_dirty_in_slot(ring, slot, gfn);
+            }
+        }
         if new == old {
             // Nothing to change; a write the SPTE still refuses (a write-protected guest
             // table) is emulated all the same, as KVM's `wrprot && write_fault` wins.
             return if wrprot && write_fault { RetPf::Emulate } else { RetPf::Spurious };
         }
         self.store(sptep, new);
-        if new.is_writable() {
-            // make_spte -> mark_page_dirty_in_slot.
-            if let Some(slot) = self.slots.find(gfn) {
-                let ring = self.vcpu.as_ref().and_then(|v| v.dirty_ring.as_deref());
-                crate::dirty_log::mark_page_dirty_in_slot(ring, slot, gfn);
-            }
-        }
         if self.kvm.tracer.events_on() {
-            let u = if new.0 & m.user != 0 { "u" } else { "-" };
             self.kvm.tracer.event(
                 self.cpu,
                 "kvm_mmu_set_spte",
-                format_args!(
-                    "gfn {:x} spte {:x} (r{}{}{}) level {} at {:x}",
-                    gfn.raw(),
-                    new.0,
-                    if new.is_writable() { "w" } else { "-" },
-                    if new.is_executable(&m) { "x" } else { "-" },
-                    u,
-                    level,
-                    sptep.raw()
-                ),
+                format_args!("{}", super::spte::set_spte_trace(&m, gfn, new, level, sptep)),
             );
         }
         if old.is_shadow_present() && old.is_mmu_writable(&m) && !new.is_mmu_writable(&m) {
