@@ -125,6 +125,84 @@ fn cfg(msg: impl Into<String>) -> CompareError {
     CompareError::Config(msg.into())
 }
 
+/// Refuses every scenario setting the real-KVM side cannot be given, naming it: the KVM
+/// module parameters vmmu models per VM (the real host has its own, fixed at module load),
+/// the model's host memory, a `compare` list of vmmu variants, memslot features the
+/// backend's one plain anonymous memslot at GPA 0 does not have, and the kernel layout's
+/// settings. What is carried: `vm.nr_mmu_pages` (KVM_SET_NR_MMU_PAGES on the real VM) and
+/// `memslot[0].size` (the real VM's memslot is as large).
+fn refuse_uncarried(s: &Scenario) -> Result<(), CompareError> {
+    let d = crate::scenario::VmSection::default();
+    let v = &s.vm;
+    let module = |field: &str, differs: bool, what: &str| {
+        if differs {
+            Err(cfg(format!(
+                "compare: vm.{field} is set to something else than its default; {what} cannot be set on the real \
+                 KVM per VM (it is the host's, fixed at module load), so the two sides would not run alike: remove it"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    module("tdp", v.tdp != d.tdp, "the TDP kind (EPT or NPT) is the host CPU's and")?;
+    module("eptad", v.eptad != d.eptad, "kvm_intel.eptad")?;
+    module("max_tdp_level", v.max_tdp_level != d.max_tdp_level, "the TDP level")?;
+    module("maxphyaddr", v.maxphyaddr != d.maxphyaddr, "the guest MAXPHYADDR (the backend passes the host's CPUID)")?;
+    module("nx_huge_pages", v.nx_huge_pages != d.nx_huge_pages, "kvm.nx_huge_pages")?;
+    module(
+        "nx_huge_pages_recovery_ratio",
+        v.nx_huge_pages_recovery_ratio != d.nx_huge_pages_recovery_ratio,
+        "kvm.nx_huge_pages_recovery_ratio",
+    )?;
+    module(
+        "nx_huge_pages_recovery_period_ms",
+        v.nx_huge_pages_recovery_period_ms != d.nx_huge_pages_recovery_period_ms,
+        "kvm.nx_huge_pages_recovery_period_ms",
+    )?;
+    module("mmio_caching", v.mmio_caching != d.mmio_caching, "kvm.mmio_caching")?;
+    module("tdp_huge_page", v.tdp_huge_page != d.tdp_huge_page, "the largest TDP page")?;
+    module("eager_page_split", v.eager_page_split != d.eager_page_split, "kvm.eager_page_split")?;
+    module("pml", v.pml != d.pml, "kvm_intel.pml")?;
+    module("host_memory", v.host_memory != d.host_memory, "the model's host memory (the real host has what it has)")?;
+    let no =
+        |field: &str, set: bool, why: &str| if set { Err(cfg(format!("compare: {field}: {why}"))) } else { Ok(()) };
+    no(
+        "vm.manual_dirty_log_protect",
+        v.manual_dirty_log_protect || v.dirty_log_initially_set,
+        "dirty logging is not carried to the real KVM (its guest runs all phases without the VMM in between)",
+    )?;
+    no(
+        "compare",
+        !s.compare.is_empty(),
+        "a list of vmmu variants; vmmu compare runs one vmmu MMU, the host's kind (remove the list)",
+    )?;
+    no("guest.processes", s.guest.processes != 1, "a kernel-layout setting; the identity layout has no processes")?;
+    no("guest.pcid", s.guest.pcid, "a kernel-layout setting; the real-KVM guest does not use PCIDs")?;
+    no(
+        "memslot",
+        s.memslots.len() != 1,
+        "the real-KVM guest has one memslot (at GPA 0); the scenario must have exactly one",
+    )?;
+    let m = &s.memslots[0];
+    no("memslot[0].gpa", m.gpa.0 != 0, "the real-KVM guest's memslot starts at GPA 0")?;
+    no(
+        "memslot[0].backing",
+        m.backing != "4k",
+        "the real-KVM guest's memory is plain anonymous memory; THP backing is not carried",
+    )?;
+    no(
+        "memslot[0].prefault",
+        m.prefault,
+        "the real-KVM guest's memory is populated on first touch; prefaulting is not carried",
+    )?;
+    no(
+        "memslot[0].readonly",
+        m.readonly,
+        "the real-KVM guest's memslot is writable (KVM_MEM_READONLY is not carried)",
+    )?;
+    Ok(())
+}
+
 /// Translates an identity-layout scenario into the [`WorkloadSpec`] the real-KVM backend runs:
 /// the same pages touched in the same order, the same PTE rewrites, `invlpg`s, root copies
 /// and CR3 switches. Errors name what cannot be run on the real KVM.
@@ -149,6 +227,7 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
     )?;
     need(g.vcpus == 1, "needs one vCPU")?;
     need(s.mmio.is_empty(), "cannot model [[mmio]] devices on the real KVM")?;
+    refuse_uncarried(s)?;
 
     let phases = &s.phases;
     let boot_phase = phases.first().is_some_and(|p| p.name == "boot");
@@ -304,8 +383,20 @@ pub fn translate(s: &Scenario) -> Result<Translation, CompareError> {
     notes.push(
         "the KVM guest enters ring 0 for invlpg / mov cr3 with int3 (a trap: its handler writes no memory)".into(),
     );
-    let spec =
-        WorkloadSpec { name: s.name.clone(), roots, kernel_entry: KernelEntry::Int3, regions, phases: out_phases };
+    if let Some(n) = s.vm.nr_mmu_pages {
+        notes.push(format!("vm.nr_mmu_pages: KVM_SET_NR_MMU_PAGES({n}) on both sides"));
+    }
+    let spec = WorkloadSpec {
+        name: s.name.clone(),
+        roots,
+        kernel_entry: KernelEntry::Int3,
+        regions,
+        phases: out_phases,
+        // The same memslot size on both sides (refuse_uncarried: one memslot at GPA 0), so
+        // KVM's default shadow-page limit (memslot pages / 50) is the same.
+        memory: s.memslots[0].size.0,
+        nr_mmu_pages: s.vm.nr_mmu_pages,
+    };
     // Checked here, before either side runs, with or without /dev/kvm: a scenario the
     // real-KVM guest cannot be built for is an input error.
     vmmu_kvm::check_spec(&spec).map_err(CompareError::Spec)?;
@@ -323,8 +414,14 @@ pub struct StatRow {
     pub kvm: Option<i64>,
     /// KVM minus vmmu, when both have it.
     pub difference: Option<i64>,
-    /// Both sides report it and the values differ.
+    /// Both sides report it, the values differ, and the statistic is not noise here
+    /// (`noise`): a counted difference.
     pub differs: bool,
+    /// A gauge: both values are the statistic at the phase's end, not a delta over it.
+    pub gauge: bool,
+    /// Why this statistic is noise by nature in this phase on this kind of host (shown, never
+    /// counted as a difference); None for a statistic that is compared.
+    pub noise: Option<String>,
 }
 
 /// One side's timing of a phase.
@@ -369,6 +466,35 @@ pub struct Difference {
     pub difference: i64,
 }
 
+/// What a comparison counted, over the phases both sides ran.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    /// Statistics both sides report, in compared phases, that are not noise.
+    pub compared: usize,
+    /// Of those, equal on both sides.
+    pub equal: usize,
+    /// Of those, different (the `differences`).
+    pub differing: usize,
+    /// Statistics classed as noise whose values differ (shown, not counted).
+    pub noise_differing: usize,
+}
+
+/// Why statistic `stat` is noise by nature in phase `phase` (not MMU behaviour, so never a
+/// difference), or None. docs/compare.md explains each.
+pub fn noise(phase: &str, stat: &str) -> Option<&'static str> {
+    match (phase, stat) {
+        (_, "exits") => Some(
+            "KVM's exits also count the backend's phase-end exit, host interrupts and preemptions, and on PVM two \
+             per ring-0 round trip (docs/compare.md (c))",
+        ),
+        ("boot", "tlb_flush") => Some(
+            "the set-up flush: KVM services it on the first KVM_RUN, inside boot; vmmu before the first phase \
+             (docs/compare.md (a))",
+        ),
+        _ => None,
+    }
+}
+
 /// A whole comparison (the `--json` object).
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
@@ -390,8 +516,12 @@ pub struct Comparison {
     pub notes: Vec<String>,
     /// Phases in order.
     pub phases: Vec<PhaseComparison>,
-    /// Every statistic that differs in a compared phase.
+    /// Every statistic that differs in a compared phase (noise excluded).
     pub differences: Vec<Difference>,
+    /// Statistics that differ in a compared phase but are noise by nature ([`noise`]).
+    pub noise_differences: Vec<Difference>,
+    /// Statistics compared, equal and differing, over the compared phases.
+    pub summary: Summary,
     /// With `--trace events` and a usable `/dev/kvm`: both event streams per phase, aligned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceComparison>,
@@ -419,6 +549,13 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         (None, Err(_)) if host.vendor != vmmu_kvm::Vendor::Unknown => host_mmu.to_string(),
         (None, Err(_)) => s.vm.mmu.clone(),
     };
+    let mut notes = tr.notes.clone();
+    if s.vm.mmu != mmu {
+        notes.push(format!(
+            "vm.mmu = {} is replaced by {mmu}: vmmu compare runs the kind of MMU this host's KVM uses",
+            s.vm.mmu
+        ));
+    }
     let tracing = opts.trace_events && kvm_ok.is_ok();
     let run_opts = RunOptions {
         mmu: Some(mmu.clone()),
@@ -487,6 +624,8 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
 
     let mut phases = Vec::new();
     let mut differences = Vec::new();
+    let mut noise_differences = Vec::new();
+    let mut summary = Summary::default();
     for (name, v, k, both) in rows {
         let kstats: BTreeMap<String, i64> =
             k.map(|k| k.stats().into_iter().map(|(n, x)| (n, x as i64)).collect()).unwrap_or_default();
@@ -518,17 +657,36 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
                     (Some(a), Some(b)) => Some(b - a),
                     _ => None,
                 };
-                let differs = both && difference.is_some_and(|d| d != 0);
-                if differs {
-                    differences.push(Difference {
-                        phase: name.clone(),
-                        stat: n.clone(),
-                        vmmu: vv.unwrap_or(0),
-                        kvm: kv.unwrap_or(0),
-                        difference: difference.unwrap_or(0),
-                    });
+                let why = noise(&name, &n);
+                let unequal = both && difference.is_some_and(|d| d != 0);
+                let differs = unequal && why.is_none();
+                let diff = || Difference {
+                    phase: name.clone(),
+                    stat: n.clone(),
+                    vmmu: vv.unwrap_or(0),
+                    kvm: kv.unwrap_or(0),
+                    difference: difference.unwrap_or(0),
+                };
+                if both && difference.is_some() {
+                    match (why, unequal) {
+                        (Some(_), true) => {
+                            summary.noise_differing += 1;
+                            noise_differences.push(diff());
+                        }
+                        (Some(_), false) => {}
+                        (None, true) => {
+                            summary.compared += 1;
+                            summary.differing += 1;
+                            differences.push(diff());
+                        }
+                        (None, false) => {
+                            summary.compared += 1;
+                            summary.equal += 1;
+                        }
+                    }
                 }
-                StatRow { name: n, vmmu: vv, kvm: kv, difference, differs }
+                let gauge = crate::machine::GAUGES.contains(&n.as_str());
+                StatRow { name: n, vmmu: vv, kvm: kv, difference, differs, gauge, noise: why.map(str::to_string) }
             })
             .collect();
         let timing = |wall_ns: u64, faults: Option<i64>| Timing {
@@ -552,9 +710,11 @@ pub fn compare(s: &Scenario, opts: &CompareOptions) -> Result<Comparison, Compar
         kvm_available: kvm.is_some(),
         kvm_unavailable_reason: kvm_ok.err(),
         kvm_workload: tr.spec,
-        notes: tr.notes,
+        notes,
         phases,
         differences,
+        noise_differences,
+        summary,
         trace,
     })
 }
@@ -619,11 +779,17 @@ pub fn text(c: &Comparison, description: &str) -> String {
                 None if s.kvm.is_some() && p.vmmu.is_some() => "(KVM only)".into(),
                 None => String::new(),
             };
-            let flag = if s.differs { "  DIFFERS" } else { "" };
+            let unequal = p.compared && s.difference.is_some_and(|d| d != 0);
+            let flag = match (&s.noise, s.differs) {
+                (_, true) => "  DIFFERS",
+                (Some(_), false) if unequal => "  noise (not counted)",
+                _ => "",
+            };
+            let name = if s.gauge { format!("{} (at end)", s.name) } else { s.name.clone() };
             let _ = writeln!(
                 out,
                 "  {:<28} {:>12} {:>12} {:>11}{flag}",
-                s.name,
+                name,
                 cell(s.vmmu, p.vmmu.is_some()),
                 cell(s.kvm, p.kvm.is_some()),
                 diff
@@ -643,14 +809,34 @@ pub fn text(c: &Comparison, description: &str) -> String {
     let _ = writeln!(out);
     if !c.kvm_available {
         let _ = writeln!(out, "no comparison: /dev/kvm not available");
-    } else if c.differences.is_empty() {
-        let _ = writeln!(out, "no differences");
-    } else {
-        let _ = writeln!(out, "{} statistic(s) differ (docs/compare.md explains why):", c.differences.len());
-        for d in &c.differences {
-            let _ =
-                writeln!(out, "  DIFFERS {}/{}: vmmu {} KVM {} ({:+})", d.phase, d.stat, d.vmmu, d.kvm, d.difference);
-        }
+        return out;
+    }
+    let m = &c.summary;
+    let _ = writeln!(
+        out,
+        "summary: {} statistic(s) compared, {} equal, {} differ; {} noise-only difference(s) shown, not counted",
+        m.compared, m.equal, m.differing, m.noise_differing
+    );
+    let _ = writeln!(
+        out,
+        "{} statistic(s) differ{}",
+        c.differences.len(),
+        if c.differences.is_empty() { "" } else { " (docs/compare.md explains why):" }
+    );
+    for d in &c.differences {
+        let _ = writeln!(out, "  DIFFERS {}/{}: vmmu {} KVM {} ({:+})", d.phase, d.stat, d.vmmu, d.kvm, d.difference);
+    }
+    for d in &c.noise_differences {
+        let _ = writeln!(
+            out,
+            "  noise   {}/{}: vmmu {} KVM {} ({:+}): {}",
+            d.phase,
+            d.stat,
+            d.vmmu,
+            d.kvm,
+            d.difference,
+            noise(&d.phase, &d.stat).unwrap_or("")
+        );
     }
     out
 }

@@ -129,6 +129,9 @@ pub enum ConfigError {
         /// Why.
         source: HostError,
     },
+    /// `vm.manual_dirty_log_protect`: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 cannot be enabled.
+    #[error("vm.manual_dirty_log_protect: {0}")]
+    ManualDirtyLog(#[source] VmError),
     /// A memslot cannot be registered with the VM.
     #[error("memslot[{index}]: {source}")]
     Memslot {
@@ -342,6 +345,23 @@ pub enum Failure {
         slot: u32,
         /// The first (up to 8) of them.
         first_gfns: Vec<u64>,
+    },
+    /// `dirty-log-start`, `dirty-log-stop` or `dirty-log-harvest`: the memslot is not
+    /// registered with the VM.
+    #[error("dirty logging: memslot {slot} is not registered")]
+    DirtyLogUnregistered {
+        /// The scenario's memslot index.
+        slot: u32,
+    },
+    /// A dirty-logging op's memslot update, KVM_GET_DIRTY_LOG or KVM_CLEAR_DIRTY_LOG failed.
+    #[error("{op} on memslot {slot}: {source}")]
+    DirtyLog {
+        /// The op.
+        op: &'static str,
+        /// The scenario's memslot index.
+        slot: u32,
+        /// Why.
+        source: VmError,
     },
     /// A replay failed.
     #[error("replay of {}: {source}", path.display())]

@@ -8,6 +8,7 @@ pub mod chart;
 pub mod clock;
 pub mod compare;
 pub mod compare_trace;
+pub mod dirty_log;
 pub mod error;
 pub mod explain;
 pub mod idle;

@@ -14,7 +14,7 @@ use vmmu::memslot::{MemslotFlags, UserspaceMemoryRegion};
 use vmmu::mmio_bus::LatchDevice;
 use vmmu::x86_paging::addr::Gpa;
 use vmmu::x86_paging::regs::{Cr0, Cr4, Efer};
-use vmmu::{Kvm, MmuKind, TdpKind, Vcpu, VmConfig};
+use vmmu::{Kvm, ManualDirtyLog, MmuKind, TdpKind, Vcpu, VmConfig};
 use vmmu_guest::kernel::{KernelConfig, KernelError};
 use vmmu_guest::pagetable::{FrameBump, PageTableBuilder, PteFlags};
 use vmmu_guest::workload::{self, FlatSpace, KernelSpace, Workload};
@@ -67,6 +67,9 @@ pub struct Machine {
     pub(crate) guest: Guest,
     /// Where workload data starts (identity: after the page tables; kernel: USER_BASE).
     pub data_start: u64,
+    /// Whether KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled (`vm.manual_dirty_log_protect`):
+    /// a dirty-log harvest then clears what it read with KVM_CLEAR_DIRTY_LOG.
+    pub manual_dirty_log_protect: bool,
 }
 
 /// The page-table level whose leaf maps a page of `size`: "4k" 1, "2m" 2, "1g" 3 (also for a
@@ -192,6 +195,13 @@ pub fn build(s: &Scenario, mmu: Option<&str>) -> Result<Machine, RunError> {
     let frames = Arc::new(FrameAllocator::new(s.vm.host_memory.0).map_err(ConfigError::Host)?);
     let host = Arc::new(HostMm::new(frames).map_err(ConfigError::Host)?);
     let kvm = Kvm::new(cfg, host.clone()).map_err(ConfigError::Vm)?;
+    if s.vm.manual_dirty_log_protect {
+        let mut flags = ManualDirtyLog::MANUAL_PROTECT_ENABLE;
+        if s.vm.dirty_log_initially_set {
+            flags |= ManualDirtyLog::INITIALLY_SET;
+        }
+        kvm.enable_manual_dirty_log_protect(flags.bits()).map_err(ConfigError::ManualDirtyLog)?;
+    }
     let mut slots = Vec::new();
     for (i, ms) in s.memslots.iter().enumerate() {
         let backing = if ms.backing == "thp" { Backing::Thp } else { Backing::Anon4k };
@@ -211,6 +221,10 @@ pub fn build(s: &Scenario, mmu: Option<&str>) -> Result<Machine, RunError> {
         .map_err(|source| ConfigError::Memslot { index: i, source })?;
         slots.push((ms.gpa.0, ms.size.0, hva));
     }
+    if let Some(n) = s.vm.nr_mmu_pages {
+        // Scenario::validate refuses values KVM would (below KVM_MIN_ALLOC_MMU_PAGES).
+        kvm.set_nr_mmu_pages(n);
+    }
     for mm in &s.mmio {
         kvm.register_mmio(Gpa::new(mm.gpa.0), mm.size.0, Arc::new(LatchDevice::default()));
     }
@@ -224,6 +238,7 @@ pub fn build(s: &Scenario, mmu: Option<&str>) -> Result<Machine, RunError> {
         slots,
         guest: Guest::Identity { roots: Vec::new(), levels: 4 },
         data_start: 16 << 20,
+        manual_dirty_log_protect: s.vm.manual_dirty_log_protect,
     };
     if s.guest.layout == "kernel" {
         let mem_size = s.memslots.iter().map(|x| x.gpa.0 + x.size.0).max().unwrap_or(0);

@@ -20,6 +20,8 @@ pub struct Reports {
     pub idle_tracking: Vec<crate::idle::IdleReport>,
     /// The `replay` ops' reports.
     pub replays: Vec<crate::replay::ReplayReport>,
+    /// The `dirty-log-harvest` ops' reports.
+    pub dirty_log: Vec<crate::dirty_log::Harvest>,
 }
 
 /// The address of the level-`level` guest entry mapping `va`, read through the identity map.
@@ -247,6 +249,19 @@ pub fn run(m: &mut Machine, op: &Op, phase: &str, reports: &mut Reports) -> Resu
                 v.exit_guest();
             }
             m.kvm.audit().map_err(Failure::from)?;
+            Ok(0)
+        }
+        Op::SetNrMmuPages { nr_mmu_pages } => {
+            for v in m.vcpus.iter_mut() {
+                v.exit_guest();
+            }
+            m.kvm.set_nr_mmu_pages(*nr_mmu_pages);
+            Ok(0)
+        }
+        Op::DirtyLogStart { slot } => crate::dirty_log::set_logging(m, *slot, true).map(|()| 0),
+        Op::DirtyLogStop { slot } => crate::dirty_log::set_logging(m, *slot, false).map(|()| 0),
+        Op::DirtyLogHarvest { slot } => {
+            reports.dirty_log.push(crate::dirty_log::harvest(m, *slot, phase)?);
             Ok(0)
         }
         Op::Replay { trace } => {

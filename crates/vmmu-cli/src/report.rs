@@ -64,6 +64,9 @@ pub fn text(r: &RunResult, description: &str) -> String {
         if let Some(taken) = u64::try_from(taken).ok().filter(|&t| t > 0) {
             extras.push(format!("wall per fault {}", human_ns(p.wall_ns / taken)));
         }
+        if let Some(n) = p.dirty_pages_harvested {
+            extras.push(format!("dirty pages harvested {n}"));
+        }
         if p.accesses > 0 {
             extras.push(format!("{:.1} M accesses/s", p.accesses as f64 * 1e3 / p.wall_ns.max(1) as f64));
         }
@@ -115,6 +118,22 @@ pub fn text(r: &RunResult, description: &str) -> String {
             mig.dest_bytes >> 10,
             mig.slot_pages - mig.dest_pages
         );
+    }
+    if !r.dirty_log.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "dirty log harvests:");
+        let _ = writeln!(out, "{:<12} {:>5} {:>12} {:>10}  how", "phase", "slot", "dirty pages", "time");
+        for h in &r.dirty_log {
+            let _ = writeln!(
+                out,
+                "{:<12} {:>5} {:>12} {:>10}  {}",
+                h.phase,
+                h.slot,
+                h.dirty_pages,
+                human_ns(h.harvest_ns),
+                if h.cleared { "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG" } else { "KVM_GET_DIRTY_LOG" }
+            );
+        }
     }
     for idle in &r.idle_tracking {
         let _ = writeln!(out);

@@ -128,6 +128,10 @@ pub struct PhaseResult {
     pub stats: BTreeMap<String, i64>,
     /// Hardware-model counters.
     pub hw: HwSummary,
+    /// Pages the phase's `dirty-log-harvest` ops reported dirty, all together (None: the
+    /// phase harvested nothing; its harvests one by one are in [`RunResult::dirty_log`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_pages_harvested: Option<u64>,
     /// With `--trace events`: the phase's events, as an index range into the event lines of
     /// [`RunResult::trace`] (the lines that are not `#` comments), so a trace can be split
     /// into phases exactly. Empty otherwise.
@@ -161,6 +165,9 @@ pub struct RunResult {
     /// The `replay` ops' reports.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replays: Vec<crate::replay::ReplayReport>,
+    /// The `dirty-log-harvest` ops' reports, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dirty_log: Vec<crate::dirty_log::Harvest>,
     /// Rendered trace, if tracing.
     #[serde(skip)]
     pub trace: Option<String>,
@@ -351,6 +358,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         let (before, hw0) = stats_now(&m);
         let lat0 = latency_now(&m);
         let trace_start = if opts.trace == TraceMode::Events { m.kvm.tracer.len() } else { 0 };
+        let harvests0 = reports.dirty_log.len();
         let t0 = Instant::now();
         let mut accesses = 0;
         let n = ph.ops.len().max(1);
@@ -387,6 +395,8 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
             accesses,
             stats,
             hw,
+            dirty_pages_harvested: (reports.dirty_log.len() > harvests0)
+                .then(|| reports.dirty_log[harvests0..].iter().map(|h| h.dirty_pages).sum()),
             trace_events: trace_start..trace_end,
             fault_latency,
         });
@@ -424,6 +434,7 @@ pub fn run(s: &Scenario, opts: &RunOptions, mut progress: impl FnMut(&str, f64))
         migrations: reports.migrations,
         idle_tracking: reports.idle_tracking,
         replays: reports.replays,
+        dirty_log: reports.dirty_log,
         trace,
         trace_records,
     })

@@ -105,6 +105,17 @@ pub struct VmSection {
     pub pml: bool,
     /// Host physical memory to model.
     pub host_memory: Size,
+    /// KVM_SET_NR_MMU_PAGES after the memslots are created: the limit on shadow pages (at
+    /// least 64, KVM_MIN_ALLOC_MMU_PAGES). None: KVM's default (memslot pages / 50, at least
+    /// 64).
+    pub nr_mmu_pages: Option<u64>,
+    /// KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+    /// KVM_GET_DIRTY_LOG only reads the log, and `dirty-log-harvest` clears what it read with
+    /// KVM_CLEAR_DIRTY_LOG.
+    pub manual_dirty_log_protect: bool,
+    /// With `manual_dirty_log_protect`, KVM_DIRTY_LOG_INITIALLY_SET too: a slot's log starts
+    /// with every page set (and nothing write-protected) when logging is turned on.
+    pub dirty_log_initially_set: bool,
 }
 
 impl VmSection {
@@ -160,6 +171,9 @@ impl Default for VmSection {
             eager_page_split: true,
             pml: true,
             host_memory: Size(16 << 30),
+            nr_mmu_pages: None,
+            manual_dirty_log_protect: false,
+            dirty_log_initially_set: false,
         }
     }
 }
@@ -350,6 +364,16 @@ impl Scenario {
         if page_shift(&self.vm.tdp_huge_page).is_none() {
             return Err(err("vm.tdp_huge_page", format!("`{}` is not one of 4k, 2m, 1g", self.vm.tdp_huge_page)));
         }
+        if let Some(n) = self.vm.nr_mmu_pages {
+            check_nr_mmu_pages(n).map_err(|e| err("vm.nr_mmu_pages", e))?;
+        }
+        if self.vm.dirty_log_initially_set && !self.vm.manual_dirty_log_protect {
+            return Err(err(
+                "vm.dirty_log_initially_set",
+                "needs vm.manual_dirty_log_protect = true (KVM refuses KVM_DIRTY_LOG_INITIALLY_SET without \
+                 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)",
+            ));
+        }
         for (i, m) in self.compare.iter().enumerate() {
             self.vm.variant(m).map_err(|e| err(format!("compare[{i}]"), e))?;
         }
@@ -414,6 +438,8 @@ impl Scenario {
         // top-level tables (identity layout).
         let mut procs = ProcessTracker::new(g.processes);
         let mut roots: u64 = 1;
+        // Which memslots log dirty pages when each op runs.
+        let mut logging = vec![false; self.memslots.len()];
         for (pi, p) in self.phases.iter().enumerate() {
             for (oi, op) in p.ops.iter().enumerate() {
                 let f = |x: &str| format!("phase[{pi}].ops[{oi}].{x}");
@@ -454,6 +480,29 @@ impl Scenario {
                             ),
                         ));
                     }
+                }
+                match *op {
+                    Op::SetNrMmuPages { nr_mmu_pages } => {
+                        check_nr_mmu_pages(nr_mmu_pages).map_err(|e| err(f("nr_mmu_pages"), e))?;
+                    }
+                    Op::DirtyLogStart { slot } if logging[slot as usize] => {
+                        return Err(err(
+                            f("slot"),
+                            format!("memslot {slot} already logs dirty pages here (an earlier dirty-log-start)"),
+                        ))
+                    }
+                    Op::DirtyLogStop { slot } | Op::DirtyLogHarvest { slot } if !logging[slot as usize] => {
+                        return Err(err(
+                            f("slot"),
+                            format!(
+                                "memslot {slot} does not log dirty pages when this op runs (KVM_GET_DIRTY_LOG \
+                                 would fail with ENOENT): put a dirty-log-start for it before"
+                            ),
+                        ))
+                    }
+                    Op::DirtyLogStart { slot } => logging[slot as usize] = true,
+                    Op::DirtyLogStop { slot } => logging[slot as usize] = false,
+                    _ => {}
                 }
                 match op {
                     Op::RewriteEntry { level, .. } if *level > levels => {
@@ -528,6 +577,21 @@ impl Scenario {
         }
         Ok(())
     }
+}
+
+/// KVM's lower bound for KVM_SET_NR_MMU_PAGES (`KVM_MIN_ALLOC_MMU_PAGES`): the ioctl returns
+/// EINVAL below it.
+pub const MIN_NR_MMU_PAGES: u64 = 64;
+
+/// Checks a KVM_SET_NR_MMU_PAGES value as KVM does (`kvm_vm_ioctl_set_nr_mmu_pages`).
+fn check_nr_mmu_pages(n: u64) -> Result<(), String> {
+    if n < MIN_NR_MMU_PAGES {
+        return Err(format!(
+            "{n} is below KVM's minimum of {MIN_NR_MMU_PAGES} (KVM_MIN_ALLOC_MMU_PAGES): KVM_SET_NR_MMU_PAGES \
+             returns EINVAL"
+        ));
+    }
+    Ok(())
 }
 
 /// The guest kernel's processes as the ops change them, to refuse an op that names a

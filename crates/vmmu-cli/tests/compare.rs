@@ -177,3 +177,110 @@ fn a_workload_the_backend_refuses_keeps_its_error() {
     assert_eq!(err.matches(&kvm.to_string()).count(), 1, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every scenario setting the real-KVM side cannot be given makes compare refuse (exit 2),
+/// naming the setting: none is silently dropped.
+#[test]
+fn settings_not_carried_to_the_real_kvm_are_refused_by_name() {
+    let base = std::fs::read_to_string(root().join(file("first-touch"))).unwrap();
+    let vm = |line: &str| base.replace("[vm]\n", &format!("[vm]\n{line}\n"));
+    let slot = |line: &str| base.replace("size = \"2GiB\"\n", &format!("size = \"2GiB\"\n{line}\n"));
+    let guest = |line: &str| base.replace("[guest]\n", &format!("[guest]\n{line}\n"));
+    let op = |op: &str| format!("{base}\n[[phase]]\nname = \"extra\"\nops = [{op}]\n");
+    let cases: Vec<(String, &str)> = vec![
+        (vm("eptad = false"), "vm.eptad"),
+        (vm("pml = false"), "vm.pml"),
+        (vm("tdp = \"npt\""), "vm.tdp"),
+        (vm("max_tdp_level = 5\nmaxphyaddr = 52"), "vm.max_tdp_level"),
+        (vm("maxphyaddr = 40"), "vm.maxphyaddr"),
+        (vm("nx_huge_pages = true"), "vm.nx_huge_pages"),
+        (vm("nx_huge_pages_recovery_ratio = 0"), "vm.nx_huge_pages_recovery_ratio"),
+        (vm("nx_huge_pages_recovery_period_ms = 5"), "vm.nx_huge_pages_recovery_period_ms"),
+        (vm("mmio_caching = false"), "vm.mmio_caching"),
+        (vm("tdp_huge_page = \"2m\""), "vm.tdp_huge_page"),
+        (vm("eager_page_split = false"), "vm.eager_page_split"),
+        (vm("host_memory = \"8GiB\""), "vm.host_memory"),
+        (vm("manual_dirty_log_protect = true"), "vm.manual_dirty_log_protect"),
+        (base.replace("[vm]\n", "compare = [\"shadow\"]\n[vm]\n"), "compare"),
+        (slot("backing = \"thp\""), "memslot[0].backing"),
+        (slot("prefault = true"), "memslot[0].prefault"),
+        (slot("readonly = true"), "memslot[0].readonly"),
+        (slot("guest_page_size = \"2m\""), "4 KiB guest pages"),
+        (format!("{base}\n[[memslot]]\ngpa = \"4GiB\"\nsize = \"2MiB\"\n"), "memslot"),
+        (guest("pcid = true"), "guest.pcid"),
+        (guest("processes = 2"), "guest.processes"),
+        (base.replace("accessed_dirty = \"clear\"", "accessed_dirty = \"preset\""), "guest.accessed_dirty"),
+        (
+            op("{ op = \"rewrite-entry\", va = \"1GiB\", level = 2, clear = \"0x60\", target = \"0x40000000\" }"),
+            "level-1",
+        ),
+        (op("{ op = \"dirty-log-start\", slot = 0 }"), "dirty-log-start"),
+        (op("{ op = \"set-nr-mmu-pages\", nr_mmu_pages = 64 }"), "set-nr-mmu-pages"),
+        (op(&["{ op = \"new-root\" }"; 4].join(", ")), "roots"),
+    ];
+    let dir = std::env::temp_dir().join(format!("vmmu-compare-refusals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (text, name)) in cases.iter().enumerate() {
+        let f = dir.join(format!("case{i}.toml"));
+        std::fs::write(&f, text).unwrap();
+        let (code, _, err) = vmmu(&["compare", f.to_str().unwrap()], true);
+        assert_eq!(code, 2, "case {i} ({name}) was not refused: {err}");
+        assert!(err.contains(name), "case {i}: the error does not name {name}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// vm.nr_mmu_pages reaches the real KVM (KVM_SET_NR_MMU_PAGES on its VM): with 64 pages
+/// both sides recycle shadow pages, the same number of them.
+#[test]
+fn nr_mmu_pages_is_carried_to_the_real_kvm() {
+    let base = std::fs::read_to_string(root().join(file("first-touch"))).unwrap();
+    let text = base.replace("[vm]\n", "[vm]\nnr_mmu_pages = 64\n").replace("pages = 1024 }", "pages = 40000 }");
+    let dir = std::env::temp_dir().join(format!("vmmu-compare-nr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("recycle.toml");
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = vmmu(&["compare", f.to_str().unwrap(), "--json"], false);
+    let _ = std::fs::remove_dir_all(&dir);
+    if code == 3 {
+        println!("skipped: /dev/kvm not available");
+        return;
+    }
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kvm_workload"]["nr_mmu_pages"], 64);
+    let phase = &v["phases"][1];
+    let row = phase["stats"].as_array().unwrap().iter().find(|s| s["name"] == "mmu_recycled").unwrap().clone();
+    assert!(row["kvm"].as_i64().unwrap() > 0 && row["vmmu"].as_i64().unwrap() > 0, "{row}");
+}
+
+/// The run summary: statistics compared, equal and differing add up, noise is listed apart
+/// and never among the differences, gauges are marked.
+#[test]
+fn summary_counts_and_noise_are_consistent() {
+    let (code, out, err) = vmmu(&["compare", &file("first-touch"), "--json"], false);
+    if code == 3 {
+        println!("skipped: /dev/kvm not available");
+        return;
+    }
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v["summary"];
+    let n = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(n("compared"), n("equal") + n("differing"));
+    assert_eq!(n("differing"), v["differences"].as_array().unwrap().len() as u64);
+    assert_eq!(n("noise_differing"), v["noise_differences"].as_array().unwrap().len() as u64);
+    for d in v["differences"].as_array().unwrap() {
+        assert!(vmmu_cli::compare::noise(d["phase"].as_str().unwrap(), d["stat"].as_str().unwrap()).is_none());
+    }
+    let rows: Vec<&serde_json::Value> =
+        v["phases"].as_array().unwrap().iter().flat_map(|p| p["stats"].as_array().unwrap()).collect();
+    assert!(rows.iter().any(|r| r["name"] == "pages_4k" && r["gauge"] == true));
+    assert!(rows.iter().any(|r| r["name"] == "pf_taken" && r["gauge"] == false));
+    assert!(rows.iter().any(|r| r["name"] == "exits" && r["noise"].is_string() && r["differs"] == false));
+    let (_, text, _) = vmmu(&["compare", &file("first-touch")], false);
+    assert!(
+        text.contains("summary: ") && text.contains("statistic(s) differ") && text.contains("pages_4k (at end)"),
+        "{text}"
+    );
+}

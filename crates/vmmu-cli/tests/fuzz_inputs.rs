@@ -161,6 +161,9 @@ fn op() -> impl Strategy<Value = String> {
         ])
         .prop_flat_map(move |n| kind(n, vec![f("slot", i()), f("offset", a()), f("size", a())])),
         kind("nx-recovery", vec![opt("passes", c())]),
+        kind("set-nr-mmu-pages", vec![f("nr_mmu_pages", c())]),
+        prop::sample::select(vec!["dirty-log-start", "dirty-log-stop", "dirty-log-harvest"])
+            .prop_flat_map(move |n| kind(n, vec![f("slot", i())])),
         prop::sample::select(vec!["fork", "exec", "new-root", "audit"]).prop_map(|n| format!("{{ op = \"{n}\" }}")),
         kind("process-churn", vec![f("iterations", c()), f("start", a()), f("pages", c())]),
         kind(
@@ -208,6 +211,7 @@ fn op() -> impl Strategy<Value = String> {
         "name",
         "workload",
         "trace",
+        "nr_mmu_pages",
     ];
     let names =
         vec!["write", "read", "fetch", "workload", "switch", "munmap", "swap-out", "rewrite-entry", "migrate", "bogus"];

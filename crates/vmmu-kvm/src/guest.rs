@@ -264,8 +264,15 @@ fn validate(spec: &WorkloadSpec) -> Result<u64, KvmError> {
             (PT_POOL_END - PT_POOL) / 1024
         ));
     }
+    if let Some(n) = spec.nr_mmu_pages.filter(|&n| n < 64) {
+        return bad(format!("nr_mmu_pages {n} is below KVM's minimum of 64 (KVM_MIN_ALLOC_MMU_PAGES)"));
+    }
     // Round RAM up to 2 MiB.
-    Ok(mem_end.div_ceil(0x20_0000) * 0x20_0000)
+    let mem_end = mem_end.max(spec.memory);
+    mem_end
+        .checked_next_multiple_of(0x20_0000)
+        .filter(|&m| m <= 1 << 46)
+        .map_or_else(|| bad(format!("{mem_end:#x} bytes of guest RAM is more than this backend maps")), Ok)
 }
 
 /// Roots that the guest fills itself with [`Op::CopyRoot`].

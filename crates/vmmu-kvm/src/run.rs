@@ -214,6 +214,9 @@ fn run(spec: &WorkloadSpec, trace: Option<&TraceSession>) -> Result<KvmRun, KvmE
     let built = guest::build(spec)?;
     let vm = kvm.create_vm().map_err(|e| KvmError::ioctl("KVM_CREATE_VM", e))?;
     crate::sys::register_memory(&vm, &built.mem).map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+    if let Some(n) = spec.nr_mmu_pages {
+        crate::sys::set_nr_mmu_pages(&vm, n).map_err(|e| KvmError::ioctl("KVM_SET_NR_MMU_PAGES", e))?;
+    }
     let vcpu = vm.create_vcpu(0).map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
     let mut m = Machine { vcpu, vm, guest: built };
     setup_vcpu(&kvm, &m)?;

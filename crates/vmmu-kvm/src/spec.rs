@@ -127,6 +127,15 @@ pub struct WorkloadSpec {
     /// Phases, in order. The backend runs an implicit `boot` phase first (the guest's first
     /// instructions, its code and stack faults), reported like the others.
     pub phases: Vec<PhaseSpec>,
+    /// Guest RAM (one memslot at GPA 0) is at least this many bytes, rounded up to 2 MiB; 0:
+    /// just what the system area and the regions need. A VM's memslot pages set KVM's
+    /// default limit on shadow pages (pages / 50), so a comparison gives both sides the same.
+    #[serde(default)]
+    pub memory: u64,
+    /// KVM_SET_NR_MMU_PAGES after the memslot is registered (at least 64); None: KVM's
+    /// default.
+    #[serde(default)]
+    pub nr_mmu_pages: Option<u64>,
 }
 
 /// Guest-virtual base of the workload regions of the built-in workloads (1 GiB).
@@ -158,6 +167,8 @@ impl WorkloadSpec {
             roots: 1,
             kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages, gpa: vec![DATA_GPA] }],
+            memory: 0,
+            nr_mmu_pages: None,
             phases: vec![
                 phase("first-touch", vec![touch(0, pages, Access::Write)], 1),
                 phase("re-touch", vec![touch(0, pages, Access::Write)], 1),
@@ -172,6 +183,8 @@ impl WorkloadSpec {
             roots: 1,
             kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages, gpa: vec![DATA_GPA] }],
+            memory: 0,
+            nr_mmu_pages: None,
             phases: vec![
                 phase("read", vec![touch(0, pages, Access::Read)], 1),
                 phase("write", vec![touch(0, pages, Access::Write)], 1),
@@ -199,6 +212,8 @@ impl WorkloadSpec {
             roots: 1,
             kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages: 1, gpa: vec![frame_a] }],
+            memory: 0,
+            nr_mmu_pages: None,
             phases: vec![
                 phase("warm", vec![touch(0, 1, Access::Write), Op::Invlpg { region: 0, page: 0 }], 1),
                 phase("pte-rewrite", body, iterations),
@@ -216,6 +231,8 @@ impl WorkloadSpec {
             roots: 2,
             kernel_entry: KernelEntry::Ud2,
             regions: vec![RegionSpec { gva: REGION_GVA, pages, gpa: vec![DATA_GPA, gpa_b] }],
+            memory: 0,
+            nr_mmu_pages: None,
             phases: vec![
                 phase("touch-root0", vec![touch(0, pages, Access::Write)], 1),
                 phase("touch-root1", vec![Op::SwitchRoot(1), touch(0, pages, Access::Write)], 1),

@@ -1,5 +1,5 @@
-//! The only `unsafe` code of the crate: the two kernel calls that kvm-ioctls either lacks
-//! (`KVM_GET_STATS_FD`) or marks unsafe (`KVM_SET_USER_MEMORY_REGION`).
+//! The only `unsafe` code of the crate: the kernel calls that kvm-ioctls either lacks
+//! (`KVM_GET_STATS_FD`, `KVM_SET_NR_MMU_PAGES`) or marks unsafe (`KVM_SET_USER_MEMORY_REGION`).
 
 use std::fs::File;
 use std::io;
@@ -12,6 +12,22 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 // `KVM_GET_STATS_FD` is `_IO(KVMIO, 0xce)` (include/uapi/linux/kvm.h). It is valid on a VM fd
 // and on a vCPU fd when the host has `KVM_CAP_BINARY_STATS_FD`.
 vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+
+// `KVM_SET_NR_MMU_PAGES` is `_IO(KVMIO, 0x44)`, on a VM fd, with the page count as the
+// argument itself (not a pointer).
+vmm_sys_util::ioctl_io_nr!(KVM_SET_NR_MMU_PAGES, KVMIO, 0x44);
+
+/// Issues `KVM_SET_NR_MMU_PAGES` on a VM: the limit on its shadow pages.
+pub(crate) fn set_nr_mmu_pages(vm: &VmFd, pages: u64) -> io::Result<()> {
+    let arg = std::ffi::c_ulong::try_from(pages).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: KVM_SET_NR_MMU_PAGES takes its argument by value and reads or writes no user
+    // memory; `vm` is an open VM descriptor borrowed for the duration of the call.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_val(vm, KVM_SET_NR_MMU_PAGES(), arg) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Issues `KVM_GET_STATS_FD` on a VM or vCPU file descriptor and returns the statistics file.
 pub(crate) fn get_stats_fd(fd: &impl AsRawFd) -> io::Result<File> {

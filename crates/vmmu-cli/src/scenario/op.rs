@@ -182,6 +182,31 @@ pub enum Op {
     },
     /// Check the MMU's invariants; the run fails if they do not hold.
     Audit,
+    /// KVM_SET_NR_MMU_PAGES: limit the shadow MMU to `nr_mmu_pages` shadow pages (at least
+    /// 64, KVM_MIN_ALLOC_MMU_PAGES); pages over the limit are zapped at once, oldest first,
+    /// and later faults recycle the oldest page when the limit is reached (`mmu_recycled`).
+    SetNrMmuPages {
+        /// The limit, in pages.
+        nr_mmu_pages: u64,
+    },
+    /// The VMM turns dirty logging on for memslot `slot` (KVM_SET_USER_MEMORY_REGION with
+    /// KVM_MEM_LOG_DIRTY_PAGES added to its flags).
+    DirtyLogStart {
+        /// Memslot index.
+        slot: u32,
+    },
+    /// The VMM turns dirty logging off for memslot `slot` (KVM_MEM_LOG_DIRTY_PAGES removed).
+    DirtyLogStop {
+        /// Memslot index.
+        slot: u32,
+    },
+    /// The VMM harvests memslot `slot`'s dirty log: KVM_GET_DIRTY_LOG and, with
+    /// `vm.manual_dirty_log_protect`, KVM_CLEAR_DIRTY_LOG of the pages it reported (which
+    /// re-arms them). The pages reported are counted in the phase's report.
+    DirtyLogHarvest {
+        /// Memslot index.
+        slot: u32,
+    },
     /// Kernel layout: replay a recorded memory trace (`vmmu record`) in the current
     /// process, mapping its address space on demand (docs/decisions/0007-trace-format.md).
     Replay {
@@ -270,6 +295,10 @@ impl Op {
             Op::NewRoot => "new-root",
             Op::SwitchRoot { .. } => "switch-root",
             Op::Audit => "audit",
+            Op::SetNrMmuPages { .. } => "set-nr-mmu-pages",
+            Op::DirtyLogStart { .. } => "dirty-log-start",
+            Op::DirtyLogStop { .. } => "dirty-log-stop",
+            Op::DirtyLogHarvest { .. } => "dirty-log-harvest",
             Op::Migrate { .. } => "migrate",
             Op::IdleTracking { .. } => "idle-tracking",
         }
@@ -285,7 +314,10 @@ impl Op {
             | Op::ThpCollapse { slot, .. }
             | Op::KsmMerge { slot, .. }
             | Op::Migrate { slot, .. }
-            | Op::IdleTracking { slot, .. } => Some(*slot),
+            | Op::IdleTracking { slot, .. }
+            | Op::DirtyLogStart { slot }
+            | Op::DirtyLogStop { slot }
+            | Op::DirtyLogHarvest { slot } => Some(*slot),
             _ => None,
         }
     }
